@@ -1,0 +1,97 @@
+// The compute backend interface. Models call these ops; the CPU backend implements them with
+// oneDNN (convolution, matmul) and its own kernels; a CUDA backend implements the same interface.
+//
+// Conventions:
+//  - Image activations are NHWC ([N, H, W, C]) and dense row-major, so a transformer block's
+//    [N, H*W, C] token view is a free reshape.
+//  - Outputs are preallocated by the caller (from an Arena) with the right shape; ops check shapes
+//    and dtypes and throw diffuse::Error naming the op and the shapes on a mismatch.
+//  - Activations are f32 or bf16. conv2d/linear/matmul/attention read either and write the
+//    dtype of their output. Every other op currently needs f32 and computes in f32.
+//  - Precision::BF16 makes conv2d, linear, matmul and attention compute with bf16 inputs and
+//    f32 accumulation (AMX or AVX512-BF16); without hardware support the backend says so and
+//    falls back to F32 (see effective_precision()).
+#pragma once
+#include <memory>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace diffuse {
+
+enum class Precision { F32, BF16 };
+const char* precision_name(Precision p);  // "fp32", "bf16"
+
+struct Conv2dParams {
+  int stride = 1;
+  int pad_top = 0, pad_left = 0, pad_bottom = 0, pad_right = 0;
+  static Conv2dParams same(int k, int stride = 1) {  // symmetric (k-1)/2 padding
+    int p = (k - 1) / 2;
+    return {stride, p, p, p, p};
+  }
+};
+
+// Weights prepared once at load for one backend (reordered, converted). Opaque to callers.
+class PreparedWeight {
+ public:
+  virtual ~PreparedWeight() = default;
+  virtual const Shape& shape() const = 0;  // the original weight shape
+};
+
+enum class Unary { SiLU, GeluErf, GeluTanh, QuickGelu };
+enum class Binary { Add, Mul };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;             // "cpu"
+  virtual Precision precision() const = 0;          // requested
+  virtual Precision effective_precision() const = 0;  // what runs (after any fallback)
+
+  // ---- weights (once, at load) ----
+  // w: [O, I, kh, kw] (any float dtype), bias: [O] or undefined.
+  virtual std::shared_ptr<PreparedWeight> prepare_conv2d(const Tensor& w, const Tensor& bias,
+                                                         const Conv2dParams& p) = 0;
+  // w: [O, I] (any float dtype), bias: [O] or undefined.
+  virtual std::shared_ptr<PreparedWeight> prepare_linear(const Tensor& w, const Tensor& bias) = 0;
+
+  // ---- ops ----
+  // x: [N, H, W, I] -> y: [N, Ho, Wo, O]
+  virtual void conv2d(const Tensor& x, const PreparedWeight& w, Tensor& y) = 0;
+  // x: [..., I] -> y: [..., O]   (y = x·Wᵀ + b)
+  virtual void linear(const Tensor& x, const PreparedWeight& w, Tensor& y) = 0;
+  // a: [B, M, K]; b: [B, K, N] (or [B, N, K] with trans_b) -> c: [B, M, N] = alpha · a·b
+  virtual void matmul(const Tensor& a, const Tensor& b, Tensor& c, bool trans_b, float alpha) = 0;
+  // q: [B, Nq, H*D], k, v: [B, Nk, H*D] -> o: [B, Nq, H*D]; softmax(q·kᵀ·scale)·v per head,
+  // fused (never materialises the Nq×Nk score matrix).
+  virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, int heads, float scale,
+                         Tensor& o) = 0;
+
+  // x: [N, S..., C] (NHWC or tokens), normalised over (S, C/groups) per group; gamma, beta: [C].
+  virtual void group_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, int groups,
+                          float eps, bool fuse_silu, Tensor& y) = 0;
+  // x: [..., C] normalised over C; gamma, beta: [C].
+  virtual void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
+                          Tensor& y) = 0;
+  // Softmax over the last dim.
+  virtual void softmax(const Tensor& x, Tensor& y) = 0;
+  virtual void unary(Unary op, const Tensor& x, Tensor& y) = 0;
+  // x: [..., 2C] -> y: [..., C] = x[..., :C] · gelu_erf(x[..., C:])
+  virtual void geglu(const Tensor& x, Tensor& y) = 0;
+  // y = a op b, b broadcast to a's shape (numpy rules, aligned at the last dim).
+  virtual void binary(Binary op, const Tensor& a, const Tensor& b, Tensor& y) = 0;
+  // y = x · s
+  virtual void scale(const Tensor& x, float s, Tensor& y) = 0;
+  // x: [N, H, W, C] -> y: [N, Ho, Wo, C], nearest (source index floor(i · H / Ho)).
+  virtual void upsample_nearest(const Tensor& x, Tensor& y) = 0;
+  // a: [..., Ca], b: [..., Cb] -> y: [..., Ca + Cb]
+  virtual void concat_last(const Tensor& a, const Tensor& b, Tensor& y) = 0;
+  // t: [N] (f32 timesteps) -> y: [N, dim]; diffusers' get_timestep_embedding.
+  virtual void timestep_embedding(const Tensor& t, int dim, bool flip_sin_to_cos,
+                                  float downscale_freq_shift, float max_period, Tensor& y) = 0;
+};
+
+// The CPU backend (oneDNN + own kernels). Threads follow set_num_threads().
+std::unique_ptr<Backend> make_cpu_backend(Precision p);
+
+}  // namespace diffuse
