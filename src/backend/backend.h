@@ -47,6 +47,9 @@ class Backend {
   virtual std::string name() const = 0;             // "cpu"
   virtual Precision precision() const = 0;          // requested
   virtual Precision effective_precision() const = 0;  // what runs (after any fallback)
+  // The implementation last chosen for an op kind ("conv2d_3x3", "attention", "matmul", ...),
+  // e.g. oneDNN's "brg:avx512_core_amx_bf16"; empty if unknown. For benchmarks and logs.
+  virtual std::string describe(const std::string& op) const { return {}; }
 
   // ---- weights (once, at load) ----
   // w: [O, I, kh, kw] (any float dtype), bias: [O] or undefined.

@@ -1,2 +1,40 @@
+// diffuse: the command-line tool. Every failure ends here as one line on stderr and exit code 1.
 #include <cstdio>
-int main() { std::puts("diffuse"); return 0; }
+#include <cstring>
+#include <new>
+
+#include "core/error.h"
+#include "tools/commands.h"
+
+#ifndef DIFFUSE_VERSION
+#define DIFFUSE_VERSION "0.1.0"
+#endif
+
+int main(int argc, char** argv) {
+  CLI::App app{"diffuse: Stable Diffusion in one native binary (SD 1.x, 2.x, XL)"};
+  app.set_version_flag("--version", DIFFUSE_VERSION);
+  app.require_subcommand(1);
+  std::vector<std::pair<CLI::App*, diffuse::tools::Run>> commands;
+  auto track = [&](diffuse::tools::Run run) { commands.emplace_back(app.get_subcommands().back(), run); };
+  track(diffuse::tools::add_info_command(app));
+  track(diffuse::tools::add_bench_command(app));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto& [cmd, run] : commands)
+      if (cmd->parsed()) return run();
+  } catch (const diffuse::Error& e) {
+    std::fprintf(stderr, "diffuse: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "diffuse: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "diffuse: error: %s\n", e.what());
+    return 1;
+  }
+  return 1;
+}

@@ -1,0 +1,109 @@
+// oneDNN 2.6 glue for the CPU backend: the engine/stream singleton, prepared (reordered) weights
+// for convolution and linear layers, and shape-keyed primitive caches.
+//
+// Every primitive is created once per input shape (+ dtypes) and kept together with its memory
+// objects and argument map, so a steady-state call only swaps data handles and executes: no
+// primitive creation and no heap allocation on our side.
+//
+// Not thread-safe: one backend (and the weights it prepared) is used from one thread at a time;
+// the parallelism is inside each op (OpenMP, which oneDNN shares).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "backend/backend.h"
+#include "core/tensor.h"
+
+namespace diffuse::cpu {
+
+dnnl::engine& dnnl_engine();
+dnnl::stream& dnnl_stream();
+
+// f32 / bf16 only (the activation and compute types); throws for anything else.
+dnnl::memory::data_type dnnl_dt(DType t);
+
+// Primitives (convolutions, matmuls, weight reorders) created since process start.
+size_t primitives_created();
+void note_primitive_created();
+
+// A growable 64-byte-aligned buffer; reused across calls (grows, never shrinks).
+class Scratch {
+ public:
+  void* get(size_t bytes);
+  size_t capacity() const { return storage_ ? storage_->bytes() : 0; }
+ private:
+  std::shared_ptr<Storage> storage_;
+};
+
+// One cached primitive with the memory objects bound to its arguments.
+struct CachedPrimitive {
+  dnnl::primitive prim;
+  dnnl::memory src, dst;   // DNNL_ARG_SRC, DNNL_ARG_DST: handles set per call
+  dnnl::memory weights;    // DNNL_ARG_WEIGHTS: per call for matmul, fixed for prepared weights
+  std::unordered_map<int, dnnl::memory> args;
+  std::string impl;
+};
+
+// Weights of a conv2d or linear layer, prepared for one compute type (f32 or bf16).
+class DnnlWeight : public PreparedWeight {
+ public:
+  enum class Kind { Conv2d, Linear };
+  // w: conv [O, I, kh, kw] / linear [O, I], any float dtype; bias [O] or undefined.
+  DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Conv2dParams& p,
+             dnnl::memory::data_type compute_dt);
+  const Shape& shape() const override { return shape_; }
+
+  Kind kind() const { return kind_; }
+  const Conv2dParams& params() const { return params_; }
+  int64_t out_channels() const { return shape_[0]; }
+  int64_t in_channels() const { return shape_[1]; }
+  int64_t kh() const { return kind_ == Kind::Conv2d ? shape_[2] : 1; }
+  int64_t kw() const { return kind_ == Kind::Conv2d ? shape_[3] : 1; }
+  dnnl::memory::data_type compute_dt() const { return cdt_; }
+  bool has_bias() const { return bool(bias_); }
+  // Output size of a convolution over an h×w input (may be <= 0 for a too-small input).
+  int64_t conv_out_h(int64_t h) const;
+  int64_t conv_out_w(int64_t w) const;
+
+  // The primitive for this input shape; created (and weights reordered) on first use.
+  // conv2d: dims = {N, H, W}; linear: dims = {M}.
+  CachedPrimitive& primitive(const std::vector<int64_t>& dims, dnnl::memory::data_type src_dt,
+                             dnnl::memory::data_type dst_dt) const;
+  const std::string& impl_info() const { return impl_; }  // kernel of the last-created primitive
+  size_t weight_layouts() const { return weights_.size(); }  // reordered copies held (normally 1)
+
+ private:
+  dnnl::primitive_desc make_pd(const std::vector<int64_t>& dims, dnnl::memory::data_type src_dt,
+                               dnnl::memory::data_type dst_dt) const;
+  // Weights in layout `md`, reordered from the first prepared copy once per distinct layout.
+  const dnnl::memory& weights_for(const dnnl::memory::desc& md) const;
+
+  Kind kind_;
+  Shape shape_;
+  Conv2dParams params_;
+  dnnl::memory::data_type cdt_;
+  dnnl::memory bias_;  // f32 [O]
+  mutable std::vector<dnnl::memory> weights_;
+  mutable std::map<std::vector<int64_t>, CachedPrimitive> cache_;
+  mutable std::string impl_;
+};
+
+// Batched matmul primitives of activations × activations, keyed by shape, dtypes and alpha.
+class MatmulCache {
+ public:
+  // a: [B, M, K], b: [B, K, N] (or [B, N, K] with trans_b), c: [B, M, N].
+  CachedPrimitive& get(int64_t B, int64_t M, int64_t K, int64_t N, bool trans_b, float alpha,
+                       dnnl::memory::data_type src_dt, dnnl::memory::data_type dst_dt);
+  const std::string& impl_info() const { return impl_; }
+ private:
+  std::map<std::vector<int64_t>, CachedPrimitive> cache_;
+  std::string impl_;
+};
+
+}  // namespace diffuse::cpu

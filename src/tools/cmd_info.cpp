@@ -1,0 +1,137 @@
+// `diffuse info PATH`: what a model file or an image holds.
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "core/error.h"
+#include "io/image.h"
+#include "io/tensor_file.h"
+#include "models/family.h"
+#include "tools/commands.h"
+
+namespace diffuse::tools {
+namespace {
+
+struct InfoOptions {
+  std::string path;
+  bool json = false;
+  bool list_tensors = false;
+};
+
+bool looks_like_image(const std::string& path) {
+  auto ends = [&](const char* ext) {
+    size_t n = std::strlen(ext);
+    if (path.size() < n) return false;
+    for (size_t i = 0; i < n; ++i)
+      if (std::tolower(static_cast<unsigned char>(path[path.size() - n + i])) != ext[i]) return false;
+    return true;
+  };
+  if (ends(".png") || ends(".jpg") || ends(".jpeg")) return true;
+  std::ifstream f(path, std::ios::binary);
+  unsigned char magic[4] = {0, 0, 0, 0};
+  f.read(reinterpret_cast<char*>(magic), 4);
+  return (magic[0] == 0x89 && magic[1] == 'P' && magic[2] == 'N' && magic[3] == 'G') ||
+         (magic[0] == 0xff && magic[1] == 0xd8 && magic[2] == 0xff);
+}
+
+std::string human(int64_t n) {
+  char buf[32];
+  if (n >= 1000000000) std::snprintf(buf, sizeof buf, "%.2fB", double(n) / 1e9);
+  else if (n >= 1000000) std::snprintf(buf, sizeof buf, "%.2fM", double(n) / 1e6);
+  else if (n >= 1000) std::snprintf(buf, sizeof buf, "%.1fK", double(n) / 1e3);
+  else std::snprintf(buf, sizeof buf, "%lld", static_cast<long long>(n));
+  return buf;
+}
+
+int image_info(const InfoOptions& o) {
+  Image im = read_image(o.path);
+  const char* layout[] = {"", "grey", "grey+alpha", "RGB", "RGBA"};
+  if (o.json) {
+    nlohmann::json j = {{"file", o.path}, {"kind", "image"}, {"format", im.format},
+                        {"width", im.width}, {"height", im.height}, {"channels", im.channels}};
+    nlohmann::json text = nlohmann::json::object();
+    for (auto& [k, v] : im.text) text[k] = v;
+    j["text"] = text;
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("file:     %s\nformat:   %s\nsize:     %dx%d, %s\n", o.path.c_str(), im.format.c_str(),
+              im.width, im.height, layout[im.channels]);
+  bool any = false;
+  for (auto& [k, v] : im.text) {
+    if (k == "parameters") {
+      std::printf("generation parameters:\n%s\n", v.c_str());
+      any = true;
+    } else {
+      std::printf("text %s: %s\n", k.c_str(), v.c_str());
+    }
+  }
+  if (!any) std::printf("generation parameters: none\n");
+  return 0;
+}
+
+int model_info(const InfoOptions& o) {
+  TensorFile f = open_model_file(o.path);
+  ModelSummary s = summarize_model(f);
+  std::map<std::string, int64_t> dtypes;
+  for (const TensorEntry& e : f.tensors) dtypes[dtype_name(e.tensor.dtype())]++;
+  std::vector<std::string> problems = f.warnings;
+  problems.insert(problems.end(), s.problems.begin(), s.problems.end());
+
+  if (o.json) {
+    nlohmann::json j = {{"file", o.path}, {"kind", "model"}, {"format", f.format},
+                        {"family", family_name(s.family)}, {"layout", s.layout},
+                        {"unet_in_channels", s.unet_in_channels}, {"context_dim", s.context_dim},
+                        {"tensors", f.size()}, {"dtypes", dtypes}, {"problems", problems}};
+    nlohmann::json comps = nlohmann::json::object();
+    for (const ComponentSummary& c : s.components)
+      comps[component_name(c.component)] = {{"tensors", c.tensors}, {"parameters", c.parameters}};
+    j["components"] = comps;
+    if (o.list_tensors) {
+      nlohmann::json list = nlohmann::json::array();
+      for (const TensorEntry& e : f.tensors)
+        list.push_back({{"name", e.name}, {"dtype", dtype_name(e.tensor.dtype())}, {"shape", e.tensor.shape().vec()}});
+      j["tensor_list"] = list;
+    }
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("file:       %s\nformat:     %s\n", o.path.c_str(), f.format.c_str());
+  std::printf("family:     %s (layout %s", family_name(s.family), s.layout.c_str());
+  if (s.unet_in_channels) std::printf(", UNet in_channels %d", s.unet_in_channels);
+  if (s.context_dim) std::printf(", context %d", s.context_dim);
+  std::printf(")\ntensors:    %zu (", f.size());
+  bool first = true;
+  for (auto& [d, n] : dtypes) {
+    std::printf("%s%s: %lld", first ? "" : ", ", d.c_str(), static_cast<long long>(n));
+    first = false;
+  }
+  std::printf(")\ncomponents:\n");
+  for (const ComponentSummary& c : s.components)
+    std::printf("  %-15s %6lld tensors  %10s parameters\n", component_name(c.component),
+                static_cast<long long>(c.tensors), human(c.parameters).c_str());
+  for (auto& [k, v] : f.metadata)
+    if (k.find("config.json") == std::string::npos && k != "model_index.json")
+      std::printf("metadata %s: %s\n", k.c_str(), v.size() > 200 ? (v.substr(0, 200) + "…").c_str() : v.c_str());
+  if (problems.empty()) std::printf("problems:   none\n");
+  for (const std::string& p : problems) std::printf("problem:    %s\n", p.c_str());
+  if (o.list_tensors)
+    for (const TensorEntry& e : f.tensors)
+      std::printf("  %s %s\n", e.tensor.str().c_str(), e.name.c_str());
+  return 0;
+}
+
+}  // namespace
+
+Run add_info_command(CLI::App& app) {
+  auto o = std::make_shared<InfoOptions>();
+  CLI::App* cmd = app.add_subcommand("info", "Describe a model (safetensors, .ckpt, diffusers folder) or an image");
+  cmd->add_option("path", o->path, "model file, diffusers folder or image")->required();
+  cmd->add_flag("--json", o->json, "print JSON");
+  cmd->add_flag("--tensors", o->list_tensors, "list every tensor");
+  return [o] { return looks_like_image(o->path) ? image_info(*o) : model_info(*o); };
+}
+
+}  // namespace diffuse::tools

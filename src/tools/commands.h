@@ -1,0 +1,13 @@
+// Subcommands of the `diffuse` CLI. Each registers its flags on the CLI11 app and returns the
+// function to run once parsing succeeded.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace diffuse::tools {
+
+using Run = std::function<int()>;
+Run add_info_command(CLI::App& app);
+Run add_bench_command(CLI::App& app);
+
+}  // namespace diffuse::tools
