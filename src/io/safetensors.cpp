@@ -190,6 +190,8 @@ TensorFile parse_safetensors(const uint8_t* data, size_t size, const std::string
   {
     std::set<std::string> keys;
     json::parser_callback_t cb = [&](int depth, json::parse_event_t ev, json& parsed) {
+      // A valid header nests 3 deep; refuse deep nesting before it costs memory.
+      if (depth > 16) fail(path, ": safetensors header is not valid: JSON nested more than 16 levels deep");
       if (ev == json::parse_event_t::key && depth == 1 && !has_duplicate && parsed.is_string()) {
         if (!keys.insert(parsed.get_ref<const std::string&>()).second) {
           has_duplicate = true;
@@ -298,9 +300,18 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     }
     header += '}';
   }
+  // Data order: wider element types first (stable otherwise), so that with no padding between
+  // tensors (other readers require none) every tensor starts aligned to its element size.
+  std::vector<size_t> order(tensors.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    auto size_of = [&](size_t i) { return tensors[i].second.defined() ? dtype_size(tensors[i].second.dtype()) : 0; };
+    return size_of(a) > size_of(b);
+  });
   std::set<std::string> seen;
   uint64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
+  for (size_t i : order) {
+    const auto& [name, t] = tensors[i];
     DF_CHECK(name != "__metadata__", path, ": cannot write a tensor named __metadata__");
     DF_CHECK(seen.insert(name).second, path, ": tensor '", printable(name), "' given twice");
     DF_CHECK(t.defined(), path, ": tensor '", printable(name), "' is undefined (no data)");
@@ -327,7 +338,8 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(header.size()) >> (8 * i));
   if (std::fwrite(len, 1, 8, f) != 8 || std::fwrite(header.data(), 1, header.size(), f) != header.size())
     abort_write("write");
-  for (const auto& [name, t] : tensors) {
+  for (size_t i : order) {
+    const Tensor& t = tensors[i].second;
     size_t b = t.bytes();
     if (b && std::fwrite(t.data(), 1, b, f) != b) abort_write("write");
   }

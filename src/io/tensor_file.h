@@ -40,11 +40,19 @@ TensorFile load_safetensors(const std::string& path);
 // the fuzzer. `keepalive` owns `data` (may be null if the caller outlives the result).
 TensorFile parse_safetensors(const uint8_t* data, size_t size, const std::string& path,
                              std::shared_ptr<const void> keepalive);
+// Writes atomically (path + ".tmp", then rename), streaming tensor data. Tensors are stored in the
+// given order, stably regrouped by element size (8-byte types first) so every tensor is aligned;
+// read back, file order is that data order.
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
 // PyTorch checkpoints (src/io/ckpt.cpp, zip.cpp, pickle.cpp)
 TensorFile load_ckpt(const std::string& path);
+// Parses a checkpoint held in memory (zip + data.pkl); contiguous tensors borrow from `data`
+// and keep `keepalive` alive (may be null if the caller outlives the result). Used by
+// load_ckpt and the fuzzer.
+TensorFile parse_ckpt(const uint8_t* data, size_t size, const std::string& path,
+                      std::shared_ptr<const void> keepalive);
 
 // diffusers folders (src/io/diffusers.cpp): model_index.json + per-component folders with
 // *.safetensors (or sharded *.safetensors.index.json); configs land in metadata as

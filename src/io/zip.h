@@ -50,6 +50,11 @@ class ZipReader {
   // the CRC-32 differs.
   std::vector<uint8_t> read(const ZipEntry& e, uint64_t max_bytes, bool check_crc = true) const;
 
+  // Throws unless the entry may be read under `max_bytes`: its declared size is within the cap
+  // and, if compressed, within what deflate can produce from its compressed size. Call before
+  // allocating a buffer for inflate_into.
+  void check_declared_size(const ZipEntry& e, uint64_t max_bytes) const;
+
   // Inflates a DEFLATE entry into `out` (exactly e.uncompressed_size bytes, caller-allocated).
   void inflate_into(const ZipEntry& e, uint8_t* out, bool check_crc) const;
 

@@ -15,9 +15,9 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", DIFFUSE_VERSION);
   app.require_subcommand(1);
   std::vector<std::pair<CLI::App*, diffuse::tools::Run>> commands;
-  auto track = [&](diffuse::tools::Run run) { commands.emplace_back(app.get_subcommands().back(), run); };
-  track(diffuse::tools::add_info_command(app));
-  track(diffuse::tools::add_bench_command(app));
+  auto track = [&](const char* name, diffuse::tools::Run run) { commands.emplace_back(app.get_subcommand(name), run); };
+  track("info", diffuse::tools::add_info_command(app));
+  track("bench", diffuse::tools::add_bench_command(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

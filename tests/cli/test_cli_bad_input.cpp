@@ -108,7 +108,7 @@ std::string path(const std::string& name) { return temp_dir() + "/" + name; }
 
 }  // namespace
 
-TEST(BadInput, MissingFile) { expect_clean_error(path("does-not-exist.safetensors"), "No such file"); }
+TEST(BadInput, MissingFile) { expect_clean_error(path("does-not-exist.safetensors"), "no such file"); }
 
 TEST(BadInput, SafetensorsTruncatedHeader) {
   std::string full = safetensors(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", std::string(16, '\0'));

@@ -1,15 +1,71 @@
 // Fused multi-head attention kernels for the CPU backend (online softmax over key blocks; the
 // Nq×Nk score matrix is never materialised).
 #pragma once
+#include <cstdint>
+
 #include "core/tensor.h"
 
 namespace diffuse::cpu {
 
 // q: [B, Nq, H*D], k, v: [B, Nk, H*D] (f32 or bf16) -> o: [B, Nq, H*D] (f32 or bf16).
+// Head h uses columns h*D .. h*D+D-1. o may alias q, but not k or v.
 // fp32 path: f32 math throughout (reference precision).
 void attention_f32(const Tensor& q, const Tensor& k, const Tensor& v, int heads, float scale, Tensor& o);
 // bf16 path: q·kᵀ and p·v with bf16 inputs and f32 accumulation (AMX tiles where available,
 // else AVX512-BF16, else falls back to attention_f32).
 void attention_bf16(const Tensor& q, const Tensor& k, const Tensor& v, int heads, float scale, Tensor& o);
 
+// Which path the last attention_bf16 call of this process took: "amx", "avx512bf16" or
+// "f32-fallback" ("none" before the first call).
+const char* attention_bf16_path();
+// Which path the last attention_f32 call took: "avx512" or "portable" ("none" before any).
+const char* attention_f32_path();
+
+// Explicit implementations, for tests and benchmarks. Portable and Avx512 compute in f32;
+// the others in bf16 (AmxEmulated runs the AMX kernel with tiles emulated in software: slow,
+// it exists to check the AMX data layouts on machines without AMX).
+enum class AttnImpl { Portable, Avx512, Avx512Bf16, Amx, AmxEmulated };
+const char* attn_impl_name(AttnImpl impl);
+bool attn_impl_available(AttnImpl impl);
+// Validates like attention_f32; throws diffuse::Error when `impl` is not available here.
+void attention_with(AttnImpl impl, const Tensor& q, const Tensor& k, const Tensor& v, int heads,
+                    float scale, Tensor& o);
+
+namespace detail {
+
+// One attention problem, validated. Rows are dense: element (b, n, c) of q is at
+// q[(b*Nq + n)*H*D + c] (same for o; k and v with Nk).
+struct AttnProblem {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  DType qt = DType::F32, kt = DType::F32, vt = DType::F32, ot = DType::F32;
+  int64_t B = 0, Nq = 0, Nk = 0, H = 0, D = 0;
+  float scale = 1.f;
+  int threads = 1;
+};
+
+// attention.cpp: baseline x86-64 kernel (f32).
+void attn_f32_portable(const AttnProblem& p);
+
+// attention_amx.cpp, compiled with AVX-512/AMX flags: call only after checking cpu_features()
+// (F32Avx512: avx512f+bw+vl+fma; Bf16*: + avx512_bf16; Bf16Amx: + amx_tile+amx_bf16 and
+// enable_amx()). That file uses no OpenMP: the caller runs attn_pack on every thread, then (after
+// a barrier) attn_compute on every thread, each with its thread id < p.threads and the team size.
+// attn_begin returns nonzero when memory could not be allocated; attn_end must follow it always.
+enum class AttnKernel { F32Avx512 = 0, Bf16Avx512 = 1, Bf16Amx = 2, Bf16AmxEmulated = 3 };
+struct AttnCall {
+  void* state = nullptr;
+};
+int attn_begin(AttnCall& call, const AttnProblem& p, AttnKernel kernel);
+void attn_pack(const AttnCall& call, int tid, int nth);
+void attn_compute(const AttnCall& call, int tid, int nth);
+void attn_end(AttnCall& call);
+// y[i] = 2^x[i] as used by the softmax: range reduction + polynomial of degree 6 (f32 kernels,
+// ≲ 5e-7 relative) or 4 (bf16 kernels, ≲ 1e-4 relative, below P's bf16 rounding); -inf and
+// x < -150 give 0. Needs avx512f.
+void exp2_avx512(const float* x, float* y, int64_t n, int degree = 6);
+
+}  // namespace detail
 }  // namespace diffuse::cpu
