@@ -1,0 +1,59 @@
+// Binding checkpoint tensors to layers by name, strictly: every expected tensor must exist with the
+// expected shape and a float dtype; tensors nobody asked for are reported as unused. Problems are
+// collected so one load reports all of them (first few names of each kind), naming the file.
+#pragma once
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace diffuse {
+
+class WeightStore {
+ public:
+  // origin: file path (for messages); component: "unet", "vae", "text_encoder", ...
+  WeightStore(std::string origin, std::string component);
+  void add(const std::string& name, Tensor t);  // throws on a duplicate name
+  bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+  size_t size() const { return tensors_.size(); }
+  const std::string& origin() const { return origin_; }
+  const std::string& component() const { return component_; }
+
+  // The tensor `name` checked against `shape`; on a problem, records it and returns zeros of
+  // `shape` so binding continues and finish() reports everything at once.
+  Tensor take(const std::string& name, const Shape& shape);
+  // Marks a tensor as deliberately unused (e.g. position_ids).
+  void ignore(const std::string& name) { used_.insert(name); }
+  std::vector<std::string> unused() const;
+  // Throws diffuse::Error listing missing, mis-shaped and (unless allowed by `unused_ok`)
+  // unused tensors. Call once after binding.
+  void finish(const std::function<bool(const std::string&)>& unused_ok = nullptr) const;
+
+ private:
+  std::string origin_, component_;
+  std::map<std::string, Tensor> tensors_;
+  std::set<std::string> used_;
+  std::vector<std::string> missing_, bad_shape_;
+};
+
+// A scoped view: Binder(store).sub("down_blocks").sub("0").take("conv1.weight", {...}).
+class Binder {
+ public:
+  explicit Binder(WeightStore& store, std::string prefix = "") : store_(&store), prefix_(std::move(prefix)) {}
+  Binder sub(const std::string& name) const { return Binder(*store_, prefix_ + name + "."); }
+  Binder sub(int index) const { return sub(std::to_string(index)); }
+  Tensor take(const std::string& name, const Shape& shape) const { return store_->take(prefix_ + name, shape); }
+  bool has(const std::string& name) const { return store_->has(prefix_ + name); }
+  const std::string& prefix() const { return prefix_; }
+  WeightStore& store() const { return *store_; }
+
+ private:
+  WeightStore* store_;
+  std::string prefix_;
+};
+
+}  // namespace diffuse
