@@ -1,6 +1,8 @@
 // PyTorch checkpoint reader: zip archive, restricted unpickler, tensor reconstruction, and the
 // hostile-input defences of all three. Test archives and pickles are built here in C++.
 #include <gtest/gtest.h>
+
+#include "../common/expect_error.h"
 #include <stdlib.h>
 #include <zlib.h>
 
@@ -241,20 +243,6 @@ struct Sample {
 
 const std::string kPath = "/tmp/evil.ckpt";
 
-// Runs f, expecting a one-line diffuse::Error that starts with `path` and contains `keyword`.
-void expect_error(const std::function<void()>& f, const std::string& path, const std::string& keyword) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one containing '" << keyword << "'";
-  } catch (const Error& e) {
-    std::string msg = e.what();
-    EXPECT_EQ(msg.rfind(path, 0), 0u) << "message does not start with the path: " << msg;
-    EXPECT_NE(msg.find(keyword), std::string::npos) << "missing '" << keyword << "' in: " << msg;
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "non-diffuse exception: " << e.what();
-  }
-}
 void expect_ckpt_error(const Bytes& zip, const std::string& keyword) {
   expect_error([&] { parse_ckpt(zip.data(), zip.size(), kPath, nullptr); }, kPath, keyword);
 }

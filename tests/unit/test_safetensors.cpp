@@ -1,5 +1,7 @@
 // safetensors reader/writer, diffusers folders and open_model_file.
 #include <gtest/gtest.h>
+
+#include "../common/expect_error.h"
 #include <stdlib.h>
 
 #include <cstdint>
@@ -66,20 +68,6 @@ std::string make_st(const std::string& header, const std::string& data) {
   return out + header + data;
 }
 
-// Runs f, expecting a one-line diffuse::Error that names `path` and contains `keyword`.
-void expect_error(const std::function<void()>& f, const std::string& path, const std::string& keyword) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one containing '" << keyword << "'";
-  } catch (const Error& e) {
-    std::string msg = e.what();
-    EXPECT_EQ(msg.rfind(path, 0), 0u) << "message does not start with the path: " << msg;
-    EXPECT_NE(msg.find(keyword), std::string::npos) << "missing '" << keyword << "' in: " << msg;
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "non-diffuse exception: " << e.what();
-  }
-}
 
 Tensor iota(const Shape& s, DType t) {
   Tensor x = Tensor::empty(s, t);
