@@ -19,6 +19,17 @@ class WeightStore {
   WeightStore(std::string origin, std::string component);
   void add(const std::string& name, Tensor t);  // throws on a duplicate name
   bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+  // The tensor without marking it used (for config detection from shapes); nullptr if absent.
+  const Tensor* find(const std::string& name) const {
+    auto it = tensors_.find(name);
+    return it == tensors_.end() ? nullptr : &it->second;
+  }
+  // All names, sorted (for counting layers and levels).
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const auto& [n, t] : tensors_) out.push_back(n);
+    return out;
+  }
   size_t size() const { return tensors_.size(); }
   const std::string& origin() const { return origin_; }
   const std::string& component() const { return component_; }
