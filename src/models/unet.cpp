@@ -1,1 +1,645 @@
-// placeholder: being written
+#include "models/unet.h"
+
+#include <cmath>
+#include <optional>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace diffuse {
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+int UNetConfig::heads_at(int level) const {
+  DF_ASSERT(level >= 0 && level < levels());
+  if (!heads_per_level.empty()) return heads_per_level[level];
+  if (heads_fixed > 0) return heads_fixed;
+  return head_dim > 0 ? block_out_channels[level] / head_dim : 0;
+}
+
+static std::string join(const std::vector<int>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';
+    s += std::to_string(v[i]);
+  }
+  s += ']';
+  return s;
+}
+
+std::string UNetConfig::str() const {
+  std::vector<int> attn(cross_attn.begin(), cross_attn.end()), heads;
+  for (int l = 0; l < levels(); ++l) heads.push_back(heads_at(l));
+  std::string s = cat("UNet in ", in_channels, " out ", out_channels, " channels ", join(block_out_channels),
+                      " layers ", layers_per_block, " attention ", join(attn), " depth ",
+                      join(transformer_depth), " mid depth ", transformer_depth.empty() ? 0 : mid_transformer_depth(),
+                      " heads ", join(heads), " proj ", linear_proj ? "linear" : "conv", " context ", context_dim);
+  if (text_time)
+    s += cat(" text_time (", num_time_ids, " ids × ", addition_time_embed_dim, ", add_embedding in ",
+             projection_class_embeddings_input_dim, ")");
+  return s;
+}
+
+void UNetConfig::validate() const {
+  const std::string what = "UNet config (" + str() + ")";
+  DF_CHECK(levels() >= 1, what, ": no levels");
+  DF_CHECK(int(cross_attn.size()) == levels() && int(transformer_depth.size()) == levels(), what,
+           ": cross_attn and transformer_depth need one entry per level");
+  DF_CHECK(heads_per_level.empty() || int(heads_per_level.size()) == levels(), what,
+           ": heads_per_level needs one entry per level");
+  DF_CHECK(in_channels >= 1 && out_channels >= 1 && layers_per_block >= 1 && context_dim >= 1, what,
+           ": channels, layers and context width must be positive");
+  DF_CHECK(norm_groups >= 1, what, ": norm_groups must be positive");
+  for (int l = 0; l < levels(); ++l) {
+    const int ch = block_out_channels[l];
+    DF_CHECK(ch >= 1 && ch % norm_groups == 0, what, ": level ", l, " width ", ch,
+             " is not a multiple of ", norm_groups, " norm groups");
+    const bool needs_heads = cross_attn[l] || l == levels() - 1;  // the mid block always attends
+    if (!needs_heads) continue;
+    const int h = heads_at(l);
+    DF_CHECK(h >= 1 && ch % h == 0, what, ": level ", l, " width ", ch, " does not split into ", h,
+             " attention heads");
+    DF_CHECK(!cross_attn[l] || transformer_depth[l] >= 1, what, ": level ", l, " transformer depth must be >= 1");
+  }
+  DF_CHECK(mid_transformer_depth() >= 1, what, ": mid-block transformer depth must be >= 1");
+  if (text_time) {
+    DF_CHECK(addition_time_embed_dim >= 1 && num_time_ids >= 1, what, ": bad added time embedding");
+    DF_CHECK(projection_class_embeddings_input_dim > num_time_ids * addition_time_embed_dim, what,
+             ": add_embedding input ", projection_class_embeddings_input_dim, " leaves no room for the pooled text embedding");
+  }
+}
+
+UNetConfig UNetConfig::sd15() {
+  UNetConfig c;
+  c.block_out_channels = {320, 640, 1280, 1280};
+  c.cross_attn = {true, true, true, false};
+  c.transformer_depth = {1, 1, 1, 1};
+  c.heads_fixed = 8;
+  c.context_dim = 768;
+  return c;
+}
+
+UNetConfig UNetConfig::sd21() {
+  UNetConfig c = sd15();
+  c.heads_fixed = 0;
+  c.head_dim = 64;
+  c.linear_proj = true;
+  c.context_dim = 1024;
+  return c;
+}
+
+UNetConfig UNetConfig::sdxl() {
+  UNetConfig c;
+  c.block_out_channels = {320, 640, 1280};
+  c.cross_attn = {false, true, true};
+  c.transformer_depth = {1, 2, 10};
+  c.head_dim = 64;
+  c.linear_proj = true;
+  c.context_dim = 2048;
+  c.text_time = true;
+  c.addition_time_embed_dim = 256;
+  c.projection_class_embeddings_input_dim = 2816;  // 1280 pooled + 6 · 256
+  return c;
+}
+
+// The shape of `name` without marking it used (config detection); nullopt if absent.
+static std::optional<Shape> probe_shape(const WeightStore& w, const std::string& name) {
+  const Tensor* t = w.find(name);
+  if (!t) return std::nullopt;
+  return t->shape();
+}
+
+UNetConfig UNetConfig::from_weights(const WeightStore& w) {
+  const std::string where = cat(w.origin(), ": ", w.component());
+  auto shape = [&](const std::string& name, int rank) -> Shape {
+    std::optional<Shape> s = probe_shape(w, name);
+    DF_CHECK(s.has_value(), where, ": no tensor ", name, " (not a diffusers-named UNet?)");
+    DF_CHECK(s->rank() == rank, where, ": ", name, " is ", s->str(), ", expected rank ", rank);
+    return *s;
+  };
+  auto count = [&](const std::string& prefix, const std::string& suffix) {
+    int n = 0;
+    while (w.has(cat(prefix, n, suffix))) ++n;
+    return n;
+  };
+  UNetConfig c;
+  c.block_out_channels.clear();
+  c.cross_attn.clear();
+  c.transformer_depth.clear();
+  const Shape conv_in = shape("conv_in.weight", 4);
+  c.in_channels = int(conv_in[1]);
+  c.out_channels = int(shape("conv_out.weight", 4)[0]);
+  for (int l = 0; w.has(cat("down_blocks.", l, ".resnets.0.conv1.weight")); ++l) {
+    c.block_out_channels.push_back(int(shape(cat("down_blocks.", l, ".resnets.0.conv1.weight"), 4)[0]));
+    const std::string attn = cat("down_blocks.", l, ".attentions.0.");
+    const bool has_attn = w.has(attn + "proj_in.weight");
+    c.cross_attn.push_back(has_attn);
+    c.transformer_depth.push_back(has_attn ? count(attn + "transformer_blocks.", ".norm1.weight") : 1);
+  }
+  DF_CHECK(c.levels() >= 1, where, ": no down_blocks.0.resnets.0.conv1.weight (not a diffusers-named UNet?)");
+  c.layers_per_block = count("down_blocks.0.resnets.", ".conv1.weight");
+  c.mid_depth = count("mid_block.attentions.0.transformer_blocks.", ".norm1.weight");
+  DF_CHECK(c.mid_depth >= 1, where, ": no mid_block.attentions.0 transformer blocks");
+  // proj_in kind and the context width from the mid block (every SD UNet attends there).
+  c.linear_proj = probe_shape(w, "mid_block.attentions.0.proj_in.weight").value_or(Shape{}).rank() == 2;
+  c.context_dim = int(shape("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", 2)[1]);
+  if (c.linear_proj) c.head_dim = 64;
+  else c.heads_fixed = 8;
+  // Real SD 2.x/XL widths are multiples of 64; a width that is not gets one head rather than a
+  // fractional count (diffusers' configs do the same for the tiny models).
+  if (c.head_dim > 0) {
+    bool all = true;
+    for (int ch : c.block_out_channels) all &= ch % 64 == 0;
+    if (!all) {
+      c.head_dim = 0;
+      c.heads_fixed = 1;
+    }
+  }
+  c.text_time = w.has("add_embedding.linear_1.weight");
+  if (c.text_time) {
+    const int in = int(shape("add_embedding.linear_1.weight", 2)[1]);
+    c.projection_class_embeddings_input_dim = in;
+    int d = 256;
+    while (d > 1 && in - c.num_time_ids * d <= 0) d /= 2;
+    c.addition_time_embed_dim = d;
+  }
+  c.validate();
+  return c;
+}
+
+// ---- diffusers config.json ----
+
+UNetConfig UNetConfig::from_diffusers_config(const std::string& text) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    fail("unet/config.json: not valid JSON: ", e.what());
+  }
+  DF_CHECK(j.is_object(), "unet/config.json: not a JSON object");
+  const std::string w = "unet/config.json";
+  auto get = [&](const char* key) -> const nlohmann::json* {
+    auto it = j.find(key);
+    return it == j.end() || it->is_null() ? nullptr : &*it;
+  };
+  auto get_int = [&](const char* key, int def) {
+    const nlohmann::json* v = get(key);
+    if (!v) return def;
+    DF_CHECK(v->is_number_integer(), w, ": ", key, " should be an integer");
+    return v->get<int>();
+  };
+  auto get_float = [&](const char* key, float def) {
+    const nlohmann::json* v = get(key);
+    if (!v) return def;
+    DF_CHECK(v->is_number(), w, ": ", key, " should be a number");
+    return v->get<float>();
+  };
+  auto get_str = [&](const char* key, const char* def) -> std::string {
+    const nlohmann::json* v = get(key);
+    if (!v) return def;
+    DF_CHECK(v->is_string(), w, ": ", key, " should be a string");
+    return v->get<std::string>();
+  };
+  auto unsupported = [&](const char* key, const std::string& value) {
+    fail(w, ": ", key, " = ", value, " is not supported by this UNet");
+  };
+  // An int or a per-level list of ints.
+  auto per_level = [&](const char* key, int levels, int def) -> std::vector<int> {
+    const nlohmann::json* v = get(key);
+    if (!v) return std::vector<int>(size_t(levels), def);
+    if (v->is_number_integer()) return std::vector<int>(size_t(levels), v->get<int>());
+    DF_CHECK(v->is_array() && int(v->size()) == levels, w, ": ", key, " should be an integer or a list of ",
+             levels);
+    std::vector<int> out;
+    for (const auto& e : *v) {
+      DF_CHECK(e.is_number_integer(), w, ": ", key, " has a non-integer entry ", e.dump());
+      out.push_back(e.get<int>());
+    }
+    return out;
+  };
+
+  UNetConfig c;
+  DF_CHECK(get_str("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel", w,
+           ": _class_name is ", get_str("_class_name", ""), ", expected UNet2DConditionModel");
+  const nlohmann::json* boc = get("block_out_channels");
+  DF_CHECK(boc && boc->is_array() && !boc->empty(), w, ": block_out_channels missing");
+  c.block_out_channels.clear();
+  for (const auto& e : *boc) {
+    DF_CHECK(e.is_number_integer(), w, ": block_out_channels has a non-integer entry");
+    c.block_out_channels.push_back(e.get<int>());
+  }
+  const int L = c.levels();
+  c.in_channels = get_int("in_channels", 4);
+  c.out_channels = get_int("out_channels", 4);
+  c.layers_per_block = get_int("layers_per_block", 2);
+  c.norm_groups = get_int("norm_num_groups", 32);
+  c.norm_eps = get_float("norm_eps", 1e-5f);
+  const nlohmann::json* down = get("down_block_types");
+  DF_CHECK(down && down->is_array() && int(down->size()) == L, w, ": down_block_types needs ", L, " entries");
+  c.cross_attn.clear();
+  for (const auto& e : *down) {
+    const std::string t = e.is_string() ? e.get<std::string>() : e.dump();
+    if (t == "CrossAttnDownBlock2D") c.cross_attn.push_back(true);
+    else if (t == "DownBlock2D") c.cross_attn.push_back(false);
+    else unsupported("down_block_types entry", t);
+  }
+  if (const nlohmann::json* up = get("up_block_types")) {
+    DF_CHECK(up->is_array() && int(up->size()) == L, w, ": up_block_types needs ", L, " entries");
+    for (int i = 0; i < L; ++i) {
+      const std::string want = c.cross_attn[L - 1 - i] ? "CrossAttnUpBlock2D" : "UpBlock2D";
+      const std::string t = (*up)[i].is_string() ? (*up)[i].get<std::string>() : (*up)[i].dump();
+      if (t != want) unsupported("up_block_types entry", t + " (expected " + want + ", mirroring the down blocks)");
+    }
+  }
+  c.transformer_depth = per_level("transformer_layers_per_block", L, 1);
+  if (const nlohmann::json* r = get("reverse_transformer_layers_per_block")) unsupported("reverse_transformer_layers_per_block", r->dump());
+  c.mid_depth = c.transformer_depth.back();
+  // diffusers' naming quirk: attention_head_dim means the number of heads unless num_attention_heads is set.
+  c.heads_per_level = per_level(get("num_attention_heads") ? "num_attention_heads" : "attention_head_dim", L, 8);
+  c.linear_proj = get("use_linear_projection") && get("use_linear_projection")->get<bool>();
+  const nlohmann::json* cad = get("cross_attention_dim");
+  DF_CHECK(cad && cad->is_number_integer(), w, ": cross_attention_dim should be one integer");
+  c.context_dim = cad->get<int>();
+  const std::string add = get_str("addition_embed_type", "");
+  if (add == "text_time") {
+    c.text_time = true;
+    c.addition_time_embed_dim = get_int("addition_time_embed_dim", 256);
+    c.projection_class_embeddings_input_dim = get_int("projection_class_embeddings_input_dim", 0);
+  } else if (!add.empty()) {
+    unsupported("addition_embed_type", add);
+  }
+  // Settings with only one supported value.
+  if (get_str("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn")
+    unsupported("mid_block_type", get_str("mid_block_type", ""));
+  if (get_str("act_fn", "silu") != "silu") unsupported("act_fn", get_str("act_fn", ""));
+  if (get_str("time_embedding_type", "positional") != "positional")
+    unsupported("time_embedding_type", get_str("time_embedding_type", ""));
+  if (get_str("resnet_time_scale_shift", "default") != "default")
+    unsupported("resnet_time_scale_shift", get_str("resnet_time_scale_shift", ""));
+  if (get_str("attention_type", "default") != "default") unsupported("attention_type", get_str("attention_type", ""));
+  for (const char* key : {"class_embed_type", "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type",
+                          "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act",
+                          "cross_attention_norm"})
+    if (const nlohmann::json* v = get(key)) unsupported(key, v->dump());
+  for (const char* key : {"only_cross_attention", "dual_cross_attention", "center_input_sample",
+                          "resnet_skip_time_act", "class_embeddings_concat"}) {
+    const nlohmann::json* v = get(key);
+    if (v && v->dump().find("true") != std::string::npos) unsupported(key, v->dump());
+  }
+  if (const nlohmann::json* v = get("flip_sin_to_cos"); v && !v->get<bool>()) unsupported("flip_sin_to_cos", "false");
+  if (get_float("freq_shift", 0) != 0) unsupported("freq_shift", std::to_string(get_float("freq_shift", 0)));
+  if (get_int("conv_in_kernel", 3) != 3) unsupported("conv_in_kernel", std::to_string(get_int("conv_in_kernel", 3)));
+  if (get_int("conv_out_kernel", 3) != 3) unsupported("conv_out_kernel", std::to_string(get_int("conv_out_kernel", 3)));
+  if (get_int("downsample_padding", 1) != 1) unsupported("downsample_padding", std::to_string(get_int("downsample_padding", 1)));
+  if (get_float("mid_block_scale_factor", 1) != 1) unsupported("mid_block_scale_factor", "≠ 1");
+  if (get_float("resnet_out_scale_factor", 1) != 1) unsupported("resnet_out_scale_factor", "≠ 1");
+  c.validate();
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocks
+
+namespace {
+
+constexpr float kTransformerNormEps = 1e-6f;  // Transformer2DModel's GroupNorm
+constexpr float kLayerNormEps = 1e-5f;        // BasicTransformerBlock's LayerNorms
+
+// y = a + b in place on a (a must be a fresh activation nobody else reads).
+void add_(Ctx& c, Tensor& a, const Tensor& b) { c.be.binary(Binary::Add, a, b, a); }
+
+// Linear from a [out, in] weight or a [out, in, 1, 1] 1×1 conv weight (same math on NHWC tokens).
+void bind_proj(Backend& be, Linear& lin, const Binder& b, int64_t in, int64_t out, bool conv) {
+  lin.in = in;
+  lin.out = out;
+  Tensor wt = conv ? b.take("weight", {out, in, 1, 1}).reshape({out, in}) : b.take("weight", {out, in});
+  lin.w = be.prepare_linear(wt, b.take("bias", {out}));
+}
+
+// ResnetBlock2D (time_embedding_norm "default", output_scale_factor 1).
+struct Resnet {
+  GroupNorm norm1, norm2;
+  Conv2d conv1, conv2, shortcut;
+  Linear temb;
+  bool has_shortcut = false;
+  int64_t out = 0;
+
+  void bind(Backend& be, const Binder& b, int in_ch, int out_ch, int temb_dim, const UNetConfig& cfg) {
+    out = out_ch;
+    norm1.bind(b.sub("norm1"), in_ch, cfg.norm_groups, cfg.norm_eps);
+    conv1.bind(be, b.sub("conv1"), in_ch, out_ch, 3);
+    temb.bind(be, b.sub("time_emb_proj"), temb_dim, out_ch);
+    norm2.bind(b.sub("norm2"), out_ch, cfg.norm_groups, cfg.norm_eps);
+    conv2.bind(be, b.sub("conv2"), out_ch, out_ch, 3);
+    has_shortcut = in_ch != out_ch;
+    if (has_shortcut) shortcut.bind(be, b.sub("conv_shortcut"), in_ch, out_ch, 1);
+  }
+  // x: [B, H, W, in], semb: [B, temb] (SiLU already applied) -> [B, H, W, out]
+  Tensor operator()(Ctx& c, const Tensor& x, const Tensor& semb) const {
+    Tensor h = conv1(c, norm1(c, x, true));
+    Tensor t = temb(c, semb);
+    add_(c, h, t.reshape({t.dim(0), 1, 1, out}));
+    h = conv2(c, norm2(c, h, true));
+    add_(c, h, has_shortcut ? shortcut(c, x) : x);
+    return h;
+  }
+};
+
+// diffusers Attention (no bias on q/k/v, bias on to_out.0).
+struct Attention {
+  Linear q, k, v, o;
+  int heads = 1;
+  float scale = 1;
+  void bind(Backend& be, const Binder& b, int64_t ch, int64_t ctx_dim, int heads_) {
+    heads = heads_;
+    scale = 1.0f / std::sqrt(float(ch / heads));
+    q.bind(be, b.sub("to_q"), ch, ch, false);
+    k.bind(be, b.sub("to_k"), ctx_dim, ch, false);
+    v.bind(be, b.sub("to_v"), ctx_dim, ch, false);
+    o.bind(be, b.sub("to_out").sub(0), ch, ch);
+  }
+  // x: [B, N, C], ctx: [B, S, Cctx] -> [B, N, C]
+  Tensor operator()(Ctx& c, const Tensor& x, const Tensor& ctx) const {
+    Tensor qq = q(c, x), kk = k(c, ctx), vv = v(c, ctx);
+    Tensor a = c.alloc(qq.shape());
+    c.be.attention(qq, kk, vv, heads, scale, a);
+    return o(c, a);
+  }
+};
+
+// BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward, pre-LayerNorm.
+struct TransformerBlock {
+  LayerNorm norm1, norm2, norm3;
+  Attention attn1, attn2;
+  Linear ff_in, ff_out;
+  void bind(Backend& be, const Binder& b, int64_t ch, int64_t ctx_dim, int heads) {
+    norm1.bind(b.sub("norm1"), ch, kLayerNormEps);
+    attn1.bind(be, b.sub("attn1"), ch, ch, heads);
+    norm2.bind(b.sub("norm2"), ch, kLayerNormEps);
+    attn2.bind(be, b.sub("attn2"), ch, ctx_dim, heads);
+    norm3.bind(b.sub("norm3"), ch, kLayerNormEps);
+    ff_in.bind(be, b.sub("ff").sub("net").sub(0).sub("proj"), ch, 8 * ch);
+    ff_out.bind(be, b.sub("ff").sub("net").sub(2), 4 * ch, ch);
+  }
+  // h: [B, N, C] updated in place; ctx: [B, S, Cctx]
+  void operator()(Ctx& c, Tensor& h, const Tensor& ctx) const {
+    Tensor n = norm1(c, h);
+    add_(c, h, attn1(c, n, n));
+    add_(c, h, attn2(c, norm2(c, h), ctx));
+    Tensor proj = ff_in(c, norm3(c, h));
+    Shape gs = proj.shape();
+    gs[gs.rank() - 1] /= 2;
+    Tensor g = c.alloc(gs);
+    c.be.geglu(proj, g);
+    add_(c, h, ff_out(c, g));
+  }
+};
+
+// Transformer2DModel (continuous input): GroupNorm, proj_in, blocks, proj_out, + input.
+struct Transformer {
+  GroupNorm norm;
+  Linear proj_in, proj_out;
+  std::vector<TransformerBlock> blocks;
+  void bind(Backend& be, const Binder& b, int ch, int depth, int heads, const UNetConfig& cfg) {
+    norm.bind(b.sub("norm"), ch, cfg.norm_groups, kTransformerNormEps);
+    bind_proj(be, proj_in, b.sub("proj_in"), ch, ch, !cfg.linear_proj);
+    blocks.resize(size_t(depth));
+    for (int i = 0; i < depth; ++i)
+      blocks[size_t(i)].bind(be, b.sub("transformer_blocks").sub(i), ch, cfg.context_dim, heads);
+    bind_proj(be, proj_out, b.sub("proj_out"), ch, ch, !cfg.linear_proj);
+  }
+  // x: [B, H, W, C], ctx: [B, S, Cctx] -> [B, H, W, C]
+  Tensor operator()(Ctx& c, const Tensor& x, const Tensor& ctx) const {
+    const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
+    Tensor h = proj_in(c, norm(c, x).reshape({B, H * W, C}));
+    for (const TransformerBlock& blk : blocks) blk(c, h, ctx);
+    Tensor y = proj_out(c, h).reshape({B, H, W, C});
+    add_(c, y, x);
+    return y;
+  }
+};
+
+struct Level {
+  std::vector<Resnet> resnets;
+  std::vector<Transformer> attentions;  // empty, or one per resnet
+  bool resample = false;                // downsampler (down path) / upsampler (up path)
+  Conv2d resampler;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// UNet
+
+struct UNet::Impl {
+  UNetConfig cfg;
+  Linear time1, time2, add1, add2;
+  Conv2d conv_in, conv_out;
+  GroupNorm norm_out;
+  std::vector<Level> down;  // by level
+  Resnet mid_res0, mid_res1;
+  Transformer mid_attn;
+  std::vector<Level> up;    // by up block (level L-1-i)
+};
+
+UNet::UNet() = default;
+UNet::~UNet() = default;
+UNet::UNet(UNet&&) noexcept = default;
+UNet& UNet::operator=(UNet&&) noexcept = default;
+
+const UNetConfig& UNet::config() const {
+  DF_CHECK(impl_ != nullptr, "UNet: not loaded");
+  return impl_->cfg;
+}
+
+int UNet::num_skips() const {
+  const UNetConfig& c = config();
+  return 1 + c.levels() * c.layers_per_block + c.levels() - 1;
+}
+
+void UNet::load(Backend& be, WeightStore& w, const UNetConfig& cfg) {
+  cfg.validate();
+  auto m = std::make_unique<Impl>();
+  m->cfg = cfg;
+  const Binder root(w);
+  const int L = cfg.levels(), C0 = cfg.block_out_channels[0], T = cfg.time_embed_dim();
+  m->time1.bind(be, root.sub("time_embedding").sub("linear_1"), C0, T);
+  m->time2.bind(be, root.sub("time_embedding").sub("linear_2"), T, T);
+  if (cfg.text_time) {
+    m->add1.bind(be, root.sub("add_embedding").sub("linear_1"), cfg.projection_class_embeddings_input_dim, T);
+    m->add2.bind(be, root.sub("add_embedding").sub("linear_2"), T, T);
+  }
+  m->conv_in.bind(be, root.sub("conv_in"), cfg.in_channels, C0, 3);
+
+  // Down path; skip_ch tracks the channels of every skip connection the up path will consume.
+  std::vector<int> skip_ch = {C0};
+  int ch = C0;
+  m->down.resize(size_t(L));
+  for (int l = 0; l < L; ++l) {
+    const Binder b = root.sub("down_blocks").sub(l);
+    const int out = cfg.block_out_channels[l];
+    Level& lv = m->down[size_t(l)];
+    lv.resnets.resize(size_t(cfg.layers_per_block));
+    if (cfg.cross_attn[l]) lv.attentions.resize(size_t(cfg.layers_per_block));
+    for (int j = 0; j < cfg.layers_per_block; ++j) {
+      lv.resnets[size_t(j)].bind(be, b.sub("resnets").sub(j), ch, out, T, cfg);
+      ch = out;
+      if (cfg.cross_attn[l])
+        lv.attentions[size_t(j)].bind(be, b.sub("attentions").sub(j), out, cfg.transformer_depth[l], cfg.heads_at(l), cfg);
+      skip_ch.push_back(out);
+    }
+    lv.resample = l + 1 < L;
+    if (lv.resample) {
+      lv.resampler.bind(be, b.sub("downsamplers").sub(0).sub("conv"), out, out, 3, 2);
+      skip_ch.push_back(out);
+    }
+  }
+
+  const Binder mid = root.sub("mid_block");
+  m->mid_res0.bind(be, mid.sub("resnets").sub(0), ch, ch, T, cfg);
+  m->mid_attn.bind(be, mid.sub("attentions").sub(0), ch, cfg.mid_transformer_depth(), cfg.heads_at(L - 1), cfg);
+  m->mid_res1.bind(be, mid.sub("resnets").sub(1), ch, ch, T, cfg);
+
+  m->up.resize(size_t(L));
+  for (int i = 0; i < L; ++i) {
+    const int l = L - 1 - i;
+    const Binder b = root.sub("up_blocks").sub(i);
+    const int out = cfg.block_out_channels[l];
+    const int n = cfg.layers_per_block + 1;
+    Level& lv = m->up[size_t(i)];
+    lv.resnets.resize(size_t(n));
+    if (cfg.cross_attn[l]) lv.attentions.resize(size_t(n));
+    for (int j = 0; j < n; ++j) {
+      const int skip = skip_ch.back();
+      skip_ch.pop_back();
+      lv.resnets[size_t(j)].bind(be, b.sub("resnets").sub(j), ch + skip, out, T, cfg);
+      ch = out;
+      if (cfg.cross_attn[l])
+        lv.attentions[size_t(j)].bind(be, b.sub("attentions").sub(j), out, cfg.transformer_depth[l], cfg.heads_at(l), cfg);
+    }
+    lv.resample = l > 0;
+    if (lv.resample) lv.resampler.bind(be, b.sub("upsamplers").sub(0).sub("conv"), out, out, 3);
+  }
+  DF_ASSERT(skip_ch.empty());
+
+  m->norm_out.bind(root.sub("conv_norm_out"), ch, cfg.norm_groups, cfg.norm_eps);
+  m->conv_out.bind(be, root.sub("conv_out"), ch, cfg.out_channels, 3);
+  try {
+    w.finish();
+  } catch (const Error& e) {
+    fail(e.what(), " (", cfg.str(), ")");
+  }
+  impl_ = std::move(m);
+}
+
+static Tensor as_f32(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
+
+Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const Tensor& context_in,
+                     const Tensor* text_embeds, const Tensor* time_ids,
+                     const std::vector<Tensor>* down_residuals, const Tensor* mid_residual) const {
+  DF_CHECK(impl_ != nullptr, "UNet: forward before load");
+  const Impl& m = *impl_;
+  const UNetConfig& cfg = m.cfg;
+  DF_CHECK(x_in.rank() == 4 && x_in.dim(3) == cfg.in_channels && x_in.dim(0) >= 1 && x_in.dim(1) >= 1 &&
+               x_in.dim(2) >= 1,
+           "UNet: latent ", x_in.str(), " should be [B, H, W, ", cfg.in_channels, "] (NHWC)");
+  const int64_t B = x_in.dim(0);
+  DF_CHECK(int64_t(t.size()) == B, "UNet: ", t.size(), " timesteps for a batch of ", B);
+  DF_CHECK(context_in.rank() == 3 && context_in.dim(0) == B && context_in.dim(2) == cfg.context_dim,
+           "UNet: context ", context_in.str(), " should be [", B, ", S, ", cfg.context_dim, "]");
+  const Tensor x = as_f32(x_in), context = as_f32(context_in);
+
+  // Time embedding: sinusoidal (flip_sin_to_cos, shift 0) -> linear, SiLU, linear.
+  const int C0 = cfg.block_out_channels[0];
+  Tensor ts = c.alloc({B});
+  for (int64_t i = 0; i < B; ++i) ts.f32()[i] = t[size_t(i)];
+  Tensor tproj = c.alloc({B, C0});
+  c.be.timestep_embedding(ts, C0, true, 0.0f, 10000.0f, tproj);
+  auto mlp = [&](const Linear& l1, const Linear& l2, const Tensor& in) {
+    Tensor h = l1(c, in);
+    Tensor a = c.alloc(h.shape());
+    c.be.unary(Unary::SiLU, h, a);
+    return l2(c, a);
+  };
+  Tensor emb = mlp(m.time1, m.time2, tproj);
+  if (cfg.text_time) {
+    DF_CHECK(text_embeds && time_ids, "UNet: this SDXL-style model needs text_embeds and time_ids");
+    const int64_t n = cfg.num_time_ids, d = cfg.addition_time_embed_dim;
+    const int64_t pooled = cfg.projection_class_embeddings_input_dim - n * d;
+    DF_CHECK(text_embeds->rank() == 2 && text_embeds->dim(0) == B && text_embeds->dim(1) == pooled,
+             "UNet: text_embeds ", text_embeds->str(), " should be [", B, ", ", pooled, "]");
+    DF_CHECK(time_ids->rank() == 2 && time_ids->dim(0) == B && time_ids->dim(1) == n, "UNet: time_ids ",
+             time_ids->str(), " should be [", B, ", ", n, "]");
+    Tensor ids = as_f32(*time_ids).reshape({B * n});
+    Tensor tid = c.alloc({B * n, d});
+    c.be.timestep_embedding(ids, int(d), true, 0.0f, 10000.0f, tid);
+    Tensor cat_in = c.alloc({B, pooled + n * d});
+    c.be.concat_last(as_f32(*text_embeds), tid.reshape({B, n * d}), cat_in);
+    add_(c, emb, mlp(m.add1, m.add2, cat_in));
+  }
+  Tensor semb = c.alloc(emb.shape());  // every resnet's time_emb_proj reads SiLU(emb)
+  c.be.unary(Unary::SiLU, emb, semb);
+
+  // Down path.
+  std::vector<Tensor> skips;
+  Tensor h = m.conv_in(c, x);
+  skips.push_back(h);
+  for (const Level& lv : m.down) {
+    for (size_t j = 0; j < lv.resnets.size(); ++j) {
+      h = lv.resnets[j](c, h, semb);
+      if (!lv.attentions.empty()) h = lv.attentions[j](c, h, context);
+      skips.push_back(h);
+    }
+    if (lv.resample) {
+      h = lv.resampler(c, h);
+      skips.push_back(h);
+    }
+  }
+  // ControlNet residuals: new tensors (the last skip is also the mid block's input, unchanged).
+  if (down_residuals) {
+    DF_CHECK(down_residuals->size() == skips.size(), "UNet: ", down_residuals->size(),
+             " down residuals for ", skips.size(), " skip connections");
+    for (size_t i = 0; i < skips.size(); ++i) {
+      const Tensor& r = (*down_residuals)[i];
+      DF_CHECK(r.shape() == skips[i].shape(), "UNet: down residual ", i, " is ", r.str(), ", expected ",
+               skips[i].shape().str());
+      Tensor s = c.alloc(skips[i].shape());
+      c.be.binary(Binary::Add, skips[i], as_f32(r), s);
+      skips[i] = s;
+    }
+  }
+
+  // Mid block.
+  h = m.mid_res0(c, h, semb);
+  h = m.mid_attn(c, h, context);
+  h = m.mid_res1(c, h, semb);
+  if (mid_residual) {
+    DF_CHECK(mid_residual->shape() == h.shape(), "UNet: mid residual ", mid_residual->str(), ", expected ",
+             h.shape().str());
+    add_(c, h, as_f32(*mid_residual));
+  }
+
+  // Up path: each resnet takes concat(h, skip) on channels; upsamplers resize to the next skip.
+  for (const Level& lv : m.up) {
+    for (size_t j = 0; j < lv.resnets.size(); ++j) {
+      const Tensor skip = skips.back();
+      skips.pop_back();
+      Tensor hc = c.alloc({B, h.dim(1), h.dim(2), h.dim(3) + skip.dim(3)});
+      c.be.concat_last(h, skip, hc);
+      h = lv.resnets[j](c, hc, semb);
+      if (!lv.attentions.empty()) h = lv.attentions[j](c, h, context);
+    }
+    if (lv.resample) {
+      DF_ASSERT(!skips.empty());
+      Tensor u = c.alloc({B, skips.back().dim(1), skips.back().dim(2), h.dim(3)});
+      c.be.upsample_nearest(h, u);
+      h = lv.resampler(c, u);
+    }
+  }
+  DF_ASSERT(skips.empty());
+  return m.conv_out(c, m.norm_out(c, h, true));
+}
+
+}  // namespace diffuse

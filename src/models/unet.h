@@ -1,0 +1,94 @@
+// The denoising UNet of Stable Diffusion 1.x, 2.x and XL: diffusers' UNet2DConditionModel with
+// CrossAttnDownBlock2D/DownBlock2D, UNetMidBlock2DCrossAttn and CrossAttnUpBlock2D/UpBlock2D,
+// positional (sinusoidal) time embedding and, for SDXL, the "text_time" added embedding.
+//
+// Weights are bound by diffusers names (component "unet", without the "unet/" prefix); single-file
+// checkpoints go through component_weights() first. Activations are NHWC.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nn/layers.h"
+
+namespace diffuse {
+
+struct UNetConfig {
+  int in_channels = 4, out_channels = 4;
+  std::vector<int> block_out_channels;  // per level, e.g. {320, 640, 1280, 1280}
+  int layers_per_block = 2;
+  std::vector<bool> cross_attn;         // per level: CrossAttn{Down,Up}Block2D
+  std::vector<int> transformer_depth;   // per level (ignored where !cross_attn)
+  int mid_depth = 0;                    // mid-block transformer depth; 0: transformer_depth.back()
+  // Heads: exactly one of heads_fixed (SD 1.x: 8 heads at every level) and head_dim (SD 2.x/XL:
+  // 64, heads = channels / 64) is set, unless heads_per_level (from a diffusers config) is given.
+  int heads_fixed = 0;
+  int head_dim = 0;
+  std::vector<int> heads_per_level;
+  bool linear_proj = false;             // proj_in/out as Linear (SD 2.x/XL) or 1×1 conv (SD 1.x)
+  int context_dim = 768;
+  bool text_time = false;               // SDXL added embedding (pooled text + 6 size/crop ids)
+  int addition_time_embed_dim = 256;    // sinusoidal width per time id
+  int projection_class_embeddings_input_dim = 0;  // pooled width + 6 · addition_time_embed_dim
+  int num_time_ids = 6;
+  int norm_groups = 32;
+  float norm_eps = 1e-5f;
+
+  int levels() const { return int(block_out_channels.size()); }
+  int time_embed_dim() const { return block_out_channels.empty() ? 0 : 4 * block_out_channels[0]; }
+  int heads_at(int level) const;  // attention heads of the transformers at `level`
+  int mid_transformer_depth() const { return mid_depth > 0 ? mid_depth : transformer_depth.back(); }
+  // Throws diffuse::Error naming the first inconsistency.
+  void validate() const;
+  std::string str() const;  // one line, for logs and messages
+
+  // The published architectures.
+  static UNetConfig sd15();
+  static UNetConfig sd21();
+  static UNetConfig sdxl();
+  // Everything detected from diffusers-named tensor shapes (single files carry no config):
+  // widths, layers, attention levels and depths, proj kind, context width, in/out channels, the
+  // SDXL added embedding. Heads follow the family conventions (conv proj: 8 heads; linear proj:
+  // head dim 64); addition_time_embed_dim is 256 unless the add_embedding width only fits a
+  // smaller power of two.
+  static UNetConfig from_weights(const WeightStore& w);
+  // From a diffusers unet/config.json (TensorFile::metadata["unet/config.json"]); throws on
+  // settings this implementation does not support.
+  static UNetConfig from_diffusers_config(const std::string& json);
+};
+
+class UNet {
+ public:
+  UNet();
+  ~UNet();
+  UNet(UNet&&) noexcept;
+  UNet& operator=(UNet&&) noexcept;
+
+  // Binds every tensor of `w` (strictly: missing, mis-shaped or unused tensors throw, naming them).
+  void load(Backend& be, WeightStore& w, const UNetConfig& cfg);
+  bool loaded() const { return impl_ != nullptr; }
+  const UNetConfig& config() const;
+
+  // x: [B, H, W, in_channels] latent (already concatenated with mask + masked latent for 9-channel
+  // models); t: one timestep per batch item; context: [B, S, context_dim];
+  // SDXL: text_embeds [B, pooled], time_ids [B, 6] (required when config().text_time).
+  // ControlNet (optional): down_residuals, one per skip connection in order (conv_in output, then
+  // each down resnet/attention output and downsampler output: [B, h, w, c] each), added to the
+  // skips; mid_residual [B, h, w, c] added to the mid-block output.
+  // Returns [B, H, W, out_channels] (epsilon or v, whatever the model predicts), arena-backed.
+  // Any H, W >= 1 works: upsamplers resize to their skip connection's size.
+  Tensor forward(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
+                 const Tensor* text_embeds = nullptr, const Tensor* time_ids = nullptr,
+                 const std::vector<Tensor>* down_residuals = nullptr,
+                 const Tensor* mid_residual = nullptr) const;
+
+  // Number of skip connections (= ControlNet down residuals): 1 + levels·layers + levels - 1.
+  int num_skips() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace diffuse
