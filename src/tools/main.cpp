@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   auto track = [&](const char* name, diffuse::tools::Run run) { commands.emplace_back(app.get_subcommand(name), run); };
   track("info", diffuse::tools::add_info_command(app));
   track("bench", diffuse::tools::add_bench_command(app));
+  track("synth", diffuse::tools::add_synth_command(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
