@@ -40,7 +40,7 @@ Tensor Arena::alloc(const Shape& shape, DType dtype) {
 void Arena::reset() {
   if (chunks_.size() > 1) {
     // Coalesce into one block big enough for the peak so the next pass never allocates.
-    size_t total = std::max(peak_, capacity());
+    size_t total = peak_;
     chunks_.clear();
     chunks_.push_back({Storage::allocate(total), 0});
     ++heap_allocs_;

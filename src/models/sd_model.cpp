@@ -1,0 +1,69 @@
+#include "models/sd_model.h"
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "models/name_map.h"
+
+namespace diffuse {
+
+namespace {
+
+// A diffusers folder's VAE config may state its scaling factor; single files follow the family.
+float vae_scaling(const TensorFile& f, Family family) {
+  auto it = f.metadata.find("vae/config.json");
+  if (it != f.metadata.end()) {
+    nlohmann::json j = nlohmann::json::parse(it->second, nullptr, false);
+    if (j.is_object() && j.contains("scaling_factor") && j["scaling_factor"].is_number())
+      return j["scaling_factor"].get<float>();
+  }
+  return family == Family::SDXL ? 0.13025f : 0.18215f;
+}
+
+}  // namespace
+
+std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, const SDLoadOptions& opts) {
+  auto m = std::make_unique<SDModel>();
+  m->path = path;
+  TensorFile f = open_model_file(path);
+  m->summary = summarize_model(f);
+  m->family = m->summary.family;
+  DF_CHECK(m->family != Family::Unknown, path, ": not a Stable Diffusion checkpoint the engine knows (",
+           m->summary.problems.empty() ? std::string("family unknown") : m->summary.problems.front(), ")");
+
+  if (opts.text_encoders) {
+    // SD 1.x and SDXL's first encoder are OpenAI CLIP (quick GELU); SD 2.x's and SDXL's second
+    // are OpenCLIP (exact GELU).
+    auto act = m->family == Family::SD2 ? ClipTextConfig::Gelu : ClipTextConfig::QuickGelu;
+    WeightStore w = component_weights(f, Component::TextEncoder, m->family);
+    m->te_cfg = ClipTextConfig::from_weights(w, act);
+    m->te.load(be, w, m->te_cfg);
+    if (m->family == Family::SDXL) {
+      WeightStore w2 = component_weights(f, Component::TextEncoder2, m->family);
+      m->te2_cfg = ClipTextConfig::from_weights(w2, ClipTextConfig::Gelu);
+      m->te2.load(be, w2, m->te2_cfg);
+      m->has_te2 = true;
+    }
+  }
+  if (opts.unet) {
+    WeightStore w = component_weights(f, Component::UNet, m->family);
+    m->unet_cfg = UNetConfig::from_weights(w);
+    m->unet.load(be, w, m->unet_cfg);
+  }
+  if (opts.vae_encoder || opts.vae_decoder) {
+    WeightStore w = component_weights(f, Component::VAE, m->family);
+    m->vae_cfg = VAEConfig::from_weights(w, vae_scaling(f, m->family));
+    if (!opts.vae_encoder || !opts.vae_decoder) {
+      // Leave the half we do not need out of the strict check.
+      std::string skip = opts.vae_encoder ? "decoder." : "encoder.";
+      for (const std::string& n : w.names()) {
+        if (n.rfind(skip, 0) == 0 || n.rfind(opts.vae_encoder ? "post_quant_conv." : "quant_conv.", 0) == 0)
+          w.ignore(n);
+      }
+    }
+    m->vae.load(be, w, m->vae_cfg, opts.vae_encoder, opts.vae_decoder);
+  }
+  return m;
+}
+
+}  // namespace diffuse

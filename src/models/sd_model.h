@@ -1,0 +1,38 @@
+// A whole Stable Diffusion checkpoint: family detection, the layout's name mapping, configs from
+// the tensors (single files carry none), and the text encoder(s), UNet and VAE bound strictly.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "models/clip_text.h"
+#include "models/family.h"
+#include "models/unet.h"
+#include "models/vae.h"
+
+namespace diffuse {
+
+struct SDLoadOptions {
+  bool text_encoders = true;
+  bool unet = true;
+  bool vae_encoder = true;
+  bool vae_decoder = true;
+};
+
+struct SDModel {
+  std::string path;
+  Family family = Family::Unknown;
+  ModelSummary summary;
+  ClipTextConfig te_cfg, te2_cfg;  // te2: SDXL's OpenCLIP bigG encoder
+  UNetConfig unet_cfg;
+  VAEConfig vae_cfg;
+  ClipTextModel te, te2;
+  bool has_te2 = false;
+  UNet unet;
+  VAE vae;
+
+  // Loads `path` (single file or diffusers folder) for backend `be`. Throws diffuse::Error naming
+  // the file when the family cannot be detected or any component fails to bind.
+  static std::unique_ptr<SDModel> load(const std::string& path, Backend& be, const SDLoadOptions& opts = {});
+};
+
+}  // namespace diffuse
