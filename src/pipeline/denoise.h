@@ -1,0 +1,33 @@
+// The guided denoising loop shared by txt2img, img2img and inpainting.
+#pragma once
+#include <functional>
+
+#include "models/unet.h"
+#include "nn/layers.h"
+#include "pipeline/scheduler.h"
+
+namespace diffuse {
+
+struct Guidance {
+  Tensor cond, uncond;                          // [B, T, C]; uncond undefined: no guidance pass (cfg 1)
+  Tensor cond_pooled, uncond_pooled, time_ids;  // SDXL added conditioning ([B, 1280], [B, 6])
+  float cfg = 7.0f;
+};
+
+struct DenoiseHooks {
+  // The UNet input from the scheduler-scaled latent (9-channel inpainting concatenates the mask
+  // and the masked-image latent here); default: the scaled latent itself.
+  std::function<Tensor(Ctx&, const Tensor& scaled)> model_input;
+  // Called after each scheduler step with the step index (masked img2img re-noises the kept area).
+  std::function<void(Tensor& x, int i)> after_step;
+  // Progress: (done, total) model evaluations.
+  std::function<void(int, int)> progress;
+};
+
+// x: [B, h, w, 4] NHWC latent, already scaled by init_noise_sigma (txt2img) or noised (img2img).
+// Conditional and unconditional halves run as one UNet batch; out = u + cfg · (c − u).
+// Returns the final latent (before dividing by the VAE scaling factor).
+Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Guidance& g, const NoiseFn& draw_noise,
+               const DenoiseHooks& hooks = {});
+
+}  // namespace diffuse
