@@ -26,8 +26,14 @@ class Rng {
 // torch.Generator("cpu").manual_seed(seed): mt19937; scalar Box–Muller (doubles) below 16
 // elements, torch's 16-wide float Box–Muller from 16 up.
 std::unique_ptr<Rng> make_cpu_rng(uint64_t seed);
-// torch.Generator("cuda").manual_seed(seed): Philox 4×32-10 with torch's offsets.
-std::unique_ptr<Rng> make_cuda_rng(uint64_t seed);
+// torch.Generator("cuda").manual_seed(seed): Philox 4×32-10 with torch's offsets and launch
+// layout. torch caps its grid at SMs × (max threads per SM / 256) blocks, so draws of more than
+// 256 × that many elements depend on the GPU; the default is an H100 (132 SMs × 8 = 1056 blocks,
+// i.e. identical on every GPU up to 270336 elements: every SD/SDXL latent of batch ≤ 4).
+// curand's Box–Muller uses __sincosf, a hardware approximation (MUFU) that is emulated here by
+// an exact sine of the same reduced argument: values agree to ~1e-6, about a quarter bit for bit.
+inline constexpr int64_t kCudaMaxBlocksH100 = 132 * 8;
+std::unique_ptr<Rng> make_cuda_rng(uint64_t seed, int64_t max_blocks = kCudaMaxBlocksH100);
 std::unique_ptr<Rng> make_rng(RngKind kind, uint64_t seed);
 
 }  // namespace diffuse
