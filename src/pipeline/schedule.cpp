@@ -12,17 +12,19 @@ NoiseSchedule NoiseSchedule::scaled_linear(int num_train, double beta_start, dou
   s.num_train_timesteps = num_train;
   s.beta_start = beta_start;
   s.beta_end = beta_end;
-  // torch.linspace(sqrt(b0), sqrt(b1), T, dtype=float32) ** 2, then cumprod(1 - betas) in float32.
+  // torch.linspace(sqrt(b0), sqrt(b1), T, dtype=float32) ** 2, then torch.cumprod(1 - betas): a
+  // float32 tensor, but torch's CPU cumprod accumulates in double (acc_type) and rounds each
+  // partial product to float32 (float accumulation drifts: sigma(999) 14.614653 vs 14.614647).
   const float a = float(std::sqrt(beta_start)), b = float(std::sqrt(beta_end));
   const float step = (b - a) / float(num_train - 1);
-  float cum = 1.0f;
+  double cum = 1.0;
   for (int i = 0; i < num_train; ++i) {
     // torch fills the first half from the start and the second half back from the end.
     float v = i < num_train / 2 ? a + step * float(i) : b - step * float(num_train - 1 - i);
     float beta = v * v;
-    cum *= 1.0f - beta;
+    cum *= double(1.0f - beta);
     s.betas.push_back(beta);
-    s.alphas_cumprod.push_back(cum);
+    s.alphas_cumprod.push_back(double(float(cum)));
   }
   return s;
 }
@@ -38,11 +40,13 @@ std::vector<double> spaced_timesteps(const std::string& spacing, int steps, int 
     int ratio = num_train / steps;
     for (int i = steps - 1; i >= 0; --i) t.push_back(double(i * ratio + steps_offset));
   } else if (spacing == "linspace") {
-    for (int i = steps - 1; i >= 0; --i)
-      t.push_back(steps == 1 ? 0.0 : double(num_train - 1) * double(i) / double(steps - 1));
+    // numpy.linspace: i * step, the last value exactly the end point.
+    const double step = steps == 1 ? 0.0 : double(num_train - 1) / double(steps - 1);
+    for (int i = steps - 1; i >= 0; --i) t.push_back(i == steps - 1 && steps > 1 ? double(num_train - 1) : double(i) * step);
   } else if (spacing == "trailing") {
+    // numpy.round rounds halves to even (nearbyint in the default rounding mode), not away from 0.
     double ratio = double(num_train) / double(steps);
-    for (int i = 0; i < steps; ++i) t.push_back(std::round(double(num_train) - double(i) * ratio) - 1.0);
+    for (int i = 0; i < steps; ++i) t.push_back(std::nearbyint(double(num_train) - double(i) * ratio) - 1.0);
   } else {
     fail("unknown timestep spacing '", spacing, "' (leading, linspace or trailing)");
   }
@@ -84,7 +88,8 @@ std::vector<double> karras_sigmas(double sigma_min, double sigma_max, int n, dou
 
 std::vector<double> sigmas_to_timesteps(const std::vector<double>& sigmas, const std::vector<double>& train) {
   std::vector<double> log_sigmas;
-  for (double s : train) log_sigmas.push_back(std::log(s));
+  // np.log of the float32 sigma array: float32 logs.
+  for (double s : train) log_sigmas.push_back(double(std::log(float(s))));
   std::vector<double> out;
   const int n = int(log_sigmas.size());
   for (double sigma : sigmas) {
