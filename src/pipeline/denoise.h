@@ -18,7 +18,8 @@ struct DenoiseHooks {
   // The UNet input from the scheduler-scaled latent (9-channel inpainting concatenates the mask
   // and the masked-image latent here); default: the scaled latent itself.
   std::function<Tensor(Ctx&, const Tensor& scaled)> model_input;
-  // Called after each scheduler step with the step index (masked img2img re-noises the kept area).
+  // Called after each scheduler step with the step index i (0-based, counted from `first`; masked
+  // img2img re-noises the kept area).
   std::function<void(Tensor& x, int i)> after_step;
   // Progress: (done, total) model evaluations.
   std::function<void(int, int)> progress;
@@ -26,8 +27,12 @@ struct DenoiseHooks {
 
 // x: [B, h, w, 4] NHWC latent, already scaled by init_noise_sigma (txt2img) or noised (img2img).
 // Conditional and unconditional halves run as one UNet batch; out = u + cfg · (c − u).
-// Returns the final latent (before dividing by the VAE scaling factor).
+// cond/uncond (and the pooled outputs, time ids) may have 1 row (repeated for the batch) or B.
+// Runs timesteps()[first..]; `first` > 0 is for schedulers whose timesteps() still lists the
+// entries before their begin index. Per-step activations live in a private arena reset every
+// step; ctx.arena is not used. Returns the final latent (an owned f32 tensor, before dividing by
+// the VAE scaling factor); the caller's x is not modified.
 Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Guidance& g, const NoiseFn& draw_noise,
-               const DenoiseHooks& hooks = {});
+               const DenoiseHooks& hooks = {}, int first = 0);
 
 }  // namespace diffuse
