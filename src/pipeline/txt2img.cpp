@@ -1,1 +1,279 @@
-// placeholder: being written
+// txt2img / img2img / inpaint: conditioning, initial latents, the denoising loop, VAE decode.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "pipeline/conditioning.h"
+#include "pipeline/denoise.h"
+#include "pipeline/generate.h"
+
+namespace diffuse {
+
+Tensor nchw_to_nhwc(const Tensor& x) {
+  DF_CHECK(x.rank() == 4 && x.dtype() == DType::F32, "nchw_to_nhwc: ", x.str());
+  const int64_t N = x.dim(0), C = x.dim(1), H = x.dim(2), W = x.dim(3);
+  Tensor y = Tensor::empty({N, H, W, C});
+  const float* s = x.f32();
+  float* d = y.f32();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < H * W; ++i) d[(n * H * W + i) * C + c] = s[(n * C + c) * H * W + i];
+  return y;
+}
+
+Tensor nhwc_to_nchw(const Tensor& x) {
+  DF_CHECK(x.rank() == 4 && x.dtype() == DType::F32, "nhwc_to_nchw: ", x.str());
+  const int64_t N = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
+  Tensor y = Tensor::empty({N, C, H, W});
+  const float* s = x.f32();
+  float* d = y.f32();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < H * W; ++i) d[(n * C + c) * H * W + i] = s[(n * H * W + i) * C + c];
+  return y;
+}
+
+namespace {
+
+// The generators of a batch: one shared (Cpu) or one per image (Cuda, seeds seed + i).
+class NoiseSource {
+ public:
+  NoiseSource(RngKind kind, uint64_t seed, int batch) : kind_(kind), batch_(batch) {
+    int n = kind == RngKind::Cpu ? 1 : batch;
+    for (int i = 0; i < n; ++i) gens_.push_back(make_rng(kind, seed + uint64_t(i)));
+  }
+  // [B, h, w, c] NHWC noise: torch.randn((B, c, h, w)) permuted.
+  Tensor batch(int64_t h, int64_t w, int64_t c) {
+    const int64_t per = c * h * w;
+    Tensor t = Tensor::empty({batch_, c, h, w});
+    if (kind_ == RngKind::Cpu) {
+      gens_[0]->randn(t.f32(), batch_ * per);
+    } else {
+      for (int i = 0; i < batch_; ++i) gens_[size_t(i)]->randn(t.f32() + i * per, per);
+    }
+    return nchw_to_nhwc(t);
+  }
+  // [B, h, w, c] posterior samples mean + std · randn of one encoded image (mean/std: [1, h, w, c]
+  // NHWC): Cpu draws once (1, c, h, w) and repeats it, Cuda draws per image.
+  Tensor posterior_sample(const Tensor& mean, const Tensor& stdv) {
+    const int64_t h = mean.dim(1), w = mean.dim(2), c = mean.dim(3), per = c * h * w;
+    Tensor out = Tensor::empty({batch_, h, w, c});
+    const float* m = mean.f32();
+    const float* s = stdv.f32();
+    for (int i = 0; i < batch_; ++i) {
+      if (kind_ == RngKind::Cpu && i > 0) {
+        std::memcpy(out.f32() + i * per, out.f32(), size_t(per) * sizeof(float));
+        continue;
+      }
+      Tensor z = Tensor::empty({1, c, h, w});
+      gens_[kind_ == RngKind::Cpu ? 0 : size_t(i)]->randn(z.f32(), per);
+      Tensor zn = nchw_to_nhwc(z);
+      float* o = out.f32() + i * per;
+      for (int64_t k = 0; k < per; ++k) o[k] = m[k] + s[k] * zn.f32()[k];
+    }
+    return out;
+  }
+
+ private:
+  RngKind kind_;
+  int64_t batch_;
+  std::vector<std::unique_ptr<Rng>> gens_;
+};
+
+void scale_inplace(Tensor& t, float s) {
+  float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = p[i] * s;
+}
+
+// 8-bit image -> [1, H, W, 3] in [-1, 1] (diffusers: x / 255, then 2x - 1, in f32).
+Tensor image_to_tensor(const Image& im) {
+  Image rgb = im.channels == 3 ? im : to_rgb(im);
+  Tensor t = Tensor::empty({1, rgb.height, rgb.width, 3});
+  float* d = t.f32();
+  for (size_t i = 0; i < rgb.pixels.size(); ++i) d[i] = 2.0f * (float(rgb.pixels[i]) / 255.0f) - 1.0f;
+  return t;
+}
+
+// Grey value of a pixel as PIL's convert("L") computes it (ITU-R 601-2 luma, fixed point).
+uint8_t grey_at(const Image& im, size_t px) {
+  const uint8_t* p = im.pixels.data() + px * size_t(im.channels);
+  if (im.channels <= 2) return p[0];
+  return uint8_t((uint32_t(p[0]) * 19595 + uint32_t(p[1]) * 38470 + uint32_t(p[2]) * 7471 + 0x8000) >> 16);
+}
+
+// Binary mask (1 = repaint) at pixel size.
+std::vector<uint8_t> binary_mask(const Image& m) {
+  std::vector<uint8_t> out(size_t(m.width) * size_t(m.height));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = float(grey_at(m, i)) / 255.0f >= 0.5f ? 1 : 0;
+  return out;
+}
+
+}  // namespace
+
+std::vector<Result> generate(const SDModel& model, Backend& be, const GenerateParams& p, const ProgressFn& progress) {
+  auto report = [&](Stage s, int done, int total) {
+    if (progress) progress(s, done, total);
+  };
+  DF_CHECK(p.width > 0 && p.height > 0 && p.width % 8 == 0 && p.height % 8 == 0, "size ", p.width, "x", p.height,
+           ": -W/--width and -H/--height must be positive multiples of 8");
+  DF_CHECK(p.steps >= 1, "--steps ", p.steps, ": must be at least 1");
+  DF_CHECK(p.batch >= 1, "--batch ", p.batch, ": must be at least 1");
+  DF_CHECK(p.strength >= 0.0 && p.strength <= 1.0, "--strength ", p.strength, ": must be in [0, 1]");
+  DF_CHECK(!p.mask || p.init, "--mask needs an init image (-i/--init)");
+  DF_CHECK(model.unet.loaded(), "generate: the model's UNet is not loaded");
+  const int in_ch = model.unet_cfg.in_channels;
+  const bool inpaint9 = in_ch == 9;
+  DF_CHECK(in_ch == 4 || in_ch == 9, "generate: UNet with ", in_ch, " input channels (expected 4, or 9 for inpainting)");
+  DF_CHECK(!inpaint9 || (p.init && p.mask), model.path,
+           ": an inpainting model (9-channel UNet) needs -i/--init and --mask");
+  for (const Image* im : {p.init, p.mask}) {
+    if (!im) continue;
+    DF_CHECK(im->width == p.width && im->height == p.height, im == p.init ? "-i/--init" : "--mask", " image is ",
+             im->width, "x", im->height, " but the output is ", p.width, "x", p.height,
+             ": images are not resized, give one of the output size (or -W/-H matching it)");
+  }
+
+  const int64_t B = p.batch, h = p.height / 8, w = p.width / 8, C = 4;
+  const float sf = model.vae_cfg.scaling_factor;
+  Arena arena;
+  Ctx ctx{be, arena};
+
+  // Text conditioning.
+  report(Stage::Encode, 0, 1);
+  PromptOptions po;
+  po.clip_skip = p.clip_skip;
+  PromptPair pp = encode_prompts(ctx, model, p.prompt, p.negative, po);
+  arena.reset();
+  Guidance g;
+  g.cfg = float(p.cfg);
+  g.cond = pp.cond.context;
+  if (p.cfg > 1.0) g.uncond = pp.uncond.context;
+  if (model.unet_cfg.text_time) {
+    g.cond_pooled = pp.cond.pooled;
+    g.uncond_pooled = pp.uncond.pooled;
+    g.time_ids = Tensor::empty({1, 6});
+    float ids[6] = {float(p.height), float(p.width), 0.0f, 0.0f, float(p.height), float(p.width)};
+    std::memcpy(g.time_ids.f32(), ids, sizeof ids);
+  }
+  report(Stage::Encode, 1, 1);
+
+  // Scheduler and the timesteps that run.
+  auto sched = make_scheduler(p.sampler, p.schedule, p.prediction);
+  sched->set_timesteps(p.steps);
+  const std::vector<double> full = sched->timesteps();
+  std::vector<double> run = full;
+  int first = 0;
+  if (p.init) {
+    const int init_timestep = std::min(int(double(p.steps) * p.strength), p.steps);
+    const int t_start = std::max(p.steps - init_timestep, 0);
+    const int begin = std::min(t_start * sched->order(), int(full.size()));
+    sched->set_begin_index(begin);
+    run.assign(full.begin() + begin, full.end());
+    // Schedulers may list the whole schedule after set_begin_index or only what is left.
+    first = sched->timesteps().size() == full.size() ? begin : 0;
+  }
+
+  NoiseSource rng(p.rng, p.seed, p.batch);
+  Tensor x, init_latent, noise, mask_lat, masked_latent;
+  auto encode_image = [&](const Tensor& img) {
+    DF_CHECK(model.vae.has_encoder(), model.path, ": the VAE encoder is not loaded");
+    VAE::Posterior post = model.vae.encode(ctx, img);
+    Tensor mean = post.mean.to(DType::F32), stdv = post.std.to(DType::F32);
+    arena.reset();
+    Tensor s = rng.posterior_sample(mean, stdv);
+    scale_inplace(s, sf);
+    return s;
+  };
+  if (!p.init) {
+    x = rng.batch(h, w, C);
+    scale_inplace(x, float(sched->init_noise_sigma()));
+  } else {
+    Tensor img = image_to_tensor(*p.init);
+    const bool strength_max = p.strength >= 1.0;
+    const bool need_init = !p.mask || !inpaint9 || !strength_max;
+    if (need_init) init_latent = encode_image(img);
+    noise = rng.batch(h, w, C);
+    if (p.mask && strength_max) {
+      x = noise.clone();
+      scale_inplace(x, float(sched->init_noise_sigma()));
+    } else if (run.empty()) {
+      x = init_latent.clone();
+    } else {
+      x = sched->add_noise(init_latent, noise, run.front());
+    }
+    if (p.mask) {
+      std::vector<uint8_t> m = binary_mask(*p.mask);
+      // Masked image: the repaint area set to 0 (mid grey in [-1, 1]).
+      Tensor masked = img.clone();
+      for (size_t i = 0; i < m.size(); ++i)
+        if (m[i]) std::fill_n(masked.f32() + i * 3, 3, 0.0f);
+      masked_latent = encode_image(masked);
+      // Nearest resize to the latent size (torch interpolate: source index floor(i · in / out)).
+      mask_lat = Tensor::empty({B, h, w, 1});
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t y = 0; y < h; ++y)
+          for (int64_t xx = 0; xx < w; ++xx) {
+            int64_t sy = y * p.height / h, sx = xx * p.width / w;
+            mask_lat.f32()[(b * h + y) * w + xx] = float(m[size_t(sy * p.width + sx)]);
+          }
+    }
+  }
+
+  DenoiseHooks hooks;
+  if (inpaint9) {
+    hooks.model_input = [&](Ctx& c, const Tensor& scaled) {
+      Tensor a = c.alloc({B, h, w, C + 1});
+      c.be.concat_last(scaled, mask_lat, a);
+      Tensor out = c.alloc({B, h, w, 2 * C + 1});
+      c.be.concat_last(a, masked_latent, out);
+      return out;
+    };
+  } else if (p.mask) {
+    // Masked img2img: after each step the kept area is the init latent noised to the next timestep
+    // (the clean init latent after the last step).
+    hooks.after_step = [&](Tensor& lat, int i) {
+      Tensor proper = size_t(i) + 1 < run.size() ? sched->add_noise(init_latent, noise, run[size_t(i) + 1]) : init_latent;
+      float* d = lat.f32();
+      const float* k = proper.f32();
+      const float* m = mask_lat.f32();
+      for (int64_t q = 0; q < B * h * w; ++q)
+        if (m[q] == 0.0f)
+          for (int64_t c = 0; c < C; ++c) d[q * C + c] = k[q * C + c];
+    };
+  }
+  hooks.progress = [&](int done, int total) { report(Stage::Denoise, done, total); };
+  NoiseFn draw = [&] { return rng.batch(h, w, C); };
+  Tensor lat = run.empty() ? x : denoise(ctx, model.unet, *sched, x, g, draw, hooks, first);
+
+  // Decode, one image at a time.
+  std::vector<Result> results;
+  for (int64_t b = 0; b < B; ++b) {
+    report(Stage::Decode, int(b), int(B));
+    Tensor one = lat.slice0(b, b + 1).clone();
+    Result r;
+    r.latent = nhwc_to_nchw(one);
+    r.seed = p.rng == RngKind::Cuda ? p.seed + uint64_t(b) : p.seed;
+    DF_CHECK(model.vae.has_decoder(), model.path, ": the VAE decoder is not loaded");
+    float* z = one.f32();
+    for (int64_t i = 0; i < one.numel(); ++i) z[i] = z[i] / sf;
+    Tensor dec = model.vae.decode(ctx, one);
+    Tensor d = dec.to(DType::F32);
+    arena.reset();
+    r.image.width = p.width;
+    r.image.height = p.height;
+    r.image.channels = 3;
+    r.image.format = "png";
+    r.image.pixels.resize(size_t(d.numel()));
+    const float* s = d.f32();
+    for (int64_t i = 0; i < d.numel(); ++i) {
+      float v = std::clamp(s[i] / 2.0f + 0.5f, 0.0f, 1.0f);
+      r.image.pixels[size_t(i)] = uint8_t(std::nearbyint(v * 255.0f));  // numpy round: half to even
+    }
+    results.push_back(std::move(r));
+  }
+  report(Stage::Decode, int(B), int(B));
+  return results;
+}
+
+}  // namespace diffuse

@@ -10,5 +10,6 @@ using Run = std::function<int()>;
 Run add_info_command(CLI::App& app);
 Run add_bench_command(CLI::App& app);
 Run add_synth_command(CLI::App& app);
+Run add_generate_command(CLI::App& app);
 
 }  // namespace diffuse::tools

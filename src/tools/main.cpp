@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   track("info", diffuse::tools::add_info_command(app));
   track("bench", diffuse::tools::add_bench_command(app));
   track("synth", diffuse::tools::add_synth_command(app));
+  track("generate", diffuse::tools::add_generate_command(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

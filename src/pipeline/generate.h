@@ -1,0 +1,67 @@
+// Image generation end to end: text-to-image, image-to-image and inpainting, as diffusers'
+// StableDiffusion(XL)Pipeline / Img2ImgPipeline / InpaintPipeline compute them (same draws from
+// the generator in the same order, same arithmetic), with A1111's per-image seeds for the CUDA
+// generator.
+//
+// Random draws (see ../shared/fixtures/README.md):
+//  - RngKind::Cpu: one torch CPU generator seeded `seed` for the whole batch; each draw is one
+//    torch.randn of the whole batch (B, 4, h, w) except VAE posterior samples of the (single)
+//    init/masked image, drawn once as (1, 4, h, w) and repeated (diffusers).
+//  - RngKind::Cuda: image i has its own generator seeded seed + i (A1111); every draw is made per
+//    image from its generator.
+// Order: txt2img: initial noise, then per-step noise. img2img: init-image posterior sample, the
+// noise added at the first timestep, per-step noise. inpaint, 9-channel UNet: init-image posterior
+// sample only if strength < 1, noise, masked-image posterior sample, per-step noise. inpaint,
+// 4-channel UNet (masked img2img): init-image posterior sample, noise, masked-image posterior sample
+// (drawn, unused), per-step noise.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/image.h"
+#include "models/sd_model.h"
+#include "pipeline/rng.h"
+#include "pipeline/scheduler.h"
+
+namespace diffuse {
+
+struct GenerateParams {
+  std::string prompt, negative;
+  int width = 512, height = 512;  // pixels, multiples of 8
+  int steps = 20;
+  double cfg = 7.0;  // guidance; <= 1: no unconditional pass (diffusers)
+  uint64_t seed = 0;
+  std::string sampler = "euler_a";
+  std::string schedule = "default";  // default | karras | trailing
+  int batch = 1;
+  int clip_skip = 0;  // A1111 meaning (0/1: the family default, 2: penultimate layer)
+  RngKind rng = RngKind::Cuda;
+  Prediction prediction = Prediction::Epsilon;
+  // img2img / inpaint (init set): share of the schedule that is run, int(steps * strength) steps.
+  double strength = 0.75;
+  const Image* init = nullptr;  // 8-bit, width × height (converted to RGB)
+  const Image* mask = nullptr;  // 8-bit, width × height; white (>= 128 after grey conversion) = repaint
+};
+
+struct Result {
+  Image image;    // 8-bit RGB, width × height
+  Tensor latent;  // f32 [1, 4, h, w] NCHW: the final latent before dividing by the VAE scaling factor
+  uint64_t seed = 0;  // the seed that reproduces this image (Cuda: seed + i; Cpu: seed, batch position matters)
+};
+
+enum class Stage { Encode, Denoise, Decode };
+// (stage, done, total): Encode (0,1)->(1,1); Denoise once per model evaluation step; Decode per image.
+using ProgressFn = std::function<void(Stage, int, int)>;
+
+// Throws diffuse::Error naming the parameter for invalid settings (size, strength, image sizes,
+// mask without init, sampler).
+std::vector<Result> generate(const SDModel& model, Backend& be, const GenerateParams& p, const ProgressFn& progress = {});
+
+// Layout helpers at the boundary with torch (f32 only).
+Tensor nchw_to_nhwc(const Tensor& x);
+Tensor nhwc_to_nchw(const Tensor& x);
+
+}  // namespace diffuse
