@@ -5,9 +5,13 @@ cd "$(dirname "$0")/.."
 bin=build/bin/diffuse
 model=tests/data/sd1/model/tiny-sd1.safetensors
 if "$bin" --help 2>/dev/null | grep -q "generate"; then
-  echo "== generating out.png with the bundled tiny sd1 model (random weights: it draws noise) =="
-  "$bin" generate -m "$model" -p "a photograph of an astronaut riding a horse" -W 64 -H 64 --steps 5 -s 42 -o out.png
-  echo "Run a real checkpoint: $bin generate -m /path/to/v1-5-pruned-emaonly.safetensors -p \"a cat\" -o cat.png"
+  echo "== generating out.png with the bundled tiny SD 1.x test model =="
+  echo "   (its weights are random: the picture is noise, not an astronaut)"
+  "$bin" generate -m "$model" -p "a photograph of an astronaut riding a horse" -W 256 -H 256 --steps 10 -s 42 -o out.png
+  "$bin" info out.png
+  echo
+  echo "Run a real checkpoint (SD 1.x/2.x/XL, .safetensors, .ckpt or a diffusers folder):"
+  echo "  $bin generate -m /path/to/v1-5-pruned-emaonly.safetensors -p \"a cat on a sofa\" -o cat.png"
 else
   echo "== diffuse info on the bundled tiny sd1 model =="
   "$bin" info "$model"
