@@ -48,6 +48,7 @@ class ClipTextModel {
   // Binds every tensor of `cfg` strictly (missing/mis-shaped/unused tensors are reported together,
   // naming the file); position_ids, if present, is ignored. Weights are prepared for `be`.
   void load(Backend& be, WeightStore& w, const ClipTextConfig& cfg);
+  bool loaded() const { return !layers_.empty(); }
   const ClipTextConfig& config() const { return cfg_; }
 
   // All owned f32 tensors (not arena memory): valid for as long as the caller keeps them.

@@ -439,4 +439,93 @@ WeightStore component_weights(const TensorFile& f, Component c, Family family) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// ControlNet
+
+namespace {
+
+// The original (cldm) ControlNet layout -> ControlNetModel names; everything else is the UNet rule.
+Rule controlnet_rule(const UNetLayout& L, int64_t last_hint) {
+  Rule unet = unet_rule(L);
+  return [unet, last_hint](const std::string& rest, const Tensor& t) -> Mapped {
+    Parts p = split(rest);
+    if (p.size() >= 3 && p[0] == "input_hint_block") {
+      // Convolutions at even indices (SiLUs between them): conv_in, blocks.0.., conv_out.
+      const int64_t n = index_of(p[1]);
+      if (n < 0 || n % 2 != 0) return unknown();
+      const std::string pre = "controlnet_cond_embedding.", tail = join(p, 2);
+      if (n == 0) return add(pre + "conv_in." + tail, t);
+      if (n == last_hint) return add(pre + "conv_out." + tail, t);
+      return add(cat(pre, "blocks.", n / 2 - 1, ".", tail), t);
+    }
+    if (p.size() >= 4 && p[0] == "zero_convs" && index_of(p[1]) >= 0 && p[2] == "0")
+      return add(cat("controlnet_down_blocks.", p[1], ".", join(p, 3)), t);
+    if (p.size() >= 3 && p[0] == "middle_block_out" && p[1] == "0") return add("controlnet_mid_block." + join(p, 2), t);
+    if (one_of(p[0], {"time_embed", "input_blocks", "middle_block", "label_emb"})) return unet(rest, t);
+    return unknown();
+  };
+}
+
+}  // namespace
+
+WeightStore controlnet_weights(const TensorFile& f) {
+  WeightStore out(f.path, "controlnet");
+  auto take_all = [&](const std::string& prefix) {
+    for (const TensorEntry& e : f.tensors)
+      if (starts_with(e.name, prefix)) out.add(e.name.substr(prefix.size()), e.tensor);
+  };
+  if (f.format == "diffusers") {
+    if (has_prefix(f, "controlnet/")) {
+      take_all("controlnet/");
+    } else {
+      auto it = f.metadata.find("config.json");
+      DF_CHECK(!f.metadata.count("model_index.json") && it != f.metadata.end() &&
+                   it->second.find("\"ControlNetModel\"") != std::string::npos,
+               f.path, ": not a ControlNet folder (expected config.json with _class_name ControlNetModel, or a ",
+               "pipeline folder with a controlnet/ component)");
+      take_all("");
+    }
+    DF_CHECK(out.size() > 0, f.path, ": no ControlNet tensors found");
+    return out;
+  }
+  // Single files: diffusers names as they are.
+  if (has_prefix(f, "controlnet_cond_embedding.")) {
+    take_all("");
+    return out;
+  }
+  std::string prefix;
+  if (has_prefix(f, "control_model.input_hint_block.")) prefix = "control_model.";
+  else if (!has_prefix(f, "input_hint_block.")) {
+    fail(f.path, ": no ControlNet tensors found (expected names starting with control_model.input_hint_block., ",
+         "input_hint_block. or controlnet_cond_embedding.)");
+  }
+  int64_t last_hint = -1;
+  const std::string hint = prefix + "input_hint_block.";
+  for (const TensorEntry& e : f.tensors)
+    if (starts_with(e.name, hint)) last_hint = std::max(last_hint, index_of(split(e.name.substr(hint.size()))[0]));
+  DF_CHECK(last_hint >= 2, f.path, ": ", hint, "* has no conv_out (largest index ", last_hint, ")");
+  Rule rule = controlnet_rule(unet_layout(f, prefix), last_hint);
+  std::vector<std::string> not_understood;
+  for (const TensorEntry& e : f.tensors) {
+    if (!starts_with(e.name, prefix)) continue;
+    Mapped m = rule(e.name.substr(prefix.size()), e.tensor);
+    if (m.kind == Mapped::Unknown) not_understood.push_back(e.name);
+    for (auto& [name, t] : m.out) out.add(name, std::move(t));
+  }
+  if (!not_understood.empty()) {
+    std::string list;
+    for (size_t i = 0; i < not_understood.size() && i < 5; ++i) list += (i ? ", " : "") + not_understood[i];
+    if (not_understood.size() > 5) list += ", ...";
+    fail(f.path, ": ", not_understood.size(), " ControlNet tensor(s) not understood (no diffusers name known for ",
+         "them): ", list);
+  }
+  return out;
+}
+
+std::string ldm_unet_name_to_diffusers(const std::string& ldm_name, int layers_per_block) {
+  if (layers_per_block < 1) return {};
+  Mapped m = unet_rule(UNetLayout{layers_per_block})(ldm_name, Tensor());
+  return m.kind == Mapped::Add && m.out.size() == 1 ? m.out[0].first : std::string();
+}
+
 }  // namespace diffuse

@@ -3,6 +3,7 @@
 // checkpoints are converted here, component by component; nowhere else knows ldm names.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "io/tensor_file.h"
 #include "models/family.h"
@@ -17,5 +18,24 @@ namespace diffuse {
 // Tensors the component does not use (position_ids, logit_scale, EMA copies, ...) are not added.
 // Throws diffuse::Error naming the file if the component is absent.
 WeightStore component_weights(const TensorFile& f, Component c, Family family);
+
+// The diffusers name of one ldm UNet tensor or module name (after "model.diffusion_model.", e.g.
+// "input_blocks.1.1.proj_in.weight" -> "down_blocks.0.attentions.0.proj_in.weight") for a UNet with
+// `layers_per_block` resnets per level; empty if the ldm mapping does not know the name. Module
+// paths work too when given a dummy ".weight" tail. Used to resolve LoRA files written with ldm
+// module names (kohya's SDXL files).
+std::string ldm_unet_name_to_diffusers(const std::string& ldm_name, int layers_per_block);
+
+// The tensors of a ControlNet under diffusers ControlNetModel names, from any of its layouts:
+//  - a diffusers folder: the component folder itself (config.json says ControlNetModel, bare names)
+//    or a pipeline folder's "controlnet/" component;
+//  - a single file with diffusers names (controlnet_cond_embedding.*, controlnet_down_blocks.*);
+//  - a single file in the original (ControlNet / cldm) layout, with the "control_model." prefix
+//    (also when the file bundles a whole SD model) or bare: time_embed, input_blocks and
+//    middle_block as in an ldm UNet, input_hint_block.{0,2,..,2n} (conv_in, blocks.0..n-2, conv_out:
+//    the odd entries are SiLUs), zero_convs.N.0 (controlnet_down_blocks.N), middle_block_out.0
+//    (controlnet_mid_block).
+// Throws diffuse::Error naming the file when it holds no ControlNet or tensors it cannot name.
+WeightStore controlnet_weights(const TensorFile& f);
 
 }  // namespace diffuse

@@ -29,6 +29,11 @@ struct SDModel {
   bool has_te2 = false;
   UNet unet;
   VAE vae;
+  // Components whose prepared weights currently include merged LoRA deltas (models/lora.h), so
+  // that apply_loras() can put them back to the base weights.
+  struct LoraMerged {
+    bool te = false, te2 = false, unet = false;
+  } lora_merged;
 
   // Loads `path` (single file or diffusers folder) for backend `be`. Throws diffuse::Error naming
   // the file when the family cannot be detected or any component fails to bind.

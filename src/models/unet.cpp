@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "models/unet_blocks.h"
 
 namespace diffuse {
 
@@ -300,135 +301,9 @@ UNetConfig UNetConfig::from_diffusers_config(const std::string& text) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Blocks
+// Blocks: src/models/unet_blocks.h (shared with the ControlNet).
 
-namespace {
-
-constexpr float kTransformerNormEps = 1e-6f;  // Transformer2DModel's GroupNorm
-constexpr float kLayerNormEps = 1e-5f;        // BasicTransformerBlock's LayerNorms
-
-// y = a + b in place on a (a must be a fresh activation nobody else reads).
-void add_(Ctx& c, Tensor& a, const Tensor& b) { c.be.binary(Binary::Add, a, b, a); }
-
-// Linear from a [out, in] weight or a [out, in, 1, 1] 1×1 conv weight (same math on NHWC tokens).
-void bind_proj(Backend& be, Linear& lin, const Binder& b, int64_t in, int64_t out, bool conv) {
-  lin.in = in;
-  lin.out = out;
-  Tensor wt = conv ? b.take("weight", {out, in, 1, 1}).reshape({out, in}) : b.take("weight", {out, in});
-  lin.w = be.prepare_linear(wt, b.take("bias", {out}));
-}
-
-// ResnetBlock2D (time_embedding_norm "default", output_scale_factor 1).
-struct Resnet {
-  GroupNorm norm1, norm2;
-  Conv2d conv1, conv2, shortcut;
-  Linear temb;
-  bool has_shortcut = false;
-  int64_t out = 0;
-
-  void bind(Backend& be, const Binder& b, int in_ch, int out_ch, int temb_dim, const UNetConfig& cfg) {
-    out = out_ch;
-    norm1.bind(b.sub("norm1"), in_ch, cfg.norm_groups, cfg.norm_eps);
-    conv1.bind(be, b.sub("conv1"), in_ch, out_ch, 3);
-    temb.bind(be, b.sub("time_emb_proj"), temb_dim, out_ch);
-    norm2.bind(b.sub("norm2"), out_ch, cfg.norm_groups, cfg.norm_eps);
-    conv2.bind(be, b.sub("conv2"), out_ch, out_ch, 3);
-    has_shortcut = in_ch != out_ch;
-    if (has_shortcut) shortcut.bind(be, b.sub("conv_shortcut"), in_ch, out_ch, 1);
-  }
-  // x: [B, H, W, in], semb: [B, temb] (SiLU already applied) -> [B, H, W, out]
-  Tensor operator()(Ctx& c, const Tensor& x, const Tensor& semb) const {
-    Tensor h = conv1(c, norm1(c, x, true));
-    Tensor t = temb(c, semb);
-    add_(c, h, t.reshape({t.dim(0), 1, 1, out}));
-    h = conv2(c, norm2(c, h, true));
-    add_(c, h, has_shortcut ? shortcut(c, x) : x);
-    return h;
-  }
-};
-
-// diffusers Attention (no bias on q/k/v, bias on to_out.0).
-struct Attention {
-  Linear q, k, v, o;
-  int heads = 1;
-  float scale = 1;
-  void bind(Backend& be, const Binder& b, int64_t ch, int64_t ctx_dim, int heads_) {
-    heads = heads_;
-    scale = 1.0f / std::sqrt(float(ch / heads));
-    q.bind(be, b.sub("to_q"), ch, ch, false);
-    k.bind(be, b.sub("to_k"), ctx_dim, ch, false);
-    v.bind(be, b.sub("to_v"), ctx_dim, ch, false);
-    o.bind(be, b.sub("to_out").sub(0), ch, ch);
-  }
-  // x: [B, N, C], ctx: [B, S, Cctx] -> [B, N, C]
-  Tensor operator()(Ctx& c, const Tensor& x, const Tensor& ctx) const {
-    Tensor qq = q(c, x), kk = k(c, ctx), vv = v(c, ctx);
-    Tensor a = c.alloc(qq.shape());
-    c.be.attention(qq, kk, vv, heads, scale, a);
-    return o(c, a);
-  }
-};
-
-// BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward, pre-LayerNorm.
-struct TransformerBlock {
-  LayerNorm norm1, norm2, norm3;
-  Attention attn1, attn2;
-  Linear ff_in, ff_out;
-  void bind(Backend& be, const Binder& b, int64_t ch, int64_t ctx_dim, int heads) {
-    norm1.bind(b.sub("norm1"), ch, kLayerNormEps);
-    attn1.bind(be, b.sub("attn1"), ch, ch, heads);
-    norm2.bind(b.sub("norm2"), ch, kLayerNormEps);
-    attn2.bind(be, b.sub("attn2"), ch, ctx_dim, heads);
-    norm3.bind(b.sub("norm3"), ch, kLayerNormEps);
-    ff_in.bind(be, b.sub("ff").sub("net").sub(0).sub("proj"), ch, 8 * ch);
-    ff_out.bind(be, b.sub("ff").sub("net").sub(2), 4 * ch, ch);
-  }
-  // h: [B, N, C] updated in place; ctx: [B, S, Cctx]
-  void operator()(Ctx& c, Tensor& h, const Tensor& ctx) const {
-    Tensor n = norm1(c, h);
-    add_(c, h, attn1(c, n, n));
-    add_(c, h, attn2(c, norm2(c, h), ctx));
-    Tensor proj = ff_in(c, norm3(c, h));
-    Shape gs = proj.shape();
-    gs[gs.rank() - 1] /= 2;
-    Tensor g = c.alloc(gs);
-    c.be.geglu(proj, g);
-    add_(c, h, ff_out(c, g));
-  }
-};
-
-// Transformer2DModel (continuous input): GroupNorm, proj_in, blocks, proj_out, + input.
-struct Transformer {
-  GroupNorm norm;
-  Linear proj_in, proj_out;
-  std::vector<TransformerBlock> blocks;
-  void bind(Backend& be, const Binder& b, int ch, int depth, int heads, const UNetConfig& cfg) {
-    norm.bind(b.sub("norm"), ch, cfg.norm_groups, kTransformerNormEps);
-    bind_proj(be, proj_in, b.sub("proj_in"), ch, ch, !cfg.linear_proj);
-    blocks.resize(size_t(depth));
-    for (int i = 0; i < depth; ++i)
-      blocks[size_t(i)].bind(be, b.sub("transformer_blocks").sub(i), ch, cfg.context_dim, heads);
-    bind_proj(be, proj_out, b.sub("proj_out"), ch, ch, !cfg.linear_proj);
-  }
-  // x: [B, H, W, C], ctx: [B, S, Cctx] -> [B, H, W, C]
-  Tensor operator()(Ctx& c, const Tensor& x, const Tensor& ctx) const {
-    const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
-    Tensor h = proj_in(c, norm(c, x).reshape({B, H * W, C}));
-    for (const TransformerBlock& blk : blocks) blk(c, h, ctx);
-    Tensor y = proj_out(c, h).reshape({B, H, W, C});
-    add_(c, y, x);
-    return y;
-  }
-};
-
-struct Level {
-  std::vector<Resnet> resnets;
-  std::vector<Transformer> attentions;  // empty, or one per resnet
-  bool resample = false;                // downsampler (down path) / upsampler (up path)
-  Conv2d resampler;
-};
-
-}  // namespace
+using namespace unet_blocks;
 
 // ---------------------------------------------------------------------------------------------
 // UNet

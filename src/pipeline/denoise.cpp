@@ -5,6 +5,7 @@
 #include "pipeline/denoise.h"
 
 #include <cstring>
+#include <memory>
 
 #include "core/error.h"
 
@@ -69,8 +70,15 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
         tids = concat_batch(sc, ti, ti);
       }
       std::vector<float> tv(static_cast<size_t>(2 * B), static_cast<float>(t));
+      ControlResiduals res;
+      if (hooks.control) {
+        const Tensor cx = hooks.model_input ? concat_batch(sc, as_f32(scaled), as_f32(scaled)) : xin;
+        res = hooks.control(sc, ControlInputs{cx, tv, context, pooled.defined() ? &pooled : nullptr,
+                                              tids.defined() ? &tids : nullptr, i, total});
+      }
       Tensor out = as_f32(unet.forward(sc, xin, tv, context, pooled.defined() ? &pooled : nullptr,
-                                       tids.defined() ? &tids : nullptr));
+                                       tids.defined() ? &tids : nullptr, res.empty() ? nullptr : &res.down,
+                                       res.empty() ? nullptr : &res.mid));
       const int64_t half = out.numel() / 2;
       eps = Tensor::empty(x.shape());
       DF_CHECK(eps.numel() == half, "denoise: UNet output ", out.str(), " does not match the latent ", x.str());
@@ -88,8 +96,13 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
         tids = repeat_batch(sc, as_f32(g.time_ids), B);
       }
       std::vector<float> tv(static_cast<size_t>(B), static_cast<float>(t));
+      ControlResiduals res;
+      if (hooks.control)
+        res = hooks.control(sc, ControlInputs{as_f32(scaled), tv, context, pooled.defined() ? &pooled : nullptr,
+                                              tids.defined() ? &tids : nullptr, i, total});
       Tensor out = unet.forward(sc, as_f32(in), tv, context, pooled.defined() ? &pooled : nullptr,
-                                tids.defined() ? &tids : nullptr);
+                                tids.defined() ? &tids : nullptr, res.empty() ? nullptr : &res.down,
+                                res.empty() ? nullptr : &res.mid);
       DF_CHECK(out.numel() == x.numel(), "denoise: UNet output ", out.str(), " does not match the latent ", x.str());
       eps = out.to(DType::F32).reshape(x.shape());  // owned: survives the arena reset inside step()
     }
@@ -98,6 +111,30 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
     if (hooks.progress) hooks.progress(i + 1, total);
   }
   return x;
+}
+
+std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(const ControlNet& net, Tensor hint,
+                                                                         float scale) {
+  DF_CHECK(net.loaded(), "control_hook: ControlNet not loaded");
+  DF_CHECK(hint.rank() == 4, "control_hook: hint ", hint.str(), " should be [N, H, W, C] (NHWC)");
+  auto embedding = std::make_shared<Tensor>();  // owned, computed on the first call
+  Tensor h = hint.to(DType::F32);
+  return [&net, h, scale, embedding](Ctx& c, const ControlInputs& in) {
+    if (!embedding->defined()) *embedding = net.embed_hint(c, h).to(DType::F32);  // an owned copy
+    Tensor e = *embedding;
+    const int64_t rows = in.x.dim(0);
+    if (e.dim(0) != 1 && e.dim(0) != rows) {
+      // One embedding per image: repeat it for each guidance half.
+      DF_CHECK(rows % e.dim(0) == 0, "control_hook: hint has ", e.dim(0), " rows for a batch of ", rows);
+      Shape s = e.shape();
+      s[0] = rows;
+      Tensor r = c.alloc(s);
+      for (int64_t k = 0; k < rows / e.dim(0); ++k)
+        std::memcpy(r.f32() + k * e.numel(), e.f32(), e.bytes());
+      e = r;
+    }
+    return net.forward(c, in.x, in.t, in.context, e, scale, in.text_embeds, in.time_ids);
+  };
 }
 
 }  // namespace diffuse

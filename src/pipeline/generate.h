@@ -22,6 +22,7 @@
 
 #include "backend/backend.h"
 #include "io/image.h"
+#include "models/controlnet.h"
 #include "models/sd_model.h"
 #include "pipeline/rng.h"
 #include "pipeline/scheduler.h"
@@ -44,6 +45,12 @@ struct GenerateParams {
   double strength = 0.75;
   const Image* init = nullptr;  // 8-bit, width × height (converted to RGB)
   const Image* mask = nullptr;  // 8-bit, width × height; white (>= 128 after grey conversion) = repaint
+  // ControlNet: its residuals (× control_strength) are added to the UNet's skip connections and
+  // mid block on both guidance halves. The hint is RGB in [0, 1], resized to the output size
+  // (Lanczos, as diffusers does) when it differs.
+  const ControlNet* control = nullptr;
+  const Image* control_image = nullptr;
+  float control_strength = 1.0f;
 };
 
 struct Result {

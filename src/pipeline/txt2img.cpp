@@ -242,6 +242,11 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
           for (int64_t c = 0; c < C; ++c) d[q * C + c] = k[q * C + c];
     };
   }
+  if (p.control) {
+    DF_CHECK(p.control_image, "ControlNet given without a control image");
+    hooks.control = control_hook(*p.control, prepare_hint(to_rgb(*p.control_image), p.width, p.height),
+                                 p.control_strength);
+  }
   hooks.progress = [&](int done, int total) { report(Stage::Denoise, done, total); };
   NoiseFn draw = [&] { return rng.batch(h, w, C); };
   Tensor lat = run.empty() ? x : denoise(ctx, model.unet, *sched, x, g, draw, hooks, first);

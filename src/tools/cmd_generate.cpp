@@ -4,6 +4,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +19,9 @@
 #include "core/threads.h"
 #include "io/image.h"
 #include "io/tensor_file.h"
+#include "models/canny.h"
+#include "models/controlnet.h"
+#include "models/lora.h"
 #include "pipeline/generate.h"
 #include "tools/commands.h"
 #include "tools/sha256.h"
@@ -43,7 +48,61 @@ struct GenOptions {
   std::string out = "out.png", save_latent;
   bool quiet = false;
   bool width_given = false, height_given = false;
+  std::vector<std::string> loras;  // --lora PATH[:MULT], repeatable
+  std::string lora_dir;            // --lora-model-dir: where <lora:NAME:MULT> prompt tags are looked up
+  std::string control_net, control_image;
+  double control_strength = 1.0;
+  bool canny = false;
+  int canny_low = 100, canny_high = 200;
 };
+
+// "path/to/file.safetensors:0.8" -> (path, 0.8); "file.safetensors" -> (file, 1). Only a suffix
+// that parses as a number is a multiplier, so paths containing ':' still work.
+std::pair<std::string, float> split_lora_flag(const std::string& v) {
+  size_t colon = v.rfind(':');
+  if (colon != std::string::npos && colon + 1 < v.size()) {
+    char* end = nullptr;
+    std::string tail = v.substr(colon + 1);
+    float m = std::strtof(tail.c_str(), &end);
+    if (end && *end == '\0' && std::isfinite(m)) return {v.substr(0, colon), m};
+  }
+  return {v, 1.0f};
+}
+
+struct AppliedLora {
+  std::string name, path, hash;
+  float mult;
+};
+
+// Loads the --lora files and the prompt's <lora:NAME:MULT> tags, merges them into the model, and
+// returns what was applied (for the PNG parameters). `prompt` loses its tags.
+std::vector<AppliedLora> apply_cli_loras(const GenOptions& o, std::string& prompt, SDModel& model, Backend& be) {
+  std::vector<AppliedLora> applied;
+  for (const std::string& v : o.loras) {
+    auto [path, mult] = split_lora_flag(v);
+    std::error_code ec;
+    DF_CHECK(fs::is_regular_file(path, ec), "--lora ", path, ": no such file");
+    applied.push_back({fs::path(path).stem().string(), path, "", mult});
+  }
+  std::vector<std::pair<std::string, float>> tags;
+  prompt = extract_lora_tags(prompt, &tags);
+  for (const auto& [name, mult] : tags) {
+    DF_CHECK(!o.lora_dir.empty(), "prompt tag <lora:", name, ">: give --lora-model-dir DIR to say where LoRA files are");
+    applied.push_back({name, resolve_lora_path(name, o.lora_dir), "", mult});
+  }
+  if (applied.empty()) return applied;
+  std::vector<LoraFile> files;
+  files.reserve(applied.size());
+  std::vector<std::pair<const LoraFile*, float>> set;
+  for (AppliedLora& a : applied) {
+    files.push_back(load_lora(a.path));
+    set.emplace_back(&files.back(), a.mult);
+    a.hash = lora_hash(a.path);
+  }
+  LoraApplyReport rep = apply_loras(model, be, set);
+  if (!o.quiet || !rep.unmatched.empty()) std::fprintf(stderr, "%s\n", rep.summary().c_str());
+  return applied;
+}
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;
@@ -105,9 +164,10 @@ std::string schedule_display(const std::string& s) {
 }
 
 // A1111's `parameters` text.
-std::string infotext(const GenerateParams& p, const Result& r, int pos, const std::string& hash,
-                     const std::string& model_name) {
-  std::string s = p.prompt;
+std::string infotext(const GenerateParams& p, const std::string& prompt_text, const Result& r, int pos,
+                     const std::string& hash, const std::string& model_name, const std::vector<AppliedLora>& loras,
+                     const std::string& control_text) {
+  std::string s = prompt_text;
   if (!p.negative.empty()) s += "\nNegative prompt: " + p.negative;
   s += "\nSteps: " + std::to_string(p.steps) + ", Sampler: " + sampler_display_name(p.sampler);
   std::string st = schedule_display(p.schedule);
@@ -120,6 +180,12 @@ std::string infotext(const GenerateParams& p, const Result& r, int pos, const st
   if (p.clip_skip > 1) s += ", Clip skip: " + std::to_string(p.clip_skip);
   if (p.rng == RngKind::Cpu) s += ", RNG: CPU";
   if (p.batch > 1) s += ", Batch size: " + std::to_string(p.batch) + ", Batch pos: " + std::to_string(pos);
+  if (!loras.empty()) {
+    std::vector<std::pair<std::string, std::string>> nh;
+    for (const AppliedLora& l : loras) nh.emplace_back(l.name, l.hash);
+    s += ", Lora hashes: " + format_lora_hashes(nh);
+  }
+  if (!control_text.empty()) s += ", ControlNet 0: \"" + control_text + "\"";
   s += ", Version: diffuse " DIFFUSE_VERSION;
   return s;
 }
@@ -201,6 +267,13 @@ int run_generate(GenOptions o) {
   if (o.height_given)
     DF_CHECK(o.height > 0 && o.height % 8 == 0, "-H/--height ", o.height, ": must be a positive multiple of 8");
   DF_CHECK(!o.out.empty(), "-o/--output: empty path");
+  DF_CHECK(o.control_net.empty() == o.control_image.empty(),
+           o.control_net.empty() ? "--control-image needs --control-net PATH" : "--control-net needs --control-image IMG");
+  DF_CHECK(!o.canny || !o.control_image.empty(), "--canny needs --control-net and --control-image");
+  DF_CHECK(std::isfinite(o.control_strength) && o.control_strength >= 0 && o.control_strength <= 10,
+           "--control-strength ", o.control_strength, ": must be in [0, 10]");
+  DF_CHECK(o.canny_low >= 0 && o.canny_low <= o.canny_high && o.canny_high <= 1020, "--canny-low ", o.canny_low,
+           " / --canny-high ", o.canny_high, ": need 0 <= low <= high <= 1020");
   // Fail before a long run rather than after it.
   for (auto [flag, path] : {std::pair<const char*, std::string>{"-o/--output", o.out}, {"--save-latent", o.save_latent}}) {
     fs::path dir = fs::path(path).parent_path();
@@ -224,6 +297,9 @@ int run_generate(GenOptions o) {
     DF_CHECK(mask.width == init.width && mask.height == init.height, "--mask ", o.mask, " is ", mask.width, "x",
              mask.height, " but the init image is ", init.width, "x", init.height, ": they must be the same size");
   }
+
+  Image control_image;
+  if (!o.control_image.empty()) control_image = to_rgb(read_image(o.control_image));
 
   set_num_threads(o.threads);
   Precision prec = Precision::F32;
@@ -261,6 +337,9 @@ int run_generate(GenOptions o) {
            " is an inpainting model (9-channel UNet): give -i/--init and --mask");
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
+  std::string prompt = o.prompt;
+  std::vector<AppliedLora> loras = apply_cli_loras(o, prompt, *model, *be);
+
   GenerateParams p;
   p.prediction = decide_prediction(o, model->family, o.quiet);
   if (o.init.empty()) {
@@ -270,7 +349,7 @@ int run_generate(GenOptions o) {
     if (!o.width_given) o.width = native;
     if (!o.height_given) o.height = native;
   }
-  p.prompt = o.prompt;
+  p.prompt = prompt;
   p.negative = o.negative;
   p.width = o.width;
   p.height = o.height;
@@ -285,6 +364,28 @@ int run_generate(GenOptions o) {
   p.strength = o.strength >= 0 ? o.strength : (inpaint9 ? 1.0 : 0.75);
   p.init = o.init.empty() ? nullptr : &init;
   p.mask = o.mask.empty() ? nullptr : &mask;
+
+  ControlNet control;
+  std::string control_text;
+  if (!o.control_net.empty()) {
+    control = ControlNet::load_file(o.control_net, *be);
+    control.check_compatible(model->unet_cfg);
+    if (o.canny) {
+      // As the ControlNet canny annotator: resize to the output size first, then detect edges.
+      CannyOptions co;
+      co.low = float(o.canny_low);
+      co.high = float(o.canny_high);
+      control_image = canny(resize_lanczos(control_image, p.width, p.height), co);
+    }
+    p.control = &control;
+    p.control_image = &control_image;
+    p.control_strength = float(o.control_strength);
+    fs::path cp = fs::path(o.control_net).lexically_normal();
+    if (!cp.has_filename()) cp = cp.parent_path();
+    control_text = "Module: " + std::string(o.canny ? "canny" : "none") + ", Model: " +
+                   (fs::is_directory(o.control_net, ec) ? cp.filename().string() : cp.stem().string()) +
+                   ", Weight: " + num(o.control_strength);
+  }
 
   if (!o.quiet) {
     std::fprintf(stderr, "model %s: %s, UNet %d channels, %s prediction, loaded in %.1f s; %s on %s, %d threads\n",
@@ -305,7 +406,8 @@ int run_generate(GenOptions o) {
   std::string h = hash.valid() ? hash.get() : std::string();
   for (size_t i = 0; i < results.size(); ++i) {
     Image im = results[i].image;
-    im.text.emplace_back("parameters", infotext(p, results[i], int(i) + 1, h, model_name));
+    // Line 1 keeps the prompt as the user wrote it (with any <lora:…> tags), as A1111 does.
+    im.text.emplace_back("parameters", infotext(p, o.prompt, results[i], int(i) + 1, h, model_name, loras, control_text));
     std::string path = batch_path(o.out, int(i));
     write_png(path, im);
     std::printf("wrote %s (seed %llu)\n", path.c_str(), static_cast<unsigned long long>(results[i].seed));
@@ -350,6 +452,15 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--prediction", o->prediction, "eps or v (default: from the model)");
   cmd->add_option("-o,--output", o->out, "output PNG (batches: out.png, out_1.png, ...)");
   cmd->add_option("--save-latent", o->save_latent, "also save the final latents (safetensors, 'latent' [B,4,h,w])");
+  cmd->add_option("--lora", o->loras, "LoRA file[:multiplier], repeatable (kohya/A1111 or diffusers/PEFT)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--lora-model-dir", o->lora_dir, "folder where prompt tags <lora:NAME:MULT> find NAME.safetensors");
+  cmd->add_option("--control-net", o->control_net, "ControlNet: diffusers folder or single .safetensors/.pth file");
+  cmd->add_option("--control-image", o->control_image, "ControlNet hint image (resized to the output size)");
+  cmd->add_option("--control-strength", o->control_strength, "ControlNet conditioning scale (default 1)");
+  cmd->add_flag("--canny", o->canny, "turn the control image into a Canny edge map first");
+  cmd->add_option("--canny-low", o->canny_low, "Canny low threshold (default 100, OpenCV scale)");
+  cmd->add_option("--canny-high", o->canny_high, "Canny high threshold (default 200)");
   cmd->add_flag("-q,--quiet", o->quiet, "no progress output");
   return [o, wopt, hopt] {
     o->width_given = wopt->count() > 0;

@@ -381,3 +381,57 @@ TEST(GenerateErrors, EachNamesTheFlag) {
     expect_flag_error(with(g, {"-i", init, "--mask", tiny}), {"--mask", "1x1", "64x64"});
   }
 }
+
+// ---- LoRA and ControlNet through the CLI ----
+
+TEST(GenerateLora, FlagAndPromptTagReproduceDiffusers) {
+  std::string model = sd1_model(), ref = data("sd1-lora/lora.safetensors"),
+              kohya = first_existing({data("sd1-lora/model/lora-kohya.safetensors"),
+                                      std::string(DIFFUSE_TEST_DATA) + "/sd1-lora/lora-kohya.safetensors"}),
+              peft = first_existing({data("sd1-lora/model/lora-peft.safetensors"),
+                                     std::string(DIFFUSE_TEST_DATA) + "/sd1-lora/lora-peft.safetensors"});
+  if (model.empty() || ref.empty() || kohya.empty() || peft.empty())
+    GTEST_SKIP() << "needs sd1-lora fixtures (tests/data/sd1-lora or ../shared/fixtures/sd1-lora)";
+  // --lora PATH:MULT, both file formats.
+  for (const std::string& file : {kohya, peft}) {
+    std::string out = tmp(file == kohya ? "lora_kohya" : "lora_peft");
+    Result r = run(with(base_args(model, out), {"--sampler", "euler", "--lora", file + ":0.8"}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    expect_matches(out, ref, "lora.mult0.8");
+  }
+  // The prompt tag <lora:NAME:MULT> resolved in --lora-model-dir, removed from the prompt text.
+  std::string dir = kohya.substr(0, kohya.rfind('/'));
+  std::string out = tmp("lora_tag");
+  std::vector<std::string> args = base_args(model, out);
+  for (size_t i = 0; i + 1 < args.size(); ++i)
+    if (args[i] == "-p") args[i + 1] = "a photograph of an astronaut riding a horse <lora:lora-kohya:0.8>";
+  Result r = run(with(args, {"--sampler", "euler", "--lora-model-dir", dir}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  expect_matches(out, ref, "lora.mult0.8");
+  std::string params = parameters_of(out + ".png");
+  EXPECT_NE(params.find("<lora:lora-kohya:0.8>"), std::string::npos) << params;  // line 1 keeps the tag
+  EXPECT_NE(params.find("Lora hashes: \"lora-kohya: "), std::string::npos) << params;
+  // A tag without --lora-model-dir, and a missing file, are errors naming what is wrong.
+  expect_flag_error(args, {"<lora:lora-kohya>", "--lora-model-dir"});
+  expect_flag_error(with(base_args(model, out), {"--lora", tmp("nope.safetensors")}), {"--lora", "nope.safetensors"});
+}
+
+TEST(GenerateControlNet, DiffusersFolderReproducesDiffusers) {
+  std::string model = sd1_model(), ref = data("sd1-controlnet/controlnet.safetensors"),
+              net = data("sd1-controlnet/model/diffusers-controlnet"), hint = data("sd1-controlnet/control.png");
+  if (model.empty() || ref.empty() || net.empty() || hint.empty())
+    GTEST_SKIP() << "needs sd1-controlnet fixtures (tests/data/sd1-controlnet or ../shared/fixtures/sd1-controlnet)";
+  std::string out = tmp("controlnet");
+  Result r = run(with(base_args(model, out),
+                      {"--sampler", "euler", "--control-net", net, "--control-image", hint, "--control-strength", "1"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  expect_matches(out, ref, "controlnet.scale1.0");
+  EXPECT_NE(parameters_of(out + ".png").find("ControlNet 0: \"Module: none, Model: diffusers-controlnet, Weight: 1\""),
+            std::string::npos);
+  // --canny runs the edge detector first: a different hint, a different (but valid) result.
+  Result c = run(with(base_args(model, tmp("controlnet_canny")),
+                      {"--sampler", "euler", "--control-net", net, "--control-image", hint, "--canny"}));
+  EXPECT_EQ(c.exit_code, 0) << c.err;
+  expect_flag_error(with(base_args(model, out), {"--control-net", net}), {"--control-net", "--control-image"});
+  expect_flag_error(with(base_args(model, out), {"--canny"}), {"--canny"});
+}

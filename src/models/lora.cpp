@@ -1,0 +1,567 @@
+#include "models/lora.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <optional>
+#include <tuple>
+#include <unordered_map>
+
+#include "core/error.h"
+#include "core/sha256.h"
+#include "io/tensor_file.h"
+#include "models/name_map.h"
+
+namespace diffuse {
+
+namespace fs = std::filesystem;
+
+const char* lora_target_name(LoraTarget t) {
+  switch (t) {
+    case LoraTarget::UNet: return "unet";
+    case LoraTarget::TextEncoder: return "text_encoder";
+    case LoraTarget::TextEncoder2: return "text_encoder_2";
+  }
+  return "?";
+}
+
+namespace {
+
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+bool ends_with(const std::string& s, const std::string& x) {
+  return s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading: key -> (module stem, role)
+
+enum class Role { Down, Up, Alpha };
+
+struct KeyInfo {
+  std::string stem;  // the module's key in the file, role suffix removed (kept in the file's style)
+  Role role;
+};
+
+// The role of a key and its module stem; false if the key is not a LoRA down/up/alpha tensor.
+bool parse_key(const std::string& key, KeyInfo* out) {
+  static const std::pair<const char*, Role> kSuffixes[] = {
+      {".lora_down.weight", Role::Down},       {".lora_up.weight", Role::Up},           // kohya
+      {".lora_A.weight", Role::Down},          {".lora_B.weight", Role::Up},            // PEFT
+      {".lora_A.default.weight", Role::Down},  {".lora_B.default.weight", Role::Up},    // PEFT, adapter named
+      {".lora_linear_layer.down.weight", Role::Down}, {".lora_linear_layer.up.weight", Role::Up},  // diffusers < 0.21
+      {".lora.down.weight", Role::Down},       {".lora.up.weight", Role::Up},
+      {".alpha", Role::Alpha},
+  };
+  for (const auto& [suf, role] : kSuffixes) {
+    if (ends_with(key, suf) && key.size() > std::strlen(suf)) {
+      *out = {key.substr(0, key.size() - std::strlen(suf)), role};
+      return true;
+    }
+  }
+  // diffusers attention processors: "<attn>.processor.to_q_lora.down.weight" -> "<attn>.to_q".
+  const std::string proc = ".processor.";
+  size_t at = key.rfind(proc);
+  if (at != std::string::npos) {
+    std::string rest = key.substr(at + proc.size());
+    for (const char* proj : {"to_q", "to_k", "to_v", "to_out"}) {
+      for (auto [suf, role] : {std::pair<const char*, Role>{"_lora.down.weight", Role::Down}, {"_lora.up.weight", Role::Up}}) {
+        if (rest == std::string(proj) + suf) {
+          std::string mod = std::string(proj) == "to_out" ? "to_out.0" : proj;
+          *out = {key.substr(0, at) + "." + mod, role};
+          return true;
+        }
+      }
+    }
+  }
+  return false;
+}
+
+// Target component and module path (without the target prefix) of a stem.
+void split_stem(const std::string& stem, LoraEntry* e) {
+  static const std::tuple<const char*, LoraTarget, bool> kPrefixes[] = {
+      {"lora_unet_", LoraTarget::UNet, true},
+      {"lora_te1_", LoraTarget::TextEncoder, true},
+      {"lora_te2_", LoraTarget::TextEncoder2, true},
+      {"lora_te_", LoraTarget::TextEncoder, true},
+      {"unet.", LoraTarget::UNet, false},
+      {"text_encoder_2.", LoraTarget::TextEncoder2, false},
+      {"text_encoder.", LoraTarget::TextEncoder, false},
+  };
+  std::string s = stem;
+  if (starts_with(s, "base_model.model.")) s = s.substr(17);
+  for (const auto& [pre, target, underscored] : kPrefixes) {
+    if (starts_with(s, pre)) {
+      e->target = target;
+      e->module = s.substr(std::strlen(pre));
+      e->underscored = underscored;
+      return;
+    }
+  }
+  // No component prefix (a PEFT state dict of one model): text encoder names start with text_model.
+  e->target = starts_with(s, "text_model.") ? LoraTarget::TextEncoder : LoraTarget::UNet;
+  e->module = s;
+  e->underscored = false;
+}
+
+float scalar_of(const Tensor& t) {
+  Tensor f = t.to(DType::F32);
+  return f.f32()[0];
+}
+
+}  // namespace
+
+LoraFile load_lora(const std::string& path) {
+  TensorFile f = open_model_file(path);
+  DF_CHECK(f.format != "diffusers", path, ": a folder, expected a LoRA file (.safetensors, .pt or .ckpt)");
+  LoraFile out;
+  out.path = path;
+  out.name = fs::path(path).stem().string();
+  out.metadata = f.metadata;
+
+  struct Partial {
+    Tensor down, up;
+    const Tensor* alpha = nullptr;
+    std::string down_key, up_key, alpha_key;
+  };
+  std::map<std::string, Partial> parts;
+  std::vector<std::string> order;
+  for (const TensorEntry& te : f.tensors) {
+    KeyInfo k;
+    if (!parse_key(te.name, &k) || !dtype_is_float(te.tensor.dtype())) {
+      out.unknown.push_back(te.name + " (not a LoRA up/down/alpha tensor)");
+      continue;
+    }
+    auto [it, fresh] = parts.try_emplace(k.stem);
+    if (fresh) order.push_back(k.stem);
+    Partial& p = it->second;
+    bool dup = false;
+    switch (k.role) {
+      case Role::Down: dup = p.down.defined(); p.down = te.tensor; p.down_key = te.name; break;
+      case Role::Up: dup = p.up.defined(); p.up = te.tensor; p.up_key = te.name; break;
+      case Role::Alpha: dup = p.alpha != nullptr; p.alpha = &te.tensor; p.alpha_key = te.name; break;
+    }
+    DF_CHECK(!dup, path, ": module ", k.stem, " has two ", k.role == Role::Down ? "down" : k.role == Role::Up ? "up" : "alpha",
+             " tensors (", te.name, ")");
+  }
+  for (const std::string& stem : order) {
+    Partial& p = parts[stem];
+    if (!p.down.defined() || !p.up.defined()) {
+      // Half a pair (or an alpha alone, e.g. beside LyCORIS weights) cannot be applied.
+      for (const std::string* k : {&p.down_key, &p.up_key, &p.alpha_key})
+        if (!k->empty())
+          out.unknown.push_back(*k + (p.down.defined() || p.up.defined() ? " (no matching up/down tensor)"
+                                                                          : " (an alpha without up/down tensors)"));
+      continue;
+    }
+    const Tensor &d = p.down, &u = p.up;
+    const bool d_ok = (d.rank() == 2 || d.rank() == 4) && d.dim(0) > 0;
+    const bool u_ok = (u.rank() == 2 || (u.rank() == 4 && u.dim(2) == 1 && u.dim(3) == 1)) && d_ok && u.dim(1) == d.dim(0);
+    DF_CHECK(d_ok && u_ok, path, ": ", stem, ": down ", d.shape().str(), " and up ", u.shape().str(),
+             " do not form a LoRA pair (expected down [r, in] or [r, in, kh, kw] and up [out, r] or [out, r, 1, 1])");
+    LoraEntry e;
+    e.key = stem;
+    split_stem(stem, &e);
+    e.down = d;
+    e.up = u;
+    if (p.alpha) {
+      DF_CHECK(p.alpha->numel() == 1, path, ": ", p.alpha_key, " has shape ", p.alpha->shape().str(), ", expected one value");
+      e.has_alpha = true;
+      e.alpha = scalar_of(*p.alpha);
+      DF_CHECK(std::isfinite(e.alpha), path, ": ", p.alpha_key, " is not finite");
+    }
+    out.entries.push_back(std::move(e));
+  }
+  if (out.entries.empty()) {
+    std::string first = out.unknown.empty() ? std::string("none") : out.unknown.front();
+    fail(path, ": no LoRA tensors (", f.tensors.size(), " tensors, none named <module>.lora_down/lora_up.weight or ",
+         "<module>.lora_A/lora_B.weight; first: ", first, ")");
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolving module names against a loaded model
+
+namespace {
+
+std::string underscored(const std::string& dotted) {
+  std::string s = dotted;
+  std::replace(s.begin(), s.end(), '.', '_');
+  return s;
+}
+
+// The modules of one component that a LoRA can target: "<m>.weight" of rank 2 or 4.
+struct ModuleIndex {
+  std::map<std::string, const Tensor*> weight;            // dotted module -> base weight
+  std::unordered_map<std::string, std::string> by_under;  // underscored -> dotted ("" if ambiguous)
+
+  explicit ModuleIndex(const WeightStore& w) {
+    for (const std::string& n : w.names()) {
+      if (!ends_with(n, ".weight")) continue;
+      const Tensor* t = w.find(n);
+      if (t->rank() != 2 && t->rank() != 4) continue;
+      std::string m = n.substr(0, n.size() - 7);
+      weight[m] = t;
+      auto [it, fresh] = by_under.try_emplace(underscored(m), m);
+      if (!fresh) it->second.clear();
+    }
+  }
+  bool has(const std::string& m) const { return weight.count(m) != 0; }
+  std::string from_under(const std::string& u) const {
+    auto it = by_under.find(u);
+    return it == by_under.end() ? std::string() : it->second;
+  }
+};
+
+std::vector<std::string> split_on(const std::string& s, char c) {
+  std::vector<std::string> out;
+  size_t b = 0;
+  for (;;) {
+    size_t e = s.find(c, b);
+    out.push_back(s.substr(b, e == std::string::npos ? std::string::npos : e - b));
+    if (e == std::string::npos) return out;
+    b = e + 1;
+  }
+}
+
+// kohya ldm-style UNet module ("input_blocks_4_1_transformer_blocks_0_attn1_to_q") -> diffusers
+// module, through name_map's ldm rules: the block head is fixed by the ldm structure, the '_' of
+// the tail are tried as '_' or '.' until a name maps to a module the model has. "" if none does.
+std::string resolve_ldm_unet(const std::string& u, int lpb, const ModuleIndex& idx) {
+  std::vector<std::string> tok = split_on(u, '_');
+  std::string head;
+  size_t used = 0;
+  auto tok_is = [&](size_t i, const char* s) { return i < tok.size() && tok[i] == s; };
+  if ((tok_is(0, "input") || tok_is(0, "output")) && tok_is(1, "blocks") && tok.size() >= 4) {
+    head = tok[0] + "_blocks." + tok[2] + "." + tok[3];
+    used = 4;
+  } else if (tok_is(0, "middle") && tok_is(1, "block") && tok.size() >= 3) {
+    head = "middle_block." + tok[2];
+    used = 3;
+  } else if (tok_is(0, "time") && tok_is(1, "embed") && tok.size() == 3) {
+    head = "time_embed." + tok[2];
+    used = 3;
+  } else if (tok_is(0, "label") && tok_is(1, "emb") && tok.size() == 4) {
+    head = "label_emb." + tok[2] + "." + tok[3];
+    used = 4;
+  } else if (tok_is(0, "out") && tok.size() == 2) {
+    head = "out." + tok[1];
+    used = 2;
+  } else {
+    return {};
+  }
+  const size_t m = tok.size() - used;
+  if (m > 16) return {};
+  const uint32_t combos = m == 0 ? 1u : 1u << (m - 1);
+  for (uint32_t mask = 0; mask < combos; ++mask) {
+    std::string name = head;
+    for (size_t i = 0; i < m; ++i) {
+      name += (i == 0 || (mask >> (i - 1) & 1u)) ? "." : "_";
+      name += tok[used + i];
+    }
+    std::string d = ldm_unet_name_to_diffusers(name + ".weight", lpb);
+    if (d.empty() || !ends_with(d, ".weight")) continue;
+    d.resize(d.size() - 7);
+    if (idx.has(d)) return d;
+  }
+  return {};
+}
+
+// What one (component, module) gets: the accumulated f32 delta [out, in·kh·kw].
+struct Delta {
+  const Tensor* base = nullptr;
+  Tensor sum;
+};
+
+// delta += s · up·down, rows in parallel (each row by one thread, same order every run).
+void add_product(Tensor& delta, const Tensor& up, const Tensor& down, float s) {
+  const int64_t O = delta.dim(0), K = delta.dim(1), r = down.dim(0);
+  const Tensor u = up.to(DType::F32), d = down.to(DType::F32);
+  const float* U = u.f32();
+  const float* D = d.f32();
+  float* Y = delta.f32();
+#pragma omp parallel
+  {
+    std::vector<float> acc(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < O; ++o) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < r; ++j) {
+        const float a = U[o * r + j];
+        const float* drow = D + j * K;
+        for (int64_t k = 0; k < K; ++k) acc[size_t(k)] += a * drow[k];
+      }
+      float* y = Y + o * K;
+      for (int64_t k = 0; k < K; ++k) y[k] += s * acc[size_t(k)];
+    }
+  }
+}
+
+// Whether a LoRA pair fits a base weight: base [O, I] or [O, I, kh, kw]; down [r, I] or
+// [r, I, kh, kw] (2-D only for kh = kw = 1); up [O, r] or [O, r, 1, 1].
+bool fits(const Tensor& base, const LoraEntry& e) {
+  const Shape& b = base.shape();
+  const Shape& d = e.down.shape();
+  if (e.up.dim(0) != b[0] || d[1] != b[1]) return false;
+  const int64_t kh = b.rank() == 4 ? b[2] : 1, kw = b.rank() == 4 ? b[3] : 1;
+  if (d.rank() == 2) return kh == 1 && kw == 1;
+  return d[2] == kh && d[3] == kw;
+}
+
+struct ComponentSlot {
+  LoraTarget target;
+  Component comp;
+  bool present;
+};
+
+// Opens the model file if needed and computes the merge; `f` receives the opened file.
+LoraMerge merge_with(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras,
+                     std::optional<TensorFile>& f) {
+  LoraMerge out;
+  if (loras.empty()) return out;
+  if (!f) f.emplace(open_model_file(model.path));
+  const ComponentSlot slots[] = {
+      {LoraTarget::UNet, Component::UNet, model.unet.loaded()},
+      {LoraTarget::TextEncoder, Component::TextEncoder, model.te.loaded()},
+      {LoraTarget::TextEncoder2, Component::TextEncoder2, model.has_te2 && model.te2.loaded()},
+  };
+  std::map<LoraTarget, WeightStore> stores;
+  std::map<LoraTarget, ModuleIndex> index;
+  std::map<LoraTarget, std::map<std::string, Delta>> deltas;
+  auto slot_of = [&](LoraTarget t) -> const ComponentSlot& {
+    return slots[t == LoraTarget::UNet ? 0 : t == LoraTarget::TextEncoder ? 1 : 2];
+  };
+  const int lpb = model.unet.loaded() ? model.unet.config().layers_per_block : 0;
+
+  for (const auto& [file, mult] : loras) {
+    DF_ASSERT(file != nullptr);
+    int matched = 0;
+    std::vector<std::string> missed = file->unknown;
+    for (const LoraEntry& e : file->entries) {
+      const ComponentSlot& slot = slot_of(e.target);
+      if (!slot.present) {
+        missed.push_back(e.key + " (" + lora_target_name(e.target) + " not loaded)");
+        continue;
+      }
+      auto st = stores.find(e.target);
+      if (st == stores.end()) {
+        st = stores.emplace(e.target, component_weights(*f, slot.comp, model.family)).first;
+        index.emplace(e.target, ModuleIndex(st->second));
+      }
+      const ModuleIndex& idx = index.at(e.target);
+      std::string mod;
+      if (!e.underscored) {
+        if (idx.has(e.module)) mod = e.module;
+      } else {
+        mod = idx.from_under(e.module);
+        if (mod.empty() && e.target == LoraTarget::UNet) mod = resolve_ldm_unet(e.module, lpb, idx);
+      }
+      if (mod.empty()) {
+        missed.push_back(e.key + " (no such module in " + lora_target_name(e.target) + ")");
+        continue;
+      }
+      const Tensor& base = *idx.weight.at(mod);
+      DF_CHECK(fits(base, e), file->path, ": ", e.key, ": down ", e.down.shape().str(), " and up ", e.up.shape().str(),
+               " do not fit ", lora_target_name(e.target), " weight ", mod, " ", base.shape().str(),
+               " (a LoRA for another model architecture?)");
+      Delta& dl = deltas[e.target][mod];
+      if (!dl.sum.defined()) {
+        dl.base = &base;
+        dl.sum = Tensor::zeros({base.dim(0), base.numel() / base.dim(0)});
+      }
+      add_product(dl.sum, e.up, e.down, mult * e.scale());
+      ++matched;
+    }
+    if (matched == 0) {
+      std::string list;
+      for (size_t i = 0; i < missed.size() && i < 3; ++i) list += (i ? "; " : "") + missed[i];
+      fail(file->path, ": none of its ", file->entries.size() + file->unknown.size(),
+           " LoRA modules/keys apply to ", model.path, " (", family_name(model.family), "): ", list,
+           missed.size() > 3 ? "; ..." : "");
+    }
+    out.report.matched += matched;
+    for (std::string& m : missed) out.report.unmatched.push_back(file->name + ": " + m);
+  }
+
+  for (auto& [target, mods] : deltas) {
+    std::map<std::string, Tensor>& dst = target == LoraTarget::UNet ? out.unet
+                                         : target == LoraTarget::TextEncoder ? out.te : out.te2;
+    for (auto& [mod, dl] : mods) {
+      Tensor w = dl.base->to(DType::F32);
+      float* W = w.f32();
+      const float* S = dl.sum.f32();
+      for (int64_t i = 0; i < w.numel(); ++i) W[i] += S[i];
+      dst.emplace(mod + ".weight", w);
+    }
+  }
+  return out;
+}
+
+// Re-binds one component from the file's base weights with `merged` substituted.
+void rebind(SDModel& m, Backend& be, const TensorFile& f, LoraTarget t, const std::map<std::string, Tensor>& merged) {
+  const Component c = t == LoraTarget::UNet ? Component::UNet
+                      : t == LoraTarget::TextEncoder ? Component::TextEncoder : Component::TextEncoder2;
+  WeightStore base = component_weights(f, c, m.family);
+  WeightStore w(base.origin(), base.component());
+  for (const std::string& n : base.names()) {
+    auto it = merged.find(n);
+    w.add(n, it != merged.end() ? it->second : *base.find(n));
+  }
+  // The old weights go first, so memory never holds two copies of a component.
+  switch (t) {
+    case LoraTarget::UNet: m.unet = UNet(); m.unet.load(be, w, m.unet_cfg); m.lora_merged.unet = !merged.empty(); break;
+    case LoraTarget::TextEncoder: m.te = ClipTextModel(); m.te.load(be, w, m.te_cfg); m.lora_merged.te = !merged.empty(); break;
+    case LoraTarget::TextEncoder2: m.te2 = ClipTextModel(); m.te2.load(be, w, m.te2_cfg); m.lora_merged.te2 = !merged.empty(); break;
+  }
+}
+
+}  // namespace
+
+std::string LoraApplyReport::summary() const {
+  std::string s = cat("lora: ", matched, " module", matched == 1 ? "" : "s", " merged");
+  if (!unmatched.empty()) {
+    s += cat("; ", unmatched.size(), " key", unmatched.size() == 1 ? "" : "s", " not applied (");
+    for (size_t i = 0; i < unmatched.size() && i < 3; ++i) s += (i ? ", " : "") + unmatched[i];
+    s += unmatched.size() > 3 ? ", ...)" : ")";
+  }
+  return s;
+}
+
+LoraMerge merge_loras(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras) {
+  std::optional<TensorFile> f;
+  return merge_with(model, loras, f);
+}
+
+LoraApplyReport apply_loras(SDModel& model, Backend& be, const std::vector<std::pair<const LoraFile*, float>>& loras) {
+  std::optional<TensorFile> f;
+  LoraMerge mg = merge_with(model, loras, f);  // throws before the model is touched
+  const std::pair<LoraTarget, bool> need[] = {
+      {LoraTarget::TextEncoder, !mg.te.empty() || model.lora_merged.te},
+      {LoraTarget::TextEncoder2, !mg.te2.empty() || model.lora_merged.te2},
+      {LoraTarget::UNet, !mg.unet.empty() || model.lora_merged.unet},
+  };
+  for (const auto& [t, needed] : need) {
+    if (!needed) continue;
+    if (!f) f.emplace(open_model_file(model.path));
+    rebind(model, be, *f, t,
+           t == LoraTarget::UNet ? mg.unet : t == LoraTarget::TextEncoder ? mg.te : mg.te2);
+  }
+  return mg.report;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prompt tags, paths, hashes
+
+std::string extract_lora_tags(const std::string& prompt, std::vector<std::pair<std::string, float>>* tags) {
+  // A1111's extra-network syntax: <(\w+):([^>]+)>, parameters separated by ':'.
+  std::string out;
+  size_t i = 0;
+  while (i < prompt.size()) {
+    size_t lt = prompt.find('<', i);
+    if (lt == std::string::npos) break;
+    size_t j = lt + 1;
+    while (j < prompt.size() && (std::isalnum(static_cast<unsigned char>(prompt[j])) || prompt[j] == '_')) ++j;
+    size_t gt = j < prompt.size() && prompt[j] == ':' ? prompt.find('>', j + 1) : std::string::npos;
+    if (j == lt + 1 || gt == std::string::npos || gt == j + 1) {
+      out.append(prompt, i, lt + 1 - i);
+      i = lt + 1;
+      continue;
+    }
+    const std::string type = prompt.substr(lt + 1, j - lt - 1);
+    if (type != "lora") {  // another extra network: left in the text
+      out.append(prompt, i, gt + 1 - i);
+      i = gt + 1;
+      continue;
+    }
+    const std::string tag = prompt.substr(lt, gt + 1 - lt);
+    std::vector<std::string> items = split_on(prompt.substr(j + 1, gt - j - 1), ':');
+    DF_CHECK(!items[0].empty(), "prompt tag ", tag, ": empty LoRA name (expected <lora:NAME> or <lora:NAME:MULTIPLIER>)");
+    DF_CHECK(items.size() <= 2, "prompt tag ", tag, ": separate text-encoder and UNet multipliers are not supported ",
+             "(expected <lora:NAME> or <lora:NAME:MULTIPLIER>)");
+    float mult = 1.0f;
+    if (items.size() == 2) {
+      const std::string& v = items[1];
+      const char* b = v.c_str();
+      char* e = nullptr;
+      errno = 0;
+      double x = std::strtod(b, &e);
+      while (e && *e && std::isspace(static_cast<unsigned char>(*e))) ++e;
+      DF_CHECK(e != b && e && *e == 0 && errno == 0 && std::isfinite(x) && v.find('=') == std::string::npos,
+               "prompt tag ", tag, ": multiplier '", v, "' is not a number (expected <lora:NAME:MULTIPLIER>, e.g. <lora:",
+               items[0], ":0.8>)");
+      mult = float(x);
+    }
+    if (tags) tags->emplace_back(items[0], mult);
+    out.append(prompt, i, lt - i);
+    i = gt + 1;
+  }
+  if (i < prompt.size()) out.append(prompt, i, std::string::npos);
+  return out;
+}
+
+std::string resolve_lora_path(const std::string& name, const std::string& dir) {
+  DF_CHECK(!name.empty(), "LoRA name is empty");
+  DF_CHECK(!dir.empty(), "LoRA '", name, "': no LoRA directory given");
+  const fs::path d(dir);
+  for (const char* ext : {".safetensors", ".pt", ".ckpt"}) {
+    if (ends_with(name, ext)) {
+      fs::path p = d / name;
+      std::error_code ec;
+      if (fs::is_regular_file(p, ec)) return p.string();
+    }
+  }
+  for (const char* ext : {".safetensors", ".pt", ".ckpt"}) {
+    fs::path p = d / (name + ext);
+    std::error_code ec;
+    if (fs::is_regular_file(p, ec)) return p.string();
+  }
+  fail("LoRA '", name, "': no ", name, ".safetensors, ", name, ".pt or ", name, ".ckpt in ", dir);
+}
+
+std::string lora_hash(const std::string& path) {
+  std::FILE* fp = std::fopen(path.c_str(), "rb");
+  DF_CHECK(fp != nullptr, path, ": cannot open: ", std::strerror(errno));
+  unsigned char head[9] = {};
+  size_t got = std::fread(head, 1, sizeof head, fp);
+  uint64_t start = 0;
+  if (got == sizeof head && head[8] == '{') {  // safetensors: skip the 8-byte length and the header
+    uint64_t n = 0;
+    for (int k = 7; k >= 0; --k) n = n << 8 | head[k];
+    start = 8 + n;
+  }
+  Sha256 s;
+  bool ok = std::fseek(fp, long(start), SEEK_SET) == 0;
+  std::vector<uint8_t> buf(size_t(4) << 20);
+  size_t n;
+  while (ok && (n = std::fread(buf.data(), 1, buf.size(), fp)) > 0) s.update(buf.data(), n);
+  ok = ok && !std::ferror(fp);
+  std::fclose(fp);
+  DF_CHECK(ok, path, ": read error while hashing");
+  return s.hex();
+}
+
+std::string format_lora_hashes(const std::vector<std::pair<std::string, std::string>>& name_hash) {
+  if (name_hash.empty()) return {};
+  std::string v;
+  for (const auto& [name, hash] : name_hash) {
+    std::string n;
+    for (char c : name)
+      if (c != ':' && c != ',') n += c;
+    if (!v.empty()) v += ", ";
+    v += n + ": " + hash.substr(0, 12);
+  }
+  // A1111 quotes the value with json.dumps.
+  std::string q = "\"";
+  for (char c : v) {
+    if (c == '"' || c == '\\') q += '\\';
+    q += c;
+  }
+  return q + "\"";
+}
+
+}  // namespace diffuse
