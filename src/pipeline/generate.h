@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/layout.h"
 #include "io/image.h"
 #include "models/controlnet.h"
 #include "models/sd_model.h"
@@ -67,8 +68,5 @@ using ProgressFn = std::function<void(Stage, int, int)>;
 // mask without init, sampler).
 std::vector<Result> generate(const SDModel& model, Backend& be, const GenerateParams& p, const ProgressFn& progress = {});
 
-// Layout helpers at the boundary with torch (f32 only).
-Tensor nchw_to_nhwc(const Tensor& x);
-Tensor nhwc_to_nchw(const Tensor& x);
 
 }  // namespace diffuse

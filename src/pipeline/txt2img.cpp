@@ -10,30 +10,6 @@
 
 namespace diffuse {
 
-Tensor nchw_to_nhwc(const Tensor& x) {
-  DF_CHECK(x.rank() == 4 && x.dtype() == DType::F32, "nchw_to_nhwc: ", x.str());
-  const int64_t N = x.dim(0), C = x.dim(1), H = x.dim(2), W = x.dim(3);
-  Tensor y = Tensor::empty({N, H, W, C});
-  const float* s = x.f32();
-  float* d = y.f32();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) d[(n * H * W + i) * C + c] = s[(n * C + c) * H * W + i];
-  return y;
-}
-
-Tensor nhwc_to_nchw(const Tensor& x) {
-  DF_CHECK(x.rank() == 4 && x.dtype() == DType::F32, "nhwc_to_nchw: ", x.str());
-  const int64_t N = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
-  Tensor y = Tensor::empty({N, C, H, W});
-  const float* s = x.f32();
-  float* d = y.f32();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) d[(n * C + c) * H * W + i] = s[(n * H * W + i) * C + c];
-  return y;
-}
-
 namespace {
 
 // The generators of a batch: one shared (Cpu) or one per image (Cuda, seeds seed + i).

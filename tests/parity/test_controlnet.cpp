@@ -15,6 +15,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "core/layout.h"
 #include "backend/backend.h"
 #include "core/arena.h"
 #include "core/error.h"
@@ -42,22 +43,6 @@ std::string data_path(const std::string& rel) {
   return {};
 }
 
-Tensor nchw_to_nhwc(const Tensor& t) {
-  const int64_t N = t.dim(0), C = t.dim(1), H = t.dim(2), W = t.dim(3);
-  Tensor s = t.to(DType::F32), y = Tensor::empty({N, H, W, C});
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) y.f32()[(n * H * W + i) * C + c] = s.f32()[(n * C + c) * H * W + i];
-  return y;
-}
-Tensor nhwc_to_nchw(const Tensor& t) {
-  const int64_t N = t.dim(0), H = t.dim(1), W = t.dim(2), C = t.dim(3);
-  Tensor s = t.to(DType::F32), y = Tensor::empty({N, C, H, W});
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) y.f32()[(n * C + c) * H * W + i] = s.f32()[(n * H * W + i) * C + c];
-  return y;
-}
 
 double max_abs(const Tensor& t) {
   Tensor f = t.to(DType::F32);

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "core/layout.h"
 #include "backend/backend.h"
 #include "core/arena.h"
 #include "core/error.h"
@@ -66,22 +67,6 @@ std::unique_ptr<SDModel> load_model(Backend& be) {
   return SDModel::load(model_path(), be, lo);
 }
 
-Tensor nchw_to_nhwc(const Tensor& t) {
-  const int64_t N = t.dim(0), C = t.dim(1), H = t.dim(2), W = t.dim(3);
-  Tensor s = t.to(DType::F32), y = Tensor::empty({N, H, W, C});
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) y.f32()[(n * H * W + i) * C + c] = s.f32()[(n * C + c) * H * W + i];
-  return y;
-}
-Tensor nhwc_to_nchw(const Tensor& t) {
-  const int64_t N = t.dim(0), H = t.dim(1), W = t.dim(2), C = t.dim(3);
-  Tensor s = t.to(DType::F32), y = Tensor::empty({N, C, H, W});
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) y.f32()[(n * C + c) * H * W + i] = s.f32()[(n * H * W + i) * C + c];
-  return y;
-}
 
 // The fixtures' txt2img: prompt / negative, 64×64, Euler, 5 steps, guidance 7.5, torch CPU seed 42.
 // Returns the final latent NCHW [1, 4, 8, 8].

@@ -10,6 +10,7 @@
 #include <random>
 #include <string>
 
+#include "core/layout.h"
 #include "backend/backend.h"
 #include "core/error.h"
 #include "io/tensor_file.h"
@@ -24,33 +25,6 @@ namespace {
 
 const std::string kShared = std::string(DIFFUSE_SHARED_DIR) + "/fixtures/";
 const std::string kBundled = std::string(DIFFUSE_TEST_DATA) + "/";
-
-// [N, C, H, W] -> [N, H, W, C] (f32, owned)
-Tensor to_nhwc(const Tensor& t) {
-  Tensor s = t.to(DType::F32);
-  const int64_t N = t.dim(0), C = t.dim(1), H = t.dim(2), W = t.dim(3);
-  Tensor y = Tensor::empty({N, H, W, C});
-  const float* a = s.f32();
-  float* b = y.f32();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w) b[((n * H + h) * W + w) * C + c] = a[((n * C + c) * H + h) * W + w];
-  return y;
-}
-
-// [N, H, W, C] -> [N, C, H, W] (f32, owned)
-Tensor to_nchw(const Tensor& t) {
-  const int64_t N = t.dim(0), H = t.dim(1), W = t.dim(2), C = t.dim(3);
-  Tensor y = Tensor::empty({N, C, H, W});
-  const float* a = t.f32();
-  float* b = y.f32();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w)
-        for (int64_t c = 0; c < C; ++c) b[((n * C + c) * H + h) * W + w] = a[((n * H + h) * W + w) * C + c];
-  return y;
-}
 
 struct Diff {
   double max_abs = 0, max_ref = 0, cosine = 0;
@@ -119,10 +93,10 @@ Outputs run_vae(Backend& be, WeightStore& w, const VAEConfig& cfg, const TensorF
   Arena arena;
   Ctx c{be, arena};
   Outputs o;
-  o.decoded = to_nchw(vae.decode(c, to_nhwc(*ref.find("vae.z"))));
-  VAE::Posterior p = vae.encode(c, to_nhwc(*ref.find("vae.image")));
-  o.mean = to_nchw(p.mean);
-  o.std = to_nchw(p.std);
+  o.decoded = nhwc_to_nchw(vae.decode(c, nchw_to_nhwc(*ref.find("vae.z"))));
+  VAE::Posterior p = vae.encode(c, nchw_to_nhwc(*ref.find("vae.image")));
+  o.mean = nhwc_to_nchw(p.mean);
+  o.std = nhwc_to_nchw(p.std);
   return o;
 }
 

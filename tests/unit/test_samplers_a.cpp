@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "core/layout.h"
 #include "backend/backend.h"
 #include "core/arena.h"
 #include "core/error.h"
@@ -427,22 +428,6 @@ TEST(SamplersA, BeginIndexAndAddNoise) {
 
 // ---- End to end: txt2img with the tiny sd1 model ------------------------------------------------
 
-Tensor nchw_to_nhwc(const Tensor& t) {
-  const int64_t N = t.dim(0), C = t.dim(1), H = t.dim(2), W = t.dim(3);
-  Tensor s = t.to(DType::F32), y = Tensor::empty({N, H, W, C});
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) y.f32()[(n * H * W + i) * C + c] = s.f32()[(n * C + c) * H * W + i];
-  return y;
-}
-Tensor nhwc_to_nchw(const Tensor& t) {
-  const int64_t N = t.dim(0), H = t.dim(1), W = t.dim(2), C = t.dim(3);
-  Tensor s = t.to(DType::F32), y = Tensor::empty({N, C, H, W});
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) y.f32()[(n * C + c) * H * W + i] = s.f32()[(n * H * W + i) * C + c];
-  return y;
-}
 
 class Txt2Img : public ::testing::Test {
  protected:

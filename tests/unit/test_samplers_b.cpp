@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "core/layout.h"
 #include "backend/backend.h"
 #include "core/arena.h"
 #include "core/error.h"
@@ -428,16 +429,6 @@ TEST(SamplersB, BadConfigsThrow) {
 }
 
 // ---- (2) end-to-end txt2img against diffusers ----------------------------------------------
-
-// [N, C, H, W] <-> [N, H, W, C]
-Tensor nchw_to_nhwc(const Tensor& t) {
-  const int64_t N = t.dim(0), C = t.dim(1), H = t.dim(2), W = t.dim(3);
-  Tensor s = t.to(DType::F32), y = Tensor::empty({N, H, W, C});
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < H * W; ++i) y.f32()[(n * H * W + i) * C + c] = s.f32()[(n * C + c) * H * W + i];
-  return y;
-}
 
 struct Pipeline {
   std::unique_ptr<Backend> be;
