@@ -127,7 +127,7 @@ ControlNetConfig ControlNetConfig::from_diffusers_config(const std::string& text
 
 struct ControlNet::Impl {
   ControlNetConfig cfg;
-  Linear time1, time2, add1, add2;
+  TimeEmbedding temb;
   Conv2d conv_in;
   Conv2d emb_in, emb_out;
   std::vector<Conv2d> emb_blocks;
@@ -165,12 +165,7 @@ void ControlNet::load(Backend& be, WeightStore& w, const ControlNetConfig& cfg) 
   const UNetConfig& u = cfg.unet;
   const Binder root(w);
   const int L = u.levels(), C0 = u.block_out_channels[0], T = u.time_embed_dim();
-  m->time1.bind(be, root.sub("time_embedding").sub("linear_1"), C0, T);
-  m->time2.bind(be, root.sub("time_embedding").sub("linear_2"), T, T);
-  if (u.text_time) {
-    m->add1.bind(be, root.sub("add_embedding").sub("linear_1"), u.projection_class_embeddings_input_dim, T);
-    m->add2.bind(be, root.sub("add_embedding").sub("linear_2"), T, T);
-  }
+  m->temb.bind(be, root, u);
   m->conv_in.bind(be, root.sub("conv_in"), u.in_channels, C0, 3);
 
   // Conditioning embedding: conv_in, then per level step a 3×3 conv and a stride-2 3×3 conv.
@@ -291,27 +286,7 @@ ControlResiduals ControlNet::forward(Ctx& c, const Tensor& x_in, const std::vect
 
   // Time embedding (and SDXL's added embedding), as in the UNet.
   const int C0 = cfg.block_out_channels[0];
-  Tensor ts = c.alloc({B});
-  for (int64_t i = 0; i < B; ++i) ts.f32()[i] = t[size_t(i)];
-  Tensor tproj = c.alloc({B, C0});
-  c.be.timestep_embedding(ts, C0, true, 0.0f, 10000.0f, tproj);
-  auto mlp = [&](const Linear& l1, const Linear& l2, const Tensor& in) { return l2(c, silu(c, l1(c, in))); };
-  Tensor emb = mlp(m.time1, m.time2, tproj);
-  if (cfg.text_time) {
-    DF_CHECK(text_embeds && time_ids, "ControlNet: this SDXL-style ControlNet needs text_embeds and time_ids");
-    const int64_t n = cfg.num_time_ids, d = cfg.addition_time_embed_dim;
-    const int64_t pooled = cfg.projection_class_embeddings_input_dim - n * d;
-    DF_CHECK(text_embeds->rank() == 2 && text_embeds->dim(0) == B && text_embeds->dim(1) == pooled,
-             "ControlNet: text_embeds ", text_embeds->str(), " should be [", B, ", ", pooled, "]");
-    DF_CHECK(time_ids->rank() == 2 && time_ids->dim(0) == B && time_ids->dim(1) == n, "ControlNet: time_ids ",
-             time_ids->str(), " should be [", B, ", ", n, "]");
-    Tensor ids = as_f32(*time_ids).reshape({B * n});
-    Tensor tid = c.alloc({B * n, d});
-    c.be.timestep_embedding(ids, int(d), true, 0.0f, 10000.0f, tid);
-    Tensor cat_in = c.alloc({B, pooled + n * d});
-    c.be.concat_last(as_f32(*text_embeds), tid.reshape({B, n * d}), cat_in);
-    add_(c, emb, mlp(m.add1, m.add2, cat_in));
-  }
+  Tensor emb = m.temb(c, "ControlNet", C0, t, text_embeds, time_ids);
   Tensor semb = silu(c, emb);
 
   // conv_in + hint embedding, then the UNet's down path collecting every skip.

@@ -310,7 +310,7 @@ using namespace unet_blocks;
 
 struct UNet::Impl {
   UNetConfig cfg;
-  Linear time1, time2, add1, add2;
+  TimeEmbedding temb;
   Conv2d conv_in, conv_out;
   GroupNorm norm_out;
   std::vector<Level> down;  // by level
@@ -340,12 +340,7 @@ void UNet::load(Backend& be, WeightStore& w, const UNetConfig& cfg) {
   m->cfg = cfg;
   const Binder root(w);
   const int L = cfg.levels(), C0 = cfg.block_out_channels[0], T = cfg.time_embed_dim();
-  m->time1.bind(be, root.sub("time_embedding").sub("linear_1"), C0, T);
-  m->time2.bind(be, root.sub("time_embedding").sub("linear_2"), T, T);
-  if (cfg.text_time) {
-    m->add1.bind(be, root.sub("add_embedding").sub("linear_1"), cfg.projection_class_embeddings_input_dim, T);
-    m->add2.bind(be, root.sub("add_embedding").sub("linear_2"), T, T);
-  }
+  m->temb.bind(be, root, cfg);
   m->conv_in.bind(be, root.sub("conv_in"), cfg.in_channels, C0, 3);
 
   // Down path; skip_ch tracks the channels of every skip connection the up path will consume.
@@ -428,32 +423,7 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
 
   // Time embedding: sinusoidal (flip_sin_to_cos, shift 0) -> linear, SiLU, linear.
   const int C0 = cfg.block_out_channels[0];
-  Tensor ts = c.alloc({B});
-  for (int64_t i = 0; i < B; ++i) ts.f32()[i] = t[size_t(i)];
-  Tensor tproj = c.alloc({B, C0});
-  c.be.timestep_embedding(ts, C0, true, 0.0f, 10000.0f, tproj);
-  auto mlp = [&](const Linear& l1, const Linear& l2, const Tensor& in) {
-    Tensor h = l1(c, in);
-    Tensor a = c.alloc(h.shape());
-    c.be.unary(Unary::SiLU, h, a);
-    return l2(c, a);
-  };
-  Tensor emb = mlp(m.time1, m.time2, tproj);
-  if (cfg.text_time) {
-    DF_CHECK(text_embeds && time_ids, "UNet: this SDXL-style model needs text_embeds and time_ids");
-    const int64_t n = cfg.num_time_ids, d = cfg.addition_time_embed_dim;
-    const int64_t pooled = cfg.projection_class_embeddings_input_dim - n * d;
-    DF_CHECK(text_embeds->rank() == 2 && text_embeds->dim(0) == B && text_embeds->dim(1) == pooled,
-             "UNet: text_embeds ", text_embeds->str(), " should be [", B, ", ", pooled, "]");
-    DF_CHECK(time_ids->rank() == 2 && time_ids->dim(0) == B && time_ids->dim(1) == n, "UNet: time_ids ",
-             time_ids->str(), " should be [", B, ", ", n, "]");
-    Tensor ids = as_f32(*time_ids).reshape({B * n});
-    Tensor tid = c.alloc({B * n, d});
-    c.be.timestep_embedding(ids, int(d), true, 0.0f, 10000.0f, tid);
-    Tensor cat_in = c.alloc({B, pooled + n * d});
-    c.be.concat_last(as_f32(*text_embeds), tid.reshape({B, n * d}), cat_in);
-    add_(c, emb, mlp(m.add1, m.add2, cat_in));
-  }
+  Tensor emb = m.temb(c, "UNet", C0, t, text_embeds, time_ids);
   Tensor semb = c.alloc(emb.shape());  // every resnet's time_emb_proj reads SiLU(emb)
   c.be.unary(Unary::SiLU, emb, semb);
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/error.h"
 #include "models/unet.h"
 #include "nn/layers.h"
 
@@ -132,6 +133,64 @@ struct Level {
   std::vector<Transformer> attentions;  // empty, or one per resnet
   bool resample = false;                // downsampler (down path) / upsampler (up path)
   Conv2d resampler;
+};
+
+// The time embedding shared by the UNet and ControlNet: sinusoidal projection of t (flip_sin_to_cos,
+// shift 0, width C0) -> linear_1, SiLU, linear_2; with SDXL's text_time conditioning, plus
+// add_embedding(concat(text_embeds, sinusoidal(time_ids))). `who` names the model in errors.
+// Returns emb [B, 4·C0] (before the SiLU the resnets apply).
+struct TimeEmbedding {
+  Linear time1, time2;
+  Linear add1, add2;  // SDXL only
+  bool text_time = false;
+  int64_t num_time_ids = 0, add_dim = 0, add_in = 0;
+
+  // Binds time_embedding.linear_{1,2} (and add_embedding.linear_{1,2} for text_time models).
+  void bind(Backend& be, const Binder& root, const UNetConfig& u) {
+    const int64_t C0 = u.block_out_channels[0], T = u.time_embed_dim();
+    time1.bind(be, root.sub("time_embedding").sub("linear_1"), C0, T);
+    time2.bind(be, root.sub("time_embedding").sub("linear_2"), T, T);
+    text_time = u.text_time;
+    if (text_time) {
+      num_time_ids = u.num_time_ids;
+      add_dim = u.addition_time_embed_dim;
+      add_in = u.projection_class_embeddings_input_dim;
+      add1.bind(be, root.sub("add_embedding").sub("linear_1"), add_in, T);
+      add2.bind(be, root.sub("add_embedding").sub("linear_2"), T, T);
+    }
+  }
+
+  Tensor operator()(Ctx& c, const char* who, int64_t C0, const std::vector<float>& t, const Tensor* text_embeds,
+                    const Tensor* time_ids) const {
+    const int64_t B = int64_t(t.size());
+    auto f32 = [](const Tensor& x) { return x.dtype() == DType::F32 ? x : x.to(DType::F32); };
+    auto mlp = [&](const Linear& l1, const Linear& l2, const Tensor& in) {
+      Tensor h = l1(c, in);
+      Tensor a = c.alloc(h.shape());
+      c.be.unary(Unary::SiLU, h, a);
+      return l2(c, a);
+    };
+    Tensor ts = c.alloc({B});
+    for (int64_t i = 0; i < B; ++i) ts.f32()[i] = t[size_t(i)];
+    Tensor tproj = c.alloc({B, C0});
+    c.be.timestep_embedding(ts, int(C0), true, 0.0f, 10000.0f, tproj);
+    Tensor emb = mlp(time1, time2, tproj);
+    if (text_time) {
+      DF_CHECK(text_embeds && time_ids, who, ": this SDXL-style model needs text_embeds and time_ids");
+      const int64_t n = num_time_ids, d = add_dim, pooled = add_in - n * d;
+      DF_CHECK(text_embeds->rank() == 2 && text_embeds->dim(0) == B && text_embeds->dim(1) == pooled, who,
+               ": text_embeds ", text_embeds->str(), " should be [", B, ", ", pooled, "]");
+      DF_CHECK(time_ids->rank() == 2 && time_ids->dim(0) == B && time_ids->dim(1) == n, who, ": time_ids ",
+               time_ids->str(), " should be [", B, ", ", n, "]");
+      Tensor ids = f32(*time_ids).reshape({B * n});
+      Tensor tid = c.alloc({B * n, d});
+      c.be.timestep_embedding(ids, int(d), true, 0.0f, 10000.0f, tid);
+      Tensor cat_in = c.alloc({B, pooled + n * d});
+      c.be.concat_last(f32(*text_embeds), tid.reshape({B, n * d}), cat_in);
+      add_(c, emb, mlp(add1, add2, cat_in));
+    }
+    return emb;
+  }
 };
 
 }  // namespace diffuse::unet_blocks
