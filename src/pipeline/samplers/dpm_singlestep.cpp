@@ -127,15 +127,7 @@ class DpmSinglestep final : public SchedulerBase {
   }
 
   Tensor first_order(const Tensor& m, const Tensor& x, const Tensor& noise, int si) const {
-    const VP t = vp_of(sigmas_[size_t(si + 1)]), s = vp_of(sigmas_[size_t(si)]);
-    const float h = t.lambda - s.lambda;
-    if (!sde_) {
-      const float cx = t.sigma / s.sigma, cm = -(t.alpha * (std::exp(-h) - 1.0f));
-      return lincomb({{cx, x}, {cm, m}});
-    }
-    const float cx = t.sigma / s.sigma * std::exp(-h), cm = t.alpha * (1.0f - std::exp(-2.0f * h));
-    const float cn = t.sigma * std::sqrt(1.0f - std::exp(-2.0f * h));
-    return lincomb({{cx, x}, {cm, m}, {cn, noise}});
+    return solver::dpmpp_first_order(sigmas_[size_t(si + 1)], sigmas_[size_t(si)], sde_, m, x, noise);
   }
 
   // From the sample at sigmas[si - 1] to sigmas[si + 1] with the outputs at si - 1 and si.

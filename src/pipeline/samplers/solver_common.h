@@ -146,4 +146,19 @@ inline Tensor vp_add_noise(const Tensor& x0, const Tensor& noise, double sigma_k
   return lincomb({{v.alpha, x0}, {v.sigma, noise}});
 }
 
+// First-order DPM-Solver++ step (data prediction m) from k-sigma sigma_s to sigma_t; with `sde`,
+// the sde-dpmsolver++ form that adds `noise`. Shared by the multistep and singlestep solvers.
+inline Tensor dpmpp_first_order(double sigma_t, double sigma_s, bool sde, const Tensor& m, const Tensor& x,
+                                const Tensor& noise) {
+  const VP t = vp_of(sigma_t), s = vp_of(sigma_s);
+  const float h = t.lambda - s.lambda;
+  if (!sde) {
+    const float cx = t.sigma / s.sigma, cm = -(t.alpha * (std::exp(-h) - 1.0f));
+    return lincomb({{cx, x}, {cm, m}});
+  }
+  const float cx = t.sigma / s.sigma * std::exp(-h), cm = t.alpha * (1.0f - std::exp(-2.0f * h));
+  const float cn = t.sigma * std::sqrt(1.0f - std::exp(-2.0f * h));
+  return lincomb({{cx, x}, {cm, m}, {cn, noise}});
+}
+
 }  // namespace diffuse::solver
