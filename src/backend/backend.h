@@ -6,8 +6,14 @@
 //    [N, H*W, C] token view is a free reshape.
 //  - Outputs are preallocated by the caller (from an Arena) with the right shape; ops check shapes
 //    and dtypes and throw diffuse::Error naming the op and the shapes on a mismatch.
-//  - Activations are f32 or bf16. conv2d/linear/matmul/attention read either and write the
-//    dtype of their output. Every other op currently needs f32 and computes in f32.
+//  - Activations are f32 or bf16: every activation input and output of every op (except
+//    timestep_embedding, f32 only) may be either, independently (binary(a bf16, b f32) -> y
+//    bf16 is fine); an op reads its inputs' dtypes and writes its output's. conv2d/linear/
+//    matmul/attention compute as Precision says; the other ops compute in f32 (statistics in
+//    double) and round a bf16 output once, to nearest even. Norm gamma/beta and group-norm
+//    statistics are f32. An op that may run in place (elementwise ops, group_norm_apply, binary
+//    with y == a) does so only when input and output have the same dtype; an output overlapping
+//    an input of another dtype is an error.
 //  - Precision::BF16 makes conv2d, linear, matmul and attention compute with bf16 inputs and
 //    f32 accumulation (AMX or AVX512-BF16); without hardware support the backend says so and
 //    falls back to F32 (see effective_precision()).
@@ -21,6 +27,14 @@ namespace diffuse {
 
 enum class Precision { F32, BF16 };
 const char* precision_name(Precision p);  // "fp32", "bf16"
+
+// How conv2d/linear weights are stored after prepare_*. Native: in the compute type (bf16 or
+// f32). Int8: symmetric int8 with one f32 scale per output channel (scale = max|w_o| / 127,
+// q = round(w / scale); an all-zero channel gets scale 1) plus the f32 bias, about half the
+// memory of bf16; at run time each layer's q is converted to the compute type (exactly) and
+// its output scaled per channel (weight-only: activations keep the compute type).
+enum class WeightFormat { Native, Int8 };
+const char* weight_format_name(WeightFormat f);  // "native", "int8"
 
 struct Conv2dParams {
   int stride = 1;
@@ -47,6 +61,7 @@ class Backend {
   virtual std::string name() const = 0;             // "cpu"
   virtual Precision precision() const = 0;          // requested
   virtual Precision effective_precision() const = 0;  // what runs (after any fallback)
+  virtual WeightFormat weight_format() const { return WeightFormat::Native; }
   // The implementation last chosen for an op kind ("conv2d_3x3", "attention", "matmul", ...),
   // e.g. oneDNN's "brg:avx512_core_amx_bf16"; empty if unknown. For benchmarks and logs.
   virtual std::string describe(const std::string& op) const { return {}; }
@@ -73,6 +88,16 @@ class Backend {
   // x: [N, S..., C] (NHWC or tokens), normalised over (S, C/groups) per group; gamma, beta: [C].
   virtual void group_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, int groups,
                           float eps, bool fuse_silu, Tensor& y) = 0;
+  // The statistics group_norm normalises with, for normalising several parts of one tensor alike
+  // (tiled VAE): x: [N, S..., C] -> mean, var: [N, groups] f32, the per-(sample, group) mean and
+  // biased variance over (S, C/groups). (The variance rather than rstd: statistics of parts
+  // combine exactly, and eps stays with the layer.)
+  virtual void group_norm_stats(const Tensor& x, int groups, Tensor& mean, Tensor& var) = 0;
+  // group_norm with given statistics: y = (x - mean)·gamma/sqrt(var + eps) + beta per (sample,
+  // group), optionally SiLU. mean, var: [N, groups] f32 (e.g. from group_norm_stats).
+  virtual void group_norm_apply(const Tensor& x, const Tensor& mean, const Tensor& var,
+                                const Tensor& gamma, const Tensor& beta, int groups, float eps,
+                                bool fuse_silu, Tensor& y) = 0;
   // x: [..., C] normalised over C; gamma, beta: [C].
   virtual void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
                           Tensor& y) = 0;
@@ -95,6 +120,6 @@ class Backend {
 };
 
 // The CPU backend (oneDNN + own kernels). Threads follow set_num_threads().
-std::unique_ptr<Backend> make_cpu_backend(Precision p);
+std::unique_ptr<Backend> make_cpu_backend(Precision p, WeightFormat wf = WeightFormat::Native);
 
 }  // namespace diffuse

@@ -1,5 +1,10 @@
 #include "core/tensor.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -59,6 +64,7 @@ class BorrowedStorage : public Storage {
     data_ = static_cast<uint8_t*>(data);
     bytes_ = bytes;
   }
+  void mark_file_mapping() { file_mapping_ = true; }
  private:
   std::shared_ptr<const void> owner_;
 };
@@ -68,6 +74,23 @@ std::shared_ptr<Storage> Storage::allocate(size_t bytes) { return std::make_shar
 
 std::shared_ptr<Storage> Storage::borrow(void* data, size_t bytes, std::shared_ptr<const void> owner) {
   return std::make_shared<BorrowedStorage>(data, bytes, std::move(owner));
+}
+
+std::shared_ptr<Storage> Storage::borrow_file_mapping(const void* data, size_t bytes, std::shared_ptr<const void> owner) {
+  auto s = std::make_shared<BorrowedStorage>(const_cast<void*>(data), bytes, std::move(owner));
+  s->mark_file_mapping();
+  return s;
+}
+
+void Storage::drop_pages(size_t offset, size_t bytes) const {
+  if (!file_mapping_ || bytes == 0 || offset >= bytes_) return;
+  bytes = std::min(bytes, bytes_ - offset);
+  // Whole pages covering the range: neighbours sharing an edge page lose it too, which only means
+  // re-reading it from the file (the mapping is read-only and private, never written).
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  uintptr_t begin = uintptr_t(data_ + offset) & ~(page - 1);
+  uintptr_t end = uintptr_t(data_ + offset + bytes);
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 Tensor::Tensor(std::shared_ptr<Storage> storage, size_t offset_bytes, Shape shape, DType dtype)

@@ -46,9 +46,16 @@ class Storage {
   static std::shared_ptr<Storage> allocate(size_t bytes);
   // Non-owning view of memory kept alive by `owner` (may be null for memory the caller manages).
   static std::shared_ptr<Storage> borrow(void* data, size_t bytes, std::shared_ptr<const void> owner);
+  // Like borrow(), for a read-only file mapping (MAP_PRIVATE, PROT_READ): its pages may be dropped
+  // from the process (drop_pages) and are read back from the file on the next access.
+  static std::shared_ptr<Storage> borrow_file_mapping(const void* data, size_t bytes, std::shared_ptr<const void> owner);
+  // For file-mapped storage: hands the pages of [offset, offset + bytes) back to the kernel (they
+  // stop counting as this process's memory; reading them again re-reads the file). No-op otherwise.
+  void drop_pages(size_t offset, size_t bytes) const;
  protected:
   uint8_t* data_ = nullptr;
   size_t bytes_ = 0;
+  bool file_mapping_ = false;
 };
 
 class Tensor {
@@ -81,6 +88,10 @@ class Tensor {
   // A new tensor of dtype `t` (a copy, even when t == dtype()).
   Tensor to(DType t) const;
   Tensor clone() const { return to(dtype_); }
+  // Drops this tensor's pages from memory if it borrows a read-only file mapping (Storage::drop_pages).
+  void drop_pages() const {
+    if (storage_) storage_->drop_pages(offset_, bytes());
+  }
   void copy_from(const Tensor& src);  // same numel; converts dtype
   const std::shared_ptr<Storage>& storage() const { return storage_; }
 

@@ -43,9 +43,9 @@ struct StorageBlock {
 class CkptBuilder {
  public:
   CkptBuilder(const ZipReader& zip, std::string prefix, const std::string& path, std::shared_ptr<const void> keepalive,
-              uint64_t archive_bytes)
+              uint64_t archive_bytes, bool file_mapped)
       : zip_(zip), prefix_(std::move(prefix)), path_(path), keepalive_(std::move(keepalive)),
-        copy_budget_(archive_bytes + kCopySlack) {}
+        copy_budget_(archive_bytes + kCopySlack), file_mapped_(file_mapped) {}
 
   // The same pickled tensor under several names is built once and shared.
   Tensor build(const std::string& name, const Object* t) {
@@ -151,8 +151,9 @@ class CkptBuilder {
       StorageBlock b;
       b.entry = e;
       if (e->method == 0) {
-        b.storage = Storage::borrow(const_cast<uint8_t*>(zip_.stored_data(*e)), size_t(e->uncompressed_size),
-                                    keepalive_);
+        const uint8_t* p = zip_.stored_data(*e);
+        b.storage = file_mapped_ ? Storage::borrow_file_mapping(p, size_t(e->uncompressed_size), keepalive_)
+                                 : Storage::borrow(const_cast<uint8_t*>(p), size_t(e->uncompressed_size), keepalive_);
       } else {
         zip_.check_declared_size(*e, kMaxDeflatedStorageBytes - inflated_);
         inflated_ += e->uncompressed_size;
@@ -177,11 +178,13 @@ class CkptBuilder {
   std::unordered_map<const Object*, Tensor> built_;
   uint64_t copy_budget_;
   uint64_t inflated_ = 0;
+  bool file_mapped_ = false;
 };
 
 }  // namespace
 
-TensorFile parse_ckpt(const uint8_t* data, size_t size, const std::string& path, std::shared_ptr<const void> keepalive) {
+TensorFile parse_ckpt(const uint8_t* data, size_t size, const std::string& path, std::shared_ptr<const void> keepalive,
+                      bool file_mapped) {
   bool legacy_pickle = size >= 2 && data[0] == 0x80 && data[1] >= 2 && data[1] <= 5;
   bool tar = size >= 262 && std::memcmp(data + 257, "ustar", 5) == 0;
   DF_CHECK(!legacy_pickle && !tar, path,
@@ -222,7 +225,7 @@ TensorFile parse_ckpt(const uint8_t* data, size_t size, const std::string& path,
   TensorFile tf;
   tf.path = path;
   tf.format = "ckpt";
-  CkptBuilder builder(zip, prefix, path, std::move(keepalive), size);
+  CkptBuilder builder(zip, prefix, path, std::move(keepalive), size, file_mapped);
   size_t skipped = 0;
   for (size_t i = 0; i + 1 < dict->items.size(); i += 2) {
     const Object* k = dict->items[i];
@@ -242,7 +245,7 @@ TensorFile parse_ckpt(const uint8_t* data, size_t size, const std::string& path,
 
 TensorFile load_ckpt(const std::string& path) {
   std::shared_ptr<MappedFile> f = MappedFile::open(path);
-  return parse_ckpt(f->data(), f->size(), path, f);
+  return parse_ckpt(f->data(), f->size(), path, f, /*file_mapped=*/true);
 }
 
 }  // namespace diffuse

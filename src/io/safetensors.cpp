@@ -170,7 +170,7 @@ Entry parse_entry(const std::string& path, const std::string& name, const json& 
 }  // namespace
 
 TensorFile parse_safetensors(const uint8_t* data, size_t size, const std::string& path,
-                             std::shared_ptr<const void> keepalive) {
+                             std::shared_ptr<const void> keepalive, bool file_mapped) {
   DF_CHECK(size >= 8, path, ": not a safetensors file: ", size,
            " bytes is shorter than the 8-byte header length (truncated?)");
   uint64_t n = 0;
@@ -248,7 +248,8 @@ TensorFile parse_safetensors(const uint8_t* data, size_t size, const std::string
     tf.warnings.push_back(cat(path, ": ", unused, " bytes of the data area are not used by any tensor"));
 
   // All checks passed: create the tensors.
-  auto storage = Storage::borrow(const_cast<uint8_t*>(base), size_t(data_size), std::move(keepalive));
+  auto storage = file_mapped ? Storage::borrow_file_mapping(base, size_t(data_size), std::move(keepalive))
+                             : Storage::borrow(const_cast<uint8_t*>(base), size_t(data_size), std::move(keepalive));
   size_t copied = 0;
   tf.tensors.reserve(entries.size());
   for (Entry& e : entries) {
@@ -276,7 +277,7 @@ TensorFile load_safetensors(const std::string& path) {
   std::shared_ptr<MappedFile> file = MappedFile::open(path);
   const uint8_t* data = file->data();
   size_t size = file->size();
-  return parse_safetensors(data, size, path, std::move(file));
+  return parse_safetensors(data, size, path, std::move(file), /*file_mapped=*/true);
 }
 
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,

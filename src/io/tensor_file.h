@@ -38,8 +38,9 @@ struct TensorFile {
 TensorFile load_safetensors(const std::string& path);
 // Validates a safetensors buffer (header + offsets) without a file; used by load_safetensors and
 // the fuzzer. `keepalive` owns `data` (may be null if the caller outlives the result).
+// file_mapped: `data` is a read-only file mapping, so tensors may drop their pages (Tensor::drop_pages).
 TensorFile parse_safetensors(const uint8_t* data, size_t size, const std::string& path,
-                             std::shared_ptr<const void> keepalive);
+                             std::shared_ptr<const void> keepalive, bool file_mapped = false);
 // Writes atomically (path + ".tmp", then rename), streaming tensor data. Tensors are stored in the
 // given order, stably regrouped by element size (8-byte types first) so every tensor is aligned;
 // read back, file order is that data order.
@@ -52,7 +53,7 @@ TensorFile load_ckpt(const std::string& path);
 // and keep `keepalive` alive (may be null if the caller outlives the result). Used by
 // load_ckpt and the fuzzer.
 TensorFile parse_ckpt(const uint8_t* data, size_t size, const std::string& path,
-                      std::shared_ptr<const void> keepalive);
+                      std::shared_ptr<const void> keepalive, bool file_mapped = false);
 
 // diffusers folders (src/io/diffusers.cpp): model_index.json + per-component folders with
 // *.safetensors (or sharded *.safetensors.index.json); configs land in metadata as

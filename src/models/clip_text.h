@@ -50,6 +50,8 @@ class ClipTextModel {
   void load(Backend& be, WeightStore& w, const ClipTextConfig& cfg);
   bool loaded() const { return !layers_.empty(); }
   const ClipTextConfig& config() const { return cfg_; }
+  // Frees the weights (prepared copies and embeddings); loaded() is false afterwards.
+  void unload() { *this = ClipTextModel(); }
 
   // All owned f32 tensors (not arena memory): valid for as long as the caller keeps them.
   struct Output {

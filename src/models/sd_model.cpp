@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/memory_stats.h"
 #include "models/name_map.h"
 
 namespace diffuse {
@@ -21,6 +22,12 @@ float vae_scaling(const TensorFile& f, Family family) {
 }
 
 }  // namespace
+
+void SDModel::release_text_encoders() {
+  te.unload();
+  te2.unload();
+  return_free_memory();
+}
 
 std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, const SDLoadOptions& opts) {
   auto m = std::make_unique<SDModel>();

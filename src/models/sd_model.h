@@ -35,6 +35,10 @@ struct SDModel {
     bool te = false, te2 = false, unet = false;
   } lora_merged;
 
+  // Frees the text encoders' weights once the prompts are encoded (a one-shot run; a server keeps
+  // them). Generating again needs a new load (or apply_loras, which rebuilds them).
+  void release_text_encoders();
+
   // Loads `path` (single file or diffusers folder) for backend `be`. Throws diffuse::Error naming
   // the file when the family cannot be detected or any component fails to bind.
   static std::unique_ptr<SDModel> load(const std::string& path, Backend& be, const SDLoadOptions& opts = {});

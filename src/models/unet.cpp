@@ -1,6 +1,8 @@
 #include "models/unet.h"
 
 #include <cmath>
+#include <cstring>
+#include <mutex>
 #include <optional>
 
 #include <nlohmann/json.hpp>
@@ -317,6 +319,10 @@ struct UNet::Impl {
   Resnet mid_res0, mid_res1;
   Transformer mid_attn;
   std::vector<Level> up;    // by up block (level L-1-i)
+  // Scratch for one forward pass (see forward()): block temporaries, the transformer blocks'
+  // temporaries, and two ping-pong arenas for the running activation. Guarded by `mu`.
+  mutable Arena temp, inner, ping[2];
+  mutable std::mutex mu;
 };
 
 UNet::UNet() = default;
@@ -327,6 +333,20 @@ UNet& UNet::operator=(UNet&&) noexcept = default;
 const UNetConfig& UNet::config() const {
   DF_CHECK(impl_ != nullptr, "UNet: not loaded");
   return impl_->cfg;
+}
+
+void UNet::release_scratch() const {
+  if (!impl_) return;
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->temp = Arena();
+  impl_->inner = Arena();
+  for (Arena& a : impl_->ping) a = Arena();
+}
+
+size_t UNet::scratch_capacity() const {
+  if (!impl_) return 0;
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->temp.capacity() + impl_->inner.capacity() + impl_->ping[0].capacity() + impl_->ping[1].capacity();
 }
 
 int UNet::num_skips() const {
@@ -420,6 +440,30 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
   DF_CHECK(context_in.rank() == 3 && context_in.dim(0) == B && context_in.dim(2) == cfg.context_dim,
            "UNet: context ", context_in.str(), " should be [", B, ", S, ", cfg.context_dim, "]");
   const Tensor x = as_f32(x_in), context = as_f32(context_in);
+  std::lock_guard<std::mutex> lock(m.mu);
+
+  // Memory: each block (resnet, transformer, resampler) runs with its temporaries in `temp`, reset
+  // after the block; its output is copied either into the caller's arena (skip connections, read
+  // again by the up path) or into the ping-pong arena not holding the block's input. A pass so
+  // holds the skips, one running activation and one block's temporaries, not every intermediate.
+  int cur = -1;  // ping arena holding h; -1: h lives in the caller's arena
+  auto block = [&](bool keep, const auto& fn) {
+    Ctx tc{c.be, m.temp, c.act};
+    Tensor out = fn(tc);
+    Tensor dst;
+    if (keep) {
+      dst = c.alloc(out.shape(), out.dtype());
+      cur = -1;
+    } else {
+      const int next = cur == 0 ? 1 : 0;
+      m.ping[next].reset();
+      dst = m.ping[next].alloc(out.shape(), out.dtype());
+      cur = next;
+    }
+    std::memcpy(dst.data(), out.data(), out.bytes());
+    m.temp.reset();
+    return dst;
+  };
 
   // Time embedding: sinusoidal (flip_sin_to_cos, shift 0) -> linear, SiLU, linear.
   const int C0 = cfg.block_out_channels[0];
@@ -433,12 +477,13 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
   skips.push_back(h);
   for (const Level& lv : m.down) {
     for (size_t j = 0; j < lv.resnets.size(); ++j) {
-      h = lv.resnets[j](c, h, semb);
-      if (!lv.attentions.empty()) h = lv.attentions[j](c, h, context);
+      const bool attn = !lv.attentions.empty();
+      h = block(!attn, [&](Ctx& tc) { return lv.resnets[j](tc, h, semb); });
+      if (attn) h = block(true, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, &m.inner); });
       skips.push_back(h);
     }
     if (lv.resample) {
-      h = lv.resampler(c, h);
+      h = block(true, [&](Ctx& tc) { return lv.resampler(tc, h); });
       skips.push_back(h);
     }
   }
@@ -457,9 +502,9 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
   }
 
   // Mid block.
-  h = m.mid_res0(c, h, semb);
-  h = m.mid_attn(c, h, context);
-  h = m.mid_res1(c, h, semb);
+  h = block(false, [&](Ctx& tc) { return m.mid_res0(tc, h, semb); });
+  h = block(false, [&](Ctx& tc) { return m.mid_attn(tc, h, context, &m.inner); });
+  h = block(false, [&](Ctx& tc) { return m.mid_res1(tc, h, semb); });
   if (mid_residual) {
     DF_CHECK(mid_residual->shape() == h.shape(), "UNet: mid residual ", mid_residual->str(), ", expected ",
              h.shape().str());
@@ -471,20 +516,25 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
     for (size_t j = 0; j < lv.resnets.size(); ++j) {
       const Tensor skip = skips.back();
       skips.pop_back();
-      Tensor hc = c.alloc({B, h.dim(1), h.dim(2), h.dim(3) + skip.dim(3)});
-      c.be.concat_last(h, skip, hc);
-      h = lv.resnets[j](c, hc, semb);
-      if (!lv.attentions.empty()) h = lv.attentions[j](c, h, context);
+      h = block(false, [&](Ctx& tc) {
+        Tensor hc = tc.alloc({B, h.dim(1), h.dim(2), h.dim(3) + skip.dim(3)});
+        tc.be.concat_last(h, skip, hc);
+        return lv.resnets[j](tc, hc, semb);
+      });
+      if (!lv.attentions.empty()) h = block(false, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, &m.inner); });
     }
     if (lv.resample) {
       DF_ASSERT(!skips.empty());
-      Tensor u = c.alloc({B, skips.back().dim(1), skips.back().dim(2), h.dim(3)});
-      c.be.upsample_nearest(h, u);
-      h = lv.resampler(c, u);
+      const Tensor& next = skips.back();
+      h = block(false, [&](Ctx& tc) {
+        Tensor u = tc.alloc({B, next.dim(1), next.dim(2), h.dim(3)});
+        tc.be.upsample_nearest(h, u);
+        return lv.resampler(tc, u);
+      });
     }
   }
   DF_ASSERT(skips.empty());
-  return m.conv_out(c, m.norm_out(c, h, true));
+  return block(true, [&](Ctx& tc) { return m.conv_out(tc, m.norm_out(tc, h, true)); });
 }
 
 }  // namespace diffuse

@@ -85,6 +85,12 @@ class UNet {
   // Number of skip connections (= ControlNet down residuals): 1 + levels·layers + levels - 1.
   int num_skips() const;
 
+  // forward() keeps block temporaries in scratch arenas owned by the UNet (sized by the largest
+  // block after the first pass; one pass at a time, concurrent callers wait). Their bytes, and a
+  // way to free them (e.g. before the VAE decode); the next forward allocates them again.
+  size_t scratch_capacity() const;
+  void release_scratch() const;
+
   struct Impl;
 
  private:

@@ -117,11 +117,20 @@ struct Transformer {
       blocks[size_t(i)].bind(be, b.sub("transformer_blocks").sub(i), ch, cfg.context_dim, heads);
     bind_proj(be, proj_out, b.sub("proj_out"), ch, ch, !cfg.linear_proj);
   }
-  // x: [B, H, W, C], ctx: [B, S, Cctx] -> [B, H, W, C]
-  Tensor operator()(Ctx& c, const Tensor& x, const Tensor& ctx) const {
+  // x: [B, H, W, C], ctx: [B, S, Cctx] -> [B, H, W, C]. With `scratch`, each transformer block's
+  // temporaries live there and are released after the block.
+  Tensor operator()(Ctx& c, const Tensor& x, const Tensor& ctx, Arena* scratch = nullptr) const {
     const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
     Tensor h = proj_in(c, norm(c, x).reshape({B, H * W, C}));
-    for (const TransformerBlock& blk : blocks) blk(c, h, ctx);
+    for (const TransformerBlock& blk : blocks) {
+      if (!scratch) {
+        blk(c, h, ctx);
+        continue;
+      }
+      Ctx bc{c.be, *scratch, c.act};
+      blk(bc, h, ctx);
+      scratch->reset();
+    }
     Tensor y = proj_out(c, h).reshape({B, H, W, C});
     add_(c, y, x);
     return y;
@@ -170,9 +179,9 @@ struct TimeEmbedding {
       c.be.unary(Unary::SiLU, h, a);
       return l2(c, a);
     };
-    Tensor ts = c.alloc({B});
+    Tensor ts = c.alloc({B}, DType::F32);
     for (int64_t i = 0; i < B; ++i) ts.f32()[i] = t[size_t(i)];
-    Tensor tproj = c.alloc({B, C0});
+    Tensor tproj = c.alloc({B, C0}, DType::F32);
     c.be.timestep_embedding(ts, int(C0), true, 0.0f, 10000.0f, tproj);
     Tensor emb = mlp(time1, time2, tproj);
     if (text_time) {
@@ -183,9 +192,9 @@ struct TimeEmbedding {
       DF_CHECK(time_ids->rank() == 2 && time_ids->dim(0) == B && time_ids->dim(1) == n, who, ": time_ids ",
                time_ids->str(), " should be [", B, ", ", n, "]");
       Tensor ids = f32(*time_ids).reshape({B * n});
-      Tensor tid = c.alloc({B * n, d});
+      Tensor tid = c.alloc({B * n, d}, DType::F32);
       c.be.timestep_embedding(ids, int(d), true, 0.0f, 10000.0f, tid);
-      Tensor cat_in = c.alloc({B, pooled + n * d});
+      Tensor cat_in = c.alloc({B, pooled + n * d}, DType::F32);
       c.be.concat_last(f32(*text_embeds), tid.reshape({B, n * d}), cat_in);
       add_(c, emb, mlp(add1, add2, cat_in));
     }

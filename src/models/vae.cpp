@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "models/vae_blocks.h"
 
 namespace diffuse {
 
@@ -112,162 +113,7 @@ VAEConfig VAEConfig::from_weights(const WeightStore& w, float scaling_factor) {
   return c;
 }
 
-// ---- blocks -----------------------------------------------------------------------------------
-namespace {
-
-// Runs a forward pass stage by stage. Each stage reads its input from where the previous stage
-// left it and writes its output into the other ping-pong arena (or the caller's arena for the
-// final stage); its temporaries go to the temp arena, reset after every stage. After stage k,
-// the arena holding stage k's input is dead and reset.
-class Stages {
- public:
-  // arenas: ping, pong, temp; peaks: their peak use so far (kept across re-made arenas).
-  Stages(Ctx& caller, Arena* arenas, size_t* peaks) : caller_(caller), ping_{&arenas[0], &arenas[1]}, temp_(&arenas[2]), peaks_(peaks) {
-    for (int i = 0; i < 3; ++i) allocs_[i] = all(i)->heap_allocations();
-  }
-  // Resets the scratch. An arena that had to grow during this pass is re-made at exactly its
-  // peak (growth by doubling chunks leaves up to ~2.5× the peak reserved otherwise).
-  ~Stages() {
-    for (int i = 0; i < 3; ++i) {
-      Arena* a = all(i);
-      peaks_[i] = std::max(peaks_[i], a->peak());
-      a->reset();
-      if (a->heap_allocations() > allocs_[i] && a->capacity() > a->peak()) *a = Arena(a->peak());
-    }
-  }
-  using Fn = std::function<Tensor(Ctx& tmp, Ctx& out)>;
-  Tensor run(const Fn& f, bool final_stage = false) {
-    Ctx t{caller_.be, *temp_};
-    Ctx o{caller_.be, final_stage ? caller_.arena : *ping_[k_ % 2]};
-    Tensor y = f(t, o);
-    temp_->reset();
-    ping_[(k_ + 1) % 2]->reset();  // held this stage's input
-    ++k_;
-    return y;
-  }
-  Ctx temp() { return Ctx{caller_.be, *temp_}; }
-
- private:
-  Arena* all(int i) const { return i < 2 ? ping_[i] : temp_; }
-  size_t* peaks_;
-  size_t allocs_[3] = {};
-  Ctx& caller_;
-  Arena* ping_[2];
-  Arena* temp_;
-  int k_ = 0;
-};
-
-// Hand-prepared conv (for the halves of a split conv).
-Conv2d make_conv(Backend& be, const Tensor& w, const Tensor& b, int64_t k, const Conv2dParams& p) {
-  Conv2d c;
-  c.in = w.dim(1);
-  c.out = w.dim(0);
-  c.k = k;
-  c.p = p;
-  c.w = be.prepare_conv2d(w, b, p);
-  return c;
-}
-
-// diffusers ResnetBlock2D without time embedding: GN-SiLU-conv, GN-SiLU-conv, + (1×1 conv) skip.
-struct ResBlock {
-  GroupNorm norm1, norm2;
-  Conv2d conv1, conv2, shortcut;
-  bool has_shortcut = false;
-  void bind(Backend& be, const Binder& b, int64_t in, int64_t out, const VAEConfig& cfg) {
-    norm1.bind(b.sub("norm1"), in, cfg.norm_groups, cfg.norm_eps);
-    conv1.bind(be, b.sub("conv1"), in, out, 3);
-    norm2.bind(b.sub("norm2"), out, cfg.norm_groups, cfg.norm_eps);
-    conv2.bind(be, b.sub("conv2"), out, out, 3);
-    has_shortcut = in != out;
-    if (has_shortcut) shortcut.bind(be, b.sub("conv_shortcut"), in, out, 1);
-  }
-  // x: [N, H, W, in] -> [N, H, W, out] (in `o`)
-  Tensor operator()(Ctx& t, Ctx& o, const Tensor& x) const {
-    Tensor h = norm1(t, x, true);
-    h = conv1(t, h);
-    h = norm2(t, h, true);
-    Tensor y = conv2(o, h);
-    Tensor skip = has_shortcut ? shortcut(t, x) : x;
-    o.be.binary(Binary::Add, y, skip, y);
-    return y;
-  }
-};
-
-// diffusers Attention as built by UNetMidBlock2D for the VAE: one head of width C, GroupNorm on
-// the tokens, biased q/k/v/out projections, residual added, rescale factor 1.
-struct AttnBlock {
-  GroupNorm norm;
-  Linear q, k, v, out;
-  int64_t channels = 0;
-  void bind(Backend& be, const Binder& b, int64_t c, const VAEConfig& cfg) {
-    channels = c;
-    norm.bind(b.sub("group_norm"), c, cfg.norm_groups, cfg.norm_eps);
-    q.bind(be, b.sub("to_q"), c, c);
-    k.bind(be, b.sub("to_k"), c, c);
-    v.bind(be, b.sub("to_v"), c, c);
-    out.bind(be, b.sub("to_out").sub(0), c, c);
-  }
-  // x: [N, H, W, C] -> same (in `o`)
-  Tensor operator()(Ctx& t, Ctx& o, const Tensor& x) const {
-    const int64_t n = x.dim(0), hw = x.dim(1) * x.dim(2);
-    Tensor tokens = x.reshape({n, hw, channels});  // [N, HW, C]
-    Tensor h = norm(t, tokens);
-    Tensor qt = q(t, h), kt = k(t, h), vt = v(t, h);
-    Tensor a = t.alloc({n, hw, channels});
-    t.be.attention(qt, kt, vt, 1, 1.0f / std::sqrt(float(channels)), a);
-    Tensor y = out(o, a);
-    o.be.binary(Binary::Add, y, tokens, y);
-    return y.reshape(x.shape());
-  }
-};
-
-struct MidBlock {
-  ResBlock r0, r1;
-  AttnBlock attn;
-  bool has_attn = true;
-  void bind(Backend& be, const Binder& b, int64_t c, const VAEConfig& cfg) {
-    r0.bind(be, b.sub("resnets").sub(0), c, c, cfg);
-    has_attn = cfg.mid_attention;
-    if (has_attn) attn.bind(be, b.sub("attentions").sub(0), c, cfg);
-    r1.bind(be, b.sub("resnets").sub(1), c, c, cfg);
-  }
-  // x: [N, H, W, C] -> same
-  Tensor operator()(Stages& s, Tensor x) const {
-    x = s.run([&](Ctx& t, Ctx& o) { return r0(t, o, x); });
-    if (has_attn) x = s.run([&](Ctx& t, Ctx& o) { return attn(t, o, x); });
-    return s.run([&](Ctx& t, Ctx& o) { return r1(t, o, x); });
-  }
-};
-
-struct Level {
-  std::vector<ResBlock> resnets;
-  bool resample = false;  // encoder: downsampler; decoder: upsampler
-  Conv2d conv;
-};
-
-}  // namespace
-
-struct VAE::Impl {
-  // Encoder
-  bool has_enc = false;
-  Conv2d enc_in;
-  std::vector<Level> down;
-  MidBlock enc_mid;
-  GroupNorm enc_norm_out;
-  Conv2d enc_out;                    // whole, when quant_conv follows it
-  Conv2d head_mean, head_logvar;     // quant_conv (or conv_out without one) split in halves
-  // Decoder
-  bool has_dec = false;
-  Conv2d post_quant, dec_in;
-  MidBlock dec_mid;
-  std::vector<Level> up;
-  GroupNorm dec_norm_out;
-  Conv2d dec_out;
-  // Scratch: two ping-pong arenas for stage outputs and one for per-stage temporaries.
-  mutable std::mutex mu;
-  mutable Arena arenas[3];
-  mutable size_t peaks[3] = {};
-};
+using namespace vae_blocks;
 
 VAE::VAE() = default;
 VAE::~VAE() = default;
@@ -351,7 +197,38 @@ void VAE::load(Backend& be, WeightStore& w, const VAEConfig& cfg, bool encoder, 
     return false;
   });
   cfg_ = cfg;
+  m->cfg = cfg;
   impl_ = std::move(m);
+}
+
+Tensor VAE::Impl::dec_trunk(Stages& s, Tensor x, size_t split) const {
+  if (cfg.use_post_quant_conv) x = s.run([&](Ctx&, Ctx& o) { return post_quant(o, x); });
+  x = s.run([&](Ctx&, Ctx& o) { return dec_in(o, x); });
+  x = dec_mid(s, x);
+  for (size_t i = 0; i <= split && i < up.size(); ++i) {
+    for (const ResBlock& r : up[i].resnets) x = s.run([&](Ctx& t, Ctx& o) { return r(t, o, x); });
+    if (i < split) x = upsample(s, up[i], x);
+  }
+  return x;
+}
+
+Tensor VAE::Impl::upsample(Stages& s, const Level& lv, Tensor x) const {
+  if (!lv.resample) return x;
+  return s.run([&](Ctx& t, Ctx& o) {  // Upsample2D: nearest 2× then a 3×3 conv
+    Tensor u = t.alloc({x.dim(0), 2 * x.dim(1), 2 * x.dim(2), x.dim(3)});
+    t.be.upsample_nearest(x, u);
+    return lv.conv(o, u);
+  });
+}
+
+Tensor VAE::Impl::dec_tail(Stages& s, Tensor x, NormStats* ns, bool final, size_t split) const {
+  for (size_t i = split; i < up.size(); ++i) {
+    const Level& lv = up[i];
+    if (i > split)
+      for (const ResBlock& r : lv.resnets) x = s.run([&](Ctx& t, Ctx& o) { return r(t, o, x, ns); });
+    x = upsample(s, lv, x);
+  }
+  return s.run([&](Ctx& t, Ctx& o) { return dec_out(o, norm(t, dec_norm_out, x, true, ns)); }, final);
 }
 
 Tensor VAE::decode(Ctx& c, const Tensor& z) const {
@@ -361,21 +238,49 @@ Tensor VAE::decode(Ctx& c, const Tensor& z) const {
            "VAE::decode: latent ", z.str(), " should be f32 [B, h, w, ", cfg_.latent_channels, "] (NHWC)");
   const Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mu);
-  Stages s(c, m.arenas, m.peaks);
-  Tensor x = z;
-  if (cfg_.use_post_quant_conv) x = s.run([&](Ctx&, Ctx& o) { return m.post_quant(o, x); });
-  x = s.run([&](Ctx&, Ctx& o) { return m.dec_in(o, x); });
-  x = m.dec_mid(s, x);
-  for (const Level& lv : m.up) {
-    for (const ResBlock& r : lv.resnets) x = s.run([&](Ctx& t, Ctx& o) { return r(t, o, x); });
-    if (lv.resample)  // Upsample2D: nearest 2× then a 3×3 conv
-      x = s.run([&](Ctx& t, Ctx& o) {
-        Tensor u = t.alloc({x.dim(0), 2 * x.dim(1), 2 * x.dim(2), x.dim(3)});
-        t.be.upsample_nearest(x, u);
-        return lv.conv(o, u);
-      });
+  // With bf16 compute the activations are stored in bf16 too: half the memory and bandwidth
+  // (a 512² decode holds ~1.2 GB of f32 activations at its peak).
+  Ctx cc{c.be, c.arena, c.be.effective_precision() == Precision::BF16 ? DType::BF16 : c.act};
+  Stages s(cc, m.arenas, m.peaks);
+  return m.dec_tail(s, m.dec_trunk(s, z, 0), nullptr, true, 0);
+}
+
+Tensor VAE::Impl::enc_head(Stages& s, Tensor x, NormStats* ns) const {
+  x = s.run([&](Ctx&, Ctx& o) { return enc_in(o, x); });
+  size_t last = 0;  // levels [0, last) end in a downsampler
+  for (size_t i = 0; i < down.size(); ++i)
+    if (down[i].resample) last = i + 1;
+  for (size_t i = 0; i < last; ++i) {
+    const Level& lv = down[i];
+    for (const ResBlock& r : lv.resnets) x = s.run([&](Ctx& t, Ctx& o) { return r(t, o, x, ns); });
+    if (lv.resample) x = s.run([&](Ctx&, Ctx& o) { return lv.conv(o, x); });
   }
-  return s.run([&](Ctx& t, Ctx& o) { return m.dec_out(o, m.dec_norm_out(t, x, true)); }, true);
+  return x;
+}
+
+VAE::Posterior VAE::Impl::enc_rest(Stages& s, Tensor x) const {
+  size_t last = 0;
+  for (size_t i = 0; i < down.size(); ++i)
+    if (down[i].resample) last = i + 1;
+  for (size_t i = last; i < down.size(); ++i)
+    for (const ResBlock& r : down[i].resnets) x = s.run([&](Ctx& t, Ctx& o) { return r(t, o, x); });
+  x = enc_mid(s, x);
+  x = s.run([&](Ctx& t, Ctx& o) {
+    Tensor h = enc_norm_out(cfg.use_quant_conv ? t : o, x, true);
+    return cfg.use_quant_conv ? enc_out(o, h) : h;
+  });
+  // The moments' halves: mean into the caller's arena, logvar into scratch, then std.
+  Ctx& c = s.caller();
+  Posterior p;
+  p.mean = head_mean(c, x);
+  Ctx t = s.temp();
+  Tensor logvar = head_logvar(t, x);
+  p.std = c.alloc(logvar.shape());
+  const float* lv = logvar.f32();
+  float* sd = p.std.f32();
+  for (int64_t i = 0, n = logvar.numel(); i < n; ++i)
+    sd[i] = std::exp(0.5f * std::clamp(lv[i], -30.0f, 20.0f));
+  return p;
 }
 
 VAE::Posterior VAE::encode(Ctx& c, const Tensor& image) const {
@@ -388,28 +293,7 @@ VAE::Posterior VAE::encode(Ctx& c, const Tensor& image) const {
   const Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mu);
   Stages s(c, m.arenas, m.peaks);
-  Tensor x = image;
-  x = s.run([&](Ctx&, Ctx& o) { return m.enc_in(o, x); });
-  for (const Level& lv : m.down) {
-    for (const ResBlock& r : lv.resnets) x = s.run([&](Ctx& t, Ctx& o) { return r(t, o, x); });
-    if (lv.resample) x = s.run([&](Ctx&, Ctx& o) { return lv.conv(o, x); });
-  }
-  x = m.enc_mid(s, x);
-  x = s.run([&](Ctx& t, Ctx& o) {
-    Tensor h = m.enc_norm_out(cfg_.use_quant_conv ? t : o, x, true);
-    return cfg_.use_quant_conv ? m.enc_out(o, h) : h;
-  });
-  // The moments' halves: mean into the caller's arena, logvar into scratch, then std.
-  Posterior p;
-  p.mean = m.head_mean(c, x);
-  Ctx t = s.temp();
-  Tensor logvar = m.head_logvar(t, x);
-  p.std = c.alloc(logvar.shape());
-  const float* lv = logvar.f32();
-  float* sd = p.std.f32();
-  for (int64_t i = 0, n = logvar.numel(); i < n; ++i)
-    sd[i] = std::exp(0.5f * std::clamp(lv[i], -30.0f, 20.0f));
-  return p;
+  return m.enc_rest(s, m.enc_head(s, image, nullptr));
 }
 
 size_t VAE::scratch_capacity() const {

@@ -9,11 +9,15 @@
 
 namespace diffuse {
 
-// What a forward pass needs: the backend and the arena its activations live in.
+// What a forward pass needs: the backend, the arena its activations live in, and the dtype
+// activations are stored in (f32, or bf16 to halve activation memory and bandwidth; the backend
+// computes in f32 or bf16 either way). Layers allocate their outputs with alloc(shape).
 struct Ctx {
   Backend& be;
   Arena& arena;
-  Tensor alloc(const Shape& s, DType t = DType::F32) { return arena.alloc(s, t); }
+  DType act = DType::F32;
+  Tensor alloc(const Shape& s) { return arena.alloc(s, act); }
+  Tensor alloc(const Shape& s, DType t) { return arena.alloc(s, t); }
 };
 
 struct Linear {

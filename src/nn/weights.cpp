@@ -24,7 +24,23 @@ Tensor WeightStore::take(const std::string& name, const Shape& shape) {
     bad_shape_.push_back(cat(name, " is ", t.str(), ", expected ", shape.str()));
     return Tensor::zeros(shape);
   }
+  // Tensors borrowed from a file mapping are copied into prepared (converted, reordered) weights
+  // by the layer that takes them; once a few MB later the pages are dropped again, so loading
+  // never holds the file and the prepared copy at the same time.
+  recent_.push_back(t);
+  recent_bytes_ += t.bytes();
+  while (recent_bytes_ > kDropLagBytes && recent_.size() > 1) {
+    recent_bytes_ -= recent_.front().bytes();
+    recent_.front().drop_pages();
+    recent_.pop_front();
+  }
   return t;
+}
+
+void WeightStore::drop_file_pages() const {
+  for (const Tensor& t : recent_) t.drop_pages();
+  recent_.clear();
+  recent_bytes_ = 0;
 }
 
 std::vector<std::string> WeightStore::unused() const {
@@ -42,6 +58,7 @@ static std::string first_few(const std::vector<std::string>& v) {
 }
 
 void WeightStore::finish(const std::function<bool(const std::string&)>& unused_ok) const {
+  drop_file_pages();
   std::vector<std::string> extra;
   for (const std::string& n : unused())
     if (!unused_ok || !unused_ok(n)) extra.push_back(n);

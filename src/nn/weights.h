@@ -2,6 +2,7 @@
 // expected shape and a float dtype; tensors nobody asked for are reported as unused. Problems are
 // collected so one load reports all of them (first few names of each kind), naming the file.
 #pragma once
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -43,12 +44,18 @@ class WeightStore {
   // Throws diffuse::Error listing missing, mis-shaped and (unless allowed by `unused_ok`)
   // unused tensors. Call once after binding.
   void finish(const std::function<bool(const std::string&)>& unused_ok = nullptr) const;
+  // Drops the memory pages of the file-mapped tensors taken so far (finish() does this too):
+  // after binding, the layers hold their own prepared copies; a later read re-reads the file.
+  void drop_file_pages() const;
 
  private:
   std::string origin_, component_;
   std::map<std::string, Tensor> tensors_;
   std::set<std::string> used_;
   std::vector<std::string> missing_, bad_shape_;
+  static constexpr size_t kDropLagBytes = size_t(64) << 20;
+  mutable std::deque<Tensor> recent_;  // taken recently, pages not dropped yet
+  mutable size_t recent_bytes_ = 0;
 };
 
 // A scoped view: Binder(store).sub("down_blocks").sub("0").take("conv1.weight", {...}).

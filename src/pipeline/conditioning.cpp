@@ -184,6 +184,8 @@ Conditioning encode_prompt(Ctx& ctx, const SDModel& model, const std::string& pr
 
 PromptPair encode_prompts(Ctx& ctx, const SDModel& model, const std::string& prompt, const std::string& negative,
                           const PromptOptions& opts) {
+  DF_CHECK(model.te.loaded() && (!model.has_te2 || model.te2.loaded()), model.path,
+           ": the text encoder is not loaded (released after an earlier run, or not loaded at all)");
   Encoder enc(ctx, model, opts);
   Side cond = encode_text(enc, model, prompt);
   const bool zero_uncond = enc.xl() && negative.empty();

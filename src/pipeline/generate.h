@@ -52,6 +52,11 @@ struct GenerateParams {
   const ControlNet* control = nullptr;
   const Image* control_image = nullptr;
   float control_strength = 1.0f;
+  // VAE tiling for the decode and the init/masked-image encode (models/vae.h). Auto: tiled above
+  // 1024² pixels (the untiled VAE needs ~4 GiB of activations at 1024², and 4× that at 2048²).
+  VAETiling vae_tiling;
+  // Called once the prompts are encoded, before denoising (e.g. to free the text encoders).
+  std::function<void()> on_conditioned;
 };
 
 struct Result {

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/memory_stats.h"
 #include "pipeline/conditioning.h"
 #include "pipeline/denoise.h"
 #include "pipeline/generate.h"
@@ -133,6 +134,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     std::memcpy(g.time_ids.f32(), ids, sizeof ids);
   }
   report(Stage::Encode, 1, 1);
+  if (p.on_conditioned) p.on_conditioned();
 
   // Scheduler and the timesteps that run.
   auto sched = make_scheduler(p.sampler, p.schedule, p.prediction);
@@ -154,7 +156,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   Tensor x, init_latent, noise, mask_lat, masked_latent;
   auto encode_image = [&](const Tensor& img) {
     DF_CHECK(model.vae.has_encoder(), model.path, ": the VAE encoder is not loaded");
-    VAE::Posterior post = model.vae.encode(ctx, img);
+    VAE::Posterior post = model.vae.encode(ctx, img, p.vae_tiling);
     Tensor mean = post.mean.to(DType::F32), stdv = post.std.to(DType::F32);
     arena.reset();
     Tensor s = rng.posterior_sample(mean, stdv);
@@ -226,6 +228,10 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   hooks.progress = [&](int done, int total) { report(Stage::Denoise, done, total); };
   NoiseFn draw = [&] { return rng.batch(h, w, C); };
   Tensor lat = run.empty() ? x : denoise(ctx, model.unet, *sched, x, g, draw, hooks, first);
+  // The UNet's pass memory is not needed while decoding.
+  model.unet.release_scratch();
+  arena = Arena();
+  return_free_memory();
 
   // Decode, one image at a time.
   std::vector<Result> results;
@@ -238,7 +244,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     DF_CHECK(model.vae.has_decoder(), model.path, ": the VAE decoder is not loaded");
     float* z = one.f32();
     for (int64_t i = 0; i < one.numel(); ++i) z[i] = z[i] / sf;
-    Tensor dec = model.vae.decode(ctx, one);
+    Tensor dec = model.vae.decode(ctx, one, p.vae_tiling);
     Tensor d = dec.to(DType::F32);
     arena.reset();
     r.image.width = p.width;

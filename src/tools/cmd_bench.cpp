@@ -12,16 +12,17 @@
 #include "backend/backend.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "tools/bench_pipeline.h"
 #include "tools/commands.h"
 
 namespace diffuse::tools {
 namespace {
 
 struct BenchOptions {
-  std::string what = "ops";
+  std::string what = "pipeline";
   int repeats = 7;
   int threads = 0;
-  std::string precision = "both";
+  std::string precision;  // ops: "both" unless given; pipeline: "auto"
   std::string filter;
 };
 
@@ -136,13 +137,25 @@ int bench_ops(const BenchOptions& o) {
 
 Run add_bench_command(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
-  CLI::App* cmd = app.add_subcommand("bench", "Benchmarks, JSON on stdout (`diffuse bench ops`)");
-  cmd->add_option("what", o->what, "what to measure: ops")->check(CLI::IsMember({"ops"}));
+  auto po = std::make_shared<PipelineBenchOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "Benchmarks, JSON on stdout: `diffuse bench --model sd15` (txt2img, full size) or `diffuse bench ops`");
+  cmd->add_option("what", o->what, "pipeline (default), ops, or quality (fp32 vs bf16 vs int8 latents)")
+      ->check(CLI::IsMember({"pipeline", "ops", "quality"}));
   cmd->add_option("--repeats", o->repeats, "timed repeats (the median is reported)")->check(CLI::Range(1, 1000));
   cmd->add_option("-t,--threads", o->threads, "threads (default: physical cores)")->check(CLI::Range(0, 1024));
-  cmd->add_option("--precision", o->precision, "fp32, bf16 or both")->check(CLI::IsMember({"fp32", "bf16", "both"}));
-  cmd->add_option("--op", o->filter, "only ops whose name contains this");
-  return [o] { return bench_ops(*o); };
+  cmd->add_option("--precision", o->precision, "fp32, bf16, auto (pipeline default) or both (ops default)")
+      ->check(CLI::IsMember({"fp32", "bf16", "auto", "both"}));
+  cmd->add_option("--op", o->filter, "ops: only ops whose name contains this");
+  add_pipeline_bench_options(cmd, *po);
+  return [o, po] {
+    if (o->what == "ops") {
+      if (o->precision.empty() || o->precision == "auto") o->precision = "both";
+      return bench_ops(*o);
+    }
+    if (o->what == "quality") return run_quality_bench(*po, o->threads);
+    return run_pipeline_bench(*po, o->threads, o->precision.empty() ? "auto" : o->precision);
+  };
 }
 
 }  // namespace diffuse::tools

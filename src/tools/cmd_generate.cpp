@@ -43,6 +43,7 @@ struct GenOptions {
   std::string sampler = "euler_a", schedule = "default";
   int batch = 1, clip_skip = 0, threads = 0;
   std::string rng = "cuda", precision = "auto", prediction;
+  std::string weights = "native";  // --weights native|int8
   std::string init, mask;
   double strength = -1.0;  // < 0: not given
   std::string out = "out.png", save_latent;
@@ -53,6 +54,8 @@ struct GenOptions {
   std::string control_net, control_image;
   double control_strength = 1.0;
   bool canny = false;
+  bool vae_tiling = false, no_vae_tiling = false;  // neither: automatic (above 1024² pixels)
+  int vae_tile_size = 0;                             // 0: VAETiling's default
   int canny_low = 100, canny_high = 200;
 };
 
@@ -242,6 +245,7 @@ int run_generate(GenOptions o) {
   DF_CHECK(o.rng == "cpu" || o.rng == "cuda", "--rng ", o.rng, ": unknown; allowed: cpu, cuda");
   DF_CHECK(o.precision == "fp32" || o.precision == "bf16" || o.precision == "auto", "--precision ", o.precision,
            ": unknown; allowed: fp32, bf16, auto");
+  DF_CHECK(o.weights == "native" || o.weights == "int8", "--weights ", o.weights, ": unknown; allowed: native, int8");
   DF_CHECK(o.schedule == "default" || o.schedule == "karras" || o.schedule == "trailing", "--scheduler ", o.schedule,
            ": unknown; allowed: default, karras, trailing");
   DF_CHECK(o.prediction.empty() || o.prediction == "eps" || o.prediction == "v" || o.prediction == "epsilon" ||
@@ -267,6 +271,9 @@ int run_generate(GenOptions o) {
   if (o.height_given)
     DF_CHECK(o.height > 0 && o.height % 8 == 0, "-H/--height ", o.height, ": must be a positive multiple of 8");
   DF_CHECK(!o.out.empty(), "-o/--output: empty path");
+  DF_CHECK(!(o.vae_tiling && o.no_vae_tiling), "--vae-tiling and --no-vae-tiling contradict each other: give one");
+  DF_CHECK(o.vae_tile_size == 0 || (o.vae_tile_size >= 2 * VAETiling{}.overlap_px && o.vae_tile_size % 8 == 0),
+           "--vae-tile-size ", o.vae_tile_size, ": must be a multiple of 8 and at least ", 2 * VAETiling{}.overlap_px);
   DF_CHECK(o.control_net.empty() == o.control_image.empty(),
            o.control_net.empty() ? "--control-image needs --control-net PATH" : "--control-net needs --control-image IMG");
   DF_CHECK(!o.canny || !o.control_image.empty(), "--canny needs --control-net and --control-image");
@@ -304,7 +311,7 @@ int run_generate(GenOptions o) {
   set_num_threads(o.threads);
   Precision prec = Precision::F32;
   if (o.precision == "bf16" || (o.precision == "auto" && cpu_features().bf16_fast())) prec = Precision::BF16;
-  auto be = make_cpu_backend(prec);
+  auto be = make_cpu_backend(prec, o.weights == "int8" ? WeightFormat::Int8 : WeightFormat::Native);
 
   uint64_t seed;
   if (o.seed >= 0) {
@@ -364,6 +371,8 @@ int run_generate(GenOptions o) {
   p.strength = o.strength >= 0 ? o.strength : (inpaint9 ? 1.0 : 0.75);
   p.init = o.init.empty() ? nullptr : &init;
   p.mask = o.mask.empty() ? nullptr : &mask;
+  p.vae_tiling.mode = o.vae_tiling ? VAETiling::Mode::On : o.no_vae_tiling ? VAETiling::Mode::Off : VAETiling::Mode::Auto;
+  if (o.vae_tile_size) p.vae_tiling.tile_px = o.vae_tile_size;
 
   ControlNet control;
   std::string control_text;
@@ -388,18 +397,26 @@ int run_generate(GenOptions o) {
   }
 
   if (!o.quiet) {
-    std::fprintf(stderr, "model %s: %s, UNet %d channels, %s prediction, loaded in %.1f s; %s on %s, %d threads\n",
+    std::fprintf(stderr, "model %s: %s, UNet %d channels, %s prediction, loaded in %.1f s; %s%s on %s, %d threads\n",
                  o.model.c_str(), family_name(model->family), model->unet_cfg.in_channels,
                  p.prediction == Prediction::VPrediction ? "v" : "epsilon", load_s,
-                 precision_name(be->effective_precision()), be->name().c_str(), num_threads());
+                 precision_name(be->effective_precision()),
+                 be->weight_format() == WeightFormat::Int8 ? " (int8 weights)" : "", be->name().c_str(), num_threads());
     std::fprintf(stderr, "%s %dx%d, %d steps, %s%s, cfg %s, seed %llu (%s rng)%s\n",
                  p.mask ? "inpaint" : p.init ? "img2img" : "txt2img", p.width, p.height, p.steps, p.sampler.c_str(),
                  p.schedule == "default" ? "" : (" " + p.schedule).c_str(), num(p.cfg).c_str(),
                  static_cast<unsigned long long>(seed), o.rng.c_str(),
                  p.init ? (", strength " + num(p.strength)).c_str() : "");
   }
+  if (!o.quiet && p.vae_tiling.active(p.height, p.width)) {
+    const int64_t f = model->vae_cfg.downscale();
+    VAETileAxis ty = vae_tile_axis(p.vae_tiling, p.height, f), tx = vae_tile_axis(p.vae_tiling, p.width, f);
+    std::fprintf(stderr, "VAE tiling: %zux%zu tiles of %lldx%lld px, overlap >= %d px\n", ty.starts.size(),
+                 tx.starts.size(), (long long)ty.size, (long long)tx.size, p.vae_tiling.overlap_px);
+  }
   Progress progress(o.quiet);
   auto tg = std::chrono::steady_clock::now();
+  p.on_conditioned = [&] { model->release_text_encoders(); };  // one-shot run: free them for the steps
   std::vector<Result> results = generate(*model, *be, p, std::ref(progress));
   double gen_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - tg).count();
 
@@ -445,6 +462,7 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--clip-skip", o->clip_skip, "A1111 clip skip (2: penultimate text encoder layer)");
   cmd->add_option("--rng", o->rng, "cpu (diffusers' torch CPU generator) or cuda (A1111's default, seed + i per image)");
   cmd->add_option("--precision", o->precision, "fp32, bf16 or auto (bf16 where the CPU has fast bf16)");
+  cmd->add_option("--weights", o->weights, "native (the compute type) or int8 (per-channel, dequantised per layer)");
   cmd->add_option("-t,--threads", o->threads, "threads (default: physical cores)");
   cmd->add_option("-i,--init", o->init, "init image for img2img/inpainting (PNG/JPEG, the output size)");
   cmd->add_option("--strength", o->strength, "img2img strength in [0, 1] (default 0.75; 1 for inpainting models)");
@@ -461,6 +479,9 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_flag("--canny", o->canny, "turn the control image into a Canny edge map first");
   cmd->add_option("--canny-low", o->canny_low, "Canny low threshold (default 100, OpenCV scale)");
   cmd->add_option("--canny-high", o->canny_high, "Canny high threshold (default 200)");
+  cmd->add_flag("--vae-tiling", o->vae_tiling, "decode/encode the VAE in overlapping tiles (default: above 1024x1024 pixels)");
+  cmd->add_flag("--no-vae-tiling", o->no_vae_tiling, "never tile the VAE");
+  cmd->add_option("--vae-tile-size", o->vae_tile_size, "largest VAE tile side in pixels (default 640, multiple of 8, >= 256)");
   cmd->add_flag("-q,--quiet", o->quiet, "no progress output");
   return [o, wopt, hopt] {
     o->width_given = wopt->count() > 0;

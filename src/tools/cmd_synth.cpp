@@ -12,16 +12,6 @@
 #include "tools/commands.h"
 
 namespace diffuse::tools {
-namespace {
-
-struct SynthOptions {
-  std::string manifest;
-  std::string layout;
-  std::string out;
-  std::string dtype = "f16";
-  uint64_t seed = 0;
-  bool quiet = false;
-};
 
 // Where "sd15"/"sd21"/"sdxl" are looked for: $DIFFUSE_MANIFEST_DIR, then the source tree this
 // binary was built from (tests/data/manifests, and the shared reference folder beside it).
@@ -40,6 +30,17 @@ std::vector<std::string> manifest_dirs() {
 #endif
   return dirs;
 }
+
+namespace {
+
+struct SynthOptions {
+  std::string manifest;
+  std::string layout;
+  std::string out;
+  std::string dtype = "f16";
+  uint64_t seed = 0;
+  bool quiet = false;
+};
 
 DType parse_dtype(const std::string& s) {
   if (s == "f16" || s == "fp16") return DType::F16;

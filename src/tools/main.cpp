@@ -4,6 +4,7 @@
 #include <new>
 
 #include "core/error.h"
+#include "core/memory_stats.h"
 #include "tools/commands.h"
 
 #ifndef DIFFUSE_VERSION
@@ -11,6 +12,7 @@
 #endif
 
 int main(int argc, char** argv) {
+  diffuse::tune_allocator();
   CLI::App app{"diffuse: Stable Diffusion in one native binary (SD 1.x, 2.x, XL)"};
   app.set_version_flag("--version", DIFFUSE_VERSION);
   app.require_subcommand(1);

@@ -352,6 +352,7 @@ TEST(GenerateErrors, EachNamesTheFlag) {
   expect_flag_error(with(g, {"--scheduler", "nope"}), {"--scheduler", "karras"});
   expect_flag_error(with(g, {"--rng", "gpu"}), {"--rng", "cpu, cuda"});
   expect_flag_error(with(g, {"--precision", "fp8"}), {"--precision", "fp32, bf16, auto"});
+  expect_flag_error(with(g, {"--weights", "int4"}), {"--weights", "int4", "native, int8"});
   expect_flag_error(with(g, {"--prediction", "x"}), {"--prediction", "eps, v"});
   expect_flag_error({"generate", "-m", tmp("missing.safetensors"), "-p", "x"}, {"-m/--model", "no such file"});
   expect_flag_error({"generate", "-m", model, "-o", tmp("no/such/dir/x.png")}, {"-o/--output", "does not exist"});

@@ -446,6 +446,72 @@ TEST(GroupNorm, MatchesReference) {
   EXPECT_THROW(be->group_norm(x, rnd({15}, 2), rnd({15}, 3), 3, 1e-5f, false, ybad), Error);
 }
 
+// group_norm_stats / group_norm_apply (the tiled VAE's shared statistics) against plain double
+// references: the statistics, the split op equal to the fused one, and given statistics applied.
+TEST(GroupNorm, StatsAndApplyMatchReference) {
+  auto be = make(Precision::F32);
+  struct Case { Shape s; int G; float offset; };
+  const Case cases[] = {{{2, 5, 7, 64}, 32, 0.0f}, {{3, 3, 5, 15}, 3, 0.0f}, {{2, 9, 15}, 5, 0.0f},
+                        {{1, 1, 1, 64}, 32, 0.0f}, {{2, 6, 6, 64}, 32, 100.0f}, {{1, 64, 64, 40}, 4, 3.0f}};
+  int idx = 0;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(cat("case ", idx, " ", c.s.str(), " groups ", c.G));
+    const int64_t N = c.s[0], C = c.s[-1], S = c.s.numel() / (N * C), cg = C / c.G;
+    Tensor x = rnd(c.s, 70 + idx, -2.0f + c.offset, 2.0f + c.offset);
+    Tensor g = rnd({C}, 80 + idx, 0.5f, 1.5f), b = rnd({C}, 90 + idx);
+    Tensor mean = Tensor::empty({N, c.G}), var = Tensor::empty({N, c.G});
+    be->group_norm_stats(x, c.G, mean, var);
+    std::vector<double> rm, rv;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t grp = 0; grp < c.G; ++grp) {
+        double sum = 0, sq = 0;
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t ch = grp * cg; ch < (grp + 1) * cg; ++ch) sum += x.f32()[(n * S + s) * C + ch];
+        const double m = sum / double(S * cg);
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t ch = grp * cg; ch < (grp + 1) * cg; ++ch) {
+            double d = x.f32()[(n * S + s) * C + ch] - m;
+            sq += d * d;
+          }
+        rm.push_back(m);
+        rv.push_back(sq / double(S * cg));
+      }
+    expect_f32(mean, rm, "mean");
+    expect_f32(var, rv, "var");
+    for (bool silu : {false, true}) {
+      // Its own statistics: the split op is the fused one.
+      Tensor y1 = Tensor::empty(c.s), y2 = Tensor::empty(c.s);
+      be->group_norm(x, g, b, c.G, 1e-6f, silu, y1);
+      be->group_norm_apply(x, mean, var, g, b, c.G, 1e-6f, silu, y2);
+      expect_f32(y2, vals(y1), "apply(own stats) vs group_norm");
+      // Other statistics: (x - m)/sqrt(v + eps)·g + b with the given m, v.
+      Tensor m2 = rnd({N, c.G}, 100 + idx, -1.0f + c.offset, 1.0f + c.offset), v2 = rnd({N, c.G}, 110 + idx, 0.2f, 3.0f);
+      Tensor y3 = Tensor::empty(c.s);
+      be->group_norm_apply(x, m2, v2, g, b, c.G, 1e-3f, silu, y3);
+      std::vector<double> ref(size_t(x.numel()));
+      for (int64_t i = 0; i < x.numel(); ++i) {
+        const int64_t n = i / (S * C), ch = i % C, k = n * c.G + ch / cg;
+        double v = (x.f32()[i] - double(m2.f32()[k])) / std::sqrt(double(v2.f32()[k]) + 1e-3) * g.f32()[ch] + b.f32()[ch];
+        ref[size_t(i)] = silu ? v / (1.0 + std::exp(-v)) : v;
+      }
+      expect_f32(y3, ref, "apply(given stats)");
+    }
+    ++idx;
+  }
+  // Shapes and values are checked.
+  Tensor x = rnd({2, 4, 4, 15}, 1), y = Tensor::empty({2, 4, 4, 15});
+  Tensor m = Tensor::zeros({2, 3}), v = Tensor::full({2, 3}, 1.0f), g = rnd({15}, 2), b = rnd({15}, 3);
+  EXPECT_THROW(be->group_norm_stats(x, 4, m, v), Error);                     // 15 % 4
+  Tensor m_bad = Tensor::zeros({1, 3});
+  EXPECT_THROW(be->group_norm_stats(x, 3, m_bad, v), Error);                 // [1, 3] for N = 2
+  EXPECT_THROW(be->group_norm_apply(x, m, m_bad, g, b, 3, 1e-5f, false, y), Error);
+  Tensor v_neg = Tensor::full({2, 3}, -1.0f);
+  EXPECT_THROW(be->group_norm_apply(x, m, v_neg, g, b, 3, 1e-5f, false, y), Error);  // negative variance
+  Tensor ybad = Tensor::empty({2, 4, 4, 16});
+  EXPECT_THROW(be->group_norm_apply(x, m, v, g, b, 3, 1e-5f, false, ybad), Error);
+  EXPECT_NO_THROW(be->group_norm_apply(x, m, v, g, b, 3, 1e-5f, false, y));
+}
+
 TEST(LayerNorm, MatchesReference) {
   auto be = make(Precision::F32);
   Tensor x = rnd({3, 5, 37}, 1, 9.0f, 11.0f), g = rnd({37}, 2), b = rnd({37}, 3);
@@ -672,8 +738,8 @@ TEST(Backend, PrecisionAndFactory) {
   EXPECT_EQ(b16->precision(), Precision::BF16);
   EXPECT_EQ(b16->effective_precision(),
             cpu_features().bf16_fast() ? Precision::BF16 : Precision::F32);
-  Tensor x = rnd({4}, 1), yi = Tensor::empty({4}, DType::BF16);
-  EXPECT_THROW(be->scale(x, 2.0f, yi), Error);  // kernels need f32
+  Tensor x = rnd({4}, 1), yi = Tensor::empty({4}, DType::F16);
+  EXPECT_THROW(be->scale(x, 2.0f, yi), Error);  // kernels take f32 or bf16 (test_ops_bf16.cpp)
 }
 
 }  // namespace

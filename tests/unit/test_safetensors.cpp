@@ -184,6 +184,32 @@ TEST_F(Safetensors, TensorsBorrowTheMapping) {
   EXPECT_EQ(tf.find("y")->data(), bytes + 8 + n + 16 * 16 * 4);
 }
 
+// Dropping the pages of a file-mapped tensor frees memory but never loses data: the next read
+// comes back from the file. On heap or caller memory it must do nothing (MADV_DONTNEED would zero
+// anonymous memory).
+TEST_F(Safetensors, DropPagesKeepsData) {
+  std::string p = path("d.safetensors");
+  Tensor big = iota({1 << 20}, DType::F32);  // 4 MiB: whole pages inside
+  save_safetensors(p, {{"big", big}, {"small", iota({7}, DType::F16)}});
+  TensorFile tf = load_safetensors(p);
+  for (const auto& e : tf.tensors) {
+    ASSERT_TRUE(same_bytes(e.tensor, e.name == "big" ? big : iota({7}, DType::F16))) << e.name;
+    e.tensor.drop_pages();
+  }
+  EXPECT_TRUE(same_bytes(*tf.find("big"), big));
+  EXPECT_TRUE(same_bytes(*tf.find("small"), iota({7}, DType::F16)));
+
+  Tensor heap = big.clone();
+  heap.drop_pages();
+  EXPECT_TRUE(same_bytes(heap, big)) << "heap memory must be left alone";
+  std::string raw = read_file(p);
+  std::vector<uint64_t> buf((raw.size() + 7) / 8);
+  std::memcpy(buf.data(), raw.data(), raw.size());
+  TensorFile mem = parse_safetensors(reinterpret_cast<const uint8_t*>(buf.data()), raw.size(), "mem", nullptr);
+  mem.find("big")->drop_pages();
+  EXPECT_TRUE(same_bytes(*mem.find("big"), big)) << "caller memory must be left alone";
+}
+
 TEST_F(Safetensors, MisalignedTensorIsCopiedWithWarning) {
   // The data area starts 8-byte aligned; an F16 at data offset 1 is at an odd address.
   std::string h = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F16","shape":[2],"data_offsets":[1,5]}})";

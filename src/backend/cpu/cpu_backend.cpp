@@ -1,6 +1,8 @@
 #include "backend/cpu/cpu_backend.h"
 
+#include <cmath>
 #include <cstdio>
+#include <vector>
 
 #include "backend/cpu/attention.h"
 #include "backend/cpu/kernels.h"
@@ -39,6 +41,18 @@ void check_same(const char* op, const Tensor& x, const Tensor& y) {
   DF_CHECK(y.shape() == x.shape(), op, ": output ", y.str(), " does not match input ", x.str());
 }
 
+// The kernels run in place only on buffers of one dtype: an output overlapping an input of
+// another dtype would be overwritten before it is read.
+void check_overlap(const char* op, const char* what, const Tensor& x, const Tensor& y) {
+  if (x.dtype() == y.dtype() || x.numel() == 0 || y.numel() == 0) return;
+  const auto *x0 = static_cast<const uint8_t*>(x.data()), *y0 = static_cast<const uint8_t*>(y.data());
+  DF_CHECK(x0 + x.bytes() <= y0 || y0 + y.bytes() <= x0, op, ": output ", y.str(), " overlaps ",
+           what, " ", x.str(), " of another dtype");
+}
+
+cpu::ConstBuf in(const Tensor& t) { return {t.data(), t.dtype()}; }
+cpu::Buf out(Tensor& t) { return {t.data(), t.dtype()}; }
+
 const DnnlWeight& as_dnnl(const char* op, const PreparedWeight& w, DnnlWeight::Kind kind) {
   auto* d = dynamic_cast<const DnnlWeight*>(&w);
   DF_CHECK(d != nullptr, op, ": weight ", w.shape().str(), " was not prepared by the CPU backend");
@@ -56,7 +70,7 @@ void run(cpu::CachedPrimitive& e, const void* src, void* dst) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(Precision p) : requested_(p), effective_(p) {
+CpuBackend::CpuBackend(Precision p, WeightFormat wf) : requested_(p), effective_(p), format_(wf) {
   num_threads();  // applies the default thread count to OpenMP (and so to oneDNN) if unset
   if (p == Precision::BF16 && !cpu_features().bf16_fast()) {
     std::fprintf(stderr, "diffuse: bf16 compute not supported by this CPU; using fp32\n");
@@ -64,18 +78,20 @@ CpuBackend::CpuBackend(Precision p) : requested_(p), effective_(p) {
   }
 }
 
-std::unique_ptr<Backend> make_cpu_backend(Precision p) { return std::make_unique<CpuBackend>(p); }
+std::unique_ptr<Backend> make_cpu_backend(Precision p, WeightFormat wf) {
+  return std::make_unique<CpuBackend>(p, wf);
+}
 
 dt CpuBackend::compute_dt() const { return effective_ == Precision::BF16 ? dt::bf16 : dt::f32; }
 
 std::shared_ptr<PreparedWeight> CpuBackend::prepare_conv2d(const Tensor& w, const Tensor& bias,
                                                            const Conv2dParams& p) {
-  return std::make_shared<DnnlWeight>(DnnlWeight::Kind::Conv2d, w, bias, p, compute_dt());
+  return std::make_shared<DnnlWeight>(DnnlWeight::Kind::Conv2d, w, bias, p, compute_dt(), format_);
 }
 
 std::shared_ptr<PreparedWeight> CpuBackend::prepare_linear(const Tensor& w, const Tensor& bias) {
   return std::make_shared<DnnlWeight>(DnnlWeight::Kind::Linear, w, bias, Conv2dParams{},
-                                      compute_dt());
+                                      compute_dt(), format_);
 }
 
 // Source in compute type `cdt`: x itself or a converted copy in scratch.
@@ -128,6 +144,7 @@ void CpuBackend::conv2d(const Tensor& x, const PreparedWeight& pw, Tensor& y) {
   size_t before = cpu::primitives_created();
   cpu::CachedPrimitive& e = w.primitive({N, H, W}, cdt, ddt);
   if (cpu::primitives_created() != before) last_conv_ = e.impl;
+  if (w.is_int8()) w.dequantize(e, dequant_.get(DnnlWeight::dequant_bytes(e)));
   run(e, src, dst);
   dest_done(y, dst);
 }
@@ -156,6 +173,7 @@ void CpuBackend::linear(const Tensor& x, const PreparedWeight& pw, Tensor& y) {
   size_t before = cpu::primitives_created();
   cpu::CachedPrimitive& e = w.primitive({M}, cdt, ddt);
   if (cpu::primitives_created() != before) last_linear_ = e.impl;
+  if (w.is_int8()) w.dequantize(e, dequant_.get(DnnlWeight::dequant_bytes(e)));
   run(e, src, dst);
   dest_done(y, dst);
 }
@@ -204,51 +222,110 @@ void CpuBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, in
 
 void CpuBackend::group_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, int groups,
                             float eps, bool fuse_silu, Tensor& y) {
-  check_f32("group_norm", "input", x);
-  check_f32("group_norm", "output", y);
+  check_act("group_norm", "input", x);
+  check_act("group_norm", "output", y);
   DF_CHECK(x.rank() >= 2, "group_norm: input ", x.str(), " must be [N, S..., C]");
   const int64_t N = x.dim(0), C = x.dim(-1);
   DF_CHECK(groups > 0 && C % groups == 0, "group_norm: input ", x.str(), " has ", C,
            " channels, not divisible into ", groups, " groups");
   check_same("group_norm", x, y);
+  check_overlap("group_norm", "input", x, y);
   const float* g = affine("group_norm", "gamma", gamma, C, x);
   const float* b = affine("group_norm", "beta", beta, C, x);
   if (x.numel() == 0) return;
-  cpu::group_norm(x.f32(), g, b, N, x.numel() / (N * C), C, groups, eps, fuse_silu, y.f32());
+  cpu::group_norm(in(x), g, b, N, x.numel() / (N * C), C, groups, eps, fuse_silu, out(y));
+}
+
+namespace {
+// x: [N, S..., C] with C divisible by groups; a stats tensor must be f32 [N, groups].
+void check_gn_input(const char* op, const Tensor& x, int groups) {
+  check_act(op, "input", x);
+  DF_CHECK(x.rank() >= 2, op, ": input ", x.str(), " must be [N, S..., C]");
+  DF_CHECK(groups > 0 && x.dim(-1) % groups == 0, op, ": input ", x.str(), " has ", x.dim(-1),
+           " channels, not divisible into ", groups, " groups");
+}
+void check_gn_stats(const char* op, const char* what, const Tensor& t, const Tensor& x, int groups) {
+  check_f32(op, what, t);
+  DF_CHECK(t.shape() == Shape({x.dim(0), int64_t(groups)}), op, ": ", what, " ", t.str(),
+           " does not match input ", x.str(), " (need [", x.dim(0), ", ", groups, "])");
+}
+}  // namespace
+
+void CpuBackend::group_norm_stats(const Tensor& x, int groups, Tensor& mean, Tensor& var) {
+  check_gn_input("group_norm_stats", x, groups);
+  check_gn_stats("group_norm_stats", "mean", mean, x, groups);
+  check_gn_stats("group_norm_stats", "var", var, x, groups);
+  const int64_t N = x.dim(0), C = x.dim(-1), G = groups, S = (N * C) != 0 ? x.numel() / (N * C) : 0;
+  DF_CHECK(S > 0 || N == 0, "group_norm_stats: input ", x.str(), " is empty: no statistics");
+  std::vector<double> m(size_t(N * G)), v(size_t(N * G));
+  if (N) cpu::group_norm_stats(in(x), N, S, C, G, m.data(), v.data());
+  for (int64_t i = 0; i < N * G; ++i) {
+    mean.f32()[i] = float(m[size_t(i)]);
+    var.f32()[i] = float(v[size_t(i)]);
+  }
+}
+
+void CpuBackend::group_norm_apply(const Tensor& x, const Tensor& mean, const Tensor& var,
+                                  const Tensor& gamma, const Tensor& beta, int groups, float eps,
+                                  bool fuse_silu, Tensor& y) {
+  check_gn_input("group_norm_apply", x, groups);
+  check_act("group_norm_apply", "output", y);
+  check_same("group_norm_apply", x, y);
+  check_overlap("group_norm_apply", "input", x, y);
+  check_gn_stats("group_norm_apply", "mean", mean, x, groups);
+  check_gn_stats("group_norm_apply", "var", var, x, groups);
+  const int64_t N = x.dim(0), C = x.dim(-1), G = groups;
+  const float* g = affine("group_norm_apply", "gamma", gamma, C, x);
+  const float* b = affine("group_norm_apply", "beta", beta, C, x);
+  if (x.numel() == 0) return;
+  std::vector<double> m(size_t(N * G)), v(size_t(N * G));
+  for (int64_t i = 0; i < N * G; ++i) {
+    m[size_t(i)] = mean.f32()[i];
+    v[size_t(i)] = var.f32()[i];
+    DF_CHECK(std::isfinite(v[size_t(i)]) && v[size_t(i)] >= 0 && std::isfinite(m[size_t(i)]),
+             "group_norm_apply: statistics of sample ", i / G, " group ", i % G, " are not finite (mean ",
+             m[size_t(i)], ", var ", v[size_t(i)], ")");
+  }
+  cpu::group_norm_apply(in(x), m.data(), v.data(), g, b, N, x.numel() / (N * C), C, G, eps, fuse_silu,
+                        out(y));
 }
 
 void CpuBackend::layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
                             Tensor& y) {
-  check_f32("layer_norm", "input", x);
-  check_f32("layer_norm", "output", y);
+  check_act("layer_norm", "input", x);
+  check_act("layer_norm", "output", y);
   DF_CHECK(x.rank() >= 1, "layer_norm: input ", x.str(), " must have rank >= 1");
   check_same("layer_norm", x, y);
+  check_overlap("layer_norm", "input", x, y);
   const int64_t C = x.dim(-1);
   const float* g = affine("layer_norm", "gamma", gamma, C, x);
   const float* b = affine("layer_norm", "beta", beta, C, x);
   if (x.numel() == 0) return;
-  cpu::layer_norm(x.f32(), g, b, x.numel() / C, C, eps, y.f32());
+  cpu::layer_norm(in(x), g, b, x.numel() / C, C, eps, out(y));
 }
 
 void CpuBackend::softmax(const Tensor& x, Tensor& y) {
-  check_f32("softmax", "input", x);
-  check_f32("softmax", "output", y);
+  check_act("softmax", "input", x);
+  check_act("softmax", "output", y);
   DF_CHECK(x.rank() >= 1, "softmax: input ", x.str(), " must have rank >= 1");
   check_same("softmax", x, y);
+  check_overlap("softmax", "input", x, y);
   if (x.numel() == 0) return;
-  cpu::softmax(x.f32(), x.numel() / x.dim(-1), x.dim(-1), y.f32());
+  cpu::softmax(in(x), x.numel() / x.dim(-1), x.dim(-1), out(y));
 }
 
 void CpuBackend::unary(Unary op, const Tensor& x, Tensor& y) {
-  check_f32("unary", "input", x);
-  check_f32("unary", "output", y);
+  check_act("unary", "input", x);
+  check_act("unary", "output", y);
   check_same("unary", x, y);
-  cpu::unary(op, x.f32(), x.numel(), y.f32());
+  check_overlap("unary", "input", x, y);
+  if (x.numel() == 0) return;
+  cpu::unary(op, in(x), x.numel(), out(y));
 }
 
 void CpuBackend::geglu(const Tensor& x, Tensor& y) {
-  check_f32("geglu", "input", x);
-  check_f32("geglu", "output", y);
+  check_act("geglu", "input", x);
+  check_act("geglu", "output", y);
   DF_CHECK(x.rank() >= 1 && x.dim(-1) % 2 == 0, "geglu: input ", x.str(),
            " must have an even last dim");
   Shape want = x.shape();
@@ -256,16 +333,19 @@ void CpuBackend::geglu(const Tensor& x, Tensor& y) {
   DF_CHECK(y.shape() == want, "geglu: output ", y.str(), " should be ", want.str(), " for input ",
            x.str());
   DF_CHECK(x.data() != y.data() || x.numel() == 0, "geglu: output must not alias the input");
+  check_overlap("geglu", "input", x, y);
   if (y.numel() == 0) return;
-  cpu::geglu(x.f32(), y.numel() / want[-1], want[-1], y.f32());
+  cpu::geglu(in(x), y.numel() / want[-1], want[-1], out(y));
 }
 
 void CpuBackend::binary(Binary op, const Tensor& a, const Tensor& b, Tensor& y) {
   const char* name = op == Binary::Add ? "add" : "mul";
-  check_f32(name, "a", a);
-  check_f32(name, "b", b);
-  check_f32(name, "output", y);
+  check_act(name, "a", a);
+  check_act(name, "b", b);
+  check_act(name, "output", y);
   check_same(name, a, y);
+  check_overlap(name, "a", a, y);
+  check_overlap(name, "b", b, y);
   const int r = a.rank(), rb = b.rank();
   DF_CHECK(rb <= r, name, ": b ", b.str(), " cannot broadcast to a ", a.str());
   int64_t shape[Shape::kMaxDims], strides[Shape::kMaxDims];
@@ -280,40 +360,45 @@ void CpuBackend::binary(Binary op, const Tensor& a, const Tensor& b, Tensor& y) 
     st *= bd;
   }
   if (a.numel() == 0) return;
-  cpu::binary(op, a.f32(), shape, r, b.f32(), strides, y.f32());
+  cpu::binary(op, in(a), shape, r, in(b), strides, out(y));
 }
 
 void CpuBackend::scale(const Tensor& x, float s, Tensor& y) {
-  check_f32("scale", "input", x);
-  check_f32("scale", "output", y);
+  check_act("scale", "input", x);
+  check_act("scale", "output", y);
   check_same("scale", x, y);
-  cpu::scale(x.f32(), s, x.numel(), y.f32());
+  check_overlap("scale", "input", x, y);
+  if (x.numel() == 0) return;
+  cpu::scale(in(x), s, x.numel(), out(y));
 }
 
 void CpuBackend::upsample_nearest(const Tensor& x, Tensor& y) {
-  check_f32("upsample_nearest", "input", x);
-  check_f32("upsample_nearest", "output", y);
+  check_act("upsample_nearest", "input", x);
+  check_act("upsample_nearest", "output", y);
   DF_CHECK(x.rank() == 4 && y.rank() == 4 && x.dim(0) == y.dim(0) && x.dim(3) == y.dim(3),
            "upsample_nearest: input ", x.str(), " and output ", y.str(),
            " must be [N, H, W, C] and [N, Ho, Wo, C]");
   DF_CHECK(x.data() != y.data() || x.numel() == 0, "upsample_nearest: output must not alias the input");
+  check_overlap("upsample_nearest", "input", x, y);
   if (y.numel() == 0) return;
   DF_CHECK(x.numel() > 0, "upsample_nearest: empty input ", x.str(), " for output ", y.str());
-  cpu::upsample_nearest(x.f32(), x.dim(0), x.dim(1), x.dim(2), x.dim(3), y.dim(1), y.dim(2), y.f32());
+  cpu::upsample_nearest(in(x), x.dim(0), x.dim(1), x.dim(2), x.dim(3), y.dim(1), y.dim(2), out(y));
 }
 
 void CpuBackend::concat_last(const Tensor& a, const Tensor& b, Tensor& y) {
-  check_f32("concat_last", "a", a);
-  check_f32("concat_last", "b", b);
-  check_f32("concat_last", "output", y);
+  check_act("concat_last", "a", a);
+  check_act("concat_last", "b", b);
+  check_act("concat_last", "output", y);
   bool ok = a.rank() >= 1 && b.rank() == a.rank() && y.rank() == a.rank() &&
             y.dim(-1) == a.dim(-1) + b.dim(-1);
   for (int i = 0; ok && i + 1 < a.rank(); ++i) ok = b.dim(i) == a.dim(i) && y.dim(i) == a.dim(i);
   DF_CHECK(ok, "concat_last: a ", a.str(), ", b ", b.str(), " and output ", y.str(),
            " do not match (need [..., Ca], [..., Cb] -> [..., Ca + Cb])");
+  check_overlap("concat_last", "a", a, y);
+  check_overlap("concat_last", "b", b, y);
   if (y.numel() == 0) return;
   const int64_t rows = y.numel() / y.dim(-1);
-  cpu::concat_last(a.f32(), a.dim(-1), b.f32(), b.dim(-1), rows, y.f32());
+  cpu::concat_last(in(a), a.dim(-1), in(b), b.dim(-1), rows, out(y));
 }
 
 void CpuBackend::timestep_embedding(const Tensor& t, int dim, bool flip_sin_to_cos,

@@ -21,11 +21,12 @@ namespace diffuse {
 
 class CpuBackend : public Backend {
  public:
-  explicit CpuBackend(Precision p);
+  explicit CpuBackend(Precision p, WeightFormat wf = WeightFormat::Native);
 
   std::string name() const override { return "cpu"; }
   Precision precision() const override { return requested_; }
   Precision effective_precision() const override { return effective_; }
+  WeightFormat weight_format() const override { return format_; }
 
   std::shared_ptr<PreparedWeight> prepare_conv2d(const Tensor& w, const Tensor& bias,
                                                  const Conv2dParams& p) override;
@@ -39,6 +40,9 @@ class CpuBackend : public Backend {
 
   void group_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, int groups, float eps,
                   bool fuse_silu, Tensor& y) override;
+  void group_norm_stats(const Tensor& x, int groups, Tensor& mean, Tensor& var) override;
+  void group_norm_apply(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
+                        const Tensor& beta, int groups, float eps, bool fuse_silu, Tensor& y) override;
   void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
                   Tensor& y) override;
   void softmax(const Tensor& x, Tensor& y) override;
@@ -66,6 +70,8 @@ class CpuBackend : public Backend {
 
   Precision requested_, effective_;
   cpu::Scratch scratch_[3];  // 0, 1: converted sources; 2: f32 output for a bf16 y in f32 mode
+  WeightFormat format_ = WeightFormat::Native;
+  cpu::Scratch dequant_;     // int8 weights: one layer's dequantised weights at a time
   cpu::MatmulCache matmuls_;
   std::string last_conv_, last_linear_;
 };

@@ -1,8 +1,15 @@
 // The CPU backend's own kernels: normalisation, activations, elementwise ops, resampling and the
-// timestep embedding. All f32 in / f32 out, f32 compute (statistics in double), multi-threaded
-// with OpenMP; plain loops written so GCC vectorises them at the x86-64 baseline (SSE2).
+// timestep embedding. Multi-threaded with OpenMP; plain loops written so GCC vectorises them, at
+// the x86-64 baseline (SSE2) and again for AVX-512 (see KernelIsa).
+//
+// Activation arguments (ConstBuf/Buf) are f32 or bf16, each independently (any other dtype is
+// read as f32: callers validate). Compute is f32 (statistics in double); a bf16 output is rounded
+// once, to nearest even (as diffuse::f32_to_bf16; NaN stays NaN). With every buffer f32 the
+// results are the same bits as the f32-only kernels these replaced. gamma/beta and statistics are
+// always f32/double.
 // Callers (CpuBackend) validate shapes; these take raw pointers and sizes. Unless noted, y may
-// alias x (elementwise kernels).
+// alias x when both have the same dtype (elementwise kernels, group_norm_apply, binary's y == a);
+// buffers of different dtypes must not overlap.
 #pragma once
 #include <cstdint>
 
@@ -10,31 +17,57 @@
 
 namespace diffuse::cpu {
 
+// An activation buffer: data and element type (DType::F32 or DType::BF16).
+struct ConstBuf {
+  const void* data;
+  DType dtype;
+};
+struct Buf {
+  void* data;
+  DType dtype;
+};
+
+// Which compiled copy of the kernels runs: the x86-64 baseline (SSE2) or AVX-512 (F/BW/VL).
+// Both give the same bits (no FMA contraction, same operation order; a NaN result may be another
+// NaN); Avx512 is the default where the CPU and OS support it. set_kernel_isa() is for tests and
+// benchmarks (Avx512 on a CPU without it is an error); not thread-safe against running kernels.
+enum class KernelIsa { Baseline, Avx512 };
+KernelIsa kernel_isa();
+void set_kernel_isa(KernelIsa isa);
+const char* kernel_isa_name(KernelIsa isa);  // "baseline", "avx512"
+
 void f32_to_bf16(const float* x, uint16_t* y, int64_t n);
 void bf16_to_f32(const uint16_t* x, float* y, int64_t n);
 
 // x: [N, S, C] (C innermost), groups over C; gamma/beta: [C] or null (identity).
-void group_norm(const float* x, const float* gamma, const float* beta, int64_t N, int64_t S,
-                int64_t C, int64_t groups, float eps, bool fuse_silu, float* y);
+void group_norm(ConstBuf x, const float* gamma, const float* beta, int64_t N, int64_t S, int64_t C,
+                int64_t groups, float eps, bool fuse_silu, Buf y);
+// The statistics group_norm uses: per (sample, group) mean and biased variance, [N · groups] each.
+void group_norm_stats(ConstBuf x, int64_t N, int64_t S, int64_t C, int64_t groups, double* mean,
+                      double* var);
+// group_norm with given statistics (mean, var: [N · groups]); rstd = 1/sqrt(var + eps).
+void group_norm_apply(ConstBuf x, const double* mean, const double* var, const float* gamma,
+                      const float* beta, int64_t N, int64_t S, int64_t C, int64_t groups, float eps,
+                      bool fuse_silu, Buf y);
 // x: [rows, C]; gamma/beta: [C] or null.
-void layer_norm(const float* x, const float* gamma, const float* beta, int64_t rows, int64_t C,
-                float eps, float* y);
-void softmax(const float* x, int64_t rows, int64_t C, float* y);
-void unary(Unary op, const float* x, int64_t n, float* y);
+void layer_norm(ConstBuf x, const float* gamma, const float* beta, int64_t rows, int64_t C,
+                float eps, Buf y);
+void softmax(ConstBuf x, int64_t rows, int64_t C, Buf y);
+void unary(Unary op, ConstBuf x, int64_t n, Buf y);
 // x: [rows, 2C] -> y: [rows, C] (y must not alias x).
-void geglu(const float* x, int64_t rows, int64_t C, float* y);
-void scale(const float* x, float s, int64_t n, float* y);
+void geglu(ConstBuf x, int64_t rows, int64_t C, Buf y);
+void scale(ConstBuf x, float s, int64_t n, Buf y);
 
 // y = a op b over `a_shape`, where b is broadcast: `b_strides[i]` is b's element stride along
 // a's dim i (0 where broadcast). rank <= 8.
-void binary(Binary op, const float* a, const int64_t* a_shape, int rank, const float* b,
-            const int64_t* b_strides, float* y);
+void binary(Binary op, ConstBuf a, const int64_t* a_shape, int rank, ConstBuf b,
+            const int64_t* b_strides, Buf y);
 
 // x: [N, H, W, C] -> y: [N, Ho, Wo, C], source index floor(i * H / Ho). y must not alias x.
-void upsample_nearest(const float* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Ho,
-                      int64_t Wo, float* y);
-// a: [rows, Ca], b: [rows, Cb] -> y: [rows, Ca + Cb].
-void concat_last(const float* a, int64_t Ca, const float* b, int64_t Cb, int64_t rows, float* y);
+void upsample_nearest(ConstBuf x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Ho,
+                      int64_t Wo, Buf y);
+// a: [rows, Ca], b: [rows, Cb] -> y: [rows, Ca + Cb] (y must not alias a or b).
+void concat_last(ConstBuf a, int64_t Ca, ConstBuf b, int64_t Cb, int64_t rows, Buf y);
 // diffusers' get_timestep_embedding (scale 1), rounding as PyTorch's fp32 ops do.
 void timestep_embedding(const float* t, int64_t N, int64_t dim, bool flip_sin_to_cos,
                         float downscale_freq_shift, float max_period, float* y);

@@ -1,6 +1,8 @@
 #include "backend/cpu/onednn.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 
 #include "core/error.h"
@@ -46,9 +48,47 @@ void* Scratch::get(size_t bytes) {
 // ---------------------------------------------------------------------------------------------
 // Prepared weights
 
+// Symmetric per-output-channel int8: the rows of w ([O, L] row-major, any float dtype) -> q
+// ([O, L] int8) and scales ([O]): scale_o = max|w_o| / 127 (1 for an all-zero row),
+// q = round-half-even(w / scale_o), so |w - q·scale_o| <= scale_o / 2.
+static void quantize_rows(const char* op, const Tensor& w, int64_t O, int64_t L, int8_t* q,
+                          float* scales) {
+  const size_t es = dtype_size(w.dtype());
+  const auto* src = static_cast<const uint8_t*>(w.data());
+  int64_t bad = -1;
+#pragma omp parallel
+  {
+    std::vector<float> row(static_cast<size_t>(L));
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t o = 0; o < O; ++o) {
+      convert(src + size_t(o) * size_t(L) * es, w.dtype(), row.data(), DType::F32, size_t(L));
+      float amax = 0;
+      bool finite = true;
+      for (float v : row) {
+        finite = finite && std::isfinite(v);
+        amax = std::max(amax, std::fabs(v));
+      }
+      if (!finite) {
+#pragma omp critical
+        bad = bad < 0 ? o : std::min(bad, o);
+        continue;
+      }
+      const float s = amax > 0 ? amax / 127.0f : 1.0f;
+      scales[o] = s;
+      int8_t* qo = q + o * L;
+      for (int64_t i = 0; i < L; ++i) {
+        float r = std::nearbyint(row[size_t(i)] / s);
+        qo[i] = int8_t(std::clamp(r, -127.0f, 127.0f));
+      }
+    }
+  }
+  DF_CHECK(bad < 0, op, ": weight ", w.str(), " has a non-finite value in output channel ", bad,
+           " (cannot quantise to int8)");
+}
+
 DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Conv2dParams& p,
-                       dt compute_dt)
-    : kind_(kind), shape_(w.shape()), params_(p), cdt_(compute_dt) {
+                       dt compute_dt, WeightFormat wf)
+    : kind_(kind), shape_(w.shape()), params_(p), cdt_(compute_dt), format_(wf) {
   const char* op = kind == Kind::Conv2d ? "prepare_conv2d" : "prepare_linear";
   int want_rank = kind == Kind::Conv2d ? 4 : 2;
   DF_CHECK(w.defined(), op, ": weight is undefined");
@@ -69,6 +109,11 @@ DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Con
     DF_CHECK(dtype_is_float(bias.dtype()), op, ": bias ", bias.str(), " must be a float type");
     bias_ = memory(memory::desc({O}, dt::f32, tag::x), dnnl_engine());
     convert(bias.data(), bias.dtype(), bias_.get_data_handle(), DType::F32, size_t(O));
+  }
+
+  if (format_ == WeightFormat::Int8) {
+    prepare_int8(op, w);
+    return;
   }
 
   // Plain f32 copy of the weights (freed at the end of the constructor), reordered once into
@@ -95,6 +140,60 @@ DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Con
   weights_.push_back(target);
 }
 
+// `md` with its data type replaced by s8 (same dims, padding and blocking).
+static memory::desc as_s8(const memory::desc& md) {
+  dnnl_memory_desc_t c = md.data;
+  c.data_type = dnnl_s8;
+  return memory::desc(c);
+}
+
+// Quantises row by row into a plain s8 copy; the first primitive() moves it into its layout.
+void DnnlWeight::prepare_int8(const char* op, const Tensor& w) {
+  const int64_t O = shape_[0];
+  memory::desc plain_md = kind_ == Kind::Conv2d
+                              ? memory::desc({O, shape_[1], shape_[2], shape_[3]}, dt::s8, tag::oihw)
+                              : memory::desc({shape_[1], O}, dt::s8, tag::ba);
+  qweights_ = memory(plain_md, dnnl_engine());
+  scales_.assign(size_t(O), 1.0f);
+  quantize_rows(op, w, O, w.numel() / O, static_cast<int8_t*>(qweights_.get_data_handle()), scales_.data());
+  memory::desc pmd = kind_ == Kind::Conv2d ? memory::desc({1, O, 1, 1}, dt::f32, tag::nchw)
+                                           : memory::desc({1, O}, dt::f32, tag::ab);
+  post_scale_ = memory(pmd, dnnl_engine(), scales_.data());
+  if (bias_) post_bias_ = memory(pmd, dnnl_engine(), bias_.get_data_handle());
+}
+
+std::vector<int8_t> DnnlWeight::int8_values() const {
+  if (!qweights_) return {};
+  const int64_t O = shape_[0];
+  memory::desc plain_md = kind_ == Kind::Conv2d
+                              ? memory::desc({O, shape_[1], shape_[2], shape_[3]}, dt::s8, tag::oihw)
+                              : memory::desc({shape_[1], O}, dt::s8, tag::ba);
+  std::vector<int8_t> out(plain_md.get_size());
+  memory plain(plain_md, dnnl_engine(), out.data());
+  dnnl::reorder(qweights_, plain).execute(dnnl_stream(), qweights_, plain);
+  dnnl_stream().wait();
+  return out;
+}
+
+// int8 -> f32 or bf16, exact (|q| <= 127 has at most 7 significant bits).
+static void convert_s8(const int8_t* q, void* out, dt cdt, size_t n) {
+  const int64_t nn = int64_t(n);
+  if (cdt == dt::f32) {
+    auto* d = static_cast<float*>(out);
+#pragma omp parallel for schedule(static) if (nn > (1 << 16))
+    for (int64_t i = 0; i < nn; ++i) d[i] = float(q[i]);
+    return;
+  }
+  auto* d = static_cast<uint16_t*>(out);
+#pragma omp parallel for schedule(static) if (nn > (1 << 16))
+  for (int64_t i = 0; i < nn; ++i) {
+    float f = float(q[i]);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    d[i] = uint16_t(u >> 16);  // the low half is zero: truncation is exact
+  }
+}
+
 int64_t DnnlWeight::conv_out_h(int64_t h) const {
   return (h + params_.pad_top + params_.pad_bottom - kh()) / params_.stride + 1;
 }
@@ -105,6 +204,32 @@ int64_t DnnlWeight::conv_out_w(int64_t w) const {
 dnnl::primitive_desc DnnlWeight::make_pd(const std::vector<int64_t>& d, dt src_dt, dt dst_dt) const {
   const int64_t O = shape_[0], I = shape_[1];
   memory::desc bias_md = bias_ ? bias_.get_desc() : memory::desc();
+  if (format_ == WeightFormat::Int8) {
+    // Integer-valued weights: y = (x·q)·scale + bias as post-ops (a bias in the op itself would
+    // be added before the scale).
+    dnnl::post_ops po;
+    po.append_binary(dnnl::algorithm::binary_mul, post_scale_.get_desc());
+    if (bias_) po.append_binary(dnnl::algorithm::binary_add, post_bias_.get_desc());
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(po);
+    if (kind_ == Kind::Conv2d) {
+      const int64_t N = d[0], H = d[1], W = d[2];
+      memory::desc src({N, I, H, W}, src_dt, tag::nhwc);
+      memory::desc wei({O, I, kh(), kw()}, cdt_, tag::any);
+      memory::desc dst({N, O, conv_out_h(H), conv_out_w(W)}, dst_dt, tag::nhwc);
+      return dnnl::convolution_forward::primitive_desc(
+          dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                          dnnl::algorithm::convolution_direct, src, wei, dst,
+                                          {params_.stride, params_.stride},
+                                          {params_.pad_top, params_.pad_left},
+                                          {params_.pad_bottom, params_.pad_right}),
+          attr, dnnl_engine());
+    }
+    memory::desc src({d[0], I}, src_dt, tag::ab);
+    memory::desc wei({I, O}, cdt_, tag::any);
+    memory::desc dst({d[0], O}, dst_dt, tag::ab);
+    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), attr, dnnl_engine());
+  }
   if (kind_ == Kind::Conv2d) {
     const int64_t N = d[0], H = d[1], W = d[2];
     memory::desc src({N, I, H, W}, src_dt, tag::nhwc);
@@ -156,6 +281,40 @@ CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, dt src_
   e.impl = pd.impl_info_str();
   e.src = memory(pd.src_desc(), dnnl_engine(), DNNL_MEMORY_NONE);
   e.dst = memory(pd.dst_desc(), dnnl_engine(), DNNL_MEMORY_NONE);
+  if (format_ == WeightFormat::Int8) {
+    const memory::desc wmd = pd.weights_desc();
+    e.weights = memory(wmd, dnnl_engine(), DNNL_MEMORY_NONE);
+    if (!int8_placed_) {
+      // The first primitive (normally the shape every later call has): store q in its layout,
+      // so that its calls only convert the type.
+      const memory::desc qmd = as_s8(wmd);
+      memory placed(qmd, dnnl_engine());
+      std::memset(placed.get_data_handle(), 0, qmd.get_size());
+      dnnl::reorder(qweights_, placed).execute(dnnl_stream(), qweights_, placed);
+      note_primitive_created();
+      dnnl_stream().wait();
+      qweights_ = placed;
+      int8_placed_ = true;
+    }
+    if (!(as_s8(wmd) == qweights_.get_desc())) {
+      // Another layout than the stored one (another input shape or output type): a converting
+      // reorder, made once per layout.
+      auto d = std::find_if(dequants_.begin(), dequants_.end(), [&](const auto& r) { return r.first == wmd; });
+      if (d == dequants_.end()) {
+        dequants_.emplace_back(wmd, dnnl::reorder(dnnl::reorder::primitive_desc(
+                                        dnnl_engine(), qweights_.get_desc(), dnnl_engine(), wmd)));
+        note_primitive_created();
+        d = dequants_.end() - 1;
+      }
+      e.dequant = d->second;
+      e.dequant_args = {{DNNL_ARG_FROM, qweights_}, {DNNL_ARG_TO, e.weights}};
+    }
+    e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_DST, e.dst},
+              {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, post_scale_}};
+    if (bias_) e.args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1] = post_bias_;
+    impl_ = e.impl;
+    return cache_.emplace(std::move(key), std::move(e)).first->second;
+  }
   e.weights = weights_for(pd.weights_desc());
   e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_DST, e.dst}};
   if (bias_) e.args[DNNL_ARG_BIAS] = kind_ == Kind::Conv2d
@@ -164,6 +323,17 @@ CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, dt src_
                                                    dnnl_engine(), bias_.get_data_handle());
   impl_ = e.impl;
   return cache_.emplace(std::move(key), std::move(e)).first->second;
+}
+
+void DnnlWeight::dequantize(CachedPrimitive& e, void* buf) const {
+  DF_CHECK(format_ == WeightFormat::Int8, "dequantize: weight ", shape_.str(), " is not int8");
+  e.weights.set_data_handle(buf);
+  if (e.dequant) {
+    e.dequant.execute(dnnl_stream(), e.dequant_args);
+    return;
+  }
+  convert_s8(static_cast<const int8_t*>(qweights_.get_data_handle()), buf,
+             e.weights.get_desc().data_type(), qweights_.get_desc().get_size());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -48,15 +48,28 @@ struct CachedPrimitive {
   dnnl::memory weights;    // DNNL_ARG_WEIGHTS: per call for matmul, fixed for prepared weights
   std::unordered_map<int, dnnl::memory> args;
   std::string impl;
+  // Int8 weights only: `weights` (whose handle is set per call to a backend scratch buffer)
+  // receives the int8 values converted to the compute type; when the primitive wants another
+  // layout than the stored one, by this reorder (with its bound arguments), else by a plain
+  // element-wise conversion.
+  dnnl::primitive dequant;
+  std::unordered_map<int, dnnl::memory> dequant_args;
 };
 
 // Weights of a conv2d or linear layer, prepared for one compute type (f32 or bf16).
+// WeightFormat::Int8 keeps only int8 weights q (plain until the first primitive is made, then in
+// that primitive's blocked layout), one f32 scale s per output channel and the f32 bias b. Before
+// each execution the caller has q converted to the compute type (exact: |q| <= 127) into a
+// shared buffer (dequantize()); the primitive computes y = (x·q)·s + b with s and b as fused
+// per-channel post-ops (binary mul, binary add), so the weights are never rounded again.
 class DnnlWeight : public PreparedWeight {
  public:
   enum class Kind { Conv2d, Linear };
   // w: conv [O, I, kh, kw] / linear [O, I], any float dtype; bias [O] or undefined.
   DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Conv2dParams& p,
-             dnnl::memory::data_type compute_dt);
+             dnnl::memory::data_type compute_dt, WeightFormat wf = WeightFormat::Native);
+  DnnlWeight(const DnnlWeight&) = delete;  // int8 post-op memories point into the object
+  DnnlWeight& operator=(const DnnlWeight&) = delete;
   const Shape& shape() const override { return shape_; }
 
   Kind kind() const { return kind_; }
@@ -76,11 +89,27 @@ class DnnlWeight : public PreparedWeight {
   CachedPrimitive& primitive(const std::vector<int64_t>& dims, dnnl::memory::data_type src_dt,
                              dnnl::memory::data_type dst_dt) const;
   const std::string& impl_info() const { return impl_; }  // kernel of the last-created primitive
-  size_t weight_layouts() const { return weights_.size(); }  // reordered copies held (normally 1)
+  size_t weight_layouts() const { return weights_.size(); }  // reordered copies held (normally 1; 0 for int8)
+
+  // ---- int8 weights ----
+  WeightFormat format() const { return format_; }
+  bool is_int8() const { return format_ == WeightFormat::Int8; }
+  // The int8 values as row-major [O, I·kh·kw] (a copy, for tests) and the per-output-channel
+  // scales (empty unless int8).
+  std::vector<int8_t> int8_values() const;
+  const std::vector<float>& scales() const { return scales_; }
+  size_t int8_bytes() const { return qweights_ ? qweights_.get_desc().get_size() : 0; }  // stored int8 (padded)
+  size_t int8_relayouts() const { return dequants_.size(); }  // layouts other than the stored one in use
+  // Bytes the compute-type weights of primitive `e` need (its weights_desc size).
+  static size_t dequant_bytes(const CachedPrimitive& e) { return e.weights.get_desc().get_size(); }
+  // Int8 only: converts the int8 weights into `buf` (>= dequant_bytes(e), 64-byte aligned) and
+  // binds it as e's weights. Call before every execution of e: the buffer is shared between layers.
+  void dequantize(CachedPrimitive& e, void* buf) const;
 
  private:
   dnnl::primitive_desc make_pd(const std::vector<int64_t>& dims, dnnl::memory::data_type src_dt,
                                dnnl::memory::data_type dst_dt) const;
+  void prepare_int8(const char* op, const Tensor& w);
   // Weights in layout `md`, reordered from the first prepared copy once per distinct layout.
   const dnnl::memory& weights_for(const dnnl::memory::desc& md) const;
 
@@ -92,6 +121,15 @@ class DnnlWeight : public PreparedWeight {
   mutable std::vector<dnnl::memory> weights_;
   mutable std::map<std::vector<int64_t>, CachedPrimitive> cache_;
   mutable std::string impl_;
+  WeightFormat format_ = WeightFormat::Native;
+  // int8: s8, plain ([O, I, kh, kw] oihw / logical [I, O] ba) until the first primitive, then in
+  // its weight layout (zero-padded); `int8_placed_` says which.
+  mutable dnnl::memory qweights_;
+  mutable bool int8_placed_ = false;
+  std::vector<float> scales_;   // int8: [O]
+  dnnl::memory post_scale_, post_bias_;  // int8: scales_ / bias_ as post-op operands [1, O(, 1, 1)]
+  // int8: reorders from the stored layout to other layouts (compute type), one per layout.
+  mutable std::vector<std::pair<dnnl::memory::desc, dnnl::primitive>> dequants_;
 };
 
 // Batched matmul primitives of activations × activations, keyed by shape, dtypes and alpha.

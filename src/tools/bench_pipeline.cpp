@@ -1,0 +1,350 @@
+// `diffuse bench`: load a full-size checkpoint (a synthetic random-weight one from the layout
+// manifests unless a path is given), run txt2img with guidance and time each stage. Only JSON goes
+// to stdout; progress and a summary go to stderr.
+#include "tools/bench_pipeline.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "core/memory_stats.h"
+#include "core/threads.h"
+#include "models/sd_model.h"
+#include "models/synthetic.h"
+#include "pipeline/generate.h"
+#include "tools/commands.h"
+
+namespace diffuse::tools {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double secs_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double gb(size_t bytes) { return std::round(double(bytes) / 1e9 * 1000) / 1000; }
+double r3(double v) { return std::round(v * 1000) / 1000; }
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::string cache_dir(const PipelineBenchOptions& o) {
+  if (!o.cache_dir.empty()) return o.cache_dir;
+  if (const char* e = std::getenv("DIFFUSE_BENCH_DIR")) return e;
+  if (const char* e = std::getenv("XDG_CACHE_HOME")) return std::string(e) + "/diffuse";
+  if (const char* e = std::getenv("HOME")) return std::string(e) + "/.cache/diffuse";
+  return "/tmp/diffuse-cache";
+}
+
+// The checkpoint to run: a path as given, or the synthetic one for "sd15"/"sd21"/"sdxl", written
+// (f16, ldm single file, seed 0) on first use.
+std::string resolve_model(const PipelineBenchOptions& o, bool& synthetic) {
+  synthetic = o.model == "sd15" || o.model == "sd21" || o.model == "sdxl";
+  if (!synthetic) {
+    std::error_code ec;
+    DF_CHECK(fs::exists(o.model, ec), "--model ", o.model, ": no such file or folder (or give sd15, sd21, sdxl)");
+    return o.model;
+  }
+  const std::string dir = cache_dir(o);
+  const std::string path = dir + "/synthetic-" + o.model + "-f16.safetensors";
+  std::error_code ec;
+  if (fs::exists(path, ec)) return path;
+  fs::create_directories(dir, ec);
+  DF_CHECK(!ec, "bench: cannot create the cache folder ", dir, ": ", ec.message(), " (set --cache-dir)");
+  const std::string tsv = find_manifest(o.model, manifest_dirs());
+  std::fprintf(stderr, "bench: writing the random-weight %s checkpoint %s (once)\n", o.model.c_str(), path.c_str());
+  write_synthetic_checkpoint(read_manifest(tsv), "ldm", path, DType::F16, 0, manifest_config_path(tsv), true);
+  return path;
+}
+
+// The benchmark's generation: txt2img with guidance, a fixed prompt and seed, diffusers' CPU noise.
+GenerateParams bench_params(const PipelineBenchOptions& o, const SDModel& model, int size) {
+  GenerateParams p;
+  p.prompt = "a photograph of an astronaut riding a horse";
+  p.width = p.height = size;
+  p.steps = o.steps;
+  p.cfg = o.cfg;
+  p.sampler = o.sampler;
+  p.seed = 0;
+  p.rng = RngKind::Cpu;
+  p.prediction = model.family == Family::SD2 ? Prediction::VPrediction : Prediction::Epsilon;
+  return p;
+}
+
+struct RunTimes {
+  double text_encode_s = 0, vae_decode_s = 0, generate_s = 0;
+  size_t peak_before_decode = 0;  // VmHWM when the VAE decode starts
+  std::vector<double> steps;
+};
+
+// One txt2img generation with stage timestamps taken from the progress callback.
+RunTimes run_once(const SDModel& model, Backend& be, const GenerateParams& p) {
+  RunTimes r;
+  Clock::time_point stage_start = Clock::now(), last = stage_start;
+  auto progress = [&](Stage s, int done, int total) {
+    const Clock::time_point now = Clock::now();
+    const double dt = std::chrono::duration<double>(now - last).count();
+    if (s == Stage::Encode && done == 0) stage_start = now;
+    if (s == Stage::Encode && done == 1) r.text_encode_s = std::chrono::duration<double>(now - stage_start).count();
+    if (s == Stage::Denoise) {
+      r.steps.push_back(dt);
+      std::fprintf(stderr, "\r  step %d/%d  %.2f s  ", done, total, dt);
+      if (done == total) std::fprintf(stderr, "\n");
+    }
+    if (s == Stage::Decode && done == 0) {
+      stage_start = now;
+      r.peak_before_decode = peak_rss_bytes();
+    }
+    if (s == Stage::Decode && done == total) r.vae_decode_s = std::chrono::duration<double>(now - stage_start).count();
+    last = now;
+  };
+  const Clock::time_point t0 = Clock::now();
+  generate(model, be, p, progress);
+  r.generate_s = secs_since(t0);
+  return r;
+}
+
+}  // namespace
+
+void add_pipeline_bench_options(CLI::App* cmd, PipelineBenchOptions& o) {
+  cmd->add_option("--model", o.model, "sd15, sd21, sdxl (random weights, written on first use) or a checkpoint path");
+  cmd->add_option("--size", o.size, "image size in pixels, square (default: the model's native size)")
+      ->check(CLI::Range(64, 4096));
+  cmd->add_option("--steps", o.steps, "sampling steps (default 20)")->check(CLI::Range(1, 1000));
+  cmd->add_option("--cfg-scale", o.cfg, "guidance scale (default 7: a guided step is two UNet passes)");
+  cmd->add_option("--sampler", o.sampler, "sampler (default euler)");
+  cmd->add_option("--runs", o.runs, "separate processes (cold starts) to run; medians are reported (default 1)")
+      ->check(CLI::Range(1, 100));
+  cmd->add_option("--cache-dir", o.cache_dir,
+                  "where synthetic checkpoints are written (default $DIFFUSE_BENCH_DIR or ~/.cache/diffuse)");
+  cmd->add_option("--weights", o.weights, "native (the checkpoint's 16-bit weights, computed in --precision) or int8")
+      ->check(CLI::IsMember({"native", "int8"}));
+  cmd->add_option("--vae-tiling", o.vae_tiling, "auto (default), on or off")->check(CLI::IsMember({"auto", "on", "off"}));
+  cmd->add_flag("--decode-only", o.decode_only, "time only the VAE decode of a random latent of --size");
+}
+
+namespace {
+
+std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return q + "'";
+}
+
+// --runs N > 1: N separate processes (this binary with --runs 1), each a cold start as a user
+// sees it (load, encode, steps, decode, its own peak RSS); the medians of their figures.
+int run_processes(const PipelineBenchOptions& o, int threads, const std::string& precision) {
+  std::string cmd = shell_quote("/proc/self/exe");
+  char self[4096];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n > 0) cmd = shell_quote(std::string(self, size_t(n)));
+  cmd += " bench --runs 1 --model " + shell_quote(o.model) + " --size " + std::to_string(o.size) + " --steps " +
+         std::to_string(o.steps) + " --cfg-scale " + std::to_string(o.cfg) + " --sampler " + shell_quote(o.sampler) +
+         " --precision " + shell_quote(precision) + " --threads " + std::to_string(threads) + " --weights " +
+         shell_quote(o.weights) + " --vae-tiling " + shell_quote(o.vae_tiling);
+  if (!o.cache_dir.empty()) cmd += " --cache-dir " + shell_quote(o.cache_dir);
+  if (o.decode_only) cmd += " --decode-only";
+  std::vector<nlohmann::json> runs;
+  for (int r = 0; r < o.runs; ++r) {
+    std::fprintf(stderr, "diffuse bench: process %d/%d\n", r + 1, o.runs);
+    std::FILE* f = popen(cmd.c_str(), "r");
+    DF_CHECK(f, "bench: cannot run ", cmd);
+    std::string text;
+    char buf[4096];
+    size_t got;
+    while ((got = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, got);
+    const int status = pclose(f);
+    DF_CHECK(status == 0, "bench: run ", r + 1, " failed (exit status ", status, "): ", cmd);
+    runs.push_back(nlohmann::json::parse(text));
+  }
+  nlohmann::json out = runs[0];
+  for (const char* key : {"load_s", "rss_after_load_gb", "text_encode_s", "step_s_median", "vae_decode_s", "generate_s",
+                          "total_s", "peak_rss_gb"}) {
+    if (!out.contains(key)) continue;
+    std::vector<double> v;
+    for (const nlohmann::json& j : runs) v.push_back(j.at(key).get<double>());
+    out[key] = r3(median(v));
+  }
+  out.erase("runs");
+  out.erase("vae_decode_runs_s");
+  out["processes"] = runs;
+  out["aggregate"] = "median over processes";
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
+
+}  // namespace
+
+int run_quality_bench(const PipelineBenchOptions& o, int threads) {
+  set_num_threads(threads);
+  bool synthetic = false;
+  const std::string path = resolve_model(o, synthetic);
+  struct Mode {
+    const char* name;
+    Precision prec;
+    WeightFormat wf;
+  };
+  std::vector<Mode> modes = {{"fp32", Precision::F32, WeightFormat::Native}};
+  if (cpu_features().bf16_fast()) {
+    modes.push_back({"bf16", Precision::BF16, WeightFormat::Native});
+    modes.push_back({"int8 (bf16 compute)", Precision::BF16, WeightFormat::Int8});
+  } else {
+    modes.push_back({"int8 (fp32 compute)", Precision::F32, WeightFormat::Int8});
+  }
+  Tensor ref;
+  nlohmann::json results = nlohmann::json::array();
+  int size = o.size;
+  for (const Mode& m : modes) {
+    auto be = make_cpu_backend(m.prec, m.wf);
+    SDLoadOptions lo;
+    lo.vae_encoder = false;
+    auto model = SDModel::load(path, *be, lo);
+    if (size == 0) size = model->family == Family::SDXL ? 1024 : model->family == Family::SD2 ? 768 : 512;
+    GenerateParams p = bench_params(o, *model, size);
+    std::fprintf(stderr, "diffuse bench quality: %s, %dx%d, %d steps %s\n", m.name, size, size, o.steps,
+                 o.sampler.c_str());
+    const Clock::time_point t0 = Clock::now();
+    std::vector<Result> r = generate(*model, *be, p, [](Stage s, int done, int total) {
+      if (s == Stage::Denoise) std::fprintf(stderr, "\r  step %d/%d ", done, total);
+      if (s == Stage::Denoise && done == total) std::fprintf(stderr, "\n");
+    });
+    const double secs = secs_since(t0);
+    const Tensor& lat = r[0].latent;
+    nlohmann::json j = {{"mode", m.name}, {"generate_s", r3(secs)}};
+    if (!ref.defined()) {
+      ref = lat.clone();
+    } else {
+      double dot = 0, na = 0, nb = 0, maxd = 0, maxref = 0;
+      for (int64_t i = 0; i < lat.numel(); ++i) {
+        const double a = ref.f32()[i], b = lat.f32()[i];
+        dot += a * b;
+        na += a * a;
+        nb += b * b;
+        maxd = std::max(maxd, std::fabs(a - b));
+        maxref = std::max(maxref, std::fabs(a));
+      }
+      j["latent_cosine_vs_fp32"] = std::round(dot / std::sqrt(na * nb) * 1e6) / 1e6;
+      j["latent_max_abs_diff_vs_fp32"] = r3(maxd);
+      j["fp32_latent_max_abs"] = r3(maxref);
+      std::fprintf(stderr, "  %s vs fp32: latent cosine %.6f, max |d| %.4f (max |fp32| %.3f)\n", m.name,
+                   dot / std::sqrt(na * nb), maxd, maxref);
+    }
+    results.push_back(j);
+  }
+  nlohmann::json out = {{"model", o.model}, {"checkpoint", path}, {"size", size},     {"steps", o.steps},
+                        {"sampler", o.sampler}, {"cfg", o.cfg},     {"modes", results}};
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
+
+int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::string& precision) {
+  if (o.runs > 1) return run_processes(o, threads, precision);
+  set_num_threads(threads);
+  DF_CHECK(o.size % 8 == 0, "--size ", o.size, ": must be a multiple of 8");
+  Precision prec = Precision::F32;
+  if (precision == "bf16" || ((precision == "auto" || precision == "both") && cpu_features().bf16_fast()))
+    prec = Precision::BF16;
+  bool synthetic = false;
+  const std::string path = resolve_model(o, synthetic);
+  auto be = make_cpu_backend(prec, o.weights == "int8" ? WeightFormat::Int8 : WeightFormat::Native);
+  std::fprintf(stderr, "diffuse bench: %s, %s on %s, %d threads, cpu: %s\n", path.c_str(),
+               precision_name(be->effective_precision()), be->name().c_str(), num_threads(), cpu_features().str().c_str());
+
+  Clock::time_point t0 = Clock::now();
+  SDLoadOptions lo;
+  lo.vae_encoder = false;
+  lo.text_encoders = lo.unet = !o.decode_only;
+  auto model = SDModel::load(path, *be, lo);
+  const double load_s = secs_since(t0);
+  const size_t rss_loaded = rss_bytes();
+  const int size = o.size > 0 ? o.size : model->family == Family::SDXL ? 1024 : model->family == Family::SD2 ? 768 : 512;
+  std::fprintf(stderr, "  loaded %s in %.2f s, RSS %.2f GB\n", family_name(model->family), load_s, gb(rss_loaded));
+
+  nlohmann::json out = {{"model", o.model},
+                        {"checkpoint", path},
+                        {"synthetic", synthetic},
+                        {"size", size},
+                        {"precision", precision_name(be->effective_precision())},
+                        {"weights", o.weights},
+                        {"threads", num_threads()},
+                        {"cpu", cpu_features().str()},
+                        {"load_s", r3(load_s)},
+                        {"rss_after_load_gb", gb(rss_loaded)}};
+
+  VAETiling tiling;
+  tiling.mode = o.vae_tiling == "on" ? VAETiling::Mode::On : o.vae_tiling == "off" ? VAETiling::Mode::Off : VAETiling::Mode::Auto;
+  out["vae_tiled"] = tiling.active(size, size);
+  if (o.decode_only) {
+    const int64_t h = size / 8;
+    Tensor z = Tensor::empty({1, h, h, model->vae_cfg.latent_channels});
+    std::mt19937 rng(0);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (int64_t i = 0; i < z.numel(); ++i) z.f32()[i] = nd(rng);
+    std::vector<double> times;
+    for (int r = 0; r < o.runs; ++r) {
+      Arena arena;
+      Ctx ctx{*be, arena};
+      Clock::time_point td = Clock::now();
+      Tensor img = model->vae.decode(ctx, z, tiling);
+      times.push_back(secs_since(td));
+      std::fprintf(stderr, "  VAE decode %dx%d: %.2f s\n", size, size, times.back());
+    }
+    out["vae_decode_s"] = r3(median(times));
+    out["vae_decode_runs_s"] = times;
+    out["peak_rss_gb"] = gb(peak_rss_bytes());
+    std::printf("%s\n", out.dump(2).c_str());
+    return 0;
+  }
+
+  GenerateParams p = bench_params(o, *model, size);
+  p.on_conditioned = [&] { model->release_text_encoders(); };  // as `diffuse generate` does
+  p.vae_tiling = tiling;
+
+  std::vector<RunTimes> runs;
+  for (int r = 0; r < o.runs; ++r) {
+    std::fprintf(stderr, "  run %d/%d: txt2img %dx%d, %d steps, %s, cfg %g\n", r + 1, o.runs, size, size, o.steps,
+                 o.sampler.c_str(), o.cfg);
+    runs.push_back(run_once(*model, *be, p));
+    const RunTimes& t = runs.back();
+    std::fprintf(stderr, "  text encode %.2f s, step median %.2f s, VAE decode %.2f s, generate %.2f s, peak RSS %.2f GB\n",
+                 t.text_encode_s, median(t.steps), t.vae_decode_s, t.generate_s, gb(peak_rss_bytes()));
+  }
+  std::vector<double> enc, step, dec, gen, all_steps;
+  nlohmann::json detail = nlohmann::json::array();
+  for (const RunTimes& t : runs) {
+    enc.push_back(t.text_encode_s);
+    step.push_back(median(t.steps));
+    dec.push_back(t.vae_decode_s);
+    gen.push_back(t.generate_s);
+    std::vector<double> st;
+    for (double s : t.steps) st.push_back(r3(s));
+    detail.push_back({{"text_encode_s", r3(t.text_encode_s)}, {"step_s", st}, {"vae_decode_s", r3(t.vae_decode_s)},
+                      {"generate_s", r3(t.generate_s)}, {"peak_rss_before_decode_gb", gb(t.peak_before_decode)}});
+  }
+  out["steps"] = o.steps;
+  out["cfg"] = o.cfg;
+  out["sampler"] = o.sampler;
+  out["text_encode_s"] = r3(median(enc));
+  out["step_s_median"] = r3(median(step));
+  out["vae_decode_s"] = r3(median(dec));
+  out["generate_s"] = r3(median(gen));
+  out["total_s"] = r3(load_s + median(gen));  // what a user waits for: load + encode + steps + decode
+  out["peak_rss_gb"] = gb(peak_rss_bytes());
+  out["runs"] = detail;
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
+
+}  // namespace diffuse::tools
