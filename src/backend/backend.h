@@ -65,6 +65,9 @@ class Backend {
   // The implementation last chosen for an op kind ("conv2d_3x3", "attention", "matmul", ...),
   // e.g. oneDNN's "brg:avx512_core_amx_bf16"; empty if unknown. For benchmarks and logs.
   virtual std::string describe(const std::string& op) const { return {}; }
+  // Frees the backend's own scratch buffers (conversion and dequantisation buffers; they grow
+  // again on demand), e.g. between the denoising loop and the VAE decode.
+  virtual void release_scratch() {}
 
   // ---- weights (once, at load) ----
   // w: [O, I, kh, kw] (any float dtype), bias: [O] or undefined.

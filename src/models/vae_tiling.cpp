@@ -263,13 +263,16 @@ Tensor VAE::decode(Ctx& c, const Tensor& z, const VAETiling& tiling) const {
     Stages s(c, m.arenas, m.peaks);
     trunk = m.dec_trunk(s, z, split).clone();
   }
+  // The tail's activations are bf16 when the backend computes in bf16 (as in the untiled decode);
+  // the trunk output, the crops and the blended image stay f32.
+  Ctx tail{c.be, c.arena, c.be.effective_precision() == Precision::BF16 ? DType::BF16 : c.act};
   // GroupNorm statistics of the tail from a nearest-subsampled copy of the trunk output.
   NormStats ns;
   ns.record();
   {
     const int64_t fs = stats_factor(tiling, h, w, ay, ax);
     Tensor sub = fs == 1 ? trunk : nearest(trunk, ceil_div(h, fs), ceil_div(w, fs));
-    Stages s(c, m.arenas, m.peaks);
+    Stages s(tail, m.arenas, m.peaks);
     m.dec_tail(s, sub, &ns, false, split);
   }
   const size_t norms = ns.size();
@@ -295,10 +298,10 @@ Tensor VAE::decode(Ctx& c, const Tensor& z, const VAETiling& tiling) const {
           o.start_y = ay.starts[ty], o.start_x = ax.starts[tx], o.in_h = ay.size;
           ns.apply_and_measure(o);
         }
-        Stages s(c, m.arenas, m.peaks);
+        Stages s(tail, m.arenas, m.peaks);
         Tensor y = m.dec_tail(s, crop, &ns, false, split);
         DF_CHECK(ns.all_used(), "VAE::decode: a tile used fewer GroupNorms than the statistics pass's ", norms);
-        if (last) blend_into(out, y, r * ay.starts[ty], r * ax.starts[tx], wy, wx);
+        if (last) blend_into(out, y.dtype() == DType::F32 ? y : y.to(DType::F32), r * ay.starts[ty], r * ax.starts[tx], wy, wx);
       }
     }
     if (!last) ns.take_measured();

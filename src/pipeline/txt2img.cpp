@@ -230,6 +230,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   Tensor lat = run.empty() ? x : denoise(ctx, model.unet, *sched, x, g, draw, hooks, first);
   // The UNet's pass memory is not needed while decoding.
   model.unet.release_scratch();
+  be.release_scratch();
   arena = Arena();
   return_free_memory();
 

@@ -78,6 +78,11 @@ CpuBackend::CpuBackend(Precision p, WeightFormat wf) : requested_(p), effective_
   }
 }
 
+void CpuBackend::release_scratch() {
+  for (cpu::Scratch& s : scratch_) s = cpu::Scratch();
+  dequant_ = cpu::Scratch();
+}
+
 std::unique_ptr<Backend> make_cpu_backend(Precision p, WeightFormat wf) {
   return std::make_unique<CpuBackend>(p, wf);
 }

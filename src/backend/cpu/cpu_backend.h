@@ -64,6 +64,7 @@ class CpuBackend : public Backend {
   std::string last_impl(const std::string& op) const;
   // oneDNN primitives (incl. weight reorders) created by all backends since process start.
   static size_t primitives_created() { return cpu::primitives_created(); }
+  void release_scratch() override;
 
  private:
   dnnl::memory::data_type compute_dt() const;
