@@ -58,6 +58,15 @@ template <class F> static inline void on_type(DType t, F&& f) {
   else f(Tag<float>{});
 }
 
+// Calls f(x as const TI*, y as TO*) for the element types of an input and an output.
+template <class F> static inline void with_io(ConstBuf x, Buf y, F&& f) {
+  on_type(x.dtype, [&](auto ti) {
+    on_type(y.dtype, [&](auto to) {
+      f(cptr<typename decltype(ti)::type>(x), ptr<typename decltype(to)::type>(y));
+    });
+  });
+}
+
 // n elements from src to dst, converting (a plain copy when the types match).
 template <class TI, class TO> static inline void copy_row(const TI* src, TO* dst, int64_t n) {
   if constexpr (std::is_same_v<TI, TO>) {
@@ -279,13 +288,7 @@ static void layer_norm_t(const TI* x, const float* gamma, const float* beta, int
 
 void layer_norm(ConstBuf x, const float* gamma, const float* beta, int64_t rows, int64_t C,
                 float eps, Buf y) {
-  on_type(x.dtype, [&](auto ti) {
-    on_type(y.dtype, [&](auto to) {
-      using TI = typename decltype(ti)::type;
-      using TO = typename decltype(to)::type;
-      layer_norm_t(cptr<TI>(x), gamma, beta, rows, C, eps, ptr<TO>(y));
-    });
-  });
+  with_io(x, y, [&](auto xp, auto yp) { layer_norm_t(xp, gamma, beta, rows, C, eps, yp); });
 }
 
 // The exponentials are kept in f32 until the final scaling: in the output row itself when it is
@@ -318,13 +321,7 @@ static void softmax_t(const TI* x, int64_t rows, int64_t C, TO* y) {
 }
 
 void softmax(ConstBuf x, int64_t rows, int64_t C, Buf y) {
-  on_type(x.dtype, [&](auto ti) {
-    on_type(y.dtype, [&](auto to) {
-      using TI = typename decltype(ti)::type;
-      using TO = typename decltype(to)::type;
-      softmax_t(cptr<TI>(x), rows, C, ptr<TO>(y));
-    });
-  });
+  with_io(x, y, [&](auto xp, auto yp) { softmax_t(xp, rows, C, yp); });
 }
 
 template <class TI, class TO>
@@ -357,13 +354,7 @@ static void unary_t(Unary op, const TI* x, int64_t n, TO* y) {
 }
 
 void unary(Unary op, ConstBuf x, int64_t n, Buf y) {
-  on_type(x.dtype, [&](auto ti) {
-    on_type(y.dtype, [&](auto to) {
-      using TI = typename decltype(ti)::type;
-      using TO = typename decltype(to)::type;
-      unary_t(op, cptr<TI>(x), n, ptr<TO>(y));
-    });
-  });
+  with_io(x, y, [&](auto xp, auto yp) { unary_t(op, xp, n, yp); });
 }
 
 template <class TI, class TO>
@@ -378,13 +369,7 @@ static void geglu_t(const TI* x, int64_t rows, int64_t C, TO* y) {
 }
 
 void geglu(ConstBuf x, int64_t rows, int64_t C, Buf y) {
-  on_type(x.dtype, [&](auto ti) {
-    on_type(y.dtype, [&](auto to) {
-      using TI = typename decltype(ti)::type;
-      using TO = typename decltype(to)::type;
-      geglu_t(cptr<TI>(x), rows, C, ptr<TO>(y));
-    });
-  });
+  with_io(x, y, [&](auto xp, auto yp) { geglu_t(xp, rows, C, yp); });
 }
 
 template <class TI, class TO>
@@ -394,13 +379,7 @@ static void scale_t(const TI* x, float s, int64_t n, TO* y) {
 }
 
 void scale(ConstBuf x, float s, int64_t n, Buf y) {
-  on_type(x.dtype, [&](auto ti) {
-    on_type(y.dtype, [&](auto to) {
-      using TI = typename decltype(ti)::type;
-      using TO = typename decltype(to)::type;
-      scale_t(cptr<TI>(x), s, n, ptr<TO>(y));
-    });
-  });
+  with_io(x, y, [&](auto xp, auto yp) { scale_t(xp, s, n, yp); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,13 +464,7 @@ static void upsample_nearest_t(const TI* x, int64_t N, int64_t H, int64_t W, int
 
 void upsample_nearest(ConstBuf x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Ho,
                       int64_t Wo, Buf y) {
-  on_type(x.dtype, [&](auto ti) {
-    on_type(y.dtype, [&](auto to) {
-      using TI = typename decltype(ti)::type;
-      using TO = typename decltype(to)::type;
-      upsample_nearest_t(cptr<TI>(x), N, H, W, C, Ho, Wo, ptr<TO>(y));
-    });
-  });
+  with_io(x, y, [&](auto xp, auto yp) { upsample_nearest_t(xp, N, H, W, C, Ho, Wo, yp); });
 }
 
 template <class TA, class TB, class TY>
