@@ -50,6 +50,11 @@ class PreparedWeight {
  public:
   virtual ~PreparedWeight() = default;
   virtual const Shape& shape() const = 0;  // the original weight shape
+  // Exchanges what this weight and `other` hold (same backend, kind and shape; checked): the
+  // layers holding this object run the other's values from now on. Never throws after its
+  // checks, so a set of prepared replacements can be swapped in all-or-nothing. Not while a pass
+  // that uses either weight runs.
+  virtual void swap_contents(PreparedWeight& other) = 0;
 };
 
 enum class Unary { SiLU, GeluErf, GeluTanh, QuickGelu };

@@ -12,6 +12,12 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& msg) : std::runtime_error(msg) {}
 };
 
+// A run stopped because its caller asked (a progress callback returned "cancel").
+class Cancelled : public Error {
+ public:
+  explicit Cancelled(const std::string& msg = "cancelled") : Error(msg) {}
+};
+
 // Concatenate anything streamable into a string: cat("tensor ", name, " has ", n, " dims").
 template <typename... Args>
 std::string cat(Args&&... args) {

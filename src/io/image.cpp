@@ -1,4 +1,5 @@
-// PNG (libpng 1.6) and JPEG (libjpeg-turbo, jpeglib.h API) decoding, PNG encoding.
+// PNG (libpng 1.6) and JPEG (libjpeg-turbo, jpeglib.h API) decoding and encoding. Files are
+// written through write_file_safely (io/output_file.h).
 //
 // Error handling: libpng and libjpeg report fatal errors through callbacks that must not return.
 // Ours copy the message into a plain context struct and longjmp back to a setjmp placed in a
@@ -10,6 +11,7 @@
 #include <cerrno>
 #include <csetjmp>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 
@@ -23,6 +25,7 @@
 #include <jerror.h>
 
 #include "core/error.h"
+#include "io/output_file.h"
 
 namespace diffuse {
 namespace {
@@ -419,6 +422,95 @@ struct PngWriteGuard {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// JPEG encoding
+
+struct JpegWriteCtx {
+  jpeg_compress_struct cinfo;  // first member, as in JpegCtx
+  jpeg_error_mgr err;
+  jmp_buf jb;
+  char msg[kMsgLen];
+  bool created = false;
+  unsigned width = 0, height = 0;
+  int components = 0;  // 1 (grey) or 3 (RGB)
+  int quality = 95;
+  const uint8_t* pixels = nullptr;
+  size_t row_stride = 0;
+  const char* comment = nullptr;  // written as COM markers (may be empty)
+  size_t comment_size = 0;
+  // jpeg_mem_dest output: `own` is the buffer we allocate and hand over; libjpeg writes into it
+  // and, only if it overflows, into buffers of its own, reporting the final one in out/out_size
+  // at jpeg_finish_compress.
+  unsigned char* own = nullptr;
+  size_t own_size = 0;
+  unsigned char* out = nullptr;
+  unsigned long out_size = 0;
+};
+
+void jpeg_write_error_cb(j_common_ptr cinfo) {
+  auto* ctx = reinterpret_cast<JpegWriteCtx*>(cinfo);
+  char buf[JMSG_LENGTH_MAX];
+  (*cinfo->err->format_message)(cinfo, buf);
+  copy_msg(ctx->msg, buf);
+  std::longjmp(ctx->jb, 1);
+}
+
+void jpeg_write_emit_cb(j_common_ptr cinfo, int level) {
+  if (level == -1) cinfo->err->num_warnings++;  // stay quiet, like the reader
+}
+
+constexpr size_t kMaxComMarker = 65533;  // a marker's 16-bit length counts its own 2 bytes
+
+// Creates the compressor and writes the whole image (no C++ objects here: see the file comment).
+bool jpeg_stage_encode(JpegWriteCtx* ctx) {
+  ctx->cinfo.err = jpeg_std_error(&ctx->err);
+  ctx->err.error_exit = jpeg_write_error_cb;
+  ctx->err.emit_message = jpeg_write_emit_cb;
+  if (setjmp(ctx->jb)) return false;
+  jpeg_create_compress(&ctx->cinfo);
+  ctx->created = true;
+  ctx->out = ctx->own;
+  ctx->out_size = static_cast<unsigned long>(ctx->own_size);
+  jpeg_mem_dest(&ctx->cinfo, &ctx->out, &ctx->out_size);
+  ctx->cinfo.image_width = ctx->width;
+  ctx->cinfo.image_height = ctx->height;
+  ctx->cinfo.input_components = ctx->components;
+  ctx->cinfo.in_color_space = ctx->components == 1 ? JCS_GRAYSCALE : JCS_RGB;
+  jpeg_set_defaults(&ctx->cinfo);
+  jpeg_set_quality(&ctx->cinfo, ctx->quality, TRUE);
+  if (ctx->components == 3 && ctx->quality >= 90) {
+    // Full-resolution chroma (4:4:4) at high quality: 4:2:0 visibly smears red/blue edges.
+    ctx->cinfo.comp_info[0].h_samp_factor = 1;
+    ctx->cinfo.comp_info[0].v_samp_factor = 1;
+  }
+  ctx->cinfo.optimize_coding = TRUE;
+  jpeg_start_compress(&ctx->cinfo, TRUE);
+  for (size_t at = 0; at < ctx->comment_size; at += kMaxComMarker) {
+    size_t n = ctx->comment_size - at < kMaxComMarker ? ctx->comment_size - at : kMaxComMarker;
+    jpeg_write_marker(&ctx->cinfo, JPEG_COM, reinterpret_cast<const JOCTET*>(ctx->comment + at),
+                      unsigned(n));
+  }
+  while (ctx->cinfo.next_scanline < ctx->cinfo.image_height) {
+    // libjpeg only reads the rows.
+    JSAMPROW row = const_cast<JSAMPROW>(ctx->pixels + size_t(ctx->cinfo.next_scanline) * ctx->row_stride);
+    jpeg_write_scanlines(&ctx->cinfo, &row, 1);
+  }
+  jpeg_finish_compress(&ctx->cinfo);
+  return true;
+}
+
+struct JpegWriteGuard {
+  JpegWriteCtx& ctx;
+  ~JpegWriteGuard() {
+    if (ctx.created) jpeg_destroy_compress(&ctx.cinfo);
+    // After a successful finish, `out` may be a buffer libjpeg grew into (malloc'd, ours to free).
+    // After a failure it still names `own` (libjpeg reports a grown buffer only when it
+    // finishes), so a grown buffer is lost in that case: it happens only on out-of-memory.
+    if (ctx.out && ctx.out != ctx.own) std::free(ctx.out);
+    std::free(ctx.own);
+  }
+};
+
 // PNG keywords: 1-79 printable Latin-1 characters, no leading, trailing or double spaces.
 std::string png_keyword(const std::string& path, const std::string& key) {
   std::vector<uint32_t> cps;
@@ -434,27 +526,6 @@ std::string png_keyword(const std::string& path, const std::string& key) {
   DF_CHECK(out.front() != ' ' && out.back() != ' ' && out.find("  ") == std::string::npos, path,
            ": PNG text key '", key, "' has leading, trailing or double spaces");
   return out;
-}
-
-void write_file_atomic(const std::string& path, const std::vector<uint8_t>& bytes) {
-  std::string tmp = path + ".tmp";
-  FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) fail(path, ": cannot write: ", std::strerror(errno));
-  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-  ok = std::fflush(f) == 0 && ok;
-  int err = ok ? 0 : errno;
-  if (std::fclose(f) != 0 && ok) {
-    ok = false;
-    err = errno;
-  }
-  if (ok && std::rename(tmp.c_str(), path.c_str()) != 0) {
-    ok = false;
-    err = errno;
-  }
-  if (!ok) {
-    std::remove(tmp.c_str());
-    fail(path, ": cannot write: ", std::strerror(err ? err : EIO));
-  }
 }
 
 }  // namespace
@@ -531,17 +602,24 @@ Image to_rgb(const Image& im) {
   return out;
 }
 
-void write_png(const std::string& path, const Image& im) {
-  DF_CHECK(im.channels >= 1 && im.channels <= 4, path, ": cannot write a PNG with ", im.channels,
+namespace {
+
+// Checks an image handed to an encoder; `name` (a path or the function name) starts each message.
+void check_encodable(const Image& im, const std::string& name, const char* format) {
+  DF_CHECK(im.channels >= 1 && im.channels <= 4, name, ": cannot write a ", format, " with ", im.channels,
            " channels; expected 1 to 4");
   DF_CHECK(im.width > 0 && im.height > 0 && im.width <= kMaxImageSide && im.height <= kMaxImageSide,
-           path, ": cannot write a ", im.width, "x", im.height, " image; sides must be 1 to ",
+           name, ": cannot write a ", im.width, "x", im.height, " image; sides must be 1 to ",
            kMaxImageSide);
   size_t rowbytes = size_t(im.width) * size_t(im.channels);
-  DF_CHECK(im.pixels.size() == rowbytes * size_t(im.height), path, ": ", im.width, "x", im.height,
+  DF_CHECK(im.pixels.size() == rowbytes * size_t(im.height), name, ": ", im.width, "x", im.height,
            "x", im.channels, " image has ", im.pixels.size(), " bytes of pixels; expected ",
            rowbytes * size_t(im.height));
+}
 
+std::vector<uint8_t> encode_png_named(const Image& im, const std::string& path) {
+  check_encodable(im, path, "PNG");
+  size_t rowbytes = size_t(im.width) * size_t(im.channels);
   // Text chunks: ASCII values as tEXt (what A1111 writes), anything else as UTF-8 iTXt.
   std::vector<std::string> keys, values;
   std::vector<bool> itxt;
@@ -594,7 +672,68 @@ void write_png(const std::string& path, const Image& im) {
     PngWriteGuard guard{ctx};
     if (!png_stage_write(&ctx)) fail(path, ": cannot encode PNG: ", ctx.msg);
   }
-  write_file_atomic(path, bytes);
+  return bytes;
+}
+
+std::vector<uint8_t> encode_jpeg_named(const Image& im, int quality, const std::string& name) {
+  check_encodable(im, name, "JPEG");
+  DF_CHECK(quality >= 1 && quality <= 100, name, ": JPEG quality ", quality, " is out of range 1 to 100");
+
+  // Alpha is dropped: grey+alpha -> grey, RGBA -> RGB.
+  const int comps = im.channels <= 2 ? 1 : 3;
+  const size_t npix = size_t(im.width) * size_t(im.height);
+  std::vector<uint8_t> stripped;
+  const uint8_t* pixels = im.pixels.data();
+  if (im.channels == 2 || im.channels == 4) {
+    stripped.resize(npix * size_t(comps));
+    for (size_t i = 0; i < npix; ++i)
+      for (int c = 0; c < comps; ++c)
+        stripped[i * size_t(comps) + size_t(c)] = im.pixels[i * size_t(im.channels) + size_t(c)];
+    pixels = stripped.data();
+  }
+
+  std::string comment;
+  for (const auto& [key, value] : im.text)
+    if (key == "parameters") {
+      comment = value;
+      break;
+    }
+
+  JpegWriteCtx ctx;
+  ctx.width = unsigned(im.width);
+  ctx.height = unsigned(im.height);
+  ctx.components = comps;
+  ctx.quality = quality;
+  ctx.pixels = pixels;
+  ctx.row_stride = size_t(im.width) * size_t(comps);
+  ctx.comment = comment.data();
+  ctx.comment_size = comment.size();
+  // The initial output buffer: raw size plus headroom, so libjpeg essentially never has to grow it
+  // (untouched pages of a large malloc cost nothing).
+  ctx.own_size = npix * size_t(comps) + comment.size() + comment.size() / 65533 * 4 + 65536;
+  ctx.own = static_cast<unsigned char*>(std::malloc(ctx.own_size));
+  if (!ctx.own) throw std::bad_alloc();
+  JpegWriteGuard guard{ctx};
+  if (!jpeg_stage_encode(&ctx)) fail(name, ": cannot encode JPEG: ", ctx.msg);
+  return std::vector<uint8_t>(ctx.out, ctx.out + ctx.out_size);
+}
+
+}  // namespace
+
+std::vector<uint8_t> encode_png(const Image& im) { return encode_png_named(im, "encode_png"); }
+
+void write_png(const std::string& path, const Image& im) {
+  std::vector<uint8_t> bytes = encode_png_named(im, path);
+  write_file_safely(path, bytes.data(), bytes.size());
+}
+
+std::vector<uint8_t> encode_jpeg(const Image& im, int quality) {
+  return encode_jpeg_named(im, quality, "encode_jpeg");
+}
+
+void write_jpeg(const std::string& path, const Image& im, int quality) {
+  std::vector<uint8_t> bytes = encode_jpeg_named(im, quality, path);
+  write_file_safely(path, bytes.data(), bytes.size());
 }
 
 }  // namespace diffuse

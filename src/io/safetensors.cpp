@@ -17,6 +17,7 @@
 
 #include "core/error.h"
 #include "core/mapped_file.h"
+#include "io/output_file.h"
 #include "io/tensor_file.h"
 
 namespace diffuse {
@@ -326,36 +327,20 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   header += '}';
   while (header.size() % 8 != 0) header += ' ';
 
-  const std::string tmp = path + ".tmp";
-  FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) fail(path, ": cannot create ", tmp, ": ", std::strerror(errno));
-  auto abort_write = [&](const char* what) {
-    int e = errno;
-    std::fclose(f);
-    std::remove(tmp.c_str());
-    fail(path, ": ", what, " failed: ", std::strerror(e));
-  };
-  uint8_t len[8];
-  for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(header.size()) >> (8 * i));
-  if (std::fwrite(len, 1, 8, f) != 8 || std::fwrite(header.data(), 1, header.size(), f) != header.size())
-    abort_write("write");
-  for (size_t i : order) {
-    const Tensor& t = tensors[i].second;
-    size_t b = t.bytes();
-    if (b && std::fwrite(t.data(), 1, b, f) != b) abort_write("write");
-  }
-  if (std::fflush(f) != 0) abort_write("write");
-  if (::fsync(fileno(f)) != 0 && errno != EINVAL && errno != EROFS) abort_write("fsync");
-  if (std::fclose(f) != 0) {
-    int e = errno;
-    std::remove(tmp.c_str());
-    fail(path, ": write failed: ", std::strerror(e));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    int e = errno;
-    std::remove(tmp.c_str());
-    fail(path, ": cannot rename ", tmp, " into place: ", std::strerror(e));
-  }
+  // Streamed through write_file_safely: a temporary file renamed over a regular target, or the
+  // device/FIFO written in place. The writer stops at the first failed write; write_file_safely
+  // reports it ("<path>: cannot write: <reason>").
+  write_file_safely(path, [&](FILE* f) {
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(header.size()) >> (8 * i));
+    if (std::fwrite(len, 1, 8, f) != 8 || std::fwrite(header.data(), 1, header.size(), f) != header.size())
+      return;
+    for (size_t i : order) {
+      const Tensor& t = tensors[i].second;
+      size_t b = t.bytes();
+      if (b && std::fwrite(t.data(), 1, b, f) != b) return;
+    }
+  });
 }
 
 }  // namespace diffuse

@@ -135,6 +135,7 @@ void ClipTextModel::load(Backend& be, WeightStore& w, const ClipTextConfig& cfg)
   has_proj_ = cfg.projection_dim > 0;
   if (has_proj_) proj_.bind(be, Binder(w).sub("text_projection"), W, cfg.projection_dim, false);
   w.finish();
+  prepared_ = w.take_prepared();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ ClipTextModel::Output ClipTextModel::forward(Ctx& ctx, const std::vector<std::ve
 
   Output out;
   Arena scratch;
-  Ctx sc{ctx.be, scratch};
+  Ctx sc{ctx.be, scratch, DType::F32, ctx.ws};
   if (n == 1) out.penultimate = h;
   for (int i = 0; i < n; ++i) {
     h = run_layer(sc, layers_[size_t(i)], h);

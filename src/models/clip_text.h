@@ -52,6 +52,9 @@ class ClipTextModel {
   const ClipTextConfig& config() const { return cfg_; }
   // Frees the weights (prepared copies and embeddings); loaded() is false afterwards.
   void unload() { *this = ClipTextModel(); }
+  // The prepared linear weights by checkpoint name ("text_model.encoder.layers.0.self_attn.q_proj.weight"):
+  // LoRA patches replace single entries' contents (PreparedWeight::swap_contents).
+  PreparedIndex& prepared() { return prepared_; }
 
   // All owned f32 tensors (not arena memory): valid for as long as the caller keeps them.
   struct Output {
@@ -94,6 +97,7 @@ class ClipTextModel {
   LayerNorm final_ln_;
   Linear proj_;  // bound only if cfg_.projection_dim > 0
   bool has_proj_ = false;
+  PreparedIndex prepared_;
 };
 
 }  // namespace diffuse

@@ -402,24 +402,6 @@ LoraMerge merge_with(const SDModel& model, const std::vector<std::pair<const Lor
   return out;
 }
 
-// Re-binds one component from the file's base weights with `merged` substituted.
-void rebind(SDModel& m, Backend& be, const TensorFile& f, LoraTarget t, const std::map<std::string, Tensor>& merged) {
-  const Component c = t == LoraTarget::UNet ? Component::UNet
-                      : t == LoraTarget::TextEncoder ? Component::TextEncoder : Component::TextEncoder2;
-  WeightStore base = component_weights(f, c, m.family);
-  WeightStore w(base.origin(), base.component());
-  for (const std::string& n : base.names()) {
-    auto it = merged.find(n);
-    w.add(n, it != merged.end() ? it->second : *base.find(n));
-  }
-  // The old weights go first, so memory never holds two copies of a component.
-  switch (t) {
-    case LoraTarget::UNet: m.unet = UNet(); m.unet.load(be, w, m.unet_cfg); m.lora_merged.unet = !merged.empty(); break;
-    case LoraTarget::TextEncoder: m.te = ClipTextModel(); m.te.load(be, w, m.te_cfg); m.lora_merged.te = !merged.empty(); break;
-    case LoraTarget::TextEncoder2: m.te2 = ClipTextModel(); m.te2.load(be, w, m.te2_cfg); m.lora_merged.te2 = !merged.empty(); break;
-  }
-}
-
 }  // namespace
 
 std::string LoraApplyReport::summary() const {
@@ -435,23 +417,6 @@ std::string LoraApplyReport::summary() const {
 LoraMerge merge_loras(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras) {
   std::optional<TensorFile> f;
   return merge_with(model, loras, f);
-}
-
-LoraApplyReport apply_loras(SDModel& model, Backend& be, const std::vector<std::pair<const LoraFile*, float>>& loras) {
-  std::optional<TensorFile> f;
-  LoraMerge mg = merge_with(model, loras, f);  // throws before the model is touched
-  const std::pair<LoraTarget, bool> need[] = {
-      {LoraTarget::TextEncoder, !mg.te.empty() || model.lora_merged.te},
-      {LoraTarget::TextEncoder2, !mg.te2.empty() || model.lora_merged.te2},
-      {LoraTarget::UNet, !mg.unet.empty() || model.lora_merged.unet},
-  };
-  for (const auto& [t, needed] : need) {
-    if (!needed) continue;
-    if (!f) f.emplace(open_model_file(model.path));
-    rebind(model, be, *f, t,
-           t == LoraTarget::UNet ? mg.unet : t == LoraTarget::TextEncoder ? mg.te : mg.te2);
-  }
-  return mg.report;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,11 +18,14 @@
 // (LyCORIS LoHa/LoKr, DoRA, full diffs, ...) and modules the model lacks are reported, never
 // dropped silently; a file of which nothing applies is an error.
 //
-// Applying re-binds the affected components (text encoder(s), UNet) from the ORIGINAL base weights
-// (the model file is opened again; safetensors are memory-mapped, so this reads only what is bound)
-// plus the merged deltas, through exactly the code path of SDModel::load: switching LoRA sets in
-// one process (A -> none -> B) gives bit for bit what fresh processes give, and nothing is ever
-// subtracted. Merged weights are f32; the backend's prepare converts them to its compute type.
+// Applying re-prepares only the weights of the modules the new set or the previous set touches
+// (models/lora_apply.cpp): merged weights, or the ORIGINAL base weights read again from the model
+// file (safetensors are memory-mapped, so this reads only those tensors), prepared exactly as
+// SDModel::load prepares them, and swapped into the layers all at once after every replacement
+// has been built. Switching LoRA sets in one process (A -> none -> B) gives bit for bit what fresh
+// processes give, nothing is ever subtracted, and a switch that fails (a file that does not fit,
+// an unreadable model file, out of memory) leaves the model as it was. Merged weights are f32;
+// the backend's prepare converts them to its compute type.
 #pragma once
 #include <map>
 #include <string>
@@ -83,8 +86,9 @@ struct LoraMerge {
 LoraMerge merge_loras(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras);
 
 // Merges `loras` into `model` (replacing whatever set was applied before; empty = back to the
-// base weights). Only components the set or the previous set touches are re-bound. Returns what
-// matched and what did not; throws as merge_loras() does, leaving the model as it was.
+// base weights). Only weights the set or the previous set touches are re-prepared. Returns what
+// matched and what did not; throws as merge_loras() does (or on any later failure), leaving the
+// model as it was. Needs exclusive use of the model (no pass running on it).
 LoraApplyReport apply_loras(SDModel& model, Backend& be, const std::vector<std::pair<const LoraFile*, float>>& loras);
 
 // A1111 prompt tags: every "<lora:NAME>" or "<lora:NAME:MULT>" (MULT a number, default 1) is removed

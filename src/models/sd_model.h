@@ -2,6 +2,7 @@
 // the tensors (single files carry none), and the text encoder(s), UNet and VAE bound strictly.
 #pragma once
 #include <memory>
+#include <set>
 #include <string>
 
 #include "models/clip_text.h"
@@ -29,10 +30,12 @@ struct SDModel {
   bool has_te2 = false;
   UNet unet;
   VAE vae;
-  // Components whose prepared weights currently include merged LoRA deltas (models/lora.h), so
-  // that apply_loras() can put them back to the base weights.
+  // Components whose prepared weights currently include merged LoRA deltas (models/lora.h), and
+  // which weights ("<module>.weight"), so that apply_loras() can put exactly those back to the
+  // base weights.
   struct LoraMerged {
     bool te = false, te2 = false, unet = false;
+    std::set<std::string> te_names, te2_names, unet_names;
   } lora_merged;
 
   // Frees the text encoders' weights once the prompts are encoded (a one-shot run; a server keeps

@@ -319,10 +319,11 @@ struct UNet::Impl {
   Resnet mid_res0, mid_res1;
   Transformer mid_attn;
   std::vector<Level> up;    // by up block (level L-1-i)
-  // Scratch for one forward pass (see forward()): block temporaries, the transformer blocks'
-  // temporaries, and two ping-pong arenas for the running activation. Guarded by `mu`.
-  mutable Arena temp, inner, ping[2];
+  // Scratch for forward passes without a workspace (see forward()), guarded by `mu`.
+  mutable ModelScratch own;
   mutable std::mutex mu;
+  // What was prepared, by weight name (LoRA patches single layers, models/lora.h).
+  PreparedIndex prepared;
 };
 
 UNet::UNet() = default;
@@ -338,15 +339,18 @@ const UNetConfig& UNet::config() const {
 void UNet::release_scratch() const {
   if (!impl_) return;
   std::lock_guard<std::mutex> lock(impl_->mu);
-  impl_->temp = Arena();
-  impl_->inner = Arena();
-  for (Arena& a : impl_->ping) a = Arena();
+  impl_->own.release();
 }
 
 size_t UNet::scratch_capacity() const {
   if (!impl_) return 0;
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->temp.capacity() + impl_->inner.capacity() + impl_->ping[0].capacity() + impl_->ping[1].capacity();
+  return impl_->own.capacity();
+}
+
+PreparedIndex& UNet::prepared() {
+  DF_CHECK(impl_ != nullptr, "UNet: not loaded");
+  return impl_->prepared;
 }
 
 int UNet::num_skips() const {
@@ -421,6 +425,7 @@ void UNet::load(Backend& be, WeightStore& w, const UNetConfig& cfg) {
   } catch (const Error& e) {
     fail(e.what(), " (", cfg.str(), ")");
   }
+  m->prepared = w.take_prepared();
   impl_ = std::move(m);
 }
 
@@ -440,7 +445,12 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
   DF_CHECK(context_in.rank() == 3 && context_in.dim(0) == B && context_in.dim(2) == cfg.context_dim,
            "UNet: context ", context_in.str(), " should be [", B, ", S, ", cfg.context_dim, "]");
   const Tensor x = as_f32(x_in), context = as_f32(context_in);
-  std::lock_guard<std::mutex> lock(m.mu);
+  // Scratch (the workspace's or the UNet's own): arena 0 holds block temporaries, 1 the
+  // transformer blocks' temporaries, 2 and 3 ping-pong the running activation.
+  ScratchLease sl(c, Workspace::kUNet, m.own, m.mu);
+  Arena& temp = sl->arenas[0];
+  Arena* inner = &sl->arenas[1];
+  Arena* ping[2] = {&sl->arenas[2], &sl->arenas[3]};
 
   // Memory: each block (resnet, transformer, resampler) runs with its temporaries in `temp`, reset
   // after the block; its output is copied either into the caller's arena (skip connections, read
@@ -448,7 +458,7 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
   // holds the skips, one running activation and one block's temporaries, not every intermediate.
   int cur = -1;  // ping arena holding h; -1: h lives in the caller's arena
   auto block = [&](bool keep, const auto& fn) {
-    Ctx tc{c.be, m.temp, c.act};
+    Ctx tc{c.be, temp, c.act, c.ws};
     Tensor out = fn(tc);
     Tensor dst;
     if (keep) {
@@ -456,12 +466,12 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
       cur = -1;
     } else {
       const int next = cur == 0 ? 1 : 0;
-      m.ping[next].reset();
-      dst = m.ping[next].alloc(out.shape(), out.dtype());
+      ping[next]->reset();
+      dst = ping[next]->alloc(out.shape(), out.dtype());
       cur = next;
     }
     std::memcpy(dst.data(), out.data(), out.bytes());
-    m.temp.reset();
+    temp.reset();
     return dst;
   };
 
@@ -479,7 +489,7 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
     for (size_t j = 0; j < lv.resnets.size(); ++j) {
       const bool attn = !lv.attentions.empty();
       h = block(!attn, [&](Ctx& tc) { return lv.resnets[j](tc, h, semb); });
-      if (attn) h = block(true, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, &m.inner); });
+      if (attn) h = block(true, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, inner); });
       skips.push_back(h);
     }
     if (lv.resample) {
@@ -503,7 +513,7 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
 
   // Mid block.
   h = block(false, [&](Ctx& tc) { return m.mid_res0(tc, h, semb); });
-  h = block(false, [&](Ctx& tc) { return m.mid_attn(tc, h, context, &m.inner); });
+  h = block(false, [&](Ctx& tc) { return m.mid_attn(tc, h, context, inner); });
   h = block(false, [&](Ctx& tc) { return m.mid_res1(tc, h, semb); });
   if (mid_residual) {
     DF_CHECK(mid_residual->shape() == h.shape(), "UNet: mid residual ", mid_residual->str(), ", expected ",
@@ -521,7 +531,7 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
         tc.be.concat_last(h, skip, hc);
         return lv.resnets[j](tc, hc, semb);
       });
-      if (!lv.attentions.empty()) h = block(false, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, &m.inner); });
+      if (!lv.attentions.empty()) h = block(false, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, inner); });
     }
     if (lv.resample) {
       DF_ASSERT(!skips.empty());

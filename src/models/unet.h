@@ -85,11 +85,16 @@ class UNet {
   // Number of skip connections (= ControlNet down residuals): 1 + levels·layers + levels - 1.
   int num_skips() const;
 
-  // forward() keeps block temporaries in scratch arenas owned by the UNet (sized by the largest
-  // block after the first pass; one pass at a time, concurrent callers wait). Their bytes, and a
-  // way to free them (e.g. before the VAE decode); the next forward allocates them again.
+  // forward() keeps block temporaries in scratch arenas (sized by the largest block after the
+  // first pass): the Ctx's workspace (slot kUNet), so passes with separate workspaces run side by
+  // side; without one, the UNet's own (one pass at a time, concurrent callers wait). The bytes of
+  // the UNet's own scratch, and a way to free it; the next forward allocates it again.
   size_t scratch_capacity() const;
   void release_scratch() const;
+
+  // The prepared conv/linear weights by checkpoint name (diffusers names, "<module>.weight"):
+  // LoRA patches replace single entries' contents (PreparedWeight::swap_contents).
+  PreparedIndex& prepared();
 
   struct Impl;
 

@@ -23,6 +23,8 @@ inline void bind_proj(Backend& be, Linear& lin, const Binder& b, int64_t in, int
   lin.out = out;
   Tensor wt = conv ? b.take("weight", {out, in, 1, 1}).reshape({out, in}) : b.take("weight", {out, in});
   lin.w = be.prepare_linear(wt, b.take("bias", {out}));
+  b.store().record_prepared(b.prefix() + "weight", {lin.w, false, {}, conv ? Shape{out, in, 1, 1} : Shape{out, in},
+                                                    {out, in}, true});
 }
 
 // ResnetBlock2D (time_embedding_norm "default", output_scale_factor 1).
@@ -127,7 +129,7 @@ struct Transformer {
         blk(c, h, ctx);
         continue;
       }
-      Ctx bc{c.be, *scratch, c.act};
+      Ctx bc{c.be, *scratch, c.act, c.ws};
       blk(bc, h, ctx);
       scratch->reset();
     }

@@ -237,11 +237,11 @@ Tensor VAE::decode(Ctx& c, const Tensor& z) const {
                z.dim(2) > 0,
            "VAE::decode: latent ", z.str(), " should be f32 [B, h, w, ", cfg_.latent_channels, "] (NHWC)");
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  ScratchLease sl(c, Workspace::kVAE, m.own, m.mu);
   // With bf16 compute the activations are stored in bf16 too: half the memory and bandwidth
   // (a 512² decode holds ~1.2 GB of f32 activations at its peak).
-  Ctx cc{c.be, c.arena, c.be.effective_precision() == Precision::BF16 ? DType::BF16 : c.act};
-  Stages s(cc, m.arenas, m.peaks);
+  Ctx cc{c.be, c.arena, c.be.effective_precision() == Precision::BF16 ? DType::BF16 : c.act, c.ws};
+  Stages s(cc, sl->arenas, sl->peaks);
   return m.dec_tail(s, m.dec_trunk(s, z, 0), nullptr, true, 0);
 }
 
@@ -291,32 +291,27 @@ VAE::Posterior VAE::encode(Ctx& c, const Tensor& image) const {
   DF_CHECK(image.dim(1) > 0 && image.dim(2) > 0 && image.dim(1) % f == 0 && image.dim(2) % f == 0,
            "VAE::encode: image ", image.str(), " must have a height and width that are positive multiples of ", f);
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
-  Stages s(c, m.arenas, m.peaks);
+  ScratchLease sl(c, Workspace::kVAE, m.own, m.mu);
+  Stages s(c, sl->arenas, sl->peaks);
   return m.enc_rest(s, m.enc_head(s, image, nullptr));
 }
 
 size_t VAE::scratch_capacity() const {
   if (!impl_) return 0;
   std::lock_guard<std::mutex> lock(impl_->mu);
-  size_t n = 0;
-  for (const Arena& a : impl_->arenas) n += a.capacity();
-  return n;
+  return impl_->own.capacity();
 }
 
 size_t VAE::scratch_peak() const {
   if (!impl_) return 0;
   std::lock_guard<std::mutex> lock(impl_->mu);
-  size_t n = 0;
-  for (int i = 0; i < 3; ++i) n += std::max(impl_->peaks[i], impl_->arenas[i].peak());
-  return n;
+  return impl_->own.peak();
 }
 
 void VAE::release_scratch() {
   if (!impl_) return;
   std::lock_guard<std::mutex> lock(impl_->mu);
-  for (Arena& a : impl_->arenas) a = Arena();
-  for (size_t& p : impl_->peaks) p = 0;
+  impl_->own.release();
 }
 
 }  // namespace diffuse

@@ -3,11 +3,12 @@
 // ("encoder.down_blocks.0.resnets.0.conv1.weight", "decoder.mid_block.attentions.0.to_q.weight",
 // "quant_conv.weight", ...); name_map.h converts other layouts to these names.
 //
-// Activations are NHWC. Large intermediates live in scratch arenas owned by the VAE (stage
-// outputs ping-pong between two arenas, per-stage temporaries in a third, each reset as soon as
-// it is dead), so a 512² decode needs about 1 GiB rather than the sum of every intermediate;
-// only the results are allocated from the caller's arena. One forward pass runs at a time per
-// VAE object (a mutex serialises concurrent callers).
+// Activations are NHWC. Large intermediates live in scratch arenas (stage outputs ping-pong
+// between two arenas, per-stage temporaries in a third, each reset as soon as it is dead), so a
+// 512² decode needs about 1 GiB rather than the sum of every intermediate; only the results are
+// allocated from the caller's arena. The scratch is the run's Workspace (Ctx::ws, slot kVAE), so
+// passes with separate workspaces run side by side; without one, the VAE's own scratch is used
+// by one pass at a time (a mutex serialises those callers).
 #pragma once
 #include <memory>
 #include <vector>
@@ -123,8 +124,8 @@ class VAE {
   Tensor decode(Ctx& c, const Tensor& z, const VAETiling& tiling) const;
   Posterior encode(Ctx& c, const Tensor& image, const VAETiling& tiling) const;
 
-  // The bytes held by the internal scratch arenas (their capacity), and the sum of their peak
-  // uses (an upper bound on the scratch a pass needs). An arena that grew during a pass is
+  // The bytes held by the VAE's own scratch arenas (passes without a workspace: their capacity),
+  // and the sum of their peak uses (an upper bound on the scratch a pass needs). An arena that grew during a pass is
   // re-made at exactly its peak at the end of it, so capacity tracks the peak.
   size_t scratch_capacity() const;
   size_t scratch_peak() const;

@@ -38,15 +38,15 @@ class Stages {
   Stages& operator=(const Stages&) = delete;
   using Fn = std::function<Tensor(Ctx& tmp, Ctx& out)>;
   Tensor run(const Fn& f, bool final_stage = false) {
-    Ctx t{caller_.be, *temp_, caller_.act};
-    Ctx o{caller_.be, final_stage ? caller_.arena : *ping_[k_ % 2], caller_.act};
+    Ctx t{caller_.be, *temp_, caller_.act, caller_.ws};
+    Ctx o{caller_.be, final_stage ? caller_.arena : *ping_[k_ % 2], caller_.act, caller_.ws};
     Tensor y = f(t, o);
     temp_->reset();
     ping_[(k_ + 1) % 2]->reset();  // held this stage's input
     ++k_;
     return y;
   }
-  Ctx temp() { return Ctx{caller_.be, *temp_, caller_.act}; }
+  Ctx temp() { return Ctx{caller_.be, *temp_, caller_.act, caller_.ws}; }
   Ctx& caller() { return caller_; }
 
  private:
@@ -213,10 +213,10 @@ struct VAE::Impl {
   GroupNorm dec_norm_out;
   Conv2d dec_out;
   VAEConfig cfg;
-  // Scratch: two ping-pong arenas for stage outputs and one for per-stage temporaries.
+  // Scratch for callers without a workspace (nn/layers.h): arenas 0, 1 ping-pong stage outputs,
+  // 2 holds per-stage temporaries. A workspace's kVAE slot is used the same way.
   mutable std::mutex mu;
-  mutable Arena arenas[3];
-  mutable size_t peaks[3] = {};
+  mutable ModelScratch own;
 
   // The decoder split where tiling starts (vae.cpp), before up level `split`'s upsampler.
   // Trunk: post_quant_conv, conv_in, the mid block and up levels 0..split (their upsamplers

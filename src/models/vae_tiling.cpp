@@ -255,24 +255,24 @@ Tensor VAE::decode(Ctx& c, const Tensor& z, const VAETiling& tiling) const {
   if (ay.count() == 1 && ax.count() == 1) return decode(c, z);
   DF_CHECK(z.dim(3) == cfg_.latent_channels && z.dtype() == DType::F32,
            "VAE::decode: latent ", z.str(), " should be f32 [B, h, w, ", cfg_.latent_channels, "] (NHWC)");
-  std::lock_guard<std::mutex> lock(m.mu);
+  ScratchLease sl(c, Workspace::kVAE, m.own, m.mu);
 
   // The untiled trunk, kept on the heap while the tiles run.
   Tensor trunk;
   {
-    Stages s(c, m.arenas, m.peaks);
+    Stages s(c, sl->arenas, sl->peaks);
     trunk = m.dec_trunk(s, z, split).clone();
   }
   // The tail's activations are bf16 when the backend computes in bf16 (as in the untiled decode);
   // the trunk output, the crops and the blended image stay f32.
-  Ctx tail{c.be, c.arena, c.be.effective_precision() == Precision::BF16 ? DType::BF16 : c.act};
+  Ctx tail{c.be, c.arena, c.be.effective_precision() == Precision::BF16 ? DType::BF16 : c.act, c.ws};
   // GroupNorm statistics of the tail from a nearest-subsampled copy of the trunk output.
   NormStats ns;
   ns.record();
   {
     const int64_t fs = stats_factor(tiling, h, w, ay, ax);
     Tensor sub = fs == 1 ? trunk : nearest(trunk, ceil_div(h, fs), ceil_div(w, fs));
-    Stages s(tail, m.arenas, m.peaks);
+    Stages s(tail, sl->arenas, sl->peaks);
     m.dec_tail(s, sub, &ns, false, split);
   }
   const size_t norms = ns.size();
@@ -298,7 +298,7 @@ Tensor VAE::decode(Ctx& c, const Tensor& z, const VAETiling& tiling) const {
           o.start_y = ay.starts[ty], o.start_x = ax.starts[tx], o.in_h = ay.size;
           ns.apply_and_measure(o);
         }
-        Stages s(tail, m.arenas, m.peaks);
+        Stages s(tail, sl->arenas, sl->peaks);
         Tensor y = m.dec_tail(s, crop, &ns, false, split);
         DF_CHECK(ns.all_used(), "VAE::decode: a tile used fewer GroupNorms than the statistics pass's ", norms);
         if (last) blend_into(out, y.dtype() == DType::F32 ? y : y.to(DType::F32), r * ay.starts[ty], r * ax.starts[tx], wy, wx);
@@ -322,7 +322,7 @@ VAE::Posterior VAE::encode(Ctx& c, const Tensor& image, const VAETiling& tiling)
   DF_CHECK(image.dim(3) == cfg_.in_channels && image.dtype() == DType::F32, "VAE::encode: image ", image.str(),
            " should be f32 [B, H, W, ", cfg_.in_channels, "] (NHWC)");
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  ScratchLease sl(c, Workspace::kVAE, m.own, m.mu);
 
   // GroupNorm statistics of the head from a nearest-subsampled copy of the image.
   NormStats ns;
@@ -330,7 +330,7 @@ VAE::Posterior VAE::encode(Ctx& c, const Tensor& image, const VAETiling& tiling)
   {
     const int64_t fs = stats_factor(tiling, h, w, ay, ax);
     Tensor sub = fs == 1 ? image : nearest(image, f * ceil_div(h, fs), f * ceil_div(w, fs));
-    Stages s(c, m.arenas, m.peaks);
+    Stages s(c, sl->arenas, sl->peaks);
     m.enc_head(s, sub, &ns);
   }
   const size_t norms = ns.size();
@@ -356,7 +356,7 @@ VAE::Posterior VAE::encode(Ctx& c, const Tensor& image, const VAETiling& tiling)
           o.start_y = f * ay.starts[ty], o.start_x = f * ax.starts[tx], o.in_h = f * ay.size;
           ns.apply_and_measure(o);
         }
-        Stages s(c, m.arenas, m.peaks);
+        Stages s(c, sl->arenas, sl->peaks);
         Tensor y = m.enc_head(s, crop, &ns);
         DF_CHECK(ns.all_used(), "VAE::encode: a tile used fewer GroupNorms than the statistics pass's ", norms);
         if (!last) continue;
@@ -366,7 +366,7 @@ VAE::Posterior VAE::encode(Ctx& c, const Tensor& image, const VAETiling& tiling)
     }
     if (!last) ns.take_measured();
   }
-  Stages s(c, m.arenas, m.peaks);
+  Stages s(c, sl->arenas, sl->peaks);
   return m.enc_rest(s, feat);
 }
 

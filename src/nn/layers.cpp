@@ -1,8 +1,37 @@
 #include "nn/layers.h"
 
+#include <algorithm>
+
 namespace diffuse {
 
 Tensor to_f32(const Tensor& t) { return t.to(DType::F32); }
+
+size_t ModelScratch::capacity() const {
+  size_t n = 0;
+  for (const Arena& a : arenas) n += a.capacity();
+  return n;
+}
+
+size_t ModelScratch::peak() const {
+  size_t n = 0;
+  for (int i = 0; i < kArenas; ++i) n += std::max(peaks[i], arenas[i].peak());
+  return n;
+}
+
+void ModelScratch::release() {
+  for (Arena& a : arenas) a = Arena();
+  for (size_t& p : peaks) p = 0;
+}
+
+size_t Workspace::capacity() const {
+  size_t n = 0;
+  for (const ModelScratch& s : slots_) n += s.capacity();
+  return n;
+}
+
+void Workspace::release() {
+  for (ModelScratch& s : slots_) s.release();
+}
 
 void Linear::bind(Backend& be, const Binder& b, int64_t in_, int64_t out_, bool bias) {
   in = in_;
@@ -10,6 +39,7 @@ void Linear::bind(Backend& be, const Binder& b, int64_t in_, int64_t out_, bool 
   Tensor wt = b.take("weight", {out, in});
   Tensor bt = bias ? b.take("bias", {out}) : Tensor();
   w = be.prepare_linear(wt, bt);
+  b.store().record_prepared(b.prefix() + "weight", {w, false, {}, {out, in}, {out, in}, bias});
 }
 
 Tensor Linear::operator()(Ctx& c, const Tensor& x) const {
@@ -30,6 +60,7 @@ void Conv2d::bind(Backend& be, const Binder& b, int64_t in_, int64_t out_, int64
   k = k_;
   p = p_;
   w = be.prepare_conv2d(b.take("weight", {out, in, k, k}), b.take("bias", {out}), p);
+  b.store().record_prepared(b.prefix() + "weight", {w, true, p, {out, in, k, k}, {out, in, k, k}, true});
 }
 
 Tensor Conv2d::operator()(Ctx& c, const Tensor& x) const {

@@ -2,6 +2,7 @@
 // Binder) and runs one or two backend ops, allocating outputs from the context's arena.
 #pragma once
 #include <memory>
+#include <mutex>
 
 #include "backend/backend.h"
 #include "core/arena.h"
@@ -9,15 +10,66 @@
 
 namespace diffuse {
 
-// What a forward pass needs: the backend, the arena its activations live in, and the dtype
+// The scratch arenas one model component uses inside a forward pass (block temporaries,
+// ping-pong activations), with the peak use of each so far.
+struct ModelScratch {
+  static constexpr int kArenas = 4;
+  Arena arenas[kArenas];
+  size_t peaks[kArenas] = {};
+  size_t capacity() const;
+  size_t peak() const;  // sum over the arenas of max(remembered peak, current peak)
+  void release();       // frees the arenas (the next pass allocates them again)
+};
+
+// Per-run scratch memory, owned by whoever runs the models (one per run / request / thread):
+// the models themselves hold only weights, so one loaded model serves several runs one after
+// another or side by side, each with its own Workspace (and its own Backend object, whose
+// conversion buffers are per backend). A forward pass whose Ctx carries no workspace uses one the
+// model keeps for such callers, one pass at a time (tests and tools that run a single model).
+class Workspace {
+ public:
+  enum Slot { kUNet = 0, kVAE = 1, kSlots = 2 };
+  ModelScratch& scratch(Slot s) { return slots_[s]; }
+  const ModelScratch& scratch(Slot s) const { return slots_[s]; }
+  size_t capacity() const;
+  void release();
+  void release(Slot s) { slots_[s].release(); }
+
+ private:
+  ModelScratch slots_[kSlots];
+};
+
+// What a forward pass needs: the backend, the arena its activations live in, the dtype
 // activations are stored in (f32, or bf16 to halve activation memory and bandwidth; the backend
-// computes in f32 or bf16 either way). Layers allocate their outputs with alloc(shape).
+// computes in f32 or bf16 either way) and the run's workspace (may be null, see Workspace).
+// Layers allocate their outputs with alloc(shape). Derived contexts keep `ws`.
 struct Ctx {
   Backend& be;
   Arena& arena;
   DType act = DType::F32;
+  Workspace* ws = nullptr;
   Tensor alloc(const Shape& s) { return arena.alloc(s, act); }
   Tensor alloc(const Shape& s, DType t) { return arena.alloc(s, t); }
+};
+
+// The scratch one forward pass of a model component uses: the Ctx's workspace slot, or the
+// component's own scratch `own` (locked with `mu` for the pass) when the Ctx carries none.
+class ScratchLease {
+ public:
+  ScratchLease(const Ctx& c, Workspace::Slot slot, ModelScratch& own, std::mutex& mu) {
+    if (c.ws) {
+      s_ = &c.ws->scratch(slot);
+    } else {
+      lock_ = std::unique_lock<std::mutex>(mu);
+      s_ = &own;
+    }
+  }
+  ModelScratch& operator*() const { return *s_; }
+  ModelScratch* operator->() const { return s_; }
+
+ private:
+  std::unique_lock<std::mutex> lock_;
+  ModelScratch* s_ = nullptr;
 };
 
 struct Linear {

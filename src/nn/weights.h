@@ -10,9 +10,23 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/tensor.h"
 
 namespace diffuse {
+
+// A prepared (backend) weight as it was bound: what re-preparing it from another tensor of the
+// same checkpoint shape needs (LoRA merges patch single layers this way, models/lora.h).
+struct PreparedEntry {
+  std::shared_ptr<PreparedWeight> w;  // shared with the layer that runs it
+  bool conv = false;                  // prepare_conv2d with `params`, else prepare_linear
+  Conv2dParams params;
+  Shape checkpoint_shape;             // "<module>.weight" as stored ([O, I, 1, 1] for a 1×1 conv bound as linear)
+  Shape prepared_shape;               // what was prepared ([O, I] for such a linear)
+  bool bias = false;                  // "<module>.bias" was bound with it
+};
+// "<module>.weight" (component names, e.g. "down_blocks.0.attentions.0.proj_in.weight") -> entry.
+using PreparedIndex = std::map<std::string, PreparedEntry>;
 
 class WeightStore {
  public:
@@ -48,7 +62,12 @@ class WeightStore {
   // after binding, the layers hold their own prepared copies; a later read re-reads the file.
   void drop_file_pages() const;
 
+  // Layers record what they prepared (nn/layers.cpp); the model keeps the index after load.
+  void record_prepared(const std::string& weight_name, PreparedEntry e) { prepared_[weight_name] = std::move(e); }
+  PreparedIndex take_prepared() { return std::move(prepared_); }
+
  private:
+  PreparedIndex prepared_;
   std::string origin_, component_;
   std::map<std::string, Tensor> tensors_;
   std::set<std::string> used_;

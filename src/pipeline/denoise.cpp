@@ -48,7 +48,7 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
   DF_CHECK(g.cond.defined(), "denoise: no conditioning");
 
   Arena step_arena;
-  Ctx sc{ctx.be, step_arena, ctx.act};
+  Ctx sc{ctx.be, step_arena, ctx.act, ctx.ws};
   const std::vector<double> ts = sched.timesteps();  // a copy: schedulers may rebuild theirs
   DF_CHECK(first >= 0 && first <= int(ts.size()), "denoise: first step ", first, " of ", ts.size());
   const int total = int(ts.size()) - first;

@@ -57,6 +57,9 @@ struct GenerateParams {
   VAETiling vae_tiling;
   // Called once the prompts are encoded, before denoising (e.g. to free the text encoders).
   std::function<void()> on_conditioned;
+  // Polled at every progress point (after encoding, after each model evaluation, per decoded
+  // image); returning true stops the run with diffuse::Cancelled.
+  std::function<bool()> cancelled;
 };
 
 struct Result {
@@ -70,8 +73,12 @@ enum class Stage { Encode, Denoise, Decode };
 using ProgressFn = std::function<void(Stage, int, int)>;
 
 // Throws diffuse::Error naming the parameter for invalid settings (size, strength, image sizes,
-// mask without init, sampler).
-std::vector<Result> generate(const SDModel& model, Backend& be, const GenerateParams& p, const ProgressFn& progress = {});
+// mask without init, sampler), diffuse::Cancelled when p.cancelled says so.
+// `be` runs the ops (one backend object per concurrent run: it keeps conversion buffers) and
+// `ws` holds the models' scratch (nn/layers.h); without one, a workspace local to this call is
+// used. Runs on one model with separate backends and workspaces may execute side by side.
+std::vector<Result> generate(const SDModel& model, Backend& be, const GenerateParams& p, const ProgressFn& progress = {},
+                             Workspace* ws = nullptr);
 
 
 }  // namespace diffuse

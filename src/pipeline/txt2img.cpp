@@ -88,9 +88,11 @@ std::vector<uint8_t> binary_mask(const Image& m) {
 
 }  // namespace
 
-std::vector<Result> generate(const SDModel& model, Backend& be, const GenerateParams& p, const ProgressFn& progress) {
+std::vector<Result> generate(const SDModel& model, Backend& be, const GenerateParams& p, const ProgressFn& progress,
+                             Workspace* ws_in) {
   auto report = [&](Stage s, int done, int total) {
     if (progress) progress(s, done, total);
+    if (p.cancelled && p.cancelled()) throw Cancelled();
   };
   DF_CHECK(p.width > 0 && p.height > 0 && p.width % 8 == 0 && p.height % 8 == 0, "size ", p.width, "x", p.height,
            ": -W/--width and -H/--height must be positive multiples of 8");
@@ -113,8 +115,10 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
 
   const int64_t B = p.batch, h = p.height / 8, w = p.width / 8, C = 4;
   const float sf = model.vae_cfg.scaling_factor;
+  Workspace local_ws;
+  Workspace& ws = ws_in ? *ws_in : local_ws;
   Arena arena;
-  Ctx ctx{be, arena};
+  Ctx ctx{be, arena, DType::F32, &ws};
 
   // Text conditioning.
   report(Stage::Encode, 0, 1);
@@ -229,7 +233,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   NoiseFn draw = [&] { return rng.batch(h, w, C); };
   Tensor lat = run.empty() ? x : denoise(ctx, model.unet, *sched, x, g, draw, hooks, first);
   // The UNet's pass memory is not needed while decoding.
-  model.unet.release_scratch();
+  ws.release(Workspace::kUNet);
   be.release_scratch();
   arena = Arena();
   return_free_memory();

@@ -24,8 +24,16 @@ int main(int argc, char** argv) {
   track("generate", diffuse::tools::add_generate_command(app));
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // A malformed or unknown flag: the same one-line form as every other failure.
+    std::fprintf(stderr, "diffuse: error: %s (see diffuse --help)\n", e.what());
+    return 1;
   }
   try {
     for (auto& [cmd, run] : commands)

@@ -1,5 +1,6 @@
 #include "backend/cpu/cpu_backend.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -61,19 +62,14 @@ const DnnlWeight& as_dnnl(const char* op, const PreparedWeight& w, DnnlWeight::K
   return *d;
 }
 
-void run(cpu::CachedPrimitive& e, const void* src, void* dst) {
-  e.src.set_data_handle(const_cast<void*>(src));
-  e.dst.set_data_handle(dst);
-  e.prim.execute(cpu::dnnl_stream(), e.args);
-  cpu::dnnl_stream().wait();
-}
 
 }  // namespace
 
 CpuBackend::CpuBackend(Precision p, WeightFormat wf) : requested_(p), effective_(p), format_(wf) {
   num_threads();  // applies the default thread count to OpenMP (and so to oneDNN) if unset
   if (p == Precision::BF16 && !cpu_features().bf16_fast()) {
-    std::fprintf(stderr, "diffuse: bf16 compute not supported by this CPU; using fp32\n");
+    static std::atomic<bool> said{false};  // once per process, not per backend (one per run)
+    if (!said.exchange(true)) std::fprintf(stderr, "diffuse: bf16 compute not supported by this CPU; using fp32\n");
     effective_ = Precision::F32;
   }
 }
@@ -147,10 +143,11 @@ void CpuBackend::conv2d(const Tensor& x, const PreparedWeight& pw, Tensor& y) {
   dt ddt;
   void* dst = dest_in(y, cdt, scratch_[2], ddt);
   size_t before = cpu::primitives_created();
-  cpu::CachedPrimitive& e = w.primitive({N, H, W}, cdt, ddt);
+  const cpu::CachedPrimitive& e = w.primitive({N, H, W}, cdt, ddt);
   if (cpu::primitives_created() != before) last_conv_ = e.impl;
-  if (w.is_int8()) w.dequantize(e, dequant_.get(DnnlWeight::dequant_bytes(e)));
-  run(e, src, dst);
+  void* wq = w.is_int8() ? dequant_.get(DnnlWeight::dequant_bytes(e)) : nullptr;
+  if (wq) w.dequantize(e, wq);
+  cpu::run_primitive(e, src, dst, wq);
   dest_done(y, dst);
 }
 
@@ -176,10 +173,11 @@ void CpuBackend::linear(const Tensor& x, const PreparedWeight& pw, Tensor& y) {
   dt ddt;
   void* dst = dest_in(y, cdt, scratch_[2], ddt);
   size_t before = cpu::primitives_created();
-  cpu::CachedPrimitive& e = w.primitive({M}, cdt, ddt);
+  const cpu::CachedPrimitive& e = w.primitive({M}, cdt, ddt);
   if (cpu::primitives_created() != before) last_linear_ = e.impl;
-  if (w.is_int8()) w.dequantize(e, dequant_.get(DnnlWeight::dequant_bytes(e)));
-  run(e, src, dst);
+  void* wq = w.is_int8() ? dequant_.get(DnnlWeight::dequant_bytes(e)) : nullptr;
+  if (wq) w.dequantize(e, wq);
+  cpu::run_primitive(e, src, dst, wq);
   dest_done(y, dst);
 }
 
@@ -204,8 +202,7 @@ void CpuBackend::matmul(const Tensor& a, const Tensor& b, Tensor& c, bool trans_
   dt ddt;
   void* dst = dest_in(c, cdt, scratch_[2], ddt);
   cpu::CachedPrimitive& e = matmuls_.get(B, M, K, N, trans_b, alpha, cdt, ddt);
-  e.weights.set_data_handle(const_cast<void*>(pb));
-  run(e, pa, dst);
+  cpu::run_primitive(e, pa, dst, pb);
   dest_done(c, dst);
 }
 

@@ -18,8 +18,9 @@ dnnl::engine& dnnl_engine() {
   return eng;
 }
 
+// One stream per thread: runs on separate threads (per-run workspaces) execute side by side.
 dnnl::stream& dnnl_stream() {
-  static dnnl::stream s(dnnl_engine());
+  static thread_local dnnl::stream s(dnnl_engine());
   return s;
 }
 
@@ -267,10 +268,11 @@ const memory& DnnlWeight::weights_for(const memory::desc& md) const {
   return weights_.back();
 }
 
-CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, dt src_dt, dt dst_dt) const {
+const CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, dt src_dt, dt dst_dt) const {
   std::vector<int64_t> key = dims;
   key.push_back(int64_t(src_dt));
   key.push_back(int64_t(dst_dt));
+  std::lock_guard<std::mutex> lock(mu_);
   auto it = cache_.find(key);
   if (it != cache_.end()) return it->second;
 
@@ -307,7 +309,6 @@ CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, dt src_
         d = dequants_.end() - 1;
       }
       e.dequant = d->second;
-      e.dequant_args = {{DNNL_ARG_FROM, qweights_}, {DNNL_ARG_TO, e.weights}};
     }
     e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_DST, e.dst},
               {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, post_scale_}};
@@ -325,15 +326,49 @@ CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, dt src_
   return cache_.emplace(std::move(key), std::move(e)).first->second;
 }
 
-void DnnlWeight::dequantize(CachedPrimitive& e, void* buf) const {
+void DnnlWeight::swap_contents(PreparedWeight& other_pw) {
+  auto* o = dynamic_cast<DnnlWeight*>(&other_pw);
+  DF_CHECK(o != nullptr, "swap_contents: weight ", other_pw.shape().str(), " was not prepared by the CPU backend");
+  if (o == this) return;
+  DF_CHECK(o->kind_ == kind_ && o->shape_ == shape_ && o->cdt_ == cdt_ && o->format_ == format_,
+           "swap_contents: weights ", shape_.str(), " and ", o->shape_.str(), " differ in kind, shape, type or format");
+  std::scoped_lock lock(mu_, o->mu_);
+  // Every member but the mutex; cached primitives and post-op memories keep pointing at the
+  // buffers they were made for, which move along with them.
+  std::swap(params_, o->params_);
+  std::swap(bias_, o->bias_);
+  std::swap(weights_, o->weights_);
+  std::swap(cache_, o->cache_);
+  std::swap(impl_, o->impl_);
+  std::swap(qweights_, o->qweights_);
+  std::swap(int8_placed_, o->int8_placed_);
+  std::swap(scales_, o->scales_);
+  std::swap(post_scale_, o->post_scale_);
+  std::swap(post_bias_, o->post_bias_);
+  std::swap(dequants_, o->dequants_);
+}
+
+void DnnlWeight::dequantize(const CachedPrimitive& e, void* buf) const {
   DF_CHECK(format_ == WeightFormat::Int8, "dequantize: weight ", shape_.str(), " is not int8");
-  e.weights.set_data_handle(buf);
   if (e.dequant) {
-    e.dequant.execute(dnnl_stream(), e.dequant_args);
+    // Per-call argument memories: the cached ones are shared by concurrent runs.
+    std::unordered_map<int, memory> args = {{DNNL_ARG_FROM, qweights_},
+                                            {DNNL_ARG_TO, memory(e.weights.get_desc(), dnnl_engine(), buf)}};
+    e.dequant.execute(dnnl_stream(), args);
+    dnnl_stream().wait();
     return;
   }
   convert_s8(static_cast<const int8_t*>(qweights_.get_data_handle()), buf,
              e.weights.get_desc().data_type(), qweights_.get_desc().get_size());
+}
+
+void run_primitive(const CachedPrimitive& e, const void* src, void* dst, const void* weights) {
+  std::unordered_map<int, memory> args = e.args;
+  args[DNNL_ARG_SRC] = memory(e.src.get_desc(), dnnl_engine(), const_cast<void*>(src));
+  args[DNNL_ARG_DST] = memory(e.dst.get_desc(), dnnl_engine(), dst);
+  if (weights) args[DNNL_ARG_WEIGHTS] = memory(e.weights.get_desc(), dnnl_engine(), const_cast<void*>(weights));
+  e.prim.execute(dnnl_stream(), args);
+  dnnl_stream().wait();
 }
 
 // ---------------------------------------------------------------------------------------------

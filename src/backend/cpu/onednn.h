@@ -1,15 +1,18 @@
 // oneDNN 2.6 glue for the CPU backend: the engine/stream singleton, prepared (reordered) weights
 // for convolution and linear layers, and shape-keyed primitive caches.
 //
-// Every primitive is created once per input shape (+ dtypes) and kept together with its memory
-// objects and argument map, so a steady-state call only swaps data handles and executes: no
-// primitive creation and no heap allocation on our side.
+// Every primitive is created once per input shape (+ dtypes) and kept together with its argument
+// memory descriptions, so a steady-state call only wraps its data pointers in memory objects and
+// executes: no primitive creation.
 //
-// Not thread-safe: one backend (and the weights it prepared) is used from one thread at a time;
-// the parallelism is inside each op (OpenMP, which oneDNN shares).
+// Threads: a backend object (its conversion scratch and matmul cache) is used from one thread at
+// a time; prepared weights may be shared by several backends running on different threads at
+// once (their primitive caches are locked, every call binds its own argument memories, and each
+// thread has its own stream). The parallelism is inside each op (OpenMP, which oneDNN shares).
 #pragma once
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -41,20 +44,23 @@ class Scratch {
   std::shared_ptr<Storage> storage_;
 };
 
-// One cached primitive with the memory objects bound to its arguments.
+// One cached primitive with the memory objects of its fixed arguments. src, dst (and weights for
+// matmul and int8 weights) only describe their argument: every call binds its own memory object
+// to its data (run_primitive), so concurrent calls never share a handle.
 struct CachedPrimitive {
   dnnl::primitive prim;
-  dnnl::memory src, dst;   // DNNL_ARG_SRC, DNNL_ARG_DST: handles set per call
-  dnnl::memory weights;    // DNNL_ARG_WEIGHTS: per call for matmul, fixed for prepared weights
-  std::unordered_map<int, dnnl::memory> args;
+  dnnl::memory src, dst;   // DNNL_ARG_SRC, DNNL_ARG_DST: descriptions (no data)
+  dnnl::memory weights;    // DNNL_ARG_WEIGHTS: per call for matmul and int8, fixed for prepared weights
+  std::unordered_map<int, dnnl::memory> args;  // the fixed arguments (prepared weights, bias, post-ops)
   std::string impl;
-  // Int8 weights only: `weights` (whose handle is set per call to a backend scratch buffer)
-  // receives the int8 values converted to the compute type; when the primitive wants another
+  // Int8 weights only: `weights` (bound per call to a backend scratch buffer) receives the int8 values converted to the compute type; when the primitive wants another
   // layout than the stored one, by this reorder (with its bound arguments), else by a plain
   // element-wise conversion.
   dnnl::primitive dequant;
-  std::unordered_map<int, dnnl::memory> dequant_args;
 };
+
+// Executes `e` with src, dst (and weights, when not fixed) bound to these pointers; waits.
+void run_primitive(const CachedPrimitive& e, const void* src, void* dst, const void* weights = nullptr);
 
 // Weights of a conv2d or linear layer, prepared for one compute type (f32 or bf16).
 // WeightFormat::Int8 keeps only int8 weights q (plain until the first primitive is made, then in
@@ -71,6 +77,7 @@ class DnnlWeight : public PreparedWeight {
   DnnlWeight(const DnnlWeight&) = delete;  // int8 post-op memories point into the object
   DnnlWeight& operator=(const DnnlWeight&) = delete;
   const Shape& shape() const override { return shape_; }
+  void swap_contents(PreparedWeight& other) override;
 
   Kind kind() const { return kind_; }
   const Conv2dParams& params() const { return params_; }
@@ -86,8 +93,8 @@ class DnnlWeight : public PreparedWeight {
 
   // The primitive for this input shape; created (and weights reordered) on first use.
   // conv2d: dims = {N, H, W}; linear: dims = {M}.
-  CachedPrimitive& primitive(const std::vector<int64_t>& dims, dnnl::memory::data_type src_dt,
-                             dnnl::memory::data_type dst_dt) const;
+  const CachedPrimitive& primitive(const std::vector<int64_t>& dims, dnnl::memory::data_type src_dt,
+                                   dnnl::memory::data_type dst_dt) const;
   const std::string& impl_info() const { return impl_; }  // kernel of the last-created primitive
   size_t weight_layouts() const { return weights_.size(); }  // reordered copies held (normally 1; 0 for int8)
 
@@ -102,9 +109,9 @@ class DnnlWeight : public PreparedWeight {
   size_t int8_relayouts() const { return dequants_.size(); }  // layouts other than the stored one in use
   // Bytes the compute-type weights of primitive `e` need (its weights_desc size).
   static size_t dequant_bytes(const CachedPrimitive& e) { return e.weights.get_desc().get_size(); }
-  // Int8 only: converts the int8 weights into `buf` (>= dequant_bytes(e), 64-byte aligned) and
-  // binds it as e's weights. Call before every execution of e: the buffer is shared between layers.
-  void dequantize(CachedPrimitive& e, void* buf) const;
+  // Int8 only: converts the int8 weights into `buf` (>= dequant_bytes(e), 64-byte aligned), to be
+  // passed as e's weights. Call before every execution of e: the buffer is shared between layers.
+  void dequantize(const CachedPrimitive& e, void* buf) const;
 
  private:
   dnnl::primitive_desc make_pd(const std::vector<int64_t>& dims, dnnl::memory::data_type src_dt,
@@ -130,6 +137,7 @@ class DnnlWeight : public PreparedWeight {
   dnnl::memory post_scale_, post_bias_;  // int8: scales_ / bias_ as post-op operands [1, O(, 1, 1)]
   // int8: reorders from the stored layout to other layouts (compute type), one per layout.
   mutable std::vector<std::pair<dnnl::memory::desc, dnnl::primitive>> dequants_;
+  mutable std::mutex mu_;  // guards the caches above (weights_, cache_, impl_, qweights_, dequants_)
 };
 
 // Batched matmul primitives of activations × activations, keyed by shape, dtypes and alpha.

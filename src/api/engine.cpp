@@ -1,0 +1,548 @@
+#include "api/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "api/infotext.h"
+#include "api/model_hash.h"
+#include "core/error.h"
+#include "core/memory_stats.h"
+#include "core/threads.h"
+#include "io/tensor_file.h"
+#include "models/canny.h"
+#include "models/controlnet.h"
+
+namespace diffuse::api {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const std::string& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+// The name A1111 shows: the file's stem, or the folder's name.
+std::string display_name(const std::string& path) {
+  std::error_code ec;
+  fs::path p = fs::path(path).lexically_normal();
+  if (!p.has_filename()) p = p.parent_path();
+  return fs::is_directory(path, ec) ? p.filename().string() : p.stem().string();
+}
+
+// Prediction type: the request's, else a diffusers scheduler config's prediction_type, else the
+// family default (SD 2.x: v, with a note).
+Prediction decide_prediction(const Request& r, Family family, const Callbacks& cb) {
+  if (r.prediction == "eps" || r.prediction == "epsilon") return Prediction::Epsilon;
+  if (r.prediction == "v" || r.prediction == "v_prediction") return Prediction::VPrediction;
+  std::string cfg_text;
+  std::error_code ec;
+  if (fs::is_directory(r.model, ec)) {
+    std::ifstream f(fs::path(r.model) / "scheduler" / "scheduler_config.json");
+    if (f) cfg_text.assign(std::istreambuf_iterator<char>(f), {});
+  } else if (fs::path(r.model).extension() == ".safetensors") {
+    TensorFile tf = load_safetensors(r.model);
+    auto it = tf.metadata.find("scheduler/scheduler_config.json");
+    if (it != tf.metadata.end()) cfg_text = it->second;
+  }
+  if (!cfg_text.empty()) {
+    nlohmann::json j = nlohmann::json::parse(cfg_text, nullptr, false);
+    if (j.is_object() && j.contains("prediction_type") && j["prediction_type"].is_string()) {
+      std::string t = j["prediction_type"];
+      if (t == "v_prediction") return Prediction::VPrediction;
+      if (t == "epsilon") return Prediction::Epsilon;
+    }
+  }
+  if (family == Family::SD2) {
+    if (cb.log)
+      cb.log("diffuse: SD 2.x checkpoint without a scheduler config: assuming v-prediction (768 models); "
+             "--prediction eps overrides", false);
+    return Prediction::VPrediction;
+  }
+  return Prediction::Epsilon;
+}
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Model entries: a loaded model, its LoRA set and the runs using it.
+
+struct Engine::ModelEntry {
+  std::string path;
+  std::unique_ptr<SDModel> model;
+  std::unique_ptr<Backend> be;  // prepares weights (load, LoRA switches); used under `mu` with no run active
+  size_t bytes = 0;
+  uint64_t last_used = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  int active = 0;        // runs using the model now
+  std::string lora_key;  // the applied set ("" none)
+  bool spent = false;    // text encoders freed (one-shot): dropped after its run
+};
+
+struct Engine::Impl {
+  mutable std::mutex mu;
+  std::map<std::string, std::shared_ptr<ModelEntry>> models;
+  uint64_t clock = 0;
+  // ControlNets by path (the two most recently used stay loaded).
+  struct Net {
+    std::shared_ptr<ControlNet> net;
+    uint64_t last_used = 0;
+  };
+  std::map<std::string, Net> nets;
+  HashCache hashes;
+  explicit Impl(const std::string& dir) : hashes(dir) {}
+};
+
+RunState::~RunState() = default;
+size_t RunState::scratch_bytes() const { return ws.capacity(); }
+
+Engine::Engine(EngineOptions o) : opts_(std::move(o)) {
+  DF_CHECK(opts_.precision == "fp32" || opts_.precision == "bf16" || opts_.precision == "auto", "--precision ",
+           opts_.precision, ": unknown; allowed: fp32, bf16, auto");
+  DF_CHECK(opts_.weights == "native" || opts_.weights == "int8", "--weights ", opts_.weights,
+           ": unknown; allowed: native, int8");
+  DF_CHECK(opts_.threads >= 0, "-t/--threads ", opts_.threads, ": must be >= 0 (0: all physical cores)");
+  set_num_threads(opts_.threads);
+  precision_ = opts_.precision == "bf16" || (opts_.precision == "auto" && cpu_features().bf16_fast()) ? Precision::BF16
+                                                                                                     : Precision::F32;
+  format_ = opts_.weights == "int8" ? WeightFormat::Int8 : WeightFormat::Native;
+  impl_ = std::make_unique<Impl>(opts_.hash_cache_dir.empty() ? default_cache_dir() : opts_.hash_cache_dir);
+}
+
+Engine::~Engine() = default;
+
+std::unique_ptr<RunState> Engine::new_state() const {
+  std::unique_ptr<RunState> s(new RunState());
+  s->be = make_cpu_backend(precision_, format_);
+  return s;
+}
+
+void Engine::validate_settings(const Request& r, ImagesGiven given) {
+  std::error_code ec;
+  DF_CHECK(!r.model.empty(), "-m/--model: a model file or diffusers folder is required");
+  DF_CHECK(fs::exists(r.model, ec), "-m/--model ", r.model, ": no such file or folder");
+  DF_CHECK(r.rng == "cpu" || r.rng == "cuda", "--rng ", r.rng, ": unknown; allowed: cpu, cuda");
+  DF_CHECK(r.schedule == "default" || r.schedule == "karras" || r.schedule == "trailing", "--scheduler ", r.schedule,
+           ": unknown; allowed: default, karras, trailing");
+  DF_CHECK(r.prediction.empty() || r.prediction == "eps" || r.prediction == "v" || r.prediction == "epsilon" ||
+               r.prediction == "v_prediction",
+           "--prediction ", r.prediction, ": unknown; allowed: eps, v");
+  try {
+    make_scheduler(r.sampler, r.schedule, Prediction::Epsilon);
+  } catch (const Error& e) {
+    const auto& names = sampler_names();
+    if (std::find(names.begin(), names.end(), r.sampler) == names.end())
+      fail("--sampler ", r.sampler, ": unknown; allowed: ", join(names));
+    fail("--sampler ", r.sampler, " --scheduler ", r.schedule, ": ", e.what());
+  }
+  DF_CHECK(r.steps >= 1 && r.steps <= 10000, "--steps ", r.steps, ": must be in [1, 10000]");
+  DF_CHECK(r.batch >= 1 && r.batch <= 64, "-b/--batch ", r.batch, ": must be in [1, 64]");
+  DF_CHECK(r.clip_skip >= 0 && r.clip_skip <= 12, "--clip-skip ", r.clip_skip, ": must be in [0, 12]");
+  DF_CHECK(std::isfinite(r.cfg) && r.cfg >= 0, "--cfg-scale ", r.cfg, ": must be a number >= 0");
+  DF_CHECK(std::isnan(r.strength) == false && (r.strength < 0 || r.strength <= 1.0), "--strength ", r.strength,
+           ": must be in [0, 1]");
+  const bool has_init = given.init, has_mask = given.mask;
+  DF_CHECK(!has_mask || has_init, "--mask needs an init image: give -i/--init too");
+  DF_CHECK(r.strength < 0 || has_init, "--strength applies to img2img/inpainting: give -i/--init too");
+  DF_CHECK(r.width == 0 || (r.width > 0 && r.width % 8 == 0), "-W/--width ", r.width, ": must be a positive multiple of 8");
+  DF_CHECK(r.height == 0 || (r.height > 0 && r.height % 8 == 0), "-H/--height ", r.height,
+           ": must be a positive multiple of 8");
+  DF_CHECK(r.vae_tiling.tile_px >= 2 * r.vae_tiling.overlap_px && r.vae_tiling.tile_px % 8 == 0, "--vae-tile-size ",
+           r.vae_tiling.tile_px, ": must be a multiple of 8 and at least ", 2 * r.vae_tiling.overlap_px);
+  DF_CHECK(r.control_net.empty() == !given.control_image,
+           r.control_net.empty() ? "--control-image needs --control-net PATH" : "--control-net needs --control-image IMG");
+  DF_CHECK(!r.canny || !r.control_net.empty(), "--canny needs --control-net and --control-image");
+  DF_CHECK(std::isfinite(r.control_strength) && r.control_strength >= 0 && r.control_strength <= 10,
+           "--control-strength ", r.control_strength, ": must be in [0, 10]");
+  DF_CHECK(r.canny_low >= 0 && r.canny_low <= r.canny_high && r.canny_high <= 1020, "--canny-low ", r.canny_low,
+           " / --canny-high ", r.canny_high, ": need 0 <= low <= high <= 1020");
+  for (const LoraSpec& l : r.loras) {
+    DF_CHECK(fs::is_regular_file(l.path, ec), "--lora ", l.path, ": no such file");
+    DF_CHECK(std::isfinite(l.multiplier), "--lora ", l.path, ": the multiplier must be a number");
+  }
+}
+
+void Engine::validate(const Request& r) {
+  const bool has_init = !r.init.pixels.empty(), has_mask = !r.mask.pixels.empty();
+  validate_settings(r, {has_init, has_mask, !r.control_image.pixels.empty()});
+  if (has_init) {
+    const int w = r.width ? r.width : r.init.width, h = r.height ? r.height : r.init.height;
+    DF_CHECK(r.init.width == w && r.init.height == h, "-i/--init image is ", r.init.width, "x", r.init.height,
+             " but the output size is ", w, "x", h,
+             ": images are not resized; give an image of the output size (or leave -W/-H out)");
+    DF_CHECK(r.init.width % 8 == 0 && r.init.height % 8 == 0, "-i/--init image is ", r.init.width, "x",
+             r.init.height, ": width and height must be multiples of 8");
+  }
+  if (has_mask)
+    DF_CHECK(r.mask.width == r.init.width && r.mask.height == r.init.height, "--mask image is ", r.mask.width, "x",
+             r.mask.height, " but the init image is ", r.init.width, "x", r.init.height,
+             ": they must be the same size");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+void Engine::evict_locked(const ModelEntry* keep) {
+  // Least recently used first, never one in use, until the others fit the budget.
+  for (;;) {
+    size_t others = 0;
+    std::shared_ptr<ModelEntry> victim;
+    for (auto& [p, e] : impl_->models) {
+      if (e.get() == keep) continue;
+      others += e->bytes;
+      std::lock_guard<std::mutex> lk(e->mu);
+      if (e->active == 0 && (!victim || e->last_used < victim->last_used)) victim = e;
+    }
+    if (others <= opts_.model_cache_bytes || !victim) break;
+    impl_->models.erase(victim->path);
+  }
+  return_free_memory();
+}
+
+std::shared_ptr<Engine::ModelEntry> Engine::acquire_model(const std::string& path, bool vae_encoder,
+                                                          const Callbacks& cb, double* load_s) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  *load_s = 0;
+  auto it = impl_->models.find(path);
+  if (it != impl_->models.end()) {
+    std::shared_ptr<ModelEntry> e = it->second;
+    bool usable;
+    {
+      std::lock_guard<std::mutex> el(e->mu);
+      usable = !e->spent && (!vae_encoder || e->model->vae.has_encoder());
+    }
+    if (usable) {
+      e->last_used = ++impl_->clock;
+      return e;
+    }
+    impl_->models.erase(it);  // runs still using it keep it alive until they finish
+  }
+  evict_locked(nullptr);  // make room first: a budget of 0 holds one model, not two during a load
+  auto t0 = std::chrono::steady_clock::now();
+  auto e = std::make_shared<ModelEntry>();
+  e->path = path;
+  e->be = make_cpu_backend(precision_, format_);
+  SDLoadOptions lo;
+  lo.vae_encoder = vae_encoder || !opts_.one_shot;
+  e->model = SDModel::load(path, *e->be, lo);
+  *load_s = seconds_since(t0);
+  const double per_param = format_ == WeightFormat::Int8 ? 1.0 : e->be->effective_precision() == Precision::BF16 ? 2.0 : 4.0;
+  int64_t params = 0;  // what is bound (EMA copies and other extras are not)
+  for (const ComponentSummary& c : e->model->summary.components)
+    if (c.component != Component::EMA && c.component != Component::Other) params += c.parameters;
+  e->bytes = size_t(double(params) * per_param);
+  e->last_used = ++impl_->clock;
+  impl_->models[path] = e;
+  evict_locked(e.get());
+  return e;
+}
+
+double Engine::load(const std::string& path, const Callbacks& cb) {
+  std::error_code ec;
+  DF_CHECK(fs::exists(path, ec), "-m/--model ", path, ": no such file or folder");
+  double s = 0;
+  acquire_model(path, false, cb, &s);
+  return s;
+}
+
+std::vector<std::string> Engine::loaded_models() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  std::vector<std::string> out;
+  for (const auto& [p, e] : impl_->models) out.push_back(p);
+  return out;
+}
+
+void Engine::unload_all() {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  impl_->models.clear();
+  impl_->nets.clear();
+  return_free_memory();
+}
+
+std::string Engine::model_hash(const std::string& path, const Callbacks& cb) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) return "";
+  return impl_->hashes.sha256(path, [&] {
+           if (cb.log) cb.log("hashing " + path + " for its A1111 model hash (once per file)", false);
+         }).substr(0, 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA sets
+
+namespace {
+
+struct ResolvedLora {
+  std::string name, path;
+  float mult;
+};
+
+std::string lora_key(const std::vector<ResolvedLora>& v) {
+  std::string k;
+  for (const ResolvedLora& l : v) k += fs::absolute(l.path).lexically_normal().string() + "\x1f" + num(l.mult) + "\x1e";
+  return k;
+}
+
+// Reads the files and applies them as the model's set (transactional: models/lora.h).
+LoraApplyReport apply_set(SDModel& m, Backend& be, const std::vector<ResolvedLora>& loras) {
+  std::vector<LoraFile> files;
+  files.reserve(loras.size());
+  std::vector<std::pair<const LoraFile*, float>> set;
+  for (const ResolvedLora& l : loras) {
+    files.push_back(load_lora(l.path));
+    set.emplace_back(&files.back(), l.mult);
+  }
+  return apply_loras(m, be, set);
+}
+
+// Waits until `e` can run with LoRA set `key` (no run using another set), switches if needed
+// (with `apply`), and counts the caller as a run. Release with release_run().
+void begin_run(Engine::ModelEntry& e, const std::string& key, const std::function<void()>& apply);
+void release_run(Engine::ModelEntry& e);
+
+}  // namespace
+
+// (Defined here: they need ModelEntry's members.)
+namespace {
+void begin_run(Engine::ModelEntry& e, const std::string& key, const std::function<void()>& apply) {
+  std::unique_lock<std::mutex> lk(e.mu);
+  e.cv.wait(lk, [&] { return e.active == 0 || e.lora_key == key; });
+  if (e.lora_key != key) {
+    apply();  // throws: the model is as it was (apply_loras is transactional)
+    e.lora_key = key;
+  }
+  ++e.active;
+}
+
+void release_run(Engine::ModelEntry& e) {
+  std::lock_guard<std::mutex> lk(e.mu);
+  --e.active;
+  e.cv.notify_all();
+}
+
+struct RunGuard {
+  Engine::ModelEntry* e = nullptr;
+  ~RunGuard() {
+    if (e) release_run(*e);
+  }
+};
+}  // namespace
+
+LoraApplyReport Engine::set_loras(const std::string& path, const std::vector<LoraSpec>& loras) {
+  double load_s = 0;
+  std::shared_ptr<ModelEntry> e = acquire_model(path, false, {}, &load_s);
+  std::vector<ResolvedLora> rl;
+  for (const LoraSpec& l : loras) rl.push_back({fs::path(l.path).stem().string(), l.path, l.multiplier});
+  LoraApplyReport rep;
+  std::string key = lora_key(rl);
+  std::unique_lock<std::mutex> lk(e->mu);
+  e->cv.wait(lk, [&] { return e->active == 0; });
+  rep = apply_set(*e->model, *e->be, rl);
+  e->lora_key = key;
+  return rep;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A run
+
+RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* state) {
+  validate(req);
+  auto log = [&](const std::string& s, bool warn = false) {
+    if (cb.log) cb.log(s, warn);
+  };
+
+  // The LoRA set: --lora files, then the prompt's tags.
+  std::vector<ResolvedLora> loras;
+  for (const LoraSpec& l : req.loras) loras.push_back({fs::path(l.path).stem().string(), l.path, l.multiplier});
+  std::vector<std::pair<std::string, float>> tags;
+  const std::string prompt = extract_lora_tags(req.prompt, &tags);
+  for (const auto& [name, mult] : tags) {
+    DF_CHECK(!opts_.lora_dir.empty(), "prompt tag <lora:", name, ">: give --lora-model-dir DIR to say where LoRA files are");
+    loras.push_back({name, resolve_lora_path(name, opts_.lora_dir), mult});
+  }
+  std::vector<std::pair<std::string, std::string>> lora_hashes;
+  for (const ResolvedLora& l : loras) lora_hashes.emplace_back(l.name, impl_->hashes.lora_hash(l.path));
+
+  std::unique_ptr<RunState> own_state;
+  if (!state) {
+    own_state = new_state();
+    state = own_state.get();
+  }
+  uint64_t seed;
+  if (req.seed >= 0) {
+    seed = uint64_t(req.seed);
+  } else {
+    std::random_device rd;
+    seed = rd() % 4294967294u;
+  }
+
+  const bool has_init = !req.init.pixels.empty(), has_mask = !req.mask.pixels.empty();
+  RunResult out;
+  out.seed = seed;
+  std::shared_ptr<ModelEntry> entry = acquire_model(req.model, has_init, cb, &out.load_s);
+  SDModel& model = *entry->model;
+  const bool inpaint9 = model.unet_cfg.in_channels == 9;
+  DF_CHECK(!inpaint9 || has_mask, "-m/--model ", req.model,
+           " is an inpainting model (9-channel UNet): give -i/--init and --mask");
+  const std::string hash = model_hash(req.model, cb);
+
+  RunGuard guard;
+  begin_run(*entry, lora_key(loras), [&] {
+    LoraApplyReport rep = apply_set(model, *entry->be, loras);
+    if (!loras.empty()) log(rep.summary(), !rep.unmatched.empty());
+  });
+  guard.e = entry.get();
+
+  GenerateParams p;
+  p.prediction = decide_prediction(req, model.family, cb);
+  const int native = model.family == Family::SDXL ? 1024
+                     : (model.family == Family::SD2 && p.prediction == Prediction::VPrediction) ? 768
+                                                                                               : 512;
+  p.prompt = prompt;
+  p.negative = req.negative;
+  p.width = req.width ? req.width : has_init ? req.init.width : native;
+  p.height = req.height ? req.height : has_init ? req.init.height : native;
+  p.steps = req.steps;
+  p.cfg = req.cfg;
+  p.seed = seed;
+  p.sampler = req.sampler;
+  p.schedule = req.schedule;
+  p.batch = req.batch;
+  p.clip_skip = req.clip_skip;
+  p.rng = parse_rng_kind(req.rng);
+  p.strength = req.strength >= 0 ? req.strength : (inpaint9 ? 1.0 : 0.75);
+  p.init = has_init ? &req.init : nullptr;
+  Image init_rgb;
+  if (has_init && req.init.channels != 3) {
+    init_rgb = to_rgb(req.init);
+    p.init = &init_rgb;
+  }
+  p.mask = has_mask ? &req.mask : nullptr;
+  p.vae_tiling = req.vae_tiling;
+
+  std::shared_ptr<ControlNet> control;
+  Image control_image;
+  std::string control_text;
+  if (!req.control_net.empty()) {
+    {
+      std::lock_guard<std::mutex> lk(impl_->mu);
+      auto& slot = impl_->nets[req.control_net];
+      if (!slot.net) slot.net = std::make_shared<ControlNet>(ControlNet::load_file(req.control_net, *entry->be));
+      slot.last_used = ++impl_->clock;
+      control = slot.net;
+      while (impl_->nets.size() > 2) {
+        auto victim = std::min_element(impl_->nets.begin(), impl_->nets.end(),
+                                       [](const auto& a, const auto& b) { return a.second.last_used < b.second.last_used; });
+        impl_->nets.erase(victim);
+      }
+    }
+    control->check_compatible(model.unet_cfg);
+    control_image = to_rgb(req.control_image);
+    if (req.canny) {
+      // As the ControlNet canny annotator: resize to the output size first, then detect edges.
+      CannyOptions co;
+      co.low = float(req.canny_low);
+      co.high = float(req.canny_high);
+      control_image = canny(resize_lanczos(control_image, p.width, p.height), co);
+    }
+    p.control = control.get();
+    p.control_image = &control_image;
+    p.control_strength = float(req.control_strength);
+    control_text = "Module: " + std::string(req.canny ? "canny" : "none") + ", Model: " + display_name(req.control_net) +
+                   ", Weight: " + num(req.control_strength);
+  }
+
+  Backend& be = *state->be;
+  char line[512];
+  std::snprintf(line, sizeof line, "model %s: %s, UNet %d channels, %s prediction, loaded in %.1f s; %s%s on %s, %d threads",
+                req.model.c_str(), family_name(model.family), model.unet_cfg.in_channels,
+                p.prediction == Prediction::VPrediction ? "v" : "epsilon", out.load_s,
+                precision_name(be.effective_precision()), be.weight_format() == WeightFormat::Int8 ? " (int8 weights)" : "",
+                be.name().c_str(), num_threads());
+  log(line);
+  std::snprintf(line, sizeof line, "%s %dx%d, %d steps, %s%s, cfg %s, seed %llu (%s rng)%s",
+                p.mask ? "inpaint" : p.init ? "img2img" : "txt2img", p.width, p.height, p.steps, p.sampler.c_str(),
+                p.schedule == "default" ? "" : (" " + p.schedule).c_str(), num(p.cfg).c_str(),
+                static_cast<unsigned long long>(seed), req.rng.c_str(),
+                p.init ? (", strength " + num(p.strength)).c_str() : "");
+  log(line);
+  if (p.vae_tiling.active(p.height, p.width)) {
+    const int64_t f = model.vae_cfg.downscale();
+    VAETileAxis ty = vae_tile_axis(p.vae_tiling, p.height, f), tx = vae_tile_axis(p.vae_tiling, p.width, f);
+    std::snprintf(line, sizeof line, "VAE tiling: %zux%zu tiles of %lldx%lld px, overlap >= %d px", ty.starts.size(),
+                  tx.starts.size(), (long long)ty.size, (long long)tx.size, p.vae_tiling.overlap_px);
+    log(line);
+  }
+
+  if (opts_.one_shot) {
+    p.on_conditioned = [&] {
+      std::lock_guard<std::mutex> lk(entry->mu);
+      if (entry->active == 1) {  // nobody else encodes with them: free them for the steps
+        model.release_text_encoders();
+        entry->spent = true;
+      }
+    };
+  }
+  bool cancelled = false;
+  p.cancelled = [&] { return cancelled; };
+  ProgressFn progress = [&](Stage s, int done, int total) {
+    if (cb.progress && !cb.progress(s, done, total)) cancelled = true;
+  };
+
+  auto tg = std::chrono::steady_clock::now();
+  std::vector<Result> results = diffuse::generate(model, be, p, progress, &state->ws);
+  out.generate_s = seconds_since(tg);
+  state->ws.release();
+
+  InfotextInputs ii;
+  ii.prompt = req.prompt;  // line 1 keeps the prompt as written (with its <lora:…> tags), as A1111 does
+  ii.model_hash = hash;
+  ii.model_name = display_name(req.model);
+  ii.lora_hashes = lora_hashes;
+  ii.control = control_text;
+  for (size_t i = 0; i < results.size(); ++i) {
+    GeneratedImage g;
+    g.image = std::move(results[i].image);
+    g.seed = results[i].seed;
+    g.latent = results[i].latent;
+    g.parameters = infotext(p, ii, g.seed, int(i) + 1);
+    g.image.text.emplace_back("parameters", g.parameters);
+    out.images.push_back(std::move(g));
+  }
+  if (entry->spent) {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    auto it = impl_->models.find(req.model);
+    if (it != impl_->models.end() && it->second == entry) impl_->models.erase(it);
+  }
+  return out;
+}
+
+std::string default_cache_dir() {
+  if (const char* d = std::getenv("DIFFUSE_CACHE_DIR"); d && *d) return d;
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::string(x) + "/diffuse";
+  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.cache/diffuse";
+  return "";
+}
+
+}  // namespace diffuse::api

@@ -1,0 +1,161 @@
+// The engine the CLI, the server and the C API share: it owns loaded models (kept across runs, a
+// model cache with a memory budget), applies each request's LoRAs to the model it runs on
+// (switching sets without reloading the base: only the affected prepared weights are replaced),
+// caches ControlNets, and runs one request — txt2img, img2img or inpainting with every option
+// `diffuse generate` has — returning images with their A1111 `parameters` text and seeds.
+//
+// Concurrency: an Engine may be called from several threads at once. Each run needs its own
+// RunState (a backend object for the ops' conversion buffers and a Workspace for the models'
+// scratch; generate() makes a temporary one when given none). Runs on the same model with the
+// same LoRA set execute side by side; a run that needs another LoRA set on that model waits until
+// the runs using the current set have finished, then switches. Loading a model holds the engine's
+// lock (other loads and cache lookups wait).
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/image.h"
+#include "models/lora.h"
+#include "models/vae.h"
+#include "pipeline/generate.h"
+
+namespace diffuse::api {
+
+struct EngineOptions {
+  int threads = 0;                  // 0: all physical cores
+  std::string precision = "auto";   // auto (bf16 where the CPU has fast bf16) | fp32 | bf16
+  std::string weights = "native";   // native | int8
+  // Bytes of models kept loaded besides the one a run uses (least recently used go first). 0:
+  // only the most recently used model stays loaded (A1111's default of one checkpoint).
+  size_t model_cache_bytes = 0;
+  std::string lora_dir;             // where <lora:NAME:W> prompt tags find NAME.safetensors
+  std::string hash_cache_dir;       // A1111 model hashes; empty: default_cache_dir()
+  // One-shot runs (the CLI): free the text encoders once the prompts are encoded, and drop the
+  // model after the run (a later run loads it again).
+  bool one_shot = false;
+};
+
+struct LoraSpec {
+  std::string path;
+  float multiplier = 1.0f;
+};
+
+// One generation. Field names in error messages are the CLI's flags (the C API and the server
+// document the mapping).
+struct Request {
+  std::string model;                // single file or diffusers folder
+  std::string prompt, negative;     // A1111 weighting; <lora:NAME:W> tags (resolved in EngineOptions::lora_dir)
+  int width = 0, height = 0;        // 0: the init image's size, else the family's native size
+  int steps = 20;
+  double cfg = 7.0;
+  int64_t seed = -1;                // < 0: random (the result says which)
+  std::string sampler = "euler_a";
+  std::string schedule = "default"; // default | karras | trailing
+  int batch = 1;
+  int clip_skip = 0;
+  std::string rng = "cuda";         // cuda (A1111) | cpu (diffusers' CPU generator)
+  std::string prediction;           // "" (from the model) | eps | v
+  double strength = -1.0;           // img2img/inpaint; < 0: 0.75 (1 for 9-channel inpainting models)
+  Image init, mask;                 // empty pixels: none
+  std::vector<LoraSpec> loras;      // besides the prompt's tags
+  std::string control_net;          // ControlNet file or folder ("" none)
+  Image control_image;
+  double control_strength = 1.0;
+  bool canny = false;
+  int canny_low = 100, canny_high = 200;
+  VAETiling vae_tiling;
+};
+
+struct GeneratedImage {
+  Image image;             // 8-bit RGB; image.text holds ("parameters", A1111 text)
+  std::string parameters;  // the same text
+  uint64_t seed = 0;
+  Tensor latent;           // f32 [1, 4, h, w] NCHW, before dividing by the VAE scaling factor
+};
+
+struct RunResult {
+  std::vector<GeneratedImage> images;
+  double load_s = 0, generate_s = 0;  // model load (0 when cached), sampling + decoding
+  uint64_t seed = 0;                  // the run's seed
+};
+
+struct Callbacks {
+  // (stage, done, total) as pipeline/generate.h reports it; return false to cancel the run
+  // (generate() then throws diffuse::Cancelled).
+  std::function<bool(Stage, int, int)> progress;
+  // Informational lines (model loaded, LoRA summary, settings); warnings say warning = true.
+  std::function<void(const std::string& line, bool warning)> log;
+};
+
+// A run's own memory: the backend object that executes its ops and the models' scratch. Reuse
+// one for consecutive runs of one caller (its buffers stay allocated); never share one between
+// runs at the same time.
+class RunState {
+ public:
+  ~RunState();
+  size_t scratch_bytes() const;
+
+ private:
+  friend class Engine;
+  RunState() = default;
+  std::unique_ptr<Backend> be;
+  Workspace ws;
+};
+
+class Engine {
+ public:
+  explicit Engine(EngineOptions o = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+  const EngineOptions& options() const { return opts_; }
+
+  // Everything that can be checked without loading anything; throws diffuse::Error naming the
+  // field. generate() calls it first. validate_settings() checks all but the images' contents,
+  // given which images there are (for callers that read them later).
+  static void validate(const Request& r);
+  struct ImagesGiven {
+    bool init = false, mask = false, control_image = false;
+  };
+  static void validate_settings(const Request& r, ImagesGiven given);
+
+  std::unique_ptr<RunState> new_state() const;
+
+  // Runs one request. Throws diffuse::Error (bad request, unreadable files), diffuse::Cancelled.
+  RunResult generate(const Request& r, const Callbacks& cb = {}, RunState* state = nullptr);
+
+  // Loads `path` into the cache (if not there) and keeps it; the load time in seconds (0 if cached).
+  double load(const std::string& path, const Callbacks& cb = {});
+  // Sets the LoRA set of loaded model `path` (loading it first if needed) as a run would; for
+  // benchmarks, tests and servers that switch ahead of a run. Waits for runs on the model.
+  LoraApplyReport set_loras(const std::string& path, const std::vector<LoraSpec>& loras);
+  std::vector<std::string> loaded_models() const;
+  void unload_all();
+
+  // A1111's short model hash (first 10 hex digits of the file's sha256; "" for folders), from the
+  // hash cache when the file's path, size and modification time match, else computed now (once)
+  // and stored.
+  std::string model_hash(const std::string& path, const Callbacks& cb = {});
+
+  struct ModelEntry;
+
+ private:
+  std::shared_ptr<ModelEntry> acquire_model(const std::string& path, bool vae_encoder, const Callbacks& cb,
+                                            double* load_s);
+  void evict_locked(const ModelEntry* keep);
+
+  EngineOptions opts_;
+  Precision precision_;
+  WeightFormat format_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// $DIFFUSE_CACHE_DIR, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse.
+std::string default_cache_dir();
+
+}  // namespace diffuse::api

@@ -1,0 +1,22 @@
+// A1111's `parameters` text for a generated image (what A1111, ComfyUI and civitai read back).
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "pipeline/generate.h"
+
+namespace diffuse::api {
+
+struct InfotextInputs {
+  std::string prompt;      // line 1, as the user wrote it (with any <lora:…> tags)
+  std::string model_hash;  // short hash ("" for folders: left out)
+  std::string model_name;
+  std::vector<std::pair<std::string, std::string>> lora_hashes;  // (name, hash)
+  std::string control;     // "Module: …, Model: …, Weight: …" ("" none)
+};
+
+// The text for image `pos` (1-based) of a run with settings `p`; `seed` is the image's.
+std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t seed, int pos);
+
+}  // namespace diffuse::api

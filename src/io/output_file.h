@@ -1,0 +1,46 @@
+// Writing output files safely (the project's standard for every file diffuse writes).
+//
+// write_file_safely(path, ...):
+//   * Symlinks are followed, never replaced: the file a link points to is written (a dangling
+//     link: the path it points to is created).
+//   * An existing target that is not a regular file (a character device such as /dev/null or
+//     /dev/stdout, a FIFO, a socket, a block device) is opened for writing in place
+//     (O_WRONLY, no truncation, no rename) and the bytes are written to it. Opening a FIFO
+//     blocks until a reader opens it, as a shell redirection would.
+//   * A regular file or a new file is replaced atomically: the bytes go into a unique temporary
+//     file in the target's folder (mkstemp, "<dir>/.<name>.XXXXXX"), which is flushed, fsynced,
+//     given the existing file's permission bits (or 0666 & ~umask for a new file; ownership is
+//     kept where the process may) and renamed over the target. Readers see either the old file
+//     or the complete new one; an unrelated "<name>.tmp" of the user's is never touched.
+//   * On failure the temporary file is removed and diffuse::Error is thrown:
+//     "<path>: cannot write: <reason>". When the temporary file cannot be created the reason
+//     reads "cannot create a temporary file in <dir>: <strerror>".
+#pragma once
+#include <cstddef>
+#include <cstdio>
+#include <functional>
+#include <string>
+
+namespace diffuse {
+
+void write_file_safely(const std::string& path, const void* data, size_t size);
+
+// Streaming form: `writer` writes the whole content to the FILE* it is given (the temporary file,
+// or the special file opened in place) with stdio calls. It may stop early after a failed write:
+// write_file_safely checks ferror() afterwards. An exception from `writer` removes the temporary
+// file and propagates unchanged.
+void write_file_safely(const std::string& path, const std::function<void(FILE*)>& writer);
+
+// Checks, before long work, that write_file_safely(path) can succeed as far as the file system
+// says now. Throws diffuse::Error "<what> <path>: <problem>" when the path is empty, is a folder,
+// its folder does not exist (or is not a folder), the existing target is not writable, or the
+// folder is not writable where a file must be created in it (a new file, or a regular file that
+// is replaced through a temporary file). A special file (see is_special_output) needs only to be
+// writable itself. Permission checks use access(), so root passes them as the kernel would.
+void check_output_writable(const std::string& path, const std::string& what);
+
+// True when `path` exists (following symlinks) and is not a regular file: a character or block
+// device, a FIFO, a socket, or a folder. Such outputs are written in place, not replaced.
+bool is_special_output(const std::string& path);
+
+}  // namespace diffuse
