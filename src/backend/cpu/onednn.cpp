@@ -36,6 +36,31 @@ static std::atomic<size_t> g_primitives{0};
 size_t primitives_created() { return g_primitives.load(); }
 void note_primitive_created() { g_primitives.fetch_add(1); }
 
+// Scratchpads are the caller's (passed per execution from a per-thread buffer), never the
+// library's shared one: primitives running at once on different threads would share it.
+dnnl::primitive_attr user_scratchpad() {
+  dnnl::primitive_attr a;
+  a.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return a;
+}
+
+static void* thread_scratchpad(size_t bytes) {
+  static thread_local Scratch pad;
+  return bytes ? pad.get(bytes) : nullptr;
+}
+
+static void add_scratchpad(std::unordered_map<int, memory>& args, const memory::desc& md) {
+  if (md.get_size() > 0) args[DNNL_ARG_SCRATCHPAD] = memory(md, dnnl_engine(), thread_scratchpad(md.get_size()));
+}
+
+void reorder_now(const memory& from, const memory& to) {
+  dnnl::reorder::primitive_desc pd(dnnl_engine(), from.get_desc(), dnnl_engine(), to.get_desc(), user_scratchpad());
+  std::unordered_map<int, memory> args = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+  add_scratchpad(args, pd.scratchpad_desc());
+  dnnl::reorder(pd).execute(dnnl_stream(), args);
+  dnnl_stream().wait();
+}
+
 void* Scratch::get(size_t bytes) {
   if (!storage_ || storage_->bytes() < bytes) {
     // Grow geometrically so a sequence of slightly larger requests settles quickly.
@@ -135,7 +160,7 @@ DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Con
   dnnl::primitive_desc pd = make_pd(nominal, cdt_, cdt_);
   memory::desc wmd = pd.weights_desc();
   memory target(wmd, dnnl_engine());
-  dnnl::reorder(plain, target).execute(dnnl_stream(), plain, target);
+  reorder_now(plain, target);
   note_primitive_created();
   dnnl_stream().wait();
   weights_.push_back(target);
@@ -171,7 +196,7 @@ std::vector<int8_t> DnnlWeight::int8_values() const {
                               : memory::desc({shape_[1], O}, dt::s8, tag::ba);
   std::vector<int8_t> out(plain_md.get_size());
   memory plain(plain_md, dnnl_engine(), out.data());
-  dnnl::reorder(qweights_, plain).execute(dnnl_stream(), qweights_, plain);
+  reorder_now(qweights_, plain);
   dnnl_stream().wait();
   return out;
 }
@@ -211,7 +236,7 @@ dnnl::primitive_desc DnnlWeight::make_pd(const std::vector<int64_t>& d, dt src_d
     dnnl::post_ops po;
     po.append_binary(dnnl::algorithm::binary_mul, post_scale_.get_desc());
     if (bias_) po.append_binary(dnnl::algorithm::binary_add, post_bias_.get_desc());
-    dnnl::primitive_attr attr;
+    dnnl::primitive_attr attr = user_scratchpad();
     attr.set_post_ops(po);
     if (kind_ == Kind::Conv2d) {
       const int64_t N = d[0], H = d[1], W = d[2];
@@ -244,7 +269,7 @@ dnnl::primitive_desc DnnlWeight::make_pd(const std::vector<int64_t>& d, dt src_d
                       : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
                                                          dnnl::algorithm::convolution_direct, src,
                                                          wei, dst, strides, pl, pr);
-    return dnnl::convolution_forward::primitive_desc(desc, dnnl_engine());
+    return dnnl::convolution_forward::primitive_desc(desc, user_scratchpad(), dnnl_engine());
   }
   const int64_t M = d[0];
   memory::desc src({M, I}, src_dt, tag::ab);
@@ -252,16 +277,16 @@ dnnl::primitive_desc DnnlWeight::make_pd(const std::vector<int64_t>& d, dt src_d
   memory::desc dst({M, O}, dst_dt, tag::ab);
   if (bias_) {
     memory::desc b2({1, O}, dt::f32, tag::ab);
-    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, b2, dst), dnnl_engine());
+    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, b2, dst), user_scratchpad(), dnnl_engine());
   }
-  return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), dnnl_engine());
+  return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), user_scratchpad(), dnnl_engine());
 }
 
 const memory& DnnlWeight::weights_for(const memory::desc& md) const {
   for (const memory& m : weights_)
     if (m.get_desc() == md) return m;
   memory target(md, dnnl_engine());
-  dnnl::reorder(weights_[0], target).execute(dnnl_stream(), weights_[0], target);
+  reorder_now(weights_[0], target);
   note_primitive_created();
   dnnl_stream().wait();
   weights_.push_back(target);
@@ -279,6 +304,7 @@ const CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, d
   dnnl::primitive_desc pd = make_pd(dims, src_dt, dst_dt);
   CachedPrimitive e;
   e.prim = dnnl::primitive(pd);
+  e.scratchpad = pd.scratchpad_desc();
   note_primitive_created();
   e.impl = pd.impl_info_str();
   e.src = memory(pd.src_desc(), dnnl_engine(), DNNL_MEMORY_NONE);
@@ -292,7 +318,7 @@ const CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, d
       const memory::desc qmd = as_s8(wmd);
       memory placed(qmd, dnnl_engine());
       std::memset(placed.get_data_handle(), 0, qmd.get_size());
-      dnnl::reorder(qweights_, placed).execute(dnnl_stream(), qweights_, placed);
+      reorder_now(qweights_, placed);
       note_primitive_created();
       dnnl_stream().wait();
       qweights_ = placed;
@@ -301,14 +327,15 @@ const CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, d
     if (!(as_s8(wmd) == qweights_.get_desc())) {
       // Another layout than the stored one (another input shape or output type): a converting
       // reorder, made once per layout.
-      auto d = std::find_if(dequants_.begin(), dequants_.end(), [&](const auto& r) { return r.first == wmd; });
+      auto d = std::find_if(dequants_.begin(), dequants_.end(), [&](const auto& r) { return r.md == wmd; });
       if (d == dequants_.end()) {
-        dequants_.emplace_back(wmd, dnnl::reorder(dnnl::reorder::primitive_desc(
-                                        dnnl_engine(), qweights_.get_desc(), dnnl_engine(), wmd)));
+        dnnl::reorder::primitive_desc rpd(dnnl_engine(), qweights_.get_desc(), dnnl_engine(), wmd, user_scratchpad());
+        dequants_.push_back({wmd, dnnl::reorder(rpd), rpd.scratchpad_desc()});
         note_primitive_created();
         d = dequants_.end() - 1;
       }
-      e.dequant = d->second;
+      e.dequant = d->prim;
+      e.dequant_scratchpad = d->scratchpad;
     }
     e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_DST, e.dst},
               {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, post_scale_}};
@@ -354,6 +381,7 @@ void DnnlWeight::dequantize(const CachedPrimitive& e, void* buf) const {
     // Per-call argument memories: the cached ones are shared by concurrent runs.
     std::unordered_map<int, memory> args = {{DNNL_ARG_FROM, qweights_},
                                             {DNNL_ARG_TO, memory(e.weights.get_desc(), dnnl_engine(), buf)}};
+    add_scratchpad(args, e.dequant_scratchpad);
     e.dequant.execute(dnnl_stream(), args);
     dnnl_stream().wait();
     return;
@@ -367,6 +395,7 @@ void run_primitive(const CachedPrimitive& e, const void* src, void* dst, const v
   args[DNNL_ARG_SRC] = memory(e.src.get_desc(), dnnl_engine(), const_cast<void*>(src));
   args[DNNL_ARG_DST] = memory(e.dst.get_desc(), dnnl_engine(), dst);
   if (weights) args[DNNL_ARG_WEIGHTS] = memory(e.weights.get_desc(), dnnl_engine(), const_cast<void*>(weights));
+  add_scratchpad(args, e.scratchpad);
   e.prim.execute(dnnl_stream(), args);
   dnnl_stream().wait();
 }
@@ -387,11 +416,12 @@ CachedPrimitive& MatmulCache::get(int64_t B, int64_t M, int64_t K, int64_t N, bo
   memory::desc b = trans_b ? memory::desc({B, K, N}, src_dt, memory::dims{N * K, 1, K})
                            : memory::desc({B, K, N}, src_dt, tag::abc);
   memory::desc c({B, M, N}, dst_dt, tag::abc);
-  dnnl::primitive_attr attr;
+  dnnl::primitive_attr attr = user_scratchpad();
   if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
   dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, dnnl_engine());
   CachedPrimitive e;
   e.prim = dnnl::matmul(pd);
+  e.scratchpad = pd.scratchpad_desc();
   note_primitive_created();
   e.impl = pd.impl_info_str();
   e.src = memory(pd.src_desc(), dnnl_engine(), DNNL_MEMORY_NONE);

@@ -57,7 +57,14 @@ struct CachedPrimitive {
   // layout than the stored one, by this reorder (with its bound arguments), else by a plain
   // element-wise conversion.
   dnnl::primitive dequant;
+  dnnl::memory::desc scratchpad, dequant_scratchpad;  // user scratchpads (size 0: none)
 };
+
+// Attributes with a user-managed scratchpad (every primitive here: executions pass a per-thread
+// buffer, so primitives running on different threads never share oneDNN's global one).
+dnnl::primitive_attr user_scratchpad();
+// Executes a reorder from -> to now (weight preparation).
+void reorder_now(const dnnl::memory& from, const dnnl::memory& to);
 
 // Executes `e` with src, dst (and weights, when not fixed) bound to these pointers; waits.
 void run_primitive(const CachedPrimitive& e, const void* src, void* dst, const void* weights = nullptr);
@@ -136,7 +143,12 @@ class DnnlWeight : public PreparedWeight {
   std::vector<float> scales_;   // int8: [O]
   dnnl::memory post_scale_, post_bias_;  // int8: scales_ / bias_ as post-op operands [1, O(, 1, 1)]
   // int8: reorders from the stored layout to other layouts (compute type), one per layout.
-  mutable std::vector<std::pair<dnnl::memory::desc, dnnl::primitive>> dequants_;
+  struct Dequant {
+    dnnl::memory::desc md;
+    dnnl::primitive prim;
+    dnnl::memory::desc scratchpad;
+  };
+  mutable std::vector<Dequant> dequants_;
   mutable std::mutex mu_;  // guards the caches above (weights_, cache_, impl_, qweights_, dequants_)
 };
 

@@ -1,0 +1,216 @@
+// The engine (api/engine.h) on the tiny SD 1.x model: LoRA switches in one loaded model match
+// fresh loads bit for bit and a failed switch leaves the model as it was; runs with their own
+// states execute side by side with the results of sequential runs; cancellation; the model cache
+// budget; the model-hash cache.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <filesystem>
+#include <thread>
+
+#include "api/engine.h"
+#include "core/error.h"
+#include "io/tensor_file.h"
+
+namespace fs = std::filesystem;
+using namespace diffuse;
+using diffuse::api::Engine;
+using diffuse::api::EngineOptions;
+using diffuse::api::Request;
+
+namespace {
+
+std::string data(const std::string& rel) {
+  for (const std::string& base : {std::string(DIFFUSE_SHARED_DIR) + "/fixtures/", std::string(DIFFUSE_TEST_DATA) + "/"})
+    if (fs::exists(base + rel)) return base + rel;
+  return "";
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = data("sd1/model/tiny-sd1.safetensors");
+    kohya_ = data("sd1-lora/lora-kohya.safetensors");
+    peft_ = data("sd1-lora/lora-peft.safetensors");
+    if (model_.empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() / ("diffuse_test_engine_" + std::to_string(::getpid()) + "_" + info->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  EngineOptions options() const {
+    EngineOptions o;
+    o.precision = "fp32";
+    o.hash_cache_dir = (dir_ / "cache").string();
+    return o;
+  }
+  Request request(int64_t seed = 1) const {
+    Request r;
+    r.model = model_;
+    r.prompt = "a photograph of an astronaut riding a horse";
+    r.negative = "blurry";
+    r.width = r.height = 64;
+    r.steps = 2;
+    r.seed = seed;
+    r.sampler = "euler";
+    return r;
+  }
+  static std::vector<uint8_t> pixels(const api::RunResult& r, size_t i = 0) { return r.images.at(i).image.pixels; }
+
+  std::string model_, kohya_, peft_;
+  fs::path dir_;
+};
+
+TEST_F(EngineTest, LoraSwitchesMatchFreshEnginesBitForBit) {
+  if (kohya_.empty() || peft_.empty()) GTEST_SKIP() << "needs sd1-lora/lora-kohya.safetensors and lora-peft.safetensors";
+  auto with = [&](std::vector<api::LoraSpec> l) {
+    Request r = request();
+    r.loras = std::move(l);
+    return r;
+  };
+  const std::vector<api::LoraSpec> A = {{kohya_, 0.8f}}, B = {{peft_, 0.5f}, {kohya_, 0.3f}};
+  std::vector<uint8_t> fresh_base, fresh_a, fresh_b;
+  {
+    Engine e(options());
+    fresh_base = pixels(e.generate(with({})));
+  }
+  {
+    Engine e(options());
+    fresh_a = pixels(e.generate(with(A)));
+  }
+  {
+    Engine e(options());
+    fresh_b = pixels(e.generate(with(B)));
+  }
+  ASSERT_NE(fresh_base, fresh_a);  // the LoRA changes the picture
+  ASSERT_NE(fresh_a, fresh_b);
+
+  Engine e(options());
+  EXPECT_EQ(pixels(e.generate(with(A))), fresh_a);
+  EXPECT_EQ(pixels(e.generate(with({}))), fresh_base);
+  EXPECT_EQ(pixels(e.generate(with(B))), fresh_b);
+  EXPECT_EQ(pixels(e.generate(with(A))), fresh_a);
+  EXPECT_EQ(e.loaded_models().size(), 1u);  // one load served every switch
+}
+
+TEST_F(EngineTest, FailedLoraSwitchLeavesTheModelAsItWas) {
+  if (kohya_.empty()) GTEST_SKIP() << "needs sd1-lora/lora-kohya.safetensors";
+  // A LoRA whose matrices fit no weight of this model (another architecture's).
+  const std::string misfit = (dir_ / "misfit.safetensors").string();
+  Tensor down = Tensor::zeros({2, 7}), up = Tensor::zeros({5, 2});
+  save_safetensors(misfit, {{"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", down},
+                            {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", up}});
+
+  Engine e(options());
+  Request ra = request();
+  ra.loras = {{kohya_, 0.8f}};
+  const std::vector<uint8_t> with_a = pixels(e.generate(ra));
+
+  // Switching to {kohya (fits), misfit} fails, through a run and directly.
+  Request bad = request();
+  bad.loras = {{kohya_, 0.3f}, {misfit, 1.0f}};
+  try {
+    e.generate(bad);
+    FAIL() << "a LoRA that fits nothing was applied";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("misfit"), std::string::npos) << err.what();
+  }
+  EXPECT_THROW(e.set_loras(model_, bad.loras), Error);
+
+  // The model still has A merged: a run asking for A (no switch) gives A's image, and a fresh
+  // engine agrees.
+  EXPECT_EQ(pixels(e.generate(ra)), with_a);
+  Engine fresh(options());
+  EXPECT_EQ(pixels(fresh.generate(ra)), with_a);
+}
+
+TEST_F(EngineTest, RunsWithTheirOwnStatesRunSideBySide) {
+  Engine e(options());
+  const std::vector<uint8_t> s1 = pixels(e.generate(request(1))), s2 = pixels(e.generate(request(2)));
+  ASSERT_NE(s1, s2);
+  for (int round = 0; round < 2; ++round) {
+    std::vector<uint8_t> got1, got2;
+    std::string err1, err2;
+    auto st1 = e.new_state(), st2 = e.new_state();
+    std::thread t1([&] {
+      try {
+        got1 = pixels(e.generate(request(1), {}, st1.get()));
+      } catch (const std::exception& x) {
+        err1 = x.what();
+      }
+    });
+    std::thread t2([&] {
+      try {
+        got2 = pixels(e.generate(request(2), {}, st2.get()));
+      } catch (const std::exception& x) {
+        err2 = x.what();
+      }
+    });
+    t1.join();
+    t2.join();
+    EXPECT_EQ(err1, "");
+    EXPECT_EQ(err2, "");
+    EXPECT_EQ(got1, s1) << "round " << round;
+    EXPECT_EQ(got2, s2) << "round " << round;
+  }
+}
+
+TEST_F(EngineTest, ProgressCanCancelAndTheEngineGoesOn) {
+  Engine e(options());
+  api::Callbacks cb;
+  std::vector<std::pair<int, int>> steps;
+  cb.progress = [&](Stage s, int done, int total) {
+    if (s == Stage::Denoise) steps.emplace_back(done, total);
+    return !(s == Stage::Denoise && done == 1);
+  };
+  EXPECT_THROW(e.generate(request(), cb), Cancelled);
+  ASSERT_EQ(steps.size(), 1u);
+  EXPECT_EQ(steps[0], std::make_pair(1, 2));
+  Engine fresh(options());
+  EXPECT_EQ(pixels(e.generate(request())), pixels(fresh.generate(request())));
+}
+
+TEST_F(EngineTest, ModelCacheKeepsWhatTheBudgetAllows) {
+  const std::string copy = (dir_ / "copy.safetensors").string();
+  fs::copy_file(model_, copy);
+  {
+    Engine e(options());  // budget 0: only the model in use stays
+    e.load(model_);
+    e.load(copy);
+    EXPECT_EQ(e.loaded_models(), std::vector<std::string>{copy});
+  }
+  EngineOptions o = options();
+  o.model_cache_bytes = size_t(1) << 30;
+  Engine e(o);
+  e.load(model_);
+  EXPECT_EQ(e.load(copy) > 0, true);
+  EXPECT_EQ(e.loaded_models().size(), 2u);
+  EXPECT_EQ(e.load(model_), 0.0);  // cached: no load
+}
+
+TEST_F(EngineTest, ModelHashIsComputedOncePerFileVersion) {
+  const std::string copy = (dir_ / "m.safetensors").string();
+  fs::copy_file(model_, copy);
+  int computed = 0;
+  api::Callbacks cb;
+  cb.log = [&](const std::string& line, bool) { computed += line.find("hashing") != std::string::npos; };
+  Engine e(options());
+  const std::string h = e.model_hash(copy, cb);
+  EXPECT_EQ(h.size(), 10u);
+  EXPECT_EQ(computed, 1);
+  EXPECT_TRUE(fs::exists(dir_ / "cache" / "hashes.json"));
+  Engine e2(options());  // another engine (process) reads the cache
+  EXPECT_EQ(e2.model_hash(copy, cb), h);
+  EXPECT_EQ(computed, 1);
+  // A changed file (modification time) is hashed again.
+  fs::last_write_time(copy, fs::last_write_time(copy) + std::chrono::seconds(5));
+  EXPECT_EQ(e2.model_hash(copy, cb), h);
+  EXPECT_EQ(computed, 2);
+}
+
+}  // namespace
