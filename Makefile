@@ -2,8 +2,11 @@
 JOBS ?= $(shell nproc)
 BUILD ?= build
 CMAKE_FLAGS ?=
+# `make install` copies bin/diffuse, lib/libdiffuse.so*, include/diffuse.h and lib/pkgconfig/diffuse.pc
+# under PREFIX (e.g. `make install PREFIX=~/.local`; lib may be lib/<multiarch> per GNUInstallDirs).
+PREFIX ?= /usr/local
 
-.PHONY: all deps build test test-fast test-asan fuzz demo clean cuda
+.PHONY: all deps build install test test-fast test-asan fuzz demo clean cuda
 
 all: build
 
@@ -37,6 +40,9 @@ test-slow: build
 cuda: deps
 	@cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DDIFFUSE_CUDA=ON >/dev/null
 	@cmake --build build-cuda -j $(JOBS)
+
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX)
 
 demo: build
 	@./scripts/demo.sh

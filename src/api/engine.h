@@ -91,9 +91,9 @@ struct Callbacks {
   std::function<void(const std::string& line, bool warning)> log;
 };
 
-// A run's own memory: the backend object that executes its ops and the models' scratch. Reuse
-// one for consecutive runs of one caller (its buffers stay allocated); never share one between
-// runs at the same time.
+// A run's own memory: the backend object that executes its ops (with its conversion buffers) and
+// the models' scratch (released at the end of each run, so an idle state holds little). Reuse one
+// for consecutive runs of one caller; never share one between runs at the same time.
 class RunState {
  public:
   ~RunState();

@@ -50,6 +50,8 @@ std::string cache_dir(const PipelineBenchOptions& o) {
 
 // The checkpoint to run: a path as given, or the synthetic one for "sd15"/"sd21"/"sdxl", written
 // (f16, ldm single file, seed 0) on first use.
+}  // namespace
+
 std::string resolve_model(const PipelineBenchOptions& o, bool& synthetic) {
   synthetic = o.model == "sd15" || o.model == "sd21" || o.model == "sdxl";
   if (!synthetic) {
@@ -68,6 +70,8 @@ std::string resolve_model(const PipelineBenchOptions& o, bool& synthetic) {
   write_synthetic_checkpoint(read_manifest(tsv), "ldm", path, DType::F16, 0, manifest_config_path(tsv), true);
   return path;
 }
+
+namespace {
 
 // The benchmark's generation: txt2img with guidance, a fixed prompt and seed, diffusers' CPU noise.
 GenerateParams bench_params(const PipelineBenchOptions& o, const SDModel& model, int size) {

@@ -20,6 +20,12 @@ struct PipelineBenchOptions {
   std::string cache_dir;      // where synthetic checkpoints are kept
 };
 
+// The checkpoint `o.model` names: a path as it is, or sd15/sd21/sdxl's synthetic checkpoint (written
+// into the cache folder on first use; `synthetic` says so).
+std::string resolve_model(const PipelineBenchOptions& o, bool& synthetic);
+// `diffuse bench lora`: model load vs LoRA switches in the loaded model (engine), as JSON.
+int run_lora_bench(const PipelineBenchOptions& o, int threads, const std::string& precision, int rank, int repeats);
+
 void add_pipeline_bench_options(CLI::App* cmd, PipelineBenchOptions& o);
 int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::string& precision);
 // `diffuse bench quality`: the same txt2img run in fp32, bf16 and int8 weights; cosine similarity

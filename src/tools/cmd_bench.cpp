@@ -24,6 +24,7 @@ struct BenchOptions {
   int threads = 0;
   std::string precision;  // ops: "both" unless given; pipeline: "auto"
   std::string filter;
+  int lora_rank = 16;
 };
 
 Tensor random_tensor(const Shape& s, DType dt, uint32_t seed) {
@@ -140,8 +141,10 @@ Run add_bench_command(CLI::App& app) {
   auto po = std::make_shared<PipelineBenchOptions>();
   CLI::App* cmd = app.add_subcommand(
       "bench", "Benchmarks, JSON on stdout: `diffuse bench --model sd15` (txt2img, full size) or `diffuse bench ops`");
-  cmd->add_option("what", o->what, "pipeline (default), ops, or quality (fp32 vs bf16 vs int8 latents)")
-      ->check(CLI::IsMember({"pipeline", "ops", "quality"}));
+  cmd->add_option("what", o->what,
+                  "pipeline (default), ops, quality (fp32 vs bf16 vs int8 latents) or lora (LoRA switch vs model load)")
+      ->check(CLI::IsMember({"pipeline", "ops", "quality", "lora"}));
+  cmd->add_option("--lora-rank", o->lora_rank, "lora: rank of the synthetic LoRAs (default 16)")->check(CLI::Range(1, 1024));
   cmd->add_option("--repeats", o->repeats, "timed repeats (the median is reported)")->check(CLI::Range(1, 1000));
   cmd->add_option("-t,--threads", o->threads, "threads (default: physical cores)")->check(CLI::Range(0, 1024));
   cmd->add_option("--precision", o->precision, "fp32, bf16, auto (pipeline default) or both (ops default)")
@@ -154,6 +157,8 @@ Run add_bench_command(CLI::App& app) {
       return bench_ops(*o);
     }
     if (o->what == "quality") return run_quality_bench(*po, o->threads);
+    if (o->what == "lora")
+      return run_lora_bench(*po, o->threads, o->precision.empty() ? "auto" : o->precision, o->lora_rank, o->repeats);
     return run_pipeline_bench(*po, o->threads, o->precision.empty() ? "auto" : o->precision);
   };
 }
