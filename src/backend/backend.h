@@ -80,6 +80,14 @@ class Backend {
                                                          const Conv2dParams& p) = 0;
   // w: [O, I] (any float dtype), bias: [O] or undefined.
   virtual std::shared_ptr<PreparedWeight> prepare_linear(const Tensor& w, const Tensor& bias) = 0;
+  // A replacement for `like` (prepared by this backend: same kind, shape and parameters) holding
+  // `w` and `bias` in every layout `like` holds now, so that like.swap_contents(replacement)
+  // keeps like's primitives (the next pass creates and reorders nothing). Default: a plain
+  // prepare_conv2d / prepare_linear.
+  virtual std::shared_ptr<PreparedWeight> prepare_like(const PreparedWeight& like, const Tensor& w, const Tensor& bias,
+                                                       bool conv, const Conv2dParams& p) {
+    return conv ? prepare_conv2d(w, bias, p) : prepare_linear(w, bias);
+  }
 
   // ---- ops ----
   // x: [N, H, W, I] -> y: [N, Ho, Wo, O]

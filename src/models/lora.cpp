@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <optional>
+#include <set>
 #include <tuple>
 #include <unordered_map>
 
@@ -272,32 +273,43 @@ std::string resolve_ldm_unet(const std::string& u, int lpb, const ModuleIndex& i
   return {};
 }
 
-// What one (component, module) gets: the accumulated f32 delta [out, in·kh·kw].
-struct Delta {
+// What one (component, module) gets: its base weight and every matching LoRA pair with its
+// scale, in file order.
+struct ModuleTerms {
   const Tensor* base = nullptr;
-  Tensor sum;
+  std::vector<std::pair<const LoraEntry*, float>> terms;
 };
 
-// delta += s · up·down, rows in parallel (each row by one thread, same order every run).
-void add_product(Tensor& delta, const Tensor& up, const Tensor& down, float s) {
-  const int64_t O = delta.dim(0), K = delta.dim(1), r = down.dim(0);
-  const Tensor u = up.to(DType::F32), d = down.to(DType::F32);
-  const float* U = u.f32();
-  const float* D = d.f32();
-  float* Y = delta.f32();
-#pragma omp parallel
-  {
-    std::vector<float> acc(static_cast<size_t>(K));
-#pragma omp for schedule(static)
-    for (int64_t o = 0; o < O; ++o) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = 0; j < r; ++j) {
-        const float a = U[o * r + j];
-        const float* drow = D + j * K;
-        for (int64_t k = 0; k < K; ++k) acc[size_t(k)] += a * drow[k];
-      }
-      float* y = Y + o * K;
-      for (int64_t k = 0; k < K; ++k) y[k] += s * acc[size_t(k)];
+// The merged weight of one module into `w` [O, K] (f32): base converted, plus every term's
+// s · up·down, computed in blocks of rows so that each block's product (an f32 GEMM of the
+// backend `gemm`, an fp32 CPU backend, into `block`) is added while it is still in cache.
+void merge_module(Backend& gemm, const ModuleTerms& mt, Tensor& w, Tensor& block) {
+  const Tensor& base = *mt.base;
+  const int64_t O = w.dim(0), K = w.dim(1), kRows = 512;
+  struct Term {
+    Tensor u, d;
+    float s;
+  };
+  std::vector<Term> terms;
+  for (const auto& [e, s] : mt.terms)
+    terms.push_back({e->up.to(DType::F32).reshape({O, e->rank()}), e->down.to(DType::F32), s});
+  if (!block.defined() || block.numel() < kRows * K) block = Tensor::empty({kRows * K});
+  const size_t esz = dtype_size(base.dtype());
+  for (int64_t o0 = 0; o0 < O; o0 += kRows) {
+    const int64_t rows = std::min(kRows, O - o0);
+    float* W = w.f32() + o0 * K;
+    convert(static_cast<const uint8_t*>(base.data()) + size_t(o0 * K) * esz, base.dtype(), W, DType::F32,
+            size_t(rows * K));
+    for (const Term& t : terms) {
+      const int64_t r = t.u.dim(1);
+      Tensor u = Tensor::borrow(const_cast<float*>(t.u.f32()) + o0 * r, {1, rows, r}, DType::F32);
+      Tensor d = Tensor::borrow(const_cast<float*>(t.d.f32()), {1, r, K}, DType::F32);
+      Tensor c = Tensor::borrow(block.data(), {1, rows, K}, DType::F32);
+      gemm.matmul(u, d, c, false, t.s);
+      const float* C = c.f32();
+      const int64_t n = rows * K;
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+      for (int64_t i = 0; i < n; ++i) W[i] += C[i];
     }
   }
 }
@@ -319,12 +331,22 @@ struct ComponentSlot {
   bool present;
 };
 
-// Opens the model file if needed and computes the merge; `f` receives the opened file.
-LoraMerge merge_with(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras,
-                     std::optional<TensorFile>& f) {
-  LoraMerge out;
-  if (loras.empty()) return out;
-  if (!f) f.emplace(open_model_file(model.path));
+}  // namespace
+
+// Matches `loras` against `model` (throwing, before any work, for a file that matches nothing or
+// a pair that does not fit), tells `on_names` which weights will be merged, then computes them
+// one at a time: fn(target, "<module>.weight", merged f32 tensor of the base shape), the tensor a
+// reused buffer valid during the call only.
+LoraApplyReport merge_each(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras,
+                           const std::function<void(const std::map<LoraTarget, std::set<std::string>>&)>& on_names,
+                           const MergedFn& fn) {
+  LoraApplyReport report;
+  std::map<LoraTarget, std::set<std::string>> names;
+  if (loras.empty()) {
+    if (on_names) on_names(names);
+    return report;
+  }
+  TensorFile f = open_model_file(model.path);
   const ComponentSlot slots[] = {
       {LoraTarget::UNet, Component::UNet, model.unet.loaded()},
       {LoraTarget::TextEncoder, Component::TextEncoder, model.te.loaded()},
@@ -332,7 +354,7 @@ LoraMerge merge_with(const SDModel& model, const std::vector<std::pair<const Lor
   };
   std::map<LoraTarget, WeightStore> stores;
   std::map<LoraTarget, ModuleIndex> index;
-  std::map<LoraTarget, std::map<std::string, Delta>> deltas;
+  std::map<LoraTarget, std::map<std::string, ModuleTerms>> modules;
   auto slot_of = [&](LoraTarget t) -> const ComponentSlot& {
     return slots[t == LoraTarget::UNet ? 0 : t == LoraTarget::TextEncoder ? 1 : 2];
   };
@@ -350,7 +372,7 @@ LoraMerge merge_with(const SDModel& model, const std::vector<std::pair<const Lor
       }
       auto st = stores.find(e.target);
       if (st == stores.end()) {
-        st = stores.emplace(e.target, component_weights(*f, slot.comp, model.family)).first;
+        st = stores.emplace(e.target, component_weights(f, slot.comp, model.family)).first;
         index.emplace(e.target, ModuleIndex(st->second));
       }
       const ModuleIndex& idx = index.at(e.target);
@@ -369,12 +391,9 @@ LoraMerge merge_with(const SDModel& model, const std::vector<std::pair<const Lor
       DF_CHECK(fits(base, e), file->path, ": ", e.key, ": down ", e.down.shape().str(), " and up ", e.up.shape().str(),
                " do not fit ", lora_target_name(e.target), " weight ", mod, " ", base.shape().str(),
                " (a LoRA for another model architecture?)");
-      Delta& dl = deltas[e.target][mod];
-      if (!dl.sum.defined()) {
-        dl.base = &base;
-        dl.sum = Tensor::zeros({base.dim(0), base.numel() / base.dim(0)});
-      }
-      add_product(dl.sum, e.up, e.down, mult * e.scale());
+      ModuleTerms& mt = modules[e.target][mod];
+      mt.base = &base;
+      mt.terms.emplace_back(&e, mult * e.scale());
       ++matched;
     }
     if (matched == 0) {
@@ -384,25 +403,30 @@ LoraMerge merge_with(const SDModel& model, const std::vector<std::pair<const Lor
            " LoRA modules/keys apply to ", model.path, " (", family_name(model.family), "): ", list,
            missed.size() > 3 ? "; ..." : "");
     }
-    out.report.matched += matched;
-    for (std::string& m : missed) out.report.unmatched.push_back(file->name + ": " + m);
+    report.matched += matched;
+    for (std::string& m : missed) report.unmatched.push_back(file->name + ": " + m);
   }
+  for (const auto& [target, mods] : modules)
+    for (const auto& [mod, mt] : mods) names[target].insert(mod + ".weight");
+  if (on_names) on_names(names);
 
-  for (auto& [target, mods] : deltas) {
-    std::map<std::string, Tensor>& dst = target == LoraTarget::UNet ? out.unet
-                                         : target == LoraTarget::TextEncoder ? out.te : out.te2;
-    for (auto& [mod, dl] : mods) {
-      Tensor w = dl.base->to(DType::F32);
-      float* W = w.f32();
-      const float* S = dl.sum.f32();
-      for (int64_t i = 0; i < w.numel(); ++i) W[i] += S[i];
-      dst.emplace(mod + ".weight", w);
+  // One module at a time in reused buffers.
+  // The GEMM backend stays per thread: its primitives (one per product shape) are made once.
+  static thread_local std::unique_ptr<Backend> gemm = make_cpu_backend(Precision::F32);
+  Tensor w_buf, block;
+  for (const auto& [target, mods] : modules) {
+    for (const auto& [mod, mt] : mods) {
+      const Tensor& base = *mt.base;
+      const int64_t O = base.dim(0), K = base.numel() / O;
+      if (!w_buf.defined() || w_buf.numel() < O * K) w_buf = Tensor::empty({O * K});
+      Tensor w = Tensor::borrow(w_buf.data(), {O, K}, DType::F32);
+      merge_module(*gemm, mt, w, block);
+      fn(target, mod + ".weight", w.reshape(base.shape()));
     }
   }
-  return out;
+  return report;
 }
 
-}  // namespace
 
 std::string LoraApplyReport::summary() const {
   std::string s = cat("lora: ", matched, " module", matched == 1 ? "" : "s", " merged");
@@ -415,8 +439,11 @@ std::string LoraApplyReport::summary() const {
 }
 
 LoraMerge merge_loras(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras) {
-  std::optional<TensorFile> f;
-  return merge_with(model, loras, f);
+  LoraMerge out;
+  out.report = merge_each(model, loras, {}, [&](LoraTarget t, const std::string& name, const Tensor& w) {
+    (t == LoraTarget::UNet ? out.unet : t == LoraTarget::TextEncoder ? out.te : out.te2).emplace(name, w.clone());
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------

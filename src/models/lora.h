@@ -27,7 +27,9 @@
 // an unreadable model file, out of memory) leaves the model as it was. Merged weights are f32;
 // the backend's prepare converts them to its compute type.
 #pragma once
+#include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -84,6 +86,14 @@ struct LoraMerge {
 // or a module's up·down does not have the shape of the model's weight (a LoRA for another
 // architecture), naming the file, key and shapes.
 LoraMerge merge_loras(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras);
+
+// The same, streamed: matches first (throwing as merge_loras() does, before any work), passes the
+// names of the weights that will be merged to `on_names`, then calls `fn` once per weight with
+// the merged f32 tensor (base shape) in a buffer reused for the next one: copy what you keep.
+using MergedFn = std::function<void(LoraTarget, const std::string& name, const Tensor& merged)>;
+LoraApplyReport merge_each(const SDModel& model, const std::vector<std::pair<const LoraFile*, float>>& loras,
+                           const std::function<void(const std::map<LoraTarget, std::set<std::string>>&)>& on_names,
+                           const MergedFn& fn);
 
 // Merges `loras` into `model` (replacing whatever set was applied before; empty = back to the
 // base weights). Only weights the set or the previous set touches are re-prepared. Returns what

@@ -60,7 +60,8 @@ std::shared_ptr<PreparedWeight> reprepare(Backend& be, const PreparedEntry& e, c
     bias = *b;
   }
   Tensor wp = w.reshape(e.prepared_shape);
-  auto r = e.conv ? be.prepare_conv2d(wp, bias, e.params) : be.prepare_linear(wp, bias);
+  // In the layouts the current weight holds, so the swap keeps its primitives.
+  auto r = be.prepare_like(*e.w, wp, bias, e.conv, e.params);
   DF_CHECK(r->shape() == e.w->shape(), name, ": re-prepared weight ", r->shape().str(), " differs from ",
            e.w->shape().str());
   return r;
@@ -83,30 +84,6 @@ void rebind_whole(SDModel& m, Backend& be, const WeightStore& base, LoraTarget t
   }
 }
 
-ComponentPlan plan_component(SDModel& m, Backend& be, const TensorFile& f, LoraTarget t,
-                             const std::map<std::string, Tensor>& merged) {
-  ComponentPlan plan{t, {}, std::nullopt, std::nullopt, {}};
-  for (const auto& [n, w] : merged) plan.names.insert(n);
-  const std::set<std::string>& before = names_of(m, t);
-  const WeightStore base = component_weights(f, component_of(t), m.family);
-  PreparedIndex& idx = index_of(m, t);
-  std::set<std::string> touched = plan.names;
-  touched.insert(before.begin(), before.end());
-  for (const std::string& n : touched)
-    if (!idx.count(n)) {
-      rebind_whole(m, be, base, t, merged, plan);
-      return plan;
-    }
-  for (const std::string& n : touched) {
-    auto it = merged.find(n);
-    const Tensor* bw = base.find(n);
-    DF_CHECK(it != merged.end() || bw != nullptr, base.origin(), ": ", base.component(), ": ", n, " is missing");
-    const PreparedEntry& e = idx.at(n);
-    plan.patches.push_back({e.w, reprepare(be, e, n, it != merged.end() ? it->second : *bw, base)});
-  }
-  return plan;
-}
-
 // Swaps every patch in; on a failure swaps back what was swapped (a swap is its own inverse) and
 // rethrows, so a plan is applied entirely or not at all.
 void swap_all(std::vector<Patch>& patches) {
@@ -125,37 +102,79 @@ void swap_all(std::vector<Patch>& patches) {
 }  // namespace
 
 LoraApplyReport apply_loras(SDModel& model, Backend& be, const std::vector<std::pair<const LoraFile*, float>>& loras) {
-  LoraMerge mg = merge_loras(model, loras);  // throws before the model is touched
-  const std::pair<LoraTarget, const std::map<std::string, Tensor>*> comps[] = {
-      {LoraTarget::TextEncoder, &mg.te}, {LoraTarget::TextEncoder2, &mg.te2}, {LoraTarget::UNet, &mg.unet}};
   auto loaded = [&](LoraTarget t) {
     return t == LoraTarget::UNet ? model.unet.loaded() : t == LoraTarget::TextEncoder ? model.te.loaded()
                                                                                       : model.has_te2 && model.te2.loaded();
   };
-
-  // Build every replacement first; nothing in the model changes until all of them exist.
   std::optional<TensorFile> f;
-  std::vector<ComponentPlan> plans;
-  for (const auto& [t, merged] : comps) {
-    if (!loaded(t) || (merged->empty() && names_of(model, t).empty() && !flag_of(model, t))) continue;
+  std::map<LoraTarget, WeightStore> bases;  // the file's base weights (restores, biases)
+  auto base_of = [&](LoraTarget t) -> const WeightStore& {
+    auto it = bases.find(t);
+    if (it != bases.end()) return it->second;
     if (!f) f.emplace(open_model_file(model.path));
-    plans.push_back(plan_component(model, be, *f, t, *merged));
+    return bases.emplace(t, component_weights(*f, component_of(t), model.family)).first->second;
+  };
+
+  // Build every replacement first; nothing in the model changes until all of them exist. Merged
+  // weights are prepared as they are computed (one f32 buffer at a time).
+  std::map<LoraTarget, ComponentPlan> plans;
+  std::map<LoraTarget, std::map<std::string, Tensor>> whole;  // merged weights of components re-bound whole
+  auto on_names = [&](const std::map<LoraTarget, std::set<std::string>>& names) {
+    for (LoraTarget t : {LoraTarget::TextEncoder, LoraTarget::TextEncoder2, LoraTarget::UNet}) {
+      auto it = names.find(t);
+      const std::set<std::string> now = it == names.end() ? std::set<std::string>() : it->second;
+      if (!loaded(t) || (now.empty() && names_of(model, t).empty() && !flag_of(model, t))) continue;
+      ComponentPlan& p = plans.emplace(t, ComponentPlan{t, {}, std::nullopt, std::nullopt, now}).first->second;
+      std::set<std::string> touched = now;
+      touched.insert(names_of(model, t).begin(), names_of(model, t).end());
+      const PreparedIndex& idx = index_of(model, t);
+      for (const std::string& n : touched)
+        if (!idx.count(n)) whole[t];  // not a prepared layer: this component is re-bound whole
+    }
+  };
+  LoraApplyReport report = merge_each(model, loras, on_names, [&](LoraTarget t, const std::string& n, const Tensor& w) {
+    if (whole.count(t)) {
+      whole[t].emplace(n, w.clone());
+      return;
+    }
+    const PreparedEntry& e = index_of(model, t).at(n);
+    plans.at(t).patches.push_back({e.w, reprepare(be, e, n, w, base_of(t))});
+  });
+  for (auto& [t, p] : plans) {
+    if (whole.count(t)) {
+      rebind_whole(model, be, base_of(t), t, whole[t], p);
+      continue;
+    }
+    // Weights merged before but not now go back to the file's base weights (converted to f32 in
+    // one reused buffer, as a load converts them).
+    Tensor buf;
+    for (const std::string& n : names_of(model, t)) {
+      if (p.names.count(n)) continue;
+      const WeightStore& base = base_of(t);
+      const Tensor* bw = base.find(n);
+      DF_CHECK(bw != nullptr, base.origin(), ": ", base.component(), ": ", n, " is missing");
+      if (!buf.defined() || buf.numel() < bw->numel()) buf = Tensor::empty({bw->numel()});
+      Tensor w = Tensor::borrow(buf.data(), bw->shape(), DType::F32);
+      convert(bw->data(), bw->dtype(), w.data(), DType::F32, size_t(bw->numel()));
+      const PreparedEntry& e = index_of(model, t).at(n);
+      p.patches.push_back({e.w, reprepare(be, e, n, w, base)});
+    }
   }
 
   // Commit: patch swaps (all-or-nothing across components), then whole re-binds (moves).
   std::vector<Patch> all;
-  for (ComponentPlan& p : plans) all.insert(all.end(), p.patches.begin(), p.patches.end());
+  for (auto& [t, p] : plans) all.insert(all.end(), p.patches.begin(), p.patches.end());
   swap_all(all);
-  for (ComponentPlan& p : plans) {
+  for (auto& [t, p] : plans) {
     if (p.unet) model.unet = std::move(*p.unet);
-    if (p.te) (p.target == LoraTarget::TextEncoder ? model.te : model.te2) = std::move(*p.te);
-    flag_of(model, p.target) = !p.names.empty();
-    names_of(model, p.target) = std::move(p.names);
+    if (p.te) (t == LoraTarget::TextEncoder ? model.te : model.te2) = std::move(*p.te);
+    flag_of(model, t) = !p.names.empty();
+    names_of(model, t) = std::move(p.names);
   }
   plans.clear();  // the replaced weights (now holding the old values) are freed here
   all.clear();
   return_free_memory();
-  return mg.report;
+  return report;
 }
 
 }  // namespace diffuse

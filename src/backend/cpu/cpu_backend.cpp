@@ -95,6 +95,14 @@ std::shared_ptr<PreparedWeight> CpuBackend::prepare_linear(const Tensor& w, cons
                                       compute_dt(), format_);
 }
 
+std::shared_ptr<PreparedWeight> CpuBackend::prepare_like(const PreparedWeight& like, const Tensor& w,
+                                                         const Tensor& bias, bool conv, const Conv2dParams& p) {
+  const DnnlWeight& l = as_dnnl("prepare_like", like, conv ? DnnlWeight::Kind::Conv2d : DnnlWeight::Kind::Linear);
+  if (l.is_int8() || format_ == WeightFormat::Int8 || l.compute_dt() != compute_dt())
+    return conv ? prepare_conv2d(w, bias, p) : prepare_linear(w, bias);
+  return std::make_shared<DnnlWeight>(l, w, bias);
+}
+
 // Source in compute type `cdt`: x itself or a converted copy in scratch.
 static const void* source_in(const Tensor& x, dt cdt, cpu::Scratch& s) {
   if (cpu::dnnl_dt(x.dtype()) == cdt) return x.data();

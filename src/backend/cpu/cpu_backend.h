@@ -31,6 +31,8 @@ class CpuBackend : public Backend {
   std::shared_ptr<PreparedWeight> prepare_conv2d(const Tensor& w, const Tensor& bias,
                                                  const Conv2dParams& p) override;
   std::shared_ptr<PreparedWeight> prepare_linear(const Tensor& w, const Tensor& bias) override;
+  std::shared_ptr<PreparedWeight> prepare_like(const PreparedWeight& like, const Tensor& w, const Tensor& bias,
+                                               bool conv, const Conv2dParams& p) override;
 
   void conv2d(const Tensor& x, const PreparedWeight& w, Tensor& y) override;
   void linear(const Tensor& x, const PreparedWeight& w, Tensor& y) override;

@@ -4,6 +4,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <cstdlib>
+#include <sys/mman.h>
 
 #include "core/error.h"
 
@@ -129,27 +131,17 @@ DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Con
              p.pad_right, ") for weight ", w.str());
   }
   const int64_t O = shape_[0];
-  if (bias.defined()) {
-    DF_CHECK(bias.rank() == 1 && bias.dim(0) == O, op, ": bias ", bias.str(),
-             " does not match weight ", w.str(), " (need [", O, "])");
-    DF_CHECK(dtype_is_float(bias.dtype()), op, ": bias ", bias.str(), " must be a float type");
-    bias_ = memory(memory::desc({O}, dt::f32, tag::x), dnnl_engine());
-    convert(bias.data(), bias.dtype(), bias_.get_data_handle(), DType::F32, size_t(O));
-  }
+  set_bias(op, w, bias);
 
   if (format_ == WeightFormat::Int8) {
     prepare_int8(op, w);
     return;
   }
 
-  // Plain f32 copy of the weights (freed at the end of the constructor), reordered once into
-  // the layout the primitive prefers for a nominal input shape.
-  memory::desc plain_md = kind == Kind::Conv2d
-                              ? memory::desc({O, shape_[1], shape_[2], shape_[3]}, dt::f32, tag::oihw)
-                              // logical [I, O] (matmul weights) over [O, I] row-major storage
-                              : memory::desc({shape_[1], O}, dt::f32, tag::ba);
-  memory plain(plain_md, dnnl_engine());
-  convert(w.data(), w.dtype(), plain.get_data_handle(), DType::F32, size_t(w.numel()));
+  // Plain f32 weights, reordered once into the layout the primitive prefers for a nominal input
+  // shape.
+  Tensor keep;
+  memory plain = plain_f32(w, keep);
   std::vector<int64_t> nominal;
   if (kind == Kind::Conv2d) {
     int64_t h = std::max<int64_t>(32, std::max(kh(), kw()));
@@ -159,11 +151,66 @@ DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Con
   }
   dnnl::primitive_desc pd = make_pd(nominal, cdt_, cdt_);
   memory::desc wmd = pd.weights_desc();
-  memory target(wmd, dnnl_engine());
+  memory target = new_weight_memory(wmd);
   reorder_now(plain, target);
   note_primitive_created();
   dnnl_stream().wait();
   weights_.push_back(target);
+}
+
+DnnlWeight::DnnlWeight(const DnnlWeight& like, const Tensor& w, const Tensor& bias)
+    : kind_(like.kind_), shape_(like.shape_), params_(like.params_), cdt_(like.cdt_), format_(WeightFormat::Native) {
+  DF_CHECK(!like.is_int8(), "prepare_like: int8 weight ", shape_.str(), " (prepare it anew)");
+  DF_CHECK(w.defined() && w.shape() == shape_ && dtype_is_float(w.dtype()), "prepare_like: weight ",
+           w.defined() ? w.str() : std::string("undefined"), " does not match the prepared ", shape_.str());
+  set_bias("prepare_like", w, bias);
+  std::vector<memory::desc> layouts;
+  {
+    std::lock_guard<std::mutex> lock(like.mu_);
+    for (const memory& m : like.weights_) layouts.push_back(m.get_desc());
+  }
+  Tensor keep;
+  memory plain = plain_f32(w, keep);
+  for (const memory::desc& md : layouts) {
+    memory target = new_weight_memory(md);
+    reorder_now(plain, target);
+    weights_.push_back(target);
+  }
+}
+
+void DnnlWeight::set_bias(const char* op, const Tensor& w, const Tensor& bias) {
+  const int64_t O = shape_[0];
+  if (!bias.defined()) return;
+  DF_CHECK(bias.rank() == 1 && bias.dim(0) == O, op, ": bias ", bias.str(), " does not match weight ", w.str(),
+           " (need [", O, "])");
+  DF_CHECK(dtype_is_float(bias.dtype()), op, ": bias ", bias.str(), " must be a float type");
+  bias_ = memory(memory::desc({O}, dt::f32, tag::x), dnnl_engine());
+  convert(bias.data(), bias.dtype(), bias_.get_data_handle(), DType::F32, size_t(O));
+  bias2d_ = memory(memory::desc({1, O}, dt::f32, tag::ab), dnnl_engine(), bias_.get_data_handle());
+}
+
+// The weights as a plain f32 memory ([O, I, kh, kw] oihw; linear: logical [I, O] over [O, I]
+// row-major storage): w's own data when it is f32 already, else a converted copy kept in `keep`.
+memory DnnlWeight::plain_f32(const Tensor& w, Tensor& keep) const {
+  const int64_t O = shape_[0];
+  memory::desc md = kind_ == Kind::Conv2d ? memory::desc({O, shape_[1], shape_[2], shape_[3]}, dt::f32, tag::oihw)
+                                          : memory::desc({shape_[1], O}, dt::f32, tag::ba);
+  keep = w.dtype() == DType::F32 ? w : w.to(DType::F32);
+  return memory(md, dnnl_engine(), const_cast<void*>(keep.data()));
+}
+
+// Memory for prepared weights. Buffers of 2 MiB and more are 2 MiB-aligned and advised to use
+// transparent huge pages: preparing a model (or a LoRA switch) writes gigabytes of fresh memory,
+// and 4 KiB page faults were most of its time.
+memory DnnlWeight::new_weight_memory(const memory::desc& md) const {
+  const size_t bytes = md.get_size();
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (bytes < kHuge) return memory(md, dnnl_engine());
+  void* p = std::aligned_alloc(kHuge, (bytes + 4095) / 4096 * 4096);
+  if (!p) throw std::bad_alloc();
+  madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);
+  buffers_.emplace_back(p, [](void* q) { std::free(q); });
+  return memory(md, dnnl_engine(), p);
 }
 
 // `md` with its data type replaced by s8 (same dims, padding and blocking).
@@ -285,7 +332,7 @@ dnnl::primitive_desc DnnlWeight::make_pd(const std::vector<int64_t>& d, dt src_d
 const memory& DnnlWeight::weights_for(const memory::desc& md) const {
   for (const memory& m : weights_)
     if (m.get_desc() == md) return m;
-  memory target(md, dnnl_engine());
+  memory target = new_weight_memory(md);
   reorder_now(weights_[0], target);
   note_primitive_created();
   dnnl_stream().wait();
@@ -345,10 +392,7 @@ const CachedPrimitive& DnnlWeight::primitive(const std::vector<int64_t>& dims, d
   }
   e.weights = weights_for(pd.weights_desc());
   e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_DST, e.dst}};
-  if (bias_) e.args[DNNL_ARG_BIAS] = kind_ == Kind::Conv2d
-                                          ? bias_
-                                          : memory(memory::desc({1, shape_[0]}, dt::f32, tag::ab),
-                                                   dnnl_engine(), bias_.get_data_handle());
+  if (bias_) e.args[DNNL_ARG_BIAS] = kind_ == Kind::Conv2d ? bias_ : bias2d_;
   impl_ = e.impl;
   return cache_.emplace(std::move(key), std::move(e)).first->second;
 }
@@ -360,11 +404,30 @@ void DnnlWeight::swap_contents(PreparedWeight& other_pw) {
   DF_CHECK(o->kind_ == kind_ && o->shape_ == shape_ && o->cdt_ == cdt_ && o->format_ == format_,
            "swap_contents: weights ", shape_.str(), " and ", o->shape_.str(), " differ in kind, shape, type or format");
   std::scoped_lock lock(mu_, o->mu_);
-  // Every member but the mutex; cached primitives and post-op memories keep pointing at the
-  // buffers they were made for, which move along with them.
+  // Native weights whose replacement holds every layout the other's primitives use (prepare_like):
+  // the primitives stay, their weight and bias arguments are pointed at the swapped values.
+  auto covers = [](const std::vector<memory>& ws, const std::map<std::vector<int64_t>, CachedPrimitive>& cache) {
+    for (const auto& [k, e] : cache) {
+      auto it = e.args.find(DNNL_ARG_WEIGHTS);
+      if (it == e.args.end()) return false;
+      const memory::desc md = it->second.get_desc();
+      if (std::none_of(ws.begin(), ws.end(), [&](const memory& m) { return m.get_desc() == md; })) return false;
+    }
+    return true;
+  };
+  const bool keep_primitives = !is_int8() && !o->is_int8() && covers(o->weights_, cache_) && covers(weights_, o->cache_);
   std::swap(params_, o->params_);
   std::swap(bias_, o->bias_);
+  std::swap(bias2d_, o->bias2d_);
   std::swap(weights_, o->weights_);
+  std::swap(buffers_, o->buffers_);
+  if (keep_primitives) {
+    rebind_cache();
+    o->rebind_cache();
+    return;
+  }
+  // Otherwise every member but the mutex; cached primitives and post-op memories keep pointing at
+  // the buffers they were made for, which move along with them.
   std::swap(cache_, o->cache_);
   std::swap(impl_, o->impl_);
   std::swap(qweights_, o->qweights_);
@@ -373,6 +436,21 @@ void DnnlWeight::swap_contents(PreparedWeight& other_pw) {
   std::swap(post_scale_, o->post_scale_);
   std::swap(post_bias_, o->post_bias_);
   std::swap(dequants_, o->dequants_);
+}
+
+void DnnlWeight::rebind_cache() {
+  for (auto& [k, e] : cache_) {
+    auto w = e.args.find(DNNL_ARG_WEIGHTS);
+    const memory::desc md = w->second.get_desc();
+    for (const memory& m : weights_)
+      if (m.get_desc() == md) {
+        w->second = m;
+        e.weights = m;
+        break;
+      }
+    auto b = e.args.find(DNNL_ARG_BIAS);
+    if (b != e.args.end()) b->second = kind_ == Kind::Conv2d ? bias_ : bias2d_;
+  }
 }
 
 void DnnlWeight::dequantize(const CachedPrimitive& e, void* buf) const {

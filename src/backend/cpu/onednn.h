@@ -81,6 +81,10 @@ class DnnlWeight : public PreparedWeight {
   // w: conv [O, I, kh, kw] / linear [O, I], any float dtype; bias [O] or undefined.
   DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Conv2dParams& p,
              dnnl::memory::data_type compute_dt, WeightFormat wf = WeightFormat::Native);
+  // Native weights `w`, `bias` in every layout `like` holds (like's kind, shape, parameters and
+  // compute type; no primitive descriptor is made): a replacement whose swap keeps like's
+  // primitives (swap_contents).
+  DnnlWeight(const DnnlWeight& like, const Tensor& w, const Tensor& bias);
   DnnlWeight(const DnnlWeight&) = delete;  // int8 post-op memories point into the object
   DnnlWeight& operator=(const DnnlWeight&) = delete;
   const Shape& shape() const override { return shape_; }
@@ -124,6 +128,10 @@ class DnnlWeight : public PreparedWeight {
   dnnl::primitive_desc make_pd(const std::vector<int64_t>& dims, dnnl::memory::data_type src_dt,
                                dnnl::memory::data_type dst_dt) const;
   void prepare_int8(const char* op, const Tensor& w);
+  void set_bias(const char* op, const Tensor& w, const Tensor& bias);
+  dnnl::memory plain_f32(const Tensor& w, Tensor& keep) const;
+  void rebind_cache();
+  dnnl::memory new_weight_memory(const dnnl::memory::desc& md) const;  // cached primitives' weight/bias arguments -> the current weights_/bias_
   // Weights in layout `md`, reordered from the first prepared copy once per distinct layout.
   const dnnl::memory& weights_for(const dnnl::memory::desc& md) const;
 
@@ -131,8 +139,10 @@ class DnnlWeight : public PreparedWeight {
   Shape shape_;
   Conv2dParams params_;
   dnnl::memory::data_type cdt_;
-  dnnl::memory bias_;  // f32 [O]
+  dnnl::memory bias_;    // f32 [O]
+  dnnl::memory bias2d_;  // the same values as [1, O] (matmul's bias argument)
   mutable std::vector<dnnl::memory> weights_;
+  mutable std::vector<std::shared_ptr<void>> buffers_;  // weights_' own buffers (new_weight_memory)
   mutable std::map<std::vector<int64_t>, CachedPrimitive> cache_;
   mutable std::string impl_;
   WeightFormat format_ = WeightFormat::Native;
