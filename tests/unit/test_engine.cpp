@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <thread>
 
@@ -61,13 +62,26 @@ class EngineTest : public ::testing::Test {
     return r;
   }
   static std::vector<uint8_t> pixels(const api::RunResult& r, size_t i = 0) { return r.images.at(i).image.pixels; }
+  void check_lora_switches(const std::string& precision, const std::string& weights);
 
   std::string model_, kohya_, peft_;
   fs::path dir_;
 };
 
-TEST_F(EngineTest, LoraSwitchesMatchFreshEnginesBitForBit) {
+// Every precision / weight format: the swap keeps the layers' primitives (native weights) or
+// replaces them (int8), and either way a switched model computes what a fresh one does.
+TEST_F(EngineTest, LoraSwitchesMatchFreshEnginesBitForBit) { check_lora_switches("fp32", "native"); }
+TEST_F(EngineTest, LoraSwitchesMatchFreshEnginesBitForBitBf16) { check_lora_switches("bf16", "native"); }
+TEST_F(EngineTest, LoraSwitchesMatchFreshEnginesBitForBitInt8) { check_lora_switches("fp32", "int8"); }
+
+void EngineTest::check_lora_switches(const std::string& precision, const std::string& weights) {
   if (kohya_.empty() || peft_.empty()) GTEST_SKIP() << "needs sd1-lora/lora-kohya.safetensors and lora-peft.safetensors";
+  auto options = [&] {
+    EngineOptions o = EngineTest::options();
+    o.precision = precision;
+    o.weights = weights;
+    return o;
+  };
   auto with = [&](std::vector<api::LoraSpec> l) {
     Request r = request();
     r.loras = std::move(l);
@@ -127,6 +141,41 @@ TEST_F(EngineTest, FailedLoraSwitchLeavesTheModelAsItWas) {
   EXPECT_EQ(pixels(e.generate(ra)), with_a);
   Engine fresh(options());
   EXPECT_EQ(pixels(fresh.generate(ra)), with_a);
+}
+
+// A failure while the replacements are being built (after some were): int8 weights refuse a
+// non-finite value when they are quantised. The text encoder's modules come after the UNet's, so
+// every UNet replacement exists when the NaN fails; none of them may reach the model.
+TEST_F(EngineTest, SwitchFailingHalfwayLeavesTheModelAsItWas) {
+  if (kohya_.empty()) GTEST_SKIP() << "needs sd1-lora/lora-kohya.safetensors";
+  const TensorFile src = load_safetensors(kohya_);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  bool poisoned = false;
+  for (const TensorEntry& e : src.tensors) {
+    Tensor t = e.tensor.to(DType::F32);
+    if (!poisoned && e.name.rfind("lora_te_", 0) == 0 && e.name.find(".lora_up.weight") != std::string::npos) {
+      t.f32()[0] = std::nanf("");
+      poisoned = true;
+    }
+    tensors.emplace_back(e.name, t);
+  }
+  ASSERT_TRUE(poisoned) << "no text-encoder up matrix in " << kohya_;
+  const std::string nan_lora = (dir_ / "nan.safetensors").string();
+  save_safetensors(nan_lora, tensors);
+
+  EngineOptions o = options();
+  o.weights = "int8";
+  Engine e(o);
+  Request ra = request();
+  ra.loras = {{kohya_, 0.8f}};
+  const std::vector<uint8_t> with_a = pixels(e.generate(ra));
+  Request bad = request();
+  bad.loras = {{nan_lora, 1.0f}};
+  EXPECT_THROW(e.generate(bad), Error);
+  EXPECT_EQ(pixels(e.generate(ra)), with_a);
+  Request base = request();
+  Engine fresh(o);
+  EXPECT_EQ(pixels(e.generate(base)), pixels(fresh.generate(base)));  // and switching on still works
 }
 
 TEST_F(EngineTest, RunsWithTheirOwnStatesRunSideBySide) {

@@ -164,10 +164,18 @@ DnnlWeight::DnnlWeight(const DnnlWeight& like, const Tensor& w, const Tensor& bi
   DF_CHECK(w.defined() && w.shape() == shape_ && dtype_is_float(w.dtype()), "prepare_like: weight ",
            w.defined() ? w.str() : std::string("undefined"), " does not match the prepared ", shape_.str());
   set_bias("prepare_like", w, bias);
+  // The layouts like's primitives use (all it holds before its first pass).
   std::vector<memory::desc> layouts;
   {
     std::lock_guard<std::mutex> lock(like.mu_);
-    for (const memory& m : like.weights_) layouts.push_back(m.get_desc());
+    for (const auto& [k, e] : like.cache_) {
+      auto it = e.args.find(DNNL_ARG_WEIGHTS);
+      if (it == e.args.end()) continue;
+      const memory::desc md = it->second.get_desc();
+      if (std::find(layouts.begin(), layouts.end(), md) == layouts.end()) layouts.push_back(md);
+    }
+    if (layouts.empty())
+      for (const memory& m : like.weights_) layouts.push_back(m.get_desc());
   }
   Tensor keep;
   memory plain = plain_f32(w, keep);

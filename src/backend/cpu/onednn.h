@@ -81,9 +81,9 @@ class DnnlWeight : public PreparedWeight {
   // w: conv [O, I, kh, kw] / linear [O, I], any float dtype; bias [O] or undefined.
   DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Conv2dParams& p,
              dnnl::memory::data_type compute_dt, WeightFormat wf = WeightFormat::Native);
-  // Native weights `w`, `bias` in every layout `like` holds (like's kind, shape, parameters and
-  // compute type; no primitive descriptor is made): a replacement whose swap keeps like's
-  // primitives (swap_contents).
+  // Native weights `w`, `bias` in the layouts like's cached primitives use (every layout it holds
+  // before its first pass), with like's kind, shape, parameters and compute type; no primitive
+  // descriptor is made: a replacement whose swap keeps like's primitives (swap_contents).
   DnnlWeight(const DnnlWeight& like, const Tensor& w, const Tensor& bias);
   DnnlWeight(const DnnlWeight&) = delete;  // int8 post-op memories point into the object
   DnnlWeight& operator=(const DnnlWeight&) = delete;
