@@ -49,13 +49,10 @@ diffuse_status guarded(F&& f) {
     return f();
   } catch (const Cancelled& e) {
     return set_error(DIFFUSE_ERR_CANCELLED, e.what());
+  } catch (const FileError& e) {
+    return set_error(DIFFUSE_ERR_FILE, e.what());
   } catch (const Error& e) {
-    // Files that cannot be read name themselves; everything else is a bad argument.
-    const std::string m = e.what();
-    const bool file = m.find("no such file") != std::string::npos || m.find("cannot open") != std::string::npos ||
-                      m.find("cannot read") != std::string::npos || m.find("not a Stable Diffusion") != std::string::npos ||
-                      m.find("truncated") != std::string::npos || m.find("corrupt") != std::string::npos;
-    return set_error(file ? DIFFUSE_ERR_FILE : DIFFUSE_ERR_INVALID_ARGUMENT, m);
+    return set_error(DIFFUSE_ERR_INVALID_ARGUMENT, e.what());
   } catch (const std::bad_alloc&) {
     return set_error(DIFFUSE_ERR_OUT_OF_MEMORY, "out of memory");
   } catch (const std::exception& e) {
@@ -241,6 +238,7 @@ const char* diffuse_result_parameters(const struct diffuse_result* res, int i) {
 
 const unsigned char* diffuse_result_png(struct diffuse_result* res, int i, size_t* size) {
   if (!res || i < 0 || i >= int(res->images.size())) return nullptr;
+  g_last_error.clear();
   try {
     auto it = res->png.find(i);
     if (it == res->png.end()) it = res->png.emplace(i, encode_png(res->images[size_t(i)].image)).first;

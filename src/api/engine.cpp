@@ -26,6 +26,18 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// Runs f; a diffuse::Error from reading a file becomes a FileError with the same message.
+template <class F>
+auto as_file_error(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const FileError&) {
+    throw;
+  } catch (const Error& e) {
+    throw FileError(e.what());
+  }
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -141,7 +153,7 @@ std::unique_ptr<RunState> Engine::new_state() const {
 void Engine::validate_settings(const Request& r, ImagesGiven given) {
   std::error_code ec;
   DF_CHECK(!r.model.empty(), "-m/--model: a model file or diffusers folder is required");
-  DF_CHECK(fs::exists(r.model, ec), "-m/--model ", r.model, ": no such file or folder");
+  if (!fs::exists(r.model, ec)) throw FileError(cat("-m/--model ", r.model, ": no such file or folder"));
   DF_CHECK(r.rng == "cpu" || r.rng == "cuda", "--rng ", r.rng, ": unknown; allowed: cpu, cuda");
   DF_CHECK(r.schedule == "default" || r.schedule == "karras" || r.schedule == "trailing", "--scheduler ", r.schedule,
            ": unknown; allowed: default, karras, trailing");
@@ -178,7 +190,7 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
   DF_CHECK(r.canny_low >= 0 && r.canny_low <= r.canny_high && r.canny_high <= 1020, "--canny-low ", r.canny_low,
            " / --canny-high ", r.canny_high, ": need 0 <= low <= high <= 1020");
   for (const LoraSpec& l : r.loras) {
-    DF_CHECK(fs::is_regular_file(l.path, ec), "--lora ", l.path, ": no such file");
+    if (!fs::is_regular_file(l.path, ec)) throw FileError(cat("--lora ", l.path, ": no such file"));
     DF_CHECK(std::isfinite(l.multiplier), "--lora ", l.path, ": the multiplier must be a number");
   }
 }
@@ -245,7 +257,7 @@ std::shared_ptr<Engine::ModelEntry> Engine::acquire_model(const std::string& pat
   e->be = make_cpu_backend(precision_, format_);
   SDLoadOptions lo;
   lo.vae_encoder = vae_encoder || !opts_.one_shot;
-  e->model = SDModel::load(path, *e->be, lo);
+  e->model = as_file_error([&] { return SDModel::load(path, *e->be, lo); });
   *load_s = seconds_since(t0);
   const double per_param = format_ == WeightFormat::Int8 ? 1.0 : e->be->effective_precision() == Precision::BF16 ? 2.0 : 4.0;
   int64_t params = 0;  // what is bound (EMA copies and other extras are not)
@@ -260,7 +272,7 @@ std::shared_ptr<Engine::ModelEntry> Engine::acquire_model(const std::string& pat
 
 double Engine::load(const std::string& path, const Callbacks& cb) {
   std::error_code ec;
-  DF_CHECK(fs::exists(path, ec), "-m/--model ", path, ": no such file or folder");
+  if (!fs::exists(path, ec)) throw FileError(cat("-m/--model ", path, ": no such file or folder"));
   double s = 0;
   acquire_model(path, false, cb, &s);
   return s;
@@ -310,7 +322,7 @@ LoraApplyReport apply_set(SDModel& m, Backend& be, const std::vector<ResolvedLor
   files.reserve(loras.size());
   std::vector<std::pair<const LoraFile*, float>> set;
   for (const ResolvedLora& l : loras) {
-    files.push_back(load_lora(l.path));
+    files.push_back(as_file_error([&] { return load_lora(l.path); }));
     set.emplace_back(&files.back(), l.mult);
   }
   return apply_loras(m, be, set);
@@ -379,10 +391,11 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   const std::string prompt = extract_lora_tags(req.prompt, &tags);
   for (const auto& [name, mult] : tags) {
     DF_CHECK(!opts_.lora_dir.empty(), "prompt tag <lora:", name, ">: give --lora-model-dir DIR to say where LoRA files are");
-    loras.push_back({name, resolve_lora_path(name, opts_.lora_dir), mult});
+    loras.push_back({name, as_file_error([&] { return resolve_lora_path(name, opts_.lora_dir); }), mult});
   }
   std::vector<std::pair<std::string, std::string>> lora_hashes;
-  for (const ResolvedLora& l : loras) lora_hashes.emplace_back(l.name, impl_->hashes.lora_hash(l.path));
+  for (const ResolvedLora& l : loras)
+    lora_hashes.emplace_back(l.name, as_file_error([&] { return impl_->hashes.lora_hash(l.path); }));
 
   std::unique_ptr<RunState> own_state;
   if (!state) {
@@ -448,7 +461,8 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     {
       std::lock_guard<std::mutex> lk(impl_->mu);
       auto& slot = impl_->nets[req.control_net];
-      if (!slot.net) slot.net = std::make_shared<ControlNet>(ControlNet::load_file(req.control_net, *entry->be));
+      if (!slot.net)
+        slot.net = as_file_error([&] { return std::make_shared<ControlNet>(ControlNet::load_file(req.control_net, *entry->be)); });
       slot.last_used = ++impl_->clock;
       control = slot.net;
       while (impl_->nets.size() > 2) {

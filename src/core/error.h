@@ -12,6 +12,13 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& msg) : std::runtime_error(msg) {}
 };
 
+// A file (model, LoRA, ControlNet, image) that is missing or cannot be read or parsed; the
+// message names it. Library callers (the C API, the server) tell these from bad settings.
+class FileError : public Error {
+ public:
+  explicit FileError(const std::string& msg) : Error(msg) {}
+};
+
 // A run stopped because its caller asked (a progress callback returned "cancel").
 class Cancelled : public Error {
  public:

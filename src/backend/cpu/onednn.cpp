@@ -130,7 +130,6 @@ DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Con
              ": negative padding (", p.pad_top, ", ", p.pad_left, ", ", p.pad_bottom, ", ",
              p.pad_right, ") for weight ", w.str());
   }
-  const int64_t O = shape_[0];
   set_bias(op, w, bias);
 
   if (format_ == WeightFormat::Int8) {
