@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/threads.h"
 
 namespace diffuse {
 
@@ -140,7 +141,7 @@ void convert(const void* src, DType s, void* dst, DType d, size_t n) {
   if (d == DType::F32 && s == DType::F16) {
     auto* in = static_cast<const uint16_t*>(src);
     auto* out = static_cast<float*>(dst);
-    static const bool f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+    static const bool f16c = cpu_features().f16c && cpu_features().avx2;  // avx2: the OS saves ymm state
     if (f16c) {  // the hardware conversion (exact, like the scalar one), 8 at a time
       const int64_t blocks = int64_t(n / 4096);
 #pragma omp parallel for if (n > (1 << 16))
