@@ -150,7 +150,7 @@ DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Con
   }
   dnnl::primitive_desc pd = make_pd(nominal, cdt_, cdt_);
   memory::desc wmd = pd.weights_desc();
-  memory target = new_weight_memory(wmd);
+  memory target = new_weight_memory(wmd, false);
   reorder_now(plain, target);
   note_primitive_created();
   dnnl_stream().wait();
@@ -179,7 +179,7 @@ DnnlWeight::DnnlWeight(const DnnlWeight& like, const Tensor& w, const Tensor& bi
   Tensor keep;
   memory plain = plain_f32(w, keep);
   for (const memory::desc& md : layouts) {
-    memory target = new_weight_memory(md);
+    memory target = new_weight_memory(md, true);
     reorder_now(plain, target);
     weights_.push_back(target);
   }
@@ -206,17 +206,75 @@ memory DnnlWeight::plain_f32(const Tensor& w, Tensor& keep) const {
   return memory(md, dnnl_engine(), const_cast<void*>(keep.data()));
 }
 
+namespace {
+
+// Buffers of LoRA replacement weights, recycled: a switch replaces the same layers again and
+// again, and fresh memory costs page faults and the kernel's zeroing (most of a switch's time
+// otherwise). A buffer given back is MADV_FREE'd: the kernel takes its pages whenever it needs
+// memory (a reuse then faults and zeroes like fresh memory); until then reusing it costs nothing.
+// At most kCap bytes are kept.
+class WeightPool {
+ public:
+  static WeightPool& get() {
+    static WeightPool* pool = new WeightPool();  // never destroyed: weights may outlive statics
+    return *pool;
+  }
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(bytes);
+    if (it == free_.end()) return nullptr;
+    void* p = it->second;
+    free_.erase(it);
+    held_ -= bytes;
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_ + bytes <= kCap) {
+        madvise(p, bytes, MADV_FREE);
+        free_.emplace(bytes, p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  static constexpr size_t kCap = size_t(4) << 30;
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t held_ = 0;
+};
+
+}  // namespace
+
 // Memory for prepared weights. Buffers of 2 MiB and more are 2 MiB-aligned and advised to use
 // transparent huge pages: preparing a model (or a LoRA switch) writes gigabytes of fresh memory,
-// and 4 KiB page faults were most of its time.
-memory DnnlWeight::new_weight_memory(const memory::desc& md) const {
+// and 4 KiB page faults were most of its time. LoRA replacements (`recycled`) come from and go
+// back to the WeightPool.
+memory DnnlWeight::new_weight_memory(const memory::desc& md, bool recycled) const {
   const size_t bytes = md.get_size();
   constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes < kHuge) return memory(md, dnnl_engine());
-  void* p = std::aligned_alloc(kHuge, (bytes + 4095) / 4096 * 4096);
-  if (!p) throw std::bad_alloc();
-  madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);
-  buffers_.emplace_back(p, [](void* q) { std::free(q); });
+  if (bytes < kHuge && !recycled) return memory(md, dnnl_engine());
+  const size_t rounded = (bytes + 4095) / 4096 * 4096;
+  void* p = recycled ? WeightPool::get().take(rounded) : nullptr;
+  if (!p) {
+    p = std::aligned_alloc(bytes >= kHuge ? kHuge : 4096, rounded);
+    if (!p) throw std::bad_alloc();
+    if (bytes >= kHuge) madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);
+  }
+  // A blocked layout may pad dims (e.g. 4 input channels to 16): padding must read as zeros,
+  // which fresh pages are but a recycled or reused heap buffer need not be.
+  const dnnl_memory_desc_t& c = md.data;
+  for (int i = 0; i < c.ndims; ++i)
+    if (c.padded_dims[i] != c.dims[i]) {
+      std::memset(p, 0, bytes);
+      break;
+    }
+  if (recycled) buffers_.emplace_back(p, [rounded](void* q) { WeightPool::get().give(q, rounded); });
+  else buffers_.emplace_back(p, [](void* q) { std::free(q); });
   return memory(md, dnnl_engine(), p);
 }
 
@@ -339,7 +397,7 @@ dnnl::primitive_desc DnnlWeight::make_pd(const std::vector<int64_t>& d, dt src_d
 const memory& DnnlWeight::weights_for(const memory::desc& md) const {
   for (const memory& m : weights_)
     if (m.get_desc() == md) return m;
-  memory target = new_weight_memory(md);
+  memory target = new_weight_memory(md, false);
   reorder_now(weights_[0], target);
   note_primitive_created();
   dnnl_stream().wait();

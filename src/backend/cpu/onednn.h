@@ -130,8 +130,8 @@ class DnnlWeight : public PreparedWeight {
   void prepare_int8(const char* op, const Tensor& w);
   void set_bias(const char* op, const Tensor& w, const Tensor& bias);
   dnnl::memory plain_f32(const Tensor& w, Tensor& keep) const;
-  void rebind_cache();
-  dnnl::memory new_weight_memory(const dnnl::memory::desc& md) const;  // cached primitives' weight/bias arguments -> the current weights_/bias_
+  void rebind_cache();  // cached primitives' weight/bias arguments -> the current weights_/bias_
+  dnnl::memory new_weight_memory(const dnnl::memory::desc& md, bool recycled) const;
   // Weights in layout `md`, reordered from the first prepared copy once per distinct layout.
   const dnnl::memory& weights_for(const dnnl::memory::desc& md) const;
 
