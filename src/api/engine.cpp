@@ -16,9 +16,11 @@
 #include "core/error.h"
 #include "core/memory_stats.h"
 #include "core/threads.h"
+#include "io/output_file.h"
 #include "io/tensor_file.h"
 #include "models/canny.h"
 #include "models/controlnet.h"
+#include "pipeline/conditioning.h"
 
 namespace diffuse::api {
 
@@ -54,6 +56,45 @@ std::string display_name(const std::string& path) {
   fs::path p = fs::path(path).lexically_normal();
   if (!p.has_filename()) p = p.parent_path();
   return fs::is_directory(path, ec) ? p.filename().string() : p.stem().string();
+}
+
+bool valid_utf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int n = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xE ? 2 : (c >> 3) == 0x1E ? 3 : -1;
+    if (n < 0 || i + size_t(n) >= s.size() + (n == 0 ? 1 : 0)) return false;
+    uint32_t cp = n == 0 ? c : n == 1 ? (c & 0x1F) : n == 2 ? (c & 0x0F) : (c & 0x07);
+    for (int k = 1; k <= n; ++k) {
+      const unsigned char d = static_cast<unsigned char>(s[i + size_t(k)]);
+      if ((d >> 6) != 0x2) return false;
+      cp = cp << 6 | (d & 0x3F);
+    }
+    // Overlong forms, surrogates, beyond U+10FFFF.
+    if ((n == 1 && cp < 0x80) || (n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+        (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
+      return false;
+    i += size_t(n) + 1;
+  }
+  return true;
+}
+
+// A prompt the text encoders can take: UTF-8, at most 64 KiB, at most kMaxChunks BREAK-separated
+// parts, weights representable in f32 (checked before any model loads).
+void check_prompt(const std::string& p, const char* flag) {
+  constexpr size_t kMaxBytes = 65536;
+  constexpr int kMaxBreaks = 256;
+  DF_CHECK(valid_utf8(p), flag, ": not valid UTF-8 text (re-encode it, e.g. from Latin-1, as UTF-8)");
+  DF_CHECK(p.size() <= kMaxBytes, flag, ": ", p.size(), " bytes; at most ", kMaxBytes);
+  std::vector<WeightedText> runs;
+  try {
+    runs = parse_prompt_weights(p);
+  } catch (const Error& e) {
+    fail(flag, ": ", e.what());
+  }
+  int breaks = 0;
+  for (const WeightedText& w : runs) breaks += w.is_break();
+  DF_CHECK(breaks <= kMaxBreaks, flag, ": ", breaks, " BREAKs; at most ", kMaxBreaks);
 }
 
 // Prediction type: the request's, else a diffusers scheduler config's prediction_type, else the
@@ -153,7 +194,8 @@ std::unique_ptr<RunState> Engine::new_state() const {
 void Engine::validate_settings(const Request& r, ImagesGiven given) {
   std::error_code ec;
   DF_CHECK(!r.model.empty(), "-m/--model: a model file or diffusers folder is required");
-  if (!fs::exists(r.model, ec)) throw FileError(cat("-m/--model ", r.model, ": no such file or folder"));
+  DF_CHECK(valid_utf8(r.model), "-m/--model: the path is not valid UTF-8");
+  check_input_file(r.model, "-m/--model", true);
   DF_CHECK(r.rng == "cpu" || r.rng == "cuda", "--rng ", r.rng, ": unknown; allowed: cpu, cuda");
   DF_CHECK(r.schedule == "default" || r.schedule == "karras" || r.schedule == "trailing", "--scheduler ", r.schedule,
            ": unknown; allowed: default, karras, trailing");
@@ -168,7 +210,10 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
       fail("--sampler ", r.sampler, ": unknown; allowed: ", join(names));
     fail("--sampler ", r.sampler, " --scheduler ", r.schedule, ": ", e.what());
   }
-  DF_CHECK(r.steps >= 1 && r.steps <= 10000, "--steps ", r.steps, ": must be in [1, 10000]");
+  // The schedules have 1000 training timesteps; more sampling steps than that cannot be spaced.
+  DF_CHECK(r.steps >= 1 && r.steps <= 1000, "--steps ", r.steps, ": must be in [1, 1000]");
+  check_prompt(r.prompt, "-p/--prompt");
+  check_prompt(r.negative, "-n/--negative");
   DF_CHECK(r.batch >= 1 && r.batch <= 64, "-b/--batch ", r.batch, ": must be in [1, 64]");
   DF_CHECK(r.clip_skip >= 0 && r.clip_skip <= 12, "--clip-skip ", r.clip_skip, ": must be in [0, 12]");
   DF_CHECK(std::isfinite(r.cfg) && r.cfg >= 0, "--cfg-scale ", r.cfg, ": must be a number >= 0");
@@ -180,18 +225,23 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
   DF_CHECK(r.width == 0 || (r.width > 0 && r.width % 8 == 0), "-W/--width ", r.width, ": must be a positive multiple of 8");
   DF_CHECK(r.height == 0 || (r.height > 0 && r.height % 8 == 0), "-H/--height ", r.height,
            ": must be a positive multiple of 8");
+  DF_CHECK(r.width <= kMaxImageSide, "-W/--width ", r.width, ": at most ", kMaxImageSide, " pixels");
+  DF_CHECK(r.height <= kMaxImageSide, "-H/--height ", r.height, ": at most ", kMaxImageSide, " pixels");
   DF_CHECK(r.vae_tiling.tile_px >= 2 * r.vae_tiling.overlap_px && r.vae_tiling.tile_px % 8 == 0, "--vae-tile-size ",
            r.vae_tiling.tile_px, ": must be a multiple of 8 and at least ", 2 * r.vae_tiling.overlap_px);
   DF_CHECK(r.control_net.empty() == !given.control_image,
            r.control_net.empty() ? "--control-image needs --control-net PATH" : "--control-net needs --control-image IMG");
   DF_CHECK(!r.canny || !r.control_net.empty(), "--canny needs --control-net and --control-image");
+  if (!r.control_net.empty()) check_input_file(r.control_net, "--control-net", true);
   DF_CHECK(std::isfinite(r.control_strength) && r.control_strength >= 0 && r.control_strength <= 10,
            "--control-strength ", r.control_strength, ": must be in [0, 10]");
   DF_CHECK(r.canny_low >= 0 && r.canny_low <= r.canny_high && r.canny_high <= 1020, "--canny-low ", r.canny_low,
            " / --canny-high ", r.canny_high, ": need 0 <= low <= high <= 1020");
   for (const LoraSpec& l : r.loras) {
-    if (!fs::is_regular_file(l.path, ec)) throw FileError(cat("--lora ", l.path, ": no such file"));
-    DF_CHECK(std::isfinite(l.multiplier), "--lora ", l.path, ": the multiplier must be a number");
+    DF_CHECK(valid_utf8(l.path), "--lora: the file name is not valid UTF-8");
+    check_input_file(l.path, "--lora");
+    DF_CHECK(std::isfinite(l.multiplier) && std::fabs(l.multiplier) <= 1000.0f, "--lora ", l.path, ": multiplier ",
+             l.multiplier, " is out of range (at most ±1000)");
   }
 }
 

@@ -261,4 +261,17 @@ bool is_special_output(const std::string& path) {
   return !path.empty() && ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode);
 }
 
+void check_input_file(const std::string& path, const std::string& what, bool folder_ok) {
+  struct stat st {};
+  if (path.empty()) fail(what, ": empty path");
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT || errno == ENOTDIR) throw FileError(cat(what, " ", path, ": no such file", folder_ok ? " or folder" : ""));
+    throw FileError(cat(what, " ", path, ": ", std::strerror(errno)));
+  }
+  if (S_ISREG(st.st_mode) || (folder_ok && S_ISDIR(st.st_mode))) return;
+  const char* kind = S_ISDIR(st.st_mode) ? "a folder" : S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) ? "a character device"
+                     : S_ISBLK(st.st_mode) ? "a block device" : S_ISSOCK(st.st_mode) ? "a socket" : "not a regular file";
+  throw FileError(cat(what, " ", path, ": is ", kind, "; give a regular file", folder_ok ? " or a folder" : ""));
+}
+
 }  // namespace diffuse

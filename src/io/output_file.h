@@ -43,4 +43,9 @@ void check_output_writable(const std::string& path, const std::string& what);
 // device, a FIFO, a socket, or a folder. Such outputs are written in place, not replaced.
 bool is_special_output(const std::string& path);
 
+// An input path is checked before it is opened: a FIFO, device or socket would block or never end,
+// so anything but a regular file (or, with folder_ok, a folder) is refused. Throws diffuse::Error
+// "<what> <path>: ..." (FileError when it does not exist).
+void check_input_file(const std::string& path, const std::string& what, bool folder_ok = false);
+
 }  // namespace diffuse

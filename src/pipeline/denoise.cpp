@@ -4,6 +4,8 @@
 // itself is an owned tensor that survives the resets.
 #include "pipeline/denoise.h"
 
+#include <cmath>
+
 #include <cstring>
 #include <memory>
 
@@ -108,6 +110,12 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
     }
     sched.step(eps, t, x, draw_noise);
     if (hooks.after_step) hooks.after_step(x, i);
+    // A NaN or infinity never recovers and would decode to a black image: stop here, saying where.
+    const float* xp = x.f32();
+    bool finite = true;
+    for (int64_t k = 0, n = x.numel(); k < n && finite; ++k) finite = std::isfinite(xp[k]);
+    DF_CHECK(finite, "non-finite latent after step ", i + 1, " of ", total,
+             " (an overflow: check --cfg-scale, LoRA multipliers and prompt weights; --precision fp32 may help)");
     if (hooks.progress) hooks.progress(i + 1, total);
   }
   return x;

@@ -1,5 +1,6 @@
 // A1111 prompt weighting (parse_prompt_attention) and A1111's chunking of weighted token runs
 // (tokenize_line), written from their documented behaviour.
+#include <cmath>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
@@ -207,7 +208,13 @@ std::vector<WeightedText> parse_prompt_weights(const std::string& prompt) {
   }
   std::vector<WeightedText> out;
   out.reserve(merged.size());
-  for (Run& r : merged) out.push_back({std::move(r.text), float(r.weight)});
+  for (Run& r : merged) {
+    // A weight the text encoder's f32 arithmetic cannot hold would make every latent NaN.
+    const bool is_break = r.weight == -1.0 && r.text == "BREAK";
+    DF_CHECK(is_break || std::isfinite(float(r.weight)), "prompt weight ", r.weight, " (of \"", r.text.substr(0, 40),
+             r.text.size() > 40 ? "…" : "", "\") cannot be represented as a 32-bit float (too large a weight, or too many nested brackets)");
+    out.push_back({std::move(r.text), float(r.weight)});
+  }
   return out;
 }
 

@@ -252,6 +252,13 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     Tensor dec = model.vae.decode(ctx, one, p.vae_tiling);
     Tensor d = dec.to(DType::F32);
     arena.reset();
+    {
+      const float* dp = d.f32();
+      bool finite = true;
+      for (int64_t k = 0, n = d.numel(); k < n && finite; ++k) finite = std::isfinite(dp[k]);
+      DF_CHECK(finite, "non-finite image after the VAE decode of image ", b + 1, " of ", B,
+               " (an overflow in ", precision_name(be.effective_precision()), "; --precision fp32 may help)");
+    }
     r.image.width = p.width;
     r.image.height = p.height;
     r.image.channels = 3;

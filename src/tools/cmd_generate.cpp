@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -38,7 +39,7 @@ struct GenOptions {
   double strength = -1.0;  // < 0: not given
   std::string out = "out.png", save_latent;
   bool quiet = false;
-  bool width_given = false, height_given = false;
+  bool width_given = false, height_given = false, strength_given = false;
   std::vector<std::string> loras;  // --lora PATH[:MULT], repeatable
   std::string lora_dir;            // --lora-model-dir: where <lora:NAME:MULT> prompt tags are looked up
   std::string control_net, control_image;
@@ -52,12 +53,18 @@ struct GenOptions {
 // "path/to/file.safetensors:0.8" -> (path, 0.8); "file.safetensors" -> (file, 1). Only a suffix
 // that parses as a number is a multiplier, so paths containing ':' still work.
 api::LoraSpec split_lora_flag(const std::string& v) {
+  std::error_code ec;
   size_t colon = v.rfind(':');
-  if (colon != std::string::npos && colon + 1 < v.size()) {
+  if (colon != std::string::npos && colon + 1 < v.size() && !fs::exists(v, ec)) {
     char* end = nullptr;
     std::string tail = v.substr(colon + 1);
     float m = std::strtof(tail.c_str(), &end);
-    if (end && *end == '\0' && std::isfinite(m)) return {v.substr(0, colon), m};
+    if (end && *end == '\0') {
+      DF_CHECK(std::isfinite(m), "--lora ", v, ": multiplier ", tail, " cannot be represented as a 32-bit float");
+      return {v.substr(0, colon), m};
+    }
+    // FILE:abc where FILE exists: a multiplier that is not a number, not a file name with a colon.
+    DF_CHECK(!fs::is_regular_file(v.substr(0, colon), ec), "--lora ", v, ": multiplier '", tail, "' is not a number");
   }
   return {v, 1.0f};
 }
@@ -83,9 +90,14 @@ std::string lower(std::string s) {
 
 // -o before the run: a folder, an unwritable place, or (for a regular or new file) an extension
 // other than .png/.jpg/.jpeg is an error now rather than after the work.
-void check_output(const std::string& out, int batch) {
+void check_output(const std::string& out, int batch, const std::string& save_latent) {
   std::error_code ec;
   DF_CHECK(!out.empty(), "-o/--output: empty path");
+  if (out == "-") {  // standard output: one PNG, for pipes
+    DF_CHECK(batch == 1, "-o -: standard output takes one image; give -b 1 or a file name");
+    DF_CHECK(save_latent != "-", "--save-latent -: standard output already carries the image");
+    return;
+  }
   DF_CHECK(!fs::is_directory(out, ec), "-o/--output ", out, ": is a folder; give a file name such as ",
            (fs::path(out) / "out.png").string());
   for (int i = 0; i < batch; ++i) {
@@ -96,10 +108,23 @@ void check_output(const std::string& out, int batch) {
                "'; use .png (with the A1111 parameters) or .jpg");
     }
     check_output_writable(path, "-o/--output");
+    if (!save_latent.empty()) {
+      const bool same = fs::exists(path, ec) && fs::exists(save_latent, ec) ? fs::equivalent(path, save_latent, ec)
+                                                                            : fs::weakly_canonical(path, ec) ==
+                                                                                  fs::weakly_canonical(save_latent, ec);
+      DF_CHECK(!same, "--save-latent ", save_latent, ": is also an image output (-o ", path,
+               "); give the latents their own file");
+    }
   }
 }
 
 void write_image(const std::string& path, const Image& im) {
+  if (path == "-") {
+    const std::vector<uint8_t> png = encode_png(im);
+    DF_CHECK(std::fwrite(png.data(), 1, png.size(), stdout) == png.size() && std::fflush(stdout) == 0,
+             "-o -: cannot write to standard output: ", std::strerror(errno));
+    return;
+  }
   const std::string ext = lower(fs::path(path).extension().string());
   if (ext == ".jpg" || ext == ".jpeg") write_jpeg(path, im);
   else write_png(path, im);
@@ -176,7 +201,7 @@ int run_generate(const GenOptions& o) {
   r.clip_skip = o.clip_skip;
   r.rng = o.rng;
   r.prediction = o.prediction;
-  r.strength = o.strength;
+  r.strength = o.strength_given ? o.strength : -1.0;
   for (const std::string& v : o.loras) r.loras.push_back(split_lora_flag(v));
   r.control_net = o.control_net;
   r.control_strength = o.control_strength;
@@ -186,8 +211,13 @@ int run_generate(const GenOptions& o) {
   r.vae_tiling.mode = o.vae_tiling ? VAETiling::Mode::On : o.no_vae_tiling ? VAETiling::Mode::Off : VAETiling::Mode::Auto;
   if (o.vae_tile_size) r.vae_tiling.tile_px = o.vae_tile_size;
   api::Engine::validate_settings(r, {!o.init.empty(), !o.mask.empty(), !o.control_image.empty()});
-  check_output(o.out, o.batch);
+  check_output(o.out, o.batch, o.save_latent);
   if (!o.save_latent.empty()) check_output_writable(o.save_latent, "--save-latent");
+  DF_CHECK(!o.strength_given || (std::isfinite(o.strength) && o.strength >= 0 && o.strength <= 1), "--strength ",
+           o.strength, ": must be in [0, 1]");
+  if (!o.init.empty()) check_input_file(o.init, "-i/--init");
+  if (!o.mask.empty()) check_input_file(o.mask, "--mask");
+  if (!o.control_image.empty()) check_input_file(o.control_image, "--control-image");
 
   if (!o.init.empty()) {
     r.init = read_flag_image(o.init, true);
@@ -227,7 +257,9 @@ int run_generate(const GenOptions& o) {
   for (size_t i = 0; i < res.images.size(); ++i) {
     std::string path = batch_path(o.out, int(i));
     write_image(path, res.images[i].image);
-    std::printf("wrote %s (seed %llu)\n", path.c_str(), static_cast<unsigned long long>(res.images[i].seed));
+    // With -o - standard output is the PNG: the note goes to stderr.
+    std::fprintf(path == "-" ? stderr : stdout, "wrote %s (seed %llu)\n", path == "-" ? "standard output" : path.c_str(),
+                 static_cast<unsigned long long>(res.images[i].seed));
   }
   if (!o.save_latent.empty()) {
     const Tensor& l0 = res.images[0].latent;
@@ -264,12 +296,12 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--rng", o->rng, "cpu (diffusers' torch CPU generator) or cuda (A1111's default, seed + i per image)");
   cmd->add_option("--precision", o->precision, "fp32, bf16 or auto (bf16 where the CPU has fast bf16)");
   cmd->add_option("--weights", o->weights, "native (the compute type) or int8 (per-channel, dequantised per layer)");
-  cmd->add_option("-t,--threads", o->threads, "threads (default: physical cores)");
+  cmd->add_option("-t,--threads", o->threads, "threads (default: physical cores)")->check(CLI::Range(0, 1024));
   cmd->add_option("-i,--init", o->init, "init image for img2img/inpainting (PNG/JPEG, the output size)");
-  cmd->add_option("--strength", o->strength, "img2img strength in [0, 1] (default 0.75; 1 for inpainting models)");
+  auto* sopt = cmd->add_option("--strength", o->strength, "img2img strength in [0, 1] (default 0.75; 1 for inpainting models)");
   cmd->add_option("--mask", o->mask, "inpainting mask, white = repaint (the init image's size)");
   cmd->add_option("--prediction", o->prediction, "eps or v (default: from the model)");
-  cmd->add_option("-o,--output", o->out, "output PNG (batches: out.png, out_1.png, ...)");
+  cmd->add_option("-o,--output", o->out, "output .png or .jpg (batches: out.png, out_1.png, ...; - : PNG to standard output)");
   cmd->add_option("--save-latent", o->save_latent, "also save the final latents (safetensors, 'latent' [B,4,h,w])");
   cmd->add_option("--lora", o->loras, "LoRA file[:multiplier], repeatable (kohya/A1111 or diffusers/PEFT)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
@@ -284,9 +316,10 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_flag("--no-vae-tiling", o->no_vae_tiling, "never tile the VAE");
   cmd->add_option("--vae-tile-size", o->vae_tile_size, "largest VAE tile side in pixels (default 640, multiple of 8, >= 256)");
   cmd->add_flag("-q,--quiet", o->quiet, "no progress output");
-  return [o, wopt, hopt] {
+  return [o, wopt, hopt, sopt] {
     o->width_given = wopt->count() > 0;
     o->height_given = hopt->count() > 0;
+    o->strength_given = sopt->count() > 0;
     return run_generate(*o);
   };
 }

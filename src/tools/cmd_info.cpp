@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "io/image.h"
+#include "io/output_file.h"
 #include "io/tensor_file.h"
 #include "models/family.h"
 #include "tools/commands.h"
@@ -19,6 +20,22 @@ struct InfoOptions {
   bool json = false;
   bool list_tensors = false;
 };
+
+// Text from a file as it may go to a terminal: control characters (escape sequences, carriage
+// returns, ...) escaped as \xNN; line breaks and tabs kept.
+std::string printable(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += char(c);
+    }
+  }
+  return out;
+}
 
 bool looks_like_image(const std::string& path) {
   auto ends = [&](const char* ext) {
@@ -62,10 +79,10 @@ int image_info(const InfoOptions& o) {
   bool any = false;
   for (auto& [k, v] : im.text) {
     if (k == "parameters") {
-      std::printf("generation parameters:\n%s\n", v.c_str());
+      std::printf("generation parameters:\n%s\n", printable(v).c_str());
       any = true;
     } else {
-      std::printf("text %s: %s\n", k.c_str(), v.c_str());
+      std::printf("text %s: %s\n", printable(k).c_str(), printable(v).c_str());
     }
   }
   if (!any) std::printf("generation parameters: none\n");
@@ -114,7 +131,8 @@ int model_info(const InfoOptions& o) {
                 static_cast<long long>(c.tensors), human(c.parameters).c_str());
   for (auto& [k, v] : f.metadata)
     if (k.find("config.json") == std::string::npos && k != "model_index.json")
-      std::printf("metadata %s: %s\n", k.c_str(), v.size() > 200 ? (v.substr(0, 200) + "…").c_str() : v.c_str());
+      std::printf("metadata %s: %s\n", printable(k).c_str(),
+                  printable(v.size() > 200 ? v.substr(0, 200) + "…" : v).c_str());
   if (problems.empty()) std::printf("problems:   none\n");
   for (const std::string& p : problems) std::printf("problem:    %s\n", p.c_str());
   if (o.list_tensors)
@@ -131,7 +149,10 @@ Run add_info_command(CLI::App& app) {
   cmd->add_option("path", o->path, "model file, diffusers folder or image")->required();
   cmd->add_flag("--json", o->json, "print JSON");
   cmd->add_flag("--tensors", o->list_tensors, "list every tensor");
-  return [o] { return looks_like_image(o->path) ? image_info(*o) : model_info(*o); };
+  return [o] {
+    check_input_file(o->path, "info", true);  // a FIFO or device would block or never end
+    return looks_like_image(o->path) ? image_info(*o) : model_info(*o);
+  };
 }
 
 }  // namespace diffuse::tools
