@@ -85,7 +85,7 @@ api::Request to_request(const diffuse_context& ctx, const diffuse_params& p) {
   r.height = p.height;
   r.steps = p.steps;
   r.cfg = p.cfg_scale;
-  r.seed = p.seed;
+  if (p.seed >= 0) r.seed = uint64_t(p.seed);
   r.sampler = str(p.sampler, "euler_a");
   r.schedule = str(p.scheduler, "default");
   r.batch = p.batch_size;

@@ -453,8 +453,8 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     state = own_state.get();
   }
   uint64_t seed;
-  if (req.seed >= 0) {
-    seed = uint64_t(req.seed);
+  if (req.seed) {
+    seed = *req.seed;
   } else {
     std::random_device rd;
     seed = rd() % 4294967294u;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,7 +53,7 @@ struct Request {
   int width = 0, height = 0;        // 0: the init image's size, else the family's native size
   int steps = 20;
   double cfg = 7.0;
-  int64_t seed = -1;                // < 0: random (the result says which)
+  std::optional<uint64_t> seed;     // the whole uint64 range (torch's); none: random (the result says which)
   std::string sampler = "euler_a";
   std::string schedule = "default"; // default | karras | trailing
   int batch = 1;

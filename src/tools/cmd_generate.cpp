@@ -30,7 +30,7 @@ struct GenOptions {
   std::string model, prompt, negative;
   int width = 0, height = 0, steps = 20;
   double cfg = 7.0;
-  int64_t seed = -1;
+  std::string seed;  // -s: empty or negative = random; else 0 .. 2^64-1
   std::string sampler = "euler_a", schedule = "default";
   int batch = 1, clip_skip = 0, threads = 0;
   std::string rng = "cuda", precision = "auto", prediction;
@@ -67,6 +67,25 @@ api::LoraSpec split_lora_flag(const std::string& v) {
     DF_CHECK(!fs::is_regular_file(v.substr(0, colon), ec), "--lora ", v, ": multiplier '", tail, "' is not a number");
   }
   return {v, 1.0f};
+}
+
+// -s as typed: a decimal integer in [0, 2^64 - 1] (torch seeds are uint64); empty or negative
+// (A1111's -1) means random.
+std::optional<uint64_t> parse_seed(const std::string& v) {
+  if (v.empty() || v[0] == '-') {
+    if (v.empty()) return std::nullopt;
+    char* end = nullptr;
+    errno = 0;
+    std::strtoll(v.c_str(), &end, 10);
+    DF_CHECK(end && *end == '\0' && errno == 0, "-s/--seed ", v, ": not an integer");
+    return std::nullopt;
+  }
+  DF_CHECK(v.find_first_not_of("0123456789") == std::string::npos, "-s/--seed ", v,
+           ": not an integer (0 to 18446744073709551615, or -1 for random)");
+  errno = 0;
+  const unsigned long long s = std::strtoull(v.c_str(), nullptr, 10);
+  DF_CHECK(errno != ERANGE, "-s/--seed ", v, ": larger than 18446744073709551615 (2^64 - 1)");
+  return uint64_t(s);
 }
 
 // out.png, out_1.png, out_2.png, ...
@@ -194,7 +213,7 @@ int run_generate(const GenOptions& o) {
     DF_CHECK(o.height > 0 && o.height % 8 == 0, "-H/--height ", o.height, ": must be a positive multiple of 8");
   r.steps = o.steps;
   r.cfg = o.cfg;
-  r.seed = o.seed;
+  r.seed = parse_seed(o.seed);
   r.sampler = o.sampler;
   r.schedule = o.schedule;
   r.batch = o.batch;
@@ -288,7 +307,7 @@ Run add_generate_command(CLI::App& app) {
   auto* hopt = cmd->add_option("-H,--height", o->height, "height in pixels, a multiple of 8");
   cmd->add_option("--steps", o->steps, "sampling steps (default 20)");
   cmd->add_option("--cfg-scale", o->cfg, "classifier-free guidance scale (default 7; 1: no guidance)");
-  cmd->add_option("-s,--seed", o->seed, "seed (default: random, printed)");
+  cmd->add_option("-s,--seed", o->seed, "seed, 0 to 2^64-1 (default or -1: random, printed)");
   cmd->add_option("--sampler", o->sampler, "sampler (default euler_a): " + join(sampler_names()));
   cmd->add_option("--scheduler", o->schedule, "schedule: default, karras, trailing");
   cmd->add_option("-b,--batch", o->batch, "images per run (default 1)");

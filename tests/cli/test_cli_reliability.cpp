@@ -162,6 +162,21 @@ TEST_F(Reliability, LimitsAndValuesAreCheckedBeforeTheWork) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+TEST_F(Reliability, SeedsCoverTheWholeUint64Range) {
+  const std::string out = path("max.png");
+  std::vector<std::string> a = gen({"-o", out, "-q"});
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] == "-s") a[i + 1] = "18446744073709551615";
+  Result r = run(a);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("seed 18446744073709551615"), std::string::npos) << r.out;
+  Result i = run({"info", out});
+  EXPECT_NE(i.out.find("Seed: 18446744073709551615,"), std::string::npos) << i.out;
+  for (size_t k = 0; k < a.size(); ++k)
+    if (a[k] == "-s") a[k + 1] = "18446744073709551616";
+  expect_refused(run(a), {"-s/--seed", "18446744073709551616"});
+}
+
 // ---- 6: no hangs, no crashes on arguments ----
 
 TEST_F(Reliability, FifosAndHugeThreadCountsAreRefused) {
