@@ -574,26 +574,27 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     if (cb.progress && !cb.progress(s, done, total)) cancelled = true;
   };
 
-  auto tg = std::chrono::steady_clock::now();
-  std::vector<Result> results = diffuse::generate(model, be, p, progress, &state->ws);
-  out.generate_s = seconds_since(tg);
-  state->ws.release();
-
   InfotextInputs ii;
   ii.prompt = req.prompt;  // line 1 keeps the prompt as written (with its <lora:…> tags), as A1111 does
   ii.model_hash = hash;
   ii.model_name = display_name(req.model);
   ii.lora_hashes = lora_hashes;
   ii.control = control_text;
-  for (size_t i = 0; i < results.size(); ++i) {
+  p.on_result = [&](const Result& r, int i) {
     GeneratedImage g;
-    g.image = std::move(results[i].image);
-    g.seed = results[i].seed;
-    g.latent = results[i].latent;
-    g.parameters = infotext(p, ii, g.seed, int(i) + 1);
+    g.image = r.image;
+    g.seed = r.seed;
+    g.latent = r.latent;
+    g.parameters = infotext(p, ii, g.seed, i + 1);
     g.image.text.emplace_back("parameters", g.parameters);
+    if (cb.on_image) cb.on_image(g, i);
     out.images.push_back(std::move(g));
-  }
+  };
+
+  auto tg = std::chrono::steady_clock::now();
+  diffuse::generate(model, be, p, progress, &state->ws);
+  out.generate_s = seconds_since(tg);
+  state->ws.release();
   if (entry->spent) {
     std::lock_guard<std::mutex> lk(impl_->mu);
     auto it = impl_->models.find(req.model);

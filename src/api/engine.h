@@ -90,6 +90,9 @@ struct Callbacks {
   std::function<bool(Stage, int, int)> progress;
   // Informational lines (model loaded, LoRA summary, settings); warnings say warning = true.
   std::function<void(const std::string& line, bool warning)> log;
+  // Each image as soon as it is decoded (with its parameters text), before the next one: a caller
+  // that saves it here keeps finished work when a later image of the batch fails.
+  std::function<void(const GeneratedImage& image, int index)> on_image;
 };
 
 // A run's own memory: the backend object that executes its ops (with its conversion buffers) and

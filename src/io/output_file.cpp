@@ -5,7 +5,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -129,6 +131,25 @@ void write_in_place(const std::string& path, const std::string& target,
   if (err) fail_write(path, err);
 }
 
+// The temporary file being written, for the signal handlers (install_output_cleanup): a fixed
+// buffer and a flag, so the handler only reads memory and calls unlink (async-signal-safe).
+char g_pending[PATH_MAX + 1];
+std::atomic<bool> g_pending_set{false};
+
+void set_pending(const std::string& name) {
+  if (name.size() > PATH_MAX) return;
+  std::memcpy(g_pending, name.c_str(), name.size() + 1);
+  g_pending_set.store(true);
+}
+
+void clear_pending() { g_pending_set.store(false); }
+
+extern "C" void cleanup_and_reraise(int sig) {
+  if (g_pending_set.load()) ::unlink(g_pending);
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
 struct TempFile {
   std::string name;
   FileCloser file;
@@ -139,6 +160,7 @@ struct TempFile {
       file.f = nullptr;
     }
     if (!keep && !name.empty()) ::unlink(name.c_str());
+    clear_pending();
   }
 };
 
@@ -161,6 +183,7 @@ void replace_atomically(const std::string& path, const std::string& target, cons
   }
   TempFile tmp;
   tmp.name = buf.data();
+  set_pending(tmp.name);  // a SIGINT/SIGTERM from here on removes it (install_output_cleanup)
 
   // Permissions: the replaced file's (and its owner where the process may), else the default
   // for a new file. fchown first: it may clear set-id bits that fchmod then restores.
@@ -187,6 +210,7 @@ void replace_atomically(const std::string& path, const std::string& target, cons
   if (!err && std::rename(tmp.name.c_str(), target.c_str()) != 0) err = errno;
   if (err) fail_write(path, err);  // ~TempFile removes the temporary file
   tmp.keep = true;
+  clear_pending();
 
   // Make the rename itself durable (best effort: some file systems refuse fsync on folders).
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -272,6 +296,14 @@ void check_input_file(const std::string& path, const std::string& what, bool fol
   const char* kind = S_ISDIR(st.st_mode) ? "a folder" : S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) ? "a character device"
                      : S_ISBLK(st.st_mode) ? "a block device" : S_ISSOCK(st.st_mode) ? "a socket" : "not a regular file";
   throw FileError(cat(what, " ", path, ": is ", kind, "; give a regular file", folder_ok ? " or a folder" : ""));
+}
+
+void install_output_cleanup() {
+  struct sigaction sa {};
+  sa.sa_handler = cleanup_and_reraise;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESETHAND;
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) ::sigaction(sig, &sa, nullptr);
 }
 
 }  // namespace diffuse

@@ -43,6 +43,11 @@ void check_output_writable(const std::string& path, const std::string& what);
 // device, a FIFO, a socket, or a folder. Such outputs are written in place, not replaced.
 bool is_special_output(const std::string& path);
 
+// For programs (the CLI): SIGINT, SIGTERM, SIGHUP and SIGQUIT first remove the temporary file
+// write_file_safely is writing, if any, then take their default action. A library leaves signals
+// to its host.
+void install_output_cleanup();
+
 // An input path is checked before it is opened: a FIFO, device or socket would block or never end,
 // so anything but a regular file (or, with folder_ok, a folder) is refused. Throws diffuse::Error
 // "<what> <path>: ..." (FileError when it does not exist).

@@ -269,6 +269,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
       float v = std::clamp(s[i] / 2.0f + 0.5f, 0.0f, 1.0f);
       r.image.pixels[size_t(i)] = uint8_t(std::nearbyint(v * 255.0f));  // numpy round: half to even
     }
+    if (p.on_result) p.on_result(r, int(b));
     results.push_back(std::move(r));
   }
   report(Stage::Decode, int(B), int(B));

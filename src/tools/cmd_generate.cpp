@@ -271,15 +271,17 @@ int run_generate(const GenOptions& o) {
     progress(s, done, total);
     return true;
   };
-  api::RunResult res = engine.generate(r, cb);
-
-  for (size_t i = 0; i < res.images.size(); ++i) {
-    std::string path = batch_path(o.out, int(i));
-    write_image(path, res.images[i].image);
+  // Each image is written as soon as it is decoded: a later failure in the batch loses nothing.
+  cb.on_image = [&](const api::GeneratedImage& g, int i) {
+    const std::string path = batch_path(o.out, i);
+    write_image(path, g.image);
     // With -o - standard output is the PNG: the note goes to stderr.
     std::fprintf(path == "-" ? stderr : stdout, "wrote %s (seed %llu)\n", path == "-" ? "standard output" : path.c_str(),
-                 static_cast<unsigned long long>(res.images[i].seed));
-  }
+                 static_cast<unsigned long long>(g.seed));
+    std::fflush(stdout);
+  };
+  api::RunResult res = engine.generate(r, cb);
+
   if (!o.save_latent.empty()) {
     const Tensor& l0 = res.images[0].latent;
     Tensor all = Tensor::empty({int64_t(res.images.size()), l0.dim(1), l0.dim(2), l0.dim(3)});

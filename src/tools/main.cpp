@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/memory_stats.h"
+#include "io/output_file.h"
 #include "tools/commands.h"
 
 #ifndef DIFFUSE_VERSION
@@ -13,6 +14,7 @@
 
 int main(int argc, char** argv) {
   diffuse::tune_allocator();
+  diffuse::install_output_cleanup();  // Ctrl-C while writing leaves no temporary file behind
   CLI::App app{"diffuse: Stable Diffusion in one native binary (SD 1.x, 2.x, XL)"};
   app.set_version_flag("--version", DIFFUSE_VERSION);
   app.require_subcommand(1);

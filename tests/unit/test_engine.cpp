@@ -224,6 +224,26 @@ TEST_F(EngineTest, ProgressCanCancelAndTheEngineGoesOn) {
   EXPECT_EQ(pixels(e.generate(request())), pixels(fresh.generate(request())));
 }
 
+// Images reach the caller one by one as they are decoded, so a failure later in the batch loses
+// nothing already finished.
+TEST_F(EngineTest, ImagesArriveAsTheyAreDecoded) {
+  Engine e(options());
+  Request r = request();
+  r.batch = 3;
+  std::vector<std::pair<int, std::string>> got;
+  api::Callbacks cb;
+  cb.on_image = [&](const api::GeneratedImage& g, int i) {
+    got.emplace_back(i, g.parameters);
+    if (i == 1) throw Error("disk full (simulated)");
+  };
+  EXPECT_THROW(e.generate(r, cb), Error);
+  ASSERT_EQ(got.size(), 2u);  // image 0 was delivered before image 1's failure; image 2 never decoded
+  EXPECT_EQ(got[0].first, 0);
+  EXPECT_NE(got[0].second.find("Batch pos: 1"), std::string::npos) << got[0].second;
+  cb.on_image = [&](const api::GeneratedImage&, int) {};
+  EXPECT_EQ(e.generate(r, cb).images.size(), 3u);
+}
+
 TEST_F(EngineTest, ModelCacheKeepsWhatTheBudgetAllows) {
   const std::string copy = (dir_ / "copy.safetensors").string();
   fs::copy_file(model_, copy);

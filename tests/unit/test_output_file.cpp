@@ -5,11 +5,13 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -175,6 +177,32 @@ TEST_F(OutputFile, ExistingFileKeepsItsMode) {
   EXPECT_EQ(mode_of(p), mode_t(0604));
   EXPECT_EQ(type_of(p), mode_t(S_IFREG));
   EXPECT_EQ(listing(), (std::set<std::string>{"keep.bin"}));
+}
+
+// A SIGTERM (or Ctrl-C) while the temporary file is being written removes it before the process
+// dies: here the writer itself raises the signal, in a child that installed the handlers.
+TEST_F(OutputFile, SignalWhileWritingLeavesNoTemporaryFile) {
+  const std::string target = path("sig.png");
+  for (int sig : {SIGTERM, SIGINT}) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      diffuse::install_output_cleanup();
+      diffuse::write_file_safely(target, [&](FILE* f) {
+        std::fputs("partial", f);
+        std::fflush(f);
+        ::raise(sig);
+      });
+      _exit(0);  // not reached
+    }
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "the child was not killed by signal " << sig;
+    EXPECT_EQ(WTERMSIG(status), sig);
+    std::vector<std::string> left;
+    for (const auto& e : fs::directory_iterator(dir_)) left.push_back(e.path().filename().string());
+    EXPECT_TRUE(left.empty()) << "left behind: " << left.front();
+  }
 }
 
 TEST_F(OutputFile, UsersTmpFileIsUntouched) {
