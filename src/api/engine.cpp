@@ -20,6 +20,7 @@
 #include "io/tensor_file.h"
 #include "models/canny.h"
 #include "models/controlnet.h"
+#include "models/name_map.h"
 #include "pipeline/conditioning.h"
 
 namespace diffuse::api {
@@ -428,8 +429,56 @@ LoraApplyReport Engine::set_loras(const std::string& path, const std::vector<Lor
 // ---------------------------------------------------------------------------------------------
 // A run
 
+// The widths that set activation memory, read from the checkpoint's tensor shapes without loading
+// it: the UNet's first level and the VAE's first level (0 where unknown).
+struct Widths {
+  int unet = 0, vae = 0;
+};
+Widths peek_widths(const std::string& path) {
+  Widths w;
+  try {
+    TensorFile f = open_model_file(path);
+    const Family fam = summarize_model(f).family;
+    if (fam == Family::Unknown) return w;
+    WeightStore u = component_weights(f, Component::UNet, fam);
+    w.unet = UNetConfig::from_weights(u).block_out_channels.at(0);
+    WeightStore v = component_weights(f, Component::VAE, fam);
+    w.vae = VAEConfig::from_weights(v, 1.0f).block_out_channels.at(0);
+  } catch (const std::exception&) {
+    // The load reports what is wrong with the file.
+  }
+  return w;
+}
+
+// A lower bound on the activation memory of a run at width × height (weights not counted): what
+// the UNet keeps per latent pixel and guidance row (skip connections, the running activation, one
+// block's temporaries: >= ~37 bytes per first-level channel in bf16, ~12 KB for SD's 320) and what
+// the VAE decode keeps per image pixel (>= ~15 bytes per first-level channel in bf16, one tile's
+// pixels when tiled, plus the f32 image). Refusing only runs above it never refuses one that fits.
+size_t activation_estimate(const Request& r, const Widths& wd, int width, int height, bool bf16) {
+  const double act = bf16 ? 1.0 : 2.0;
+  const double latent_px = double(width / 8) * double(height / 8);
+  const double rows = double(r.batch) * (r.cfg > 1.0 ? 2.0 : 1.0);
+  const double unet = latent_px * rows * 37.0 * wd.unet * act;
+  const double px = double(width) * double(height);
+  const double tile = double(r.vae_tiling.tile_px) * double(r.vae_tiling.tile_px);
+  const double vae = (r.vae_tiling.active(height, width) ? std::min(px, tile) : px) * 15.0 * wd.vae * act + px * 12.0;
+  return size_t(std::max(unet, vae));
+}
+
 RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* state) {
   validate(req);
+  {  // sizes whose memory cannot fit are refused with the estimate, before anything loads
+    const int w = req.width ? req.width : !req.init.pixels.empty() ? req.init.width : 0;
+    const int h = req.height ? req.height : !req.init.pixels.empty() ? req.init.height : 0;
+    const size_t avail = available_memory_bytes();
+    if (w > 0 && h > 0 && avail > 0) {
+      const size_t need = activation_estimate(req, peek_widths(req.model), w, h, precision_ == Precision::BF16);
+      DF_CHECK(need <= avail, "-W/--width, -H/--height ", w, "x", h, " (batch ", req.batch, "): needs at least ",
+               cat(double(need / (1 << 20)) / 1024.0), " GiB for activations, ", cat(double(avail / (1 << 20)) / 1024.0),
+               " GiB are available; use a smaller size or batch");
+    }
+  }
   auto log = [&](const std::string& s, bool warn = false) {
     if (cb.log) cb.log(s, warn);
   };

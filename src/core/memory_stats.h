@@ -6,6 +6,9 @@ namespace diffuse {
 
 size_t rss_bytes();       // resident set size now (VmRSS)
 size_t peak_rss_bytes();  // the high-water mark since process start (VmHWM)
+// Memory a new allocation can still get: MemAvailable + SwapFree from /proc/meminfo, or the
+// cgroup's limit minus its usage when that is smaller; 0 if unknown.
+size_t available_memory_bytes();
 
 // Gives the allocator's free memory back to the system (glibc malloc_trim; no-op elsewhere).
 // Called after large frees (text encoders released, UNet scratch dropped before the VAE decode).

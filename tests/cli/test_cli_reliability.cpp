@@ -159,6 +159,8 @@ TEST_F(Reliability, LimitsAndValuesAreCheckedBeforeTheWork) {
   expect_refused(run(gen({"-o", dir_})), {"-o/--output", "folder"});
   expect_refused(run(gen({"-o", path("x.gif")})), {"-o/--output", ".gif"});
   expect_refused(run(gen({"-W", "abc"})), {"--width"});
+  // Memory that cannot be there (a lower bound of ~600 GiB of activations) is refused up front.
+  expect_refused(run(gen({"-W", "16384", "-H", "16384", "-b", "64", "-o", out}), 60), {"needs at least", "GiB"});
   EXPECT_FALSE(fs::exists(out));
 }
 
