@@ -15,6 +15,7 @@
 #include "api/model_hash.h"
 #include "core/error.h"
 #include "core/memory_stats.h"
+#include "core/text.h"
 #include "core/threads.h"
 #include "io/output_file.h"
 #include "io/tensor_file.h"
@@ -57,27 +58,6 @@ std::string display_name(const std::string& path) {
   fs::path p = fs::path(path).lexically_normal();
   if (!p.has_filename()) p = p.parent_path();
   return fs::is_directory(path, ec) ? p.filename().string() : p.stem().string();
-}
-
-bool valid_utf8(const std::string& s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    int n = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xE ? 2 : (c >> 3) == 0x1E ? 3 : -1;
-    if (n < 0 || i + size_t(n) >= s.size() + (n == 0 ? 1 : 0)) return false;
-    uint32_t cp = n == 0 ? c : n == 1 ? (c & 0x1F) : n == 2 ? (c & 0x0F) : (c & 0x07);
-    for (int k = 1; k <= n; ++k) {
-      const unsigned char d = static_cast<unsigned char>(s[i + size_t(k)]);
-      if ((d >> 6) != 0x2) return false;
-      cp = cp << 6 | (d & 0x3F);
-    }
-    // Overlong forms, surrogates, beyond U+10FFFF.
-    if ((n == 1 && cp < 0x80) || (n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
-        (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
-      return false;
-    i += size_t(n) + 1;
-  }
-  return true;
 }
 
 // A prompt the text encoders can take: UTF-8, at most 64 KiB, at most kMaxChunks BREAK-separated
@@ -134,6 +114,40 @@ std::string num(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%g", v);
   return buf;
+}
+
+// The widths that set activation memory, read from the checkpoint's tensor shapes without loading
+// it: the UNet's first level and the VAE's first level (0 where unknown).
+Engine::Widths peek_widths(const std::string& path) {
+  Engine::Widths w;
+  try {
+    TensorFile f = open_model_file(path);
+    const Family fam = summarize_model(f).family;
+    if (fam == Family::Unknown) return w;
+    WeightStore u = component_weights(f, Component::UNet, fam);
+    w.unet = UNetConfig::from_weights(u).block_out_channels.at(0);
+    WeightStore v = component_weights(f, Component::VAE, fam);
+    w.vae = VAEConfig::from_weights(v, 1.0f).block_out_channels.at(0);
+  } catch (const std::exception&) {
+    // The load reports what is wrong with the file.
+  }
+  return w;
+}
+
+// A lower bound on the activation memory of a run at width × height (weights not counted): what
+// the UNet keeps per latent pixel and guidance row (skip connections, the running activation, one
+// block's temporaries: >= ~37 bytes per first-level channel in bf16, ~12 KB for SD's 320) and what
+// the VAE decode keeps per image pixel (>= ~15 bytes per first-level channel in bf16, one tile's
+// pixels when tiled, plus the f32 image). Refusing only runs above it never refuses one that fits.
+size_t activation_estimate(const Request& r, const Engine::Widths& wd, int width, int height, bool bf16) {
+  const double act = bf16 ? 1.0 : 2.0;
+  const double latent_px = double(width / 8) * double(height / 8);
+  const double rows = double(r.batch) * (r.cfg > 1.0 ? 2.0 : 1.0);
+  const double unet = latent_px * rows * 37.0 * wd.unet * act;
+  const double px = double(width) * double(height);
+  const double tile = double(r.vae_tiling.tile_px) * double(r.vae_tiling.tile_px);
+  const double vae = (r.vae_tiling.active(height, width) ? std::min(px, tile) : px) * 15.0 * wd.vae * act + px * 12.0;
+  return size_t(std::max(unet, vae));
 }
 
 }  // namespace
@@ -329,6 +343,16 @@ double Engine::load(const std::string& path, const Callbacks& cb) {
   return s;
 }
 
+Engine::Widths Engine::widths_of(const std::string& path) const {
+  {  // a loaded model knows its configs; only a model not loaded yet is peeked at
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    auto it = impl_->models.find(path);
+    if (it != impl_->models.end())
+      return {it->second->model->unet_cfg.block_out_channels.at(0), it->second->model->vae_cfg.block_out_channels.at(0)};
+  }
+  return peek_widths(path);
+}
+
 std::vector<std::string> Engine::loaded_models() const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   std::vector<std::string> out;
@@ -429,43 +453,6 @@ LoraApplyReport Engine::set_loras(const std::string& path, const std::vector<Lor
 // ---------------------------------------------------------------------------------------------
 // A run
 
-// The widths that set activation memory, read from the checkpoint's tensor shapes without loading
-// it: the UNet's first level and the VAE's first level (0 where unknown).
-struct Widths {
-  int unet = 0, vae = 0;
-};
-Widths peek_widths(const std::string& path) {
-  Widths w;
-  try {
-    TensorFile f = open_model_file(path);
-    const Family fam = summarize_model(f).family;
-    if (fam == Family::Unknown) return w;
-    WeightStore u = component_weights(f, Component::UNet, fam);
-    w.unet = UNetConfig::from_weights(u).block_out_channels.at(0);
-    WeightStore v = component_weights(f, Component::VAE, fam);
-    w.vae = VAEConfig::from_weights(v, 1.0f).block_out_channels.at(0);
-  } catch (const std::exception&) {
-    // The load reports what is wrong with the file.
-  }
-  return w;
-}
-
-// A lower bound on the activation memory of a run at width × height (weights not counted): what
-// the UNet keeps per latent pixel and guidance row (skip connections, the running activation, one
-// block's temporaries: >= ~37 bytes per first-level channel in bf16, ~12 KB for SD's 320) and what
-// the VAE decode keeps per image pixel (>= ~15 bytes per first-level channel in bf16, one tile's
-// pixels when tiled, plus the f32 image). Refusing only runs above it never refuses one that fits.
-size_t activation_estimate(const Request& r, const Widths& wd, int width, int height, bool bf16) {
-  const double act = bf16 ? 1.0 : 2.0;
-  const double latent_px = double(width / 8) * double(height / 8);
-  const double rows = double(r.batch) * (r.cfg > 1.0 ? 2.0 : 1.0);
-  const double unet = latent_px * rows * 37.0 * wd.unet * act;
-  const double px = double(width) * double(height);
-  const double tile = double(r.vae_tiling.tile_px) * double(r.vae_tiling.tile_px);
-  const double vae = (r.vae_tiling.active(height, width) ? std::min(px, tile) : px) * 15.0 * wd.vae * act + px * 12.0;
-  return size_t(std::max(unet, vae));
-}
-
 RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* state) {
   validate(req);
   {  // sizes whose memory cannot fit are refused with the estimate, before anything loads
@@ -473,7 +460,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     const int h = req.height ? req.height : !req.init.pixels.empty() ? req.init.height : 0;
     const size_t avail = available_memory_bytes();
     if (w > 0 && h > 0 && avail > 0) {
-      const size_t need = activation_estimate(req, peek_widths(req.model), w, h, precision_ == Precision::BF16);
+      const size_t need = activation_estimate(req, widths_of(req.model), w, h, precision_ == Precision::BF16);
       DF_CHECK(need <= avail, "-W/--width, -H/--height ", w, "x", h, " (batch ", req.batch, "): needs at least ",
                cat(double(need / (1 << 20)) / 1024.0), " GiB for activations, ", cat(double(avail / (1 << 20)) / 1024.0),
                " GiB are available; use a smaller size or batch");

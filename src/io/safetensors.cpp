@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/text.h"
 #include "core/mapped_file.h"
 #include "io/output_file.h"
 #include "io/tensor_file.h"
@@ -27,22 +28,6 @@ namespace {
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // 100 MB: real headers are well under 1 MB
 
 using json = nlohmann::json;
-
-// Tensor names come from files: keep error messages on one line and printable.
-std::string printable(std::string_view s) {
-  std::string out;
-  out.reserve(s.size());
-  for (unsigned char c : s) {
-    if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += char(c);
-    }
-  }
-  return out;
-}
 
 bool dtype_from_safetensors(const std::string& s, DType* out) {
   static const std::pair<const char*, DType> kNames[] = {

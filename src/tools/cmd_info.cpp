@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/text.h"
 #include "io/image.h"
 #include "io/output_file.h"
 #include "io/tensor_file.h"
@@ -20,22 +21,6 @@ struct InfoOptions {
   bool json = false;
   bool list_tensors = false;
 };
-
-// Text from a file as it may go to a terminal: control characters (escape sequences, carriage
-// returns, ...) escaped as \xNN; line breaks and tabs kept.
-std::string printable(const std::string& s) {
-  std::string out;
-  for (unsigned char c : s) {
-    if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += char(c);
-    }
-  }
-  return out;
-}
 
 bool looks_like_image(const std::string& path) {
   auto ends = [&](const char* ext) {
@@ -79,10 +64,10 @@ int image_info(const InfoOptions& o) {
   bool any = false;
   for (auto& [k, v] : im.text) {
     if (k == "parameters") {
-      std::printf("generation parameters:\n%s\n", printable(v).c_str());
+      std::printf("generation parameters:\n%s\n", printable(v, true).c_str());
       any = true;
     } else {
-      std::printf("text %s: %s\n", printable(k).c_str(), printable(v).c_str());
+      std::printf("text %s: %s\n", printable(k, true).c_str(), printable(v, true).c_str());
     }
   }
   if (!any) std::printf("generation parameters: none\n");
@@ -131,8 +116,8 @@ int model_info(const InfoOptions& o) {
                 static_cast<long long>(c.tensors), human(c.parameters).c_str());
   for (auto& [k, v] : f.metadata)
     if (k.find("config.json") == std::string::npos && k != "model_index.json")
-      std::printf("metadata %s: %s\n", printable(k).c_str(),
-                  printable(v.size() > 200 ? v.substr(0, 200) + "…" : v).c_str());
+      std::printf("metadata %s: %s\n", printable(k, true).c_str(),
+                  printable(v.size() > 200 ? v.substr(0, 200) + "…" : v, true).c_str());
   if (problems.empty()) std::printf("problems:   none\n");
   for (const std::string& p : problems) std::printf("problem:    %s\n", p.c_str());
   if (o.list_tensors)
