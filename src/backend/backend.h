@@ -133,6 +133,59 @@ class Backend {
   // t: [N] (f32 timesteps) -> y: [N, dim]; diffusers' get_timestep_embedding.
   virtual void timestep_embedding(const Tensor& t, int dim, bool flip_sin_to_cos,
                                   float downscale_freq_shift, float max_period, Tensor& y) = 0;
+
+  // ---- backward passes (training) ----
+  // Gradients of the ops above. Every tensor is f32 (compute is f32, accumulation in f32; norm
+  // statistics in double), dense, shaped as in the forward op. `dy` is dL/d(output); an output
+  // gradient dx is overwritten unless the op says "+=" (parameter gradients accumulate, so
+  // micro-batches and shared weights add up). Optional outputs are pointers (null: not wanted).
+  // Weights are the plain checkpoint tensors (f32 [O, I, kh, kw] / [O, I]), not prepared ones:
+  // training keeps them (models/ and train/ hold them per layer).
+
+  // conv2d: dy [N, Ho, Wo, O], w [O, I, kh, kw], same params as the forward -> dx [N, H, W, I].
+  virtual void conv2d_backward_data(const Tensor& dy, const Tensor& w, const Conv2dParams& p, Tensor& dx) = 0;
+  // x [N, H, W, I], dy [N, Ho, Wo, O] -> dw [O, I, kh, kw] +=, db [O] +=.
+  virtual void conv2d_backward_weights(const Tensor& x, const Tensor& dy, const Conv2dParams& p, Tensor* dw,
+                                       Tensor* db) = 0;
+  // linear (y = x·Wᵀ + b): dy [..., O], w [O, I] -> dx [..., I] (+= when accumulate).
+  virtual void linear_backward_data(const Tensor& dy, const Tensor& w, Tensor& dx, bool accumulate = false) = 0;
+  // x [..., I], dy [..., O] -> dw [O, I] +=, db [O] +=.
+  virtual void linear_backward_weights(const Tensor& x, const Tensor& dy, Tensor* dw, Tensor* db) = 0;
+  // matmul c = alpha·a·b (b [B, K, N]) or alpha·a·bᵀ (trans_b: b [B, N, K]); dc [B, M, N] ->
+  // da [B, M, K], db shaped as b (overwritten; either may be null).
+  virtual void matmul_backward(const Tensor& a, const Tensor& b, const Tensor& dc, bool trans_b, float alpha,
+                               Tensor* da, Tensor* db) = 0;
+  // attention: q, k, v and the forward's output o, do = dL/do -> dq, dk, dv (overwritten). Fused
+  // as flash attention's backward: scores are recomputed block by block (memory O(N·D), never
+  // Nq×Nk).
+  virtual void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                                  const Tensor& d_o, int heads, float scale, Tensor& dq, Tensor& dk,
+                                  Tensor& dv) = 0;
+  // group_norm (optionally fused SiLU): x, gamma, beta, dy -> dx; dgamma, dbeta [C] +=.
+  virtual void group_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& beta, int groups, float eps,
+                                   bool fused_silu, const Tensor& dy, Tensor& dx, Tensor* dgamma, Tensor* dbeta) = 0;
+  // layer_norm: x, gamma, dy -> dx; dgamma, dbeta [C] +=.
+  virtual void layer_norm_backward(const Tensor& x, const Tensor& gamma, float eps, const Tensor& dy, Tensor& dx,
+                                   Tensor* dgamma, Tensor* dbeta) = 0;
+  // softmax over the last dim, from its output y: dx = y·(dy − Σ dy·y).
+  virtual void softmax_backward(const Tensor& y, const Tensor& dy, Tensor& dx) = 0;
+  // unary: x (the forward's input), dy -> dx (may alias dy).
+  virtual void unary_backward(Unary op, const Tensor& x, const Tensor& dy, Tensor& dx) = 0;
+  // geglu: x [..., 2C], dy [..., C] -> dx [..., 2C].
+  virtual void geglu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) = 0;
+  // The gradient of a broadcast operand: dy summed over the dims where `db` (shape of the
+  // broadcast operand b) was broadcast to dy's shape (numpy rules) -> db (overwritten).
+  virtual void sum_to(const Tensor& dy, Tensor& db) = 0;
+  // upsample_nearest: dy [N, Ho, Wo, C] -> dx [N, H, W, C] (each source sums the outputs it fed).
+  virtual void upsample_nearest_backward(const Tensor& dy, Tensor& dx) = 0;
+  // concat_last: dy [..., Ca + Cb] -> da [..., Ca], db [..., Cb].
+  virtual void split_last(const Tensor& dy, Tensor& da, Tensor& db) = 0;
+  // timestep_embedding: dy [N, dim] -> dt [N] (d/dt of the sinusoids; same settings as forward).
+  virtual void timestep_embedding_backward(const Tensor& t, int dim, bool flip_sin_to_cos,
+                                           float downscale_freq_shift, float max_period, const Tensor& dy,
+                                           Tensor& dt) = 0;
+  // y += a·x (f32, same shapes): gradient accumulation and optimisers' elementwise updates.
+  virtual void axpy(float a, const Tensor& x, Tensor& y) = 0;
 };
 
 // The CPU backend (oneDNN + own kernels). Threads follow set_num_threads().

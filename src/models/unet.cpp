@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "models/unet_blocks.h"
+#include "models/unet_impl.h"
 
 namespace diffuse {
 
@@ -310,21 +311,6 @@ using namespace unet_blocks;
 // ---------------------------------------------------------------------------------------------
 // UNet
 
-struct UNet::Impl {
-  UNetConfig cfg;
-  TimeEmbedding temb;
-  Conv2d conv_in, conv_out;
-  GroupNorm norm_out;
-  std::vector<Level> down;  // by level
-  Resnet mid_res0, mid_res1;
-  Transformer mid_attn;
-  std::vector<Level> up;    // by up block (level L-1-i)
-  // Scratch for forward passes without a workspace (see forward()), guarded by `mu`.
-  mutable ModelScratch own;
-  mutable std::mutex mu;
-  // What was prepared, by weight name (LoRA patches single layers, models/lora.h).
-  PreparedIndex prepared;
-};
 
 UNet::UNet() = default;
 UNet::~UNet() = default;
@@ -351,6 +337,11 @@ size_t UNet::scratch_capacity() const {
 PreparedIndex& UNet::prepared() {
   DF_CHECK(impl_ != nullptr, "UNet: not loaded");
   return impl_->prepared;
+}
+
+const NormIndex& UNet::norms() const {
+  DF_CHECK(impl_ != nullptr, "UNet: not loaded");
+  return impl_->norms;
 }
 
 int UNet::num_skips() const {
@@ -426,14 +417,28 @@ void UNet::load(Backend& be, WeightStore& w, const UNetConfig& cfg) {
     fail(e.what(), " (", cfg.str(), ")");
   }
   m->prepared = w.take_prepared();
+  m->norms = w.take_norms();
   impl_ = std::move(m);
 }
 
 static Tensor as_f32(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
 
-Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const Tensor& context_in,
+Tensor UNet::forward(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
                      const Tensor* text_embeds, const Tensor* time_ids,
                      const std::vector<Tensor>* down_residuals, const Tensor* mid_residual) const {
+  return run(c, x, t, context, text_embeds, time_ids, down_residuals, mid_residual, nullptr);
+}
+
+Tensor UNet::forward_train(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
+                           const Tensor* text_embeds, const Tensor* time_ids, UNetTrace& trace) const {
+  DF_CHECK(c.act == DType::F32, "UNet: training runs f32 activations");
+  trace = UNetTrace{};
+  return run(c, x, t, context, text_embeds, time_ids, nullptr, nullptr, &trace);
+}
+
+Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const Tensor& context_in,
+                 const Tensor* text_embeds, const Tensor* time_ids, const std::vector<Tensor>* down_residuals,
+                 const Tensor* mid_residual, UNetTrace* trace) const {
   DF_CHECK(impl_ != nullptr, "UNet: forward before load");
   const Impl& m = *impl_;
   const UNetConfig& cfg = m.cfg;
@@ -456,12 +461,15 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
   // after the block; its output is copied either into the caller's arena (skip connections, read
   // again by the up path) or into the ping-pong arena not holding the block's input. A pass so
   // holds the skips, one running activation and one block's temporaries, not every intermediate.
+  Tensor h;  // the running activation (each block's input)
+  // A training pass (trace) keeps every block's input and output in the caller's arena.
   int cur = -1;  // ping arena holding h; -1: h lives in the caller's arena
   auto block = [&](bool keep, const auto& fn) {
-    Ctx tc{c.be, temp, c.act, c.ws};
+    Ctx tc{c.be, temp, c.act, c.ws, c.grads};
+    if (trace) trace->inputs.push_back(h);
     Tensor out = fn(tc);
     Tensor dst;
-    if (keep) {
+    if (keep || trace) {
       dst = c.alloc(out.shape(), out.dtype());
       cur = -1;
     } else {
@@ -480,10 +488,15 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
   Tensor emb = m.temb(c, "UNet", C0, t, text_embeds, time_ids);
   Tensor semb = c.alloc(emb.shape());  // every resnet's time_emb_proj reads SiLU(emb)
   c.be.unary(Unary::SiLU, emb, semb);
+  if (trace) {
+    DF_CHECK(!down_residuals && !mid_residual, "UNet: training with ControlNet residuals is not supported");
+    trace->x = x, trace->context = context, trace->emb = emb, trace->semb = semb, trace->t = t;
+    trace->text_embeds = text_embeds, trace->time_ids = time_ids;
+  }
 
   // Down path.
   std::vector<Tensor> skips;
-  Tensor h = m.conv_in(c, x);
+  h = m.conv_in(c, x);
   skips.push_back(h);
   for (const Level& lv : m.down) {
     for (size_t j = 0; j < lv.resnets.size(); ++j) {
@@ -497,6 +510,7 @@ Tensor UNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t, co
       skips.push_back(h);
     }
   }
+  if (trace) trace->skips = skips;
   // ControlNet residuals: new tensors (the last skip is also the mid block's input, unchanged).
   if (down_residuals) {
     DF_CHECK(down_residuals->size() == skips.size(), "UNet: ", down_residuals->size(),

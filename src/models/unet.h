@@ -57,6 +57,18 @@ struct UNetConfig {
   static UNetConfig from_diffusers_config(const std::string& json);
 };
 
+// What UNet::forward_train keeps for UNet::backward: every block's input (gradient checkpointing
+// at block boundaries: the backward recomputes one block at a time, keeping its intermediates
+// only while that block's backward runs), the skip connections and the time embedding.
+struct UNetTrace {
+  Tensor x, context, emb, semb;
+  std::vector<float> t;
+  const Tensor* text_embeds = nullptr;
+  const Tensor* time_ids = nullptr;
+  std::vector<Tensor> skips;   // forward order
+  std::vector<Tensor> inputs;  // each block's input, in execution order
+};
+
 class UNet {
  public:
   UNet();
@@ -82,6 +94,15 @@ class UNet {
                  const std::vector<Tensor>* down_residuals = nullptr,
                  const Tensor* mid_residual = nullptr) const;
 
+  // Training (c.grads set: its LoRA adapters apply; models/unet_backward.cpp). forward_train runs
+  // forward() keeping what backward() needs in `trace` (tensors of c.arena, which must outlive
+  // the backward); backward takes dy = dL/d(prediction) [B, H, W, out_channels], adds the
+  // parameter gradients c.grads asks for and writes dL/dx, dL/dcontext when given (f32, shapes
+  // of x and context). Activations are f32 (c.act).
+  Tensor forward_train(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
+                       const Tensor* text_embeds, const Tensor* time_ids, UNetTrace& trace) const;
+  void backward(Ctx& c, const UNetTrace& trace, const Tensor& dy, Tensor* dx, Tensor* dcontext) const;
+
   // Number of skip connections (= ControlNet down residuals): 1 + levels·layers + levels - 1.
   int num_skips() const;
 
@@ -95,10 +116,15 @@ class UNet {
   // The prepared conv/linear weights by checkpoint name (diffusers names, "<module>.weight"):
   // LoRA patches replace single entries' contents (PreparedWeight::swap_contents).
   PreparedIndex& prepared();
+  // The norm layers' gamma/beta by checkpoint name ("<module>.weight"), for training.
+  const NormIndex& norms() const;
 
   struct Impl;
 
  private:
+  Tensor run(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context, const Tensor* text_embeds,
+             const Tensor* time_ids, const std::vector<Tensor>* down_residuals, const Tensor* mid_residual,
+             UNetTrace* trace) const;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -6,6 +6,7 @@
 
 #include "backend/backend.h"
 #include "core/arena.h"
+#include "nn/grad.h"
 #include "nn/weights.h"
 
 namespace diffuse {
@@ -42,12 +43,15 @@ class Workspace {
 // What a forward pass needs: the backend, the arena its activations live in, the dtype
 // activations are stored in (f32, or bf16 to halve activation memory and bandwidth; the backend
 // computes in f32 or bf16 either way) and the run's workspace (may be null, see Workspace).
-// Layers allocate their outputs with alloc(shape). Derived contexts keep `ws`.
+// A training pass also carries `grads` (nn/grad.h: plain weights, gradient buffers, LoRA
+// adapters); inference passes leave it null. Layers allocate their outputs with alloc(shape).
+// Derived contexts keep `ws` and `grads`.
 struct Ctx {
   Backend& be;
   Arena& arena;
   DType act = DType::F32;
   Workspace* ws = nullptr;
+  Grads* grads = nullptr;
   Tensor alloc(const Shape& s) { return arena.alloc(s, act); }
   Tensor alloc(const Shape& s, DType t) { return arena.alloc(s, t); }
 };
@@ -77,8 +81,13 @@ struct Linear {
   int64_t in = 0, out = 0;
   // Binds "<b>weight" [out, in] and, if bias, "<b>bias" [out].
   void bind(Backend& be, const Binder& b, int64_t in, int64_t out, bool bias = true);
-  // x: [..., in] -> [..., out]
+  // x: [..., in] -> [..., out] (+ scale·up·down·x when c.grads holds an adapter for this layer)
   Tensor operator()(Ctx& c, const Tensor& x) const;
+  // Backward (c.grads set): x is the forward's input, dy [..., out] = dL/dy. Writes dL/dx into
+  // *dx (+= when accumulate; dx may be null when not wanted) and adds the weight, bias and
+  // adapter gradients the Grads asks for.
+  void backward(Ctx& c, const Tensor& x, const Tensor& dy, Tensor* dx, bool accumulate = false) const;
+  Tensor backward(Ctx& c, const Tensor& x, const Tensor& dy) const;  // a new dx
 };
 
 struct Conv2d {
@@ -90,6 +99,9 @@ struct Conv2d {
   void bind(Backend& be, const Binder& b, int64_t in, int64_t out, int64_t k, const Conv2dParams& p);
   // x: [N, H, W, in] -> [N, Ho, Wo, out]
   Tensor operator()(Ctx& c, const Tensor& x) const;
+  // Backward: x the forward's input, dy [N, Ho, Wo, out] -> a new dx (or none when !want_dx);
+  // adds the weight/bias gradients the Grads asks for.
+  Tensor backward(Ctx& c, const Tensor& x, const Tensor& dy, bool want_dx = true) const;
 };
 
 struct GroupNorm {
@@ -99,6 +111,8 @@ struct GroupNorm {
   void bind(const Binder& b, int64_t channels, int groups, float eps);
   // x: [N, ..., C] -> same; fused SiLU if silu.
   Tensor operator()(Ctx& c, const Tensor& x, bool silu = false) const;
+  // Backward: x the forward's input, dy = dL/dy -> a new dx; gamma/beta gradients if trained.
+  Tensor backward(Ctx& c, const Tensor& x, const Tensor& dy, bool silu = false) const;
 };
 
 struct LayerNorm {
@@ -107,6 +121,7 @@ struct LayerNorm {
   void bind(const Binder& b, int64_t channels, float eps = 1e-5f);
   // x: [..., C] -> same
   Tensor operator()(Ctx& c, const Tensor& x) const;
+  Tensor backward(Ctx& c, const Tensor& x, const Tensor& dy) const;  // as GroupNorm::backward
 };
 
 // A float tensor of any dtype as an owned f32 copy (norm parameters, embeddings).

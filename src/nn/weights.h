@@ -27,6 +27,12 @@ struct PreparedEntry {
 };
 // "<module>.weight" (component names, e.g. "down_blocks.0.attentions.0.proj_in.weight") -> entry.
 using PreparedIndex = std::map<std::string, PreparedEntry>;
+// Norm layers as bound: "<module>.weight" -> the f32 gamma and beta the layer holds (shared), so
+// that training finds a norm's parameters by name.
+struct NormEntry {
+  Tensor gamma, beta;
+};
+using NormIndex = std::map<std::string, NormEntry>;
 
 class WeightStore {
  public:
@@ -65,9 +71,12 @@ class WeightStore {
   // Layers record what they prepared (nn/layers.cpp); the model keeps the index after load.
   void record_prepared(const std::string& weight_name, PreparedEntry e) { prepared_[weight_name] = std::move(e); }
   PreparedIndex take_prepared() { return std::move(prepared_); }
+  void record_norm(const std::string& weight_name, NormEntry e) { norms_[weight_name] = std::move(e); }
+  NormIndex take_norms() { return std::move(norms_); }
 
  private:
   PreparedIndex prepared_;
+  NormIndex norms_;
   std::string origin_, component_;
   std::map<std::string, Tensor> tensors_;
   std::set<std::string> used_;

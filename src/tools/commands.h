@@ -13,6 +13,7 @@ Run add_info_command(CLI::App& app);
 Run add_bench_command(CLI::App& app);
 Run add_synth_command(CLI::App& app);
 Run add_generate_command(CLI::App& app);
+Run add_train_command(CLI::App& app);
 
 // Folders searched for the layout manifests "sd15", "sd21", "sdxl" (cmd_synth.cpp).
 std::vector<std::string> manifest_dirs();

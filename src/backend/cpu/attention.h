@@ -15,6 +15,13 @@ void attention_f32(const Tensor& q, const Tensor& k, const Tensor& v, int heads,
 // else AVX512-BF16, else falls back to attention_f32).
 void attention_bf16(const Tensor& q, const Tensor& k, const Tensor& v, int heads, float scale, Tensor& o);
 
+// Backward of attention_f32 (attention_backward.cpp): q, o, d_o = dL/do: [B, Nq, H*D]; k, v:
+// [B, Nk, H*D]; all f32. Writes (overwrites) dq [B, Nq, H*D], dk and dv [B, Nk, H*D]; outputs
+// must not overlap the inputs or each other. o must be the forward's output for these q, k, v,
+// heads and scale. Fused (scores recomputed per block): memory O(N·D), never Nq×Nk.
+void attention_backward_f32(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& d_o,
+                            int heads, float scale, Tensor& dq, Tensor& dk, Tensor& dv);
+
 // Which path the last attention_bf16 call of this process took: "amx", "avx512bf16" or
 // "f32-fallback" ("none" before the first call).
 const char* attention_bf16_path();

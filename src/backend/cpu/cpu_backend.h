@@ -57,6 +57,30 @@ class CpuBackend : public Backend {
   void timestep_embedding(const Tensor& t, int dim, bool flip_sin_to_cos,
                           float downscale_freq_shift, float max_period, Tensor& y) override;
 
+  // ---- backward passes (backward.cpp; attention: attention_backward.cpp) ----
+  void conv2d_backward_data(const Tensor& dy, const Tensor& w, const Conv2dParams& p, Tensor& dx) override;
+  void conv2d_backward_weights(const Tensor& x, const Tensor& dy, const Conv2dParams& p, Tensor* dw,
+                               Tensor* db) override;
+  void linear_backward_data(const Tensor& dy, const Tensor& w, Tensor& dx, bool accumulate = false) override;
+  void linear_backward_weights(const Tensor& x, const Tensor& dy, Tensor* dw, Tensor* db) override;
+  void matmul_backward(const Tensor& a, const Tensor& b, const Tensor& dc, bool trans_b, float alpha, Tensor* da,
+                       Tensor* db) override;
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& d_o,
+                          int heads, float scale, Tensor& dq, Tensor& dk, Tensor& dv) override;
+  void group_norm_backward(const Tensor& x, const Tensor& gamma, const Tensor& beta, int groups, float eps,
+                           bool fused_silu, const Tensor& dy, Tensor& dx, Tensor* dgamma, Tensor* dbeta) override;
+  void layer_norm_backward(const Tensor& x, const Tensor& gamma, float eps, const Tensor& dy, Tensor& dx,
+                           Tensor* dgamma, Tensor* dbeta) override;
+  void softmax_backward(const Tensor& y, const Tensor& dy, Tensor& dx) override;
+  void unary_backward(Unary op, const Tensor& x, const Tensor& dy, Tensor& dx) override;
+  void geglu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) override;
+  void sum_to(const Tensor& dy, Tensor& db) override;
+  void upsample_nearest_backward(const Tensor& dy, Tensor& dx) override;
+  void split_last(const Tensor& dy, Tensor& da, Tensor& db) override;
+  void timestep_embedding_backward(const Tensor& t, int dim, bool flip_sin_to_cos, float downscale_freq_shift,
+                                   float max_period, const Tensor& dy, Tensor& dt) override;
+  void axpy(float a, const Tensor& x, Tensor& y) override;
+
   // ---- introspection (benchmarks, tests) ----
   std::string describe(const std::string& op) const override;
   // oneDNN kernel of the last primitive created for this weight ("brg_conv_fwd:avx512_core_amx",

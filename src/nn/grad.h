@@ -1,0 +1,56 @@
+// What a training pass adds to the layers: the plain f32 weights every backward pass through a
+// layer needs, which parameters collect gradients, and LoRA adapters beside frozen layers.
+//
+// A forward pass whose Ctx carries a Grads (Ctx::grads) applies the adapters it holds; without
+// one (inference) the layers run exactly as before. Layers are looked up by their prepared
+// weight (conv2d/linear) or their gamma tensor (norms), so binding code stays as it is: the
+// trainer fills a Grads from a model's PreparedIndex and NormIndex (nn/weights.h).
+#pragma once
+#include <string>
+#include <unordered_map>
+
+#include "backend/backend.h"
+#include "core/tensor.h"
+
+namespace diffuse {
+
+// A conv2d/linear layer's weights as the backward passes need them (f32, [O, I, kh, kw] for
+// convolutions, [O, I] for linear layers, including 1×1 convolutions bound as linear).
+struct LayerParams {
+  std::string name;  // "<module>.weight" (component names)
+  Tensor w, b;       // b undefined without a bias
+  Tensor gw, gb;     // gradients (+=), defined only for trained parameters
+};
+
+struct NormParams {
+  std::string name;  // "<module>.weight"
+  Tensor ggamma, gbeta;  // gradients (+=), defined only when the norm is trained
+};
+
+// LoRA beside a frozen linear layer (or 1×1 convolution bound as one):
+// y = W·x + b + scale·up·(down·x).
+struct LoraAdapter {
+  std::string key;          // the file's module stem ("lora_unet_down_blocks_0_..._to_q")
+  Tensor down, up;          // f32 [r, in], [out, r] (views of the trained tensors)
+  float scale = 1;          // alpha / rank (× multiplier)
+  Tensor gdown, gup;        // gradients (+=), same shapes; undefined when frozen
+};
+
+struct Grads {
+  std::unordered_map<const PreparedWeight*, LayerParams> layers;
+  std::unordered_map<const void*, NormParams> norms;  // key: the norm's gamma data pointer
+  std::unordered_map<const PreparedWeight*, LoraAdapter*> adapters;
+
+  // The layer's params; throws naming the op when the trainer registered none.
+  LayerParams& layer(const PreparedWeight* w, const char* what);
+  const LoraAdapter* adapter(const PreparedWeight* w) const {
+    auto it = adapters.find(w);
+    return it == adapters.end() ? nullptr : it->second;
+  }
+  NormParams* norm(const void* gamma_data) {
+    auto it = norms.find(gamma_data);
+    return it == norms.end() ? nullptr : &it->second;
+  }
+};
+
+}  // namespace diffuse

@@ -1,0 +1,81 @@
+// `diffuse train …`: training commands. `train check` runs the training code (objective,
+// backward, AdamW) on a reference's inputs and writes the results under the reference's names
+// (src/train/check.h).
+#include <cmath>
+#include <cstdio>
+#include <memory>
+
+#include "core/error.h"
+#include "io/output_file.h"
+#include "tools/commands.h"
+#include "train/check.h"
+
+namespace diffuse::tools {
+
+namespace {
+
+struct CheckFlags {
+  train::CheckOptions opt;
+  std::string objective = "eps";
+  std::string full_grads;
+};
+
+std::vector<std::string> split_names(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t comma = s.find(',', start);
+    const std::string part = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    DF_CHECK(!part.empty(), "--full-grads: empty parameter name in '", s, "'");
+    out.push_back(part);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+int run_check(CheckFlags& f) {
+  train::CheckOptions& o = f.opt;
+  check_input_file(o.model, "--model", /*folder_ok=*/true);
+  check_input_file(o.inputs, "--inputs");
+  if (!o.lora.empty()) check_input_file(o.lora, "--lora");
+  check_output_writable(o.output, "-o/--output");
+  o.objective = train::parse_objective(f.objective);
+  DF_CHECK(o.min_snr_gamma >= 0 && std::isfinite(o.min_snr_gamma), "--min-snr-gamma ", o.min_snr_gamma,
+           " must be a finite number >= 0");
+  DF_CHECK(o.lr >= 0 && std::isfinite(o.lr), "--lr ", o.lr, " must be a finite number >= 0");
+  DF_CHECK(o.weight_decay >= 0 && std::isfinite(o.weight_decay), "--weight-decay ", o.weight_decay,
+           " must be a finite number >= 0");
+  if (!f.full_grads.empty()) o.full_grads = split_names(f.full_grads);
+  train::run_check(o, [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); });
+  return 0;
+}
+
+}  // namespace
+
+Run add_train_command(CLI::App& app) {
+  CLI::App* train = app.add_subcommand("train", "Train models (training checks against PyTorch references)");
+  train->require_subcommand(1);
+  auto f = std::make_shared<CheckFlags>();
+  CLI::App* check = train->add_subcommand(
+      "check", "Run the training code on a reference's inputs (fp32) and write losses, gradients and AdamW steps "
+               "under the reference's key names");
+  check->add_option("-m,--model", f->opt.model, "Model file or diffusers folder")->required();
+  check->add_option("--inputs", f->opt.inputs, "Reference inputs (.safetensors: input.x0, input.noise, "
+                                               "input.timesteps, input.encoder_hidden_states)")->required();
+  check->add_option("--lora", f->opt.lora, "Initial LoRA (kohya .safetensors): its gradients and AdamW steps");
+  check->add_option("--objective", f->objective, "Trained objective: eps or v")->capture_default_str();
+  check->add_option("--min-snr-gamma", f->opt.min_snr_gamma, "Min-SNR-γ loss weighting (0: off)")->capture_default_str();
+  check->add_option("--adamw-steps", f->opt.adamw_steps, "AdamW steps on the batch (needs --lora)")->capture_default_str();
+  check->add_option("--lr", f->opt.lr, "AdamW learning rate")->capture_default_str();
+  check->add_option("--weight-decay", f->opt.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
+  check->add_option("--full-grads", f->full_grads, "Comma-separated UNet parameters (diffusers names) whose "
+                                                   "full fine-tuning gradients to write");
+  check->add_option("-o,--output", f->opt.output, "Output .safetensors")->required();
+  return [f, check]() -> int {
+    if (check->parsed()) return run_check(*f);
+    return 1;
+  };
+}
+
+}  // namespace diffuse::tools

@@ -1,0 +1,53 @@
+// A trainable LoRA on the UNet: f32 master tensors (down, up) per module with their gradients,
+// attached to the UNet's layers as adapters (nn/grad.h) so that forward passes with the Grads
+// compute y = W·x + b + scale·up·(down·x). Files are kohya's format:
+// "lora_unet_<diffusers module path with . -> _>.lora_down.weight" [r, in] (or [r, in, 1, 1] for
+// 1×1 convolutions), ".lora_up.weight" [out, r] (or [out, r, 1, 1]), ".alpha" (scale alpha/r).
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "models/unet.h"
+#include "nn/grad.h"
+#include "train/optim.h"
+
+namespace diffuse::train {
+
+struct LoraModule {
+  std::string key;          // "lora_unet_down_blocks_0_..._to_q"
+  std::string weight_name;  // the layer's weight in the UNet ("down_blocks.0. ... .to_q.weight")
+  float alpha = 0;
+  Param down, up;           // f32, shapes as stored in the file
+  LoraAdapter adapter;      // views of down/up/grads, what the layer reads
+  const PreparedWeight* layer = nullptr;
+};
+
+class LoraNetwork {
+ public:
+  // The modules of a kohya LoRA file, matched against `unet`'s linear layers / 1×1 convolutions
+  // (every module must match one: a key the UNet lacks, a non-UNet key, or a shape that does not
+  // fit is an error naming the file and key). Tensors are copied to f32.
+  static std::unique_ptr<LoraNetwork> from_file(const std::string& path, UNet& unet);
+
+  // Adds/removes the adapters in `g` (the layers run without LoRA after detach).
+  void attach(Grads& g);
+  void detach(Grads& g);
+  std::vector<Param*> params();  // down and up of every module, file order
+  void zero_grad();
+  std::vector<LoraModule>& modules() { return modules_; }
+
+  // The tensors as a kohya file holds them, each key with `prefix` ("" for a LoRA file,
+  // "train.step1." for references): <key>.lora_down.weight, <key>.lora_up.weight and, when
+  // with_alpha, <key>.alpha.
+  std::vector<std::pair<std::string, Tensor>> tensors(const std::string& prefix, bool with_alpha) const;
+  // The gradients under the tensors' keys with `prefix` ("grad.").
+  std::vector<std::pair<std::string, Tensor>> gradients(const std::string& prefix) const;
+
+ private:
+  std::vector<LoraModule> modules_;
+};
+
+}  // namespace diffuse::train
