@@ -136,28 +136,45 @@ void ClipTextModel::load(Backend& be, WeightStore& w, const ClipTextConfig& cfg)
   if (has_proj_) proj_.bind(be, Binder(w).sub("text_projection"), W, cfg.projection_dim, false);
   w.finish();
   prepared_ = w.take_prepared();
+  norms_ = w.take_norms();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// [B, T, H·D] -> [B·H, T, D] (heads as batches; a view when H = 1).
+Tensor ClipTextModel::split_heads(Ctx& sc, const Tensor& x) const {
+  const int64_t B = x.dim(0), T = x.dim(1), HD = x.dim(2), H = cfg_.heads, D = HD / H;
+  if (H == 1) return x.reshape({B, T, D});
+  Tensor y = sc.alloc({B * H, T, D}, DType::F32);
+  const float* s = x.f32();
+  float* d = y.f32();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(d + ((b * H + h) * T + t) * D, s + (b * T + t) * HD + h * D, size_t(D) * 4);
+  return y;
+}
+
+// [B·H, T, D] -> [B, T, H·D]
+Tensor ClipTextModel::merge_heads(Ctx& sc, const Tensor& xh, int64_t B) const {
+  const int64_t H = cfg_.heads, T = xh.dim(1), D = xh.dim(2), HD = H * D;
+  if (H == 1) return xh.reshape({B, T, HD});
+  Tensor o = sc.alloc({B, T, HD}, DType::F32);
+  const float* src = xh.f32();
+  float* dst = o.f32();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(dst + (b * T + t) * HD + h * D, src + ((b * H + h) * T + t) * D, size_t(D) * 4);
+  return o;
+}
+
 // q, k, v: [B, T, H*D] -> [B, T, H*D]; softmax(q·kᵀ/√D + causal mask)·v per head.
-Tensor ClipTextModel::causal_attention(Ctx& sc, const Tensor& q, const Tensor& k,
-                                       const Tensor& v) const {
+Tensor ClipTextModel::causal_attention(Ctx& sc, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       LayerSaved* saved) const {
   const int64_t B = q.dim(0), T = q.dim(1), HD = q.dim(2), H = cfg_.heads, D = HD / H;
-  // [B, T, H, D] <-> [B*H, T, D]
-  auto split = [&](const Tensor& x) {
-    if (H == 1) return x;
-    Tensor y = sc.alloc({B * H, T, D});
-    const float* s = x.f32();
-    float* d = y.f32();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < H; ++h)
-          std::memcpy(d + ((b * H + h) * T + t) * D, s + (b * T + t) * HD + h * D, size_t(D) * 4);
-    return y;
-  };
-  Tensor qh = split(q), kh = split(k), vh = split(v);
+  Tensor qh = split_heads(sc, q), kh = split_heads(sc, k), vh = split_heads(sc, v);
   Tensor s = sc.alloc({B * H, T, T});
   sc.be.matmul(qh, kh, s, /*trans_b=*/true, 1.0f / std::sqrt(float(D)));
   // Causal softmax per row: token i sees tokens 0..i; the rest get exactly 0.
@@ -178,28 +195,23 @@ Tensor ClipTextModel::causal_attention(Ctx& sc, const Tensor& q, const Tensor& k
   }
   Tensor oh = sc.alloc({B * H, T, D});
   sc.be.matmul(s, vh, oh, /*trans_b=*/false, 1.0f);
-  if (H == 1) return oh.reshape({B, T, HD});
-  Tensor o = sc.alloc({B, T, HD});
-  const float* src = oh.f32();
-  float* dst = o.f32();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < H; ++h)
-        std::memcpy(dst + (b * T + t) * HD + h * D, src + ((b * H + h) * T + t) * D, size_t(D) * 4);
-  return o;
+  if (saved) saved->qh = qh, saved->kh = kh, saved->vh = vh, saved->p = s;
+  return merge_heads(sc, oh, B);
 }
 
 // x: [B, T, W] -> [B, T, W] (owned)
-Tensor ClipTextModel::run_layer(Ctx& sc, const Layer& l, const Tensor& x) const {
+Tensor ClipTextModel::run_layer(Ctx& sc, const Layer& l, const Tensor& x, LayerSaved* s) const {
   Backend& be = sc.be;
   Tensor n1 = l.ln1(sc, x);
-  Tensor a = causal_attention(sc, l.q(sc, n1), l.k(sc, n1), l.v(sc, n1));
+  Tensor a = causal_attention(sc, l.q(sc, n1), l.k(sc, n1), l.v(sc, n1), s);
   Tensor o = l.out(sc, a);
   Tensor h = sc.alloc(x.shape());
   be.binary(Binary::Add, x, o, h);
-  Tensor f = l.fc1(sc, l.ln2(sc, h));  // [B, T, I]
+  Tensor n2 = l.ln2(sc, h);
+  Tensor f = l.fc1(sc, n2);  // [B, T, I]
   Tensor g = sc.alloc(f.shape());
   be.unary(cfg_.act == ClipTextConfig::QuickGelu ? Unary::QuickGelu : Unary::GeluErf, f, g);
+  if (s) s->x = x, s->n1 = n1, s->a = a, s->h = h, s->n2 = n2, s->f = f, s->g = g;
   Tensor m = l.fc2(sc, g);
   Tensor y = Tensor::empty(x.shape());
   be.binary(Binary::Add, h, m, y);
@@ -208,6 +220,18 @@ Tensor ClipTextModel::run_layer(Ctx& sc, const Layer& l, const Tensor& x) const 
 
 ClipTextModel::Output ClipTextModel::forward(Ctx& ctx, const std::vector<std::vector<int>>& ids,
                                              int stop_at_layer) const {
+  return run(ctx, ids, stop_at_layer, nullptr);
+}
+
+ClipTextModel::Output ClipTextModel::forward_train(Ctx& ctx, const std::vector<std::vector<int>>& ids,
+                                                   int stop_at_layer, Trace& tr) const {
+  tr = Trace{};
+  tr.out = run(ctx, ids, stop_at_layer, &tr);
+  return tr.out;
+}
+
+ClipTextModel::Output ClipTextModel::run(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer,
+                                         Trace* tr) const {
   DF_CHECK(!layers_.empty(), "clip text encoder: forward before load");
   const int64_t B = int64_t(ids.size()), W = cfg_.width;
   DF_CHECK(B > 0, "clip text encoder: no token rows");
@@ -245,14 +269,16 @@ ClipTextModel::Output ClipTextModel::forward(Ctx& ctx, const std::vector<std::ve
 
   Output out;
   Arena scratch;
-  Ctx sc{ctx.be, scratch, DType::F32, ctx.ws};
+  Ctx sc{ctx.be, scratch, DType::F32, ctx.ws, ctx.grads};
   if (n == 1) out.penultimate = h;
   for (int i = 0; i < n; ++i) {
+    if (tr) tr->inputs.push_back(h);
     h = run_layer(sc, layers_[size_t(i)], h);
     scratch.reset();
     if (i == n - 2) out.penultimate = h;  // never written in place: each layer makes a new tensor
   }
   out.last_hidden = apply_final_norm(ctx, h);
+  if (tr) tr->last = h;
 
   // Pooled: the first eos_token of each row (transformers with eos_token_id 49407; identical to
   // the legacy argmax-of-ids rule whenever 49407 is present, since it is the largest id).
@@ -268,6 +294,7 @@ ClipTextModel::Output ClipTextModel::forward(Ctx& ctx, const std::vector<std::ve
       if (r[size_t(t)] > r[size_t(best)]) best = t;
     }
     if (at < 0) at = best;
+    if (tr) tr->pooled_at.push_back(at);
     std::memcpy(out.pooled.f32() + b * W, out.last_hidden.f32() + (b * T + at) * W, size_t(W) * 4);
   }
   if (has_proj_) {

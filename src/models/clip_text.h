@@ -80,15 +80,47 @@ class ClipTextModel {
   // penultimate state).
   Tensor apply_final_norm(Ctx& ctx, const Tensor& hidden) const;
 
+  // The norm layers' gamma/beta by checkpoint name, for training.
+  const NormIndex& norms() const { return norms_; }
+
+  // ---- training (ctx.grads set: its adapters apply; models/clip_text_backward.cpp) ----
+  // What forward_train keeps: each layer's input (gradient checkpointing per layer: backward
+  // recomputes one layer at a time) and where the pooled rows were taken.
+  struct Trace {
+    std::vector<Tensor> inputs;  // inputs[i]: layer i's input (inputs[0]: the embeddings); owned
+    Tensor last;                 // the last layer's output (the final norm's input)
+    std::vector<int64_t> pooled_at;
+    Output out;
+  };
+  Output forward_train(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer, Trace& tr) const;
+  // Gradients of the outputs (each may be undefined: not used by the loss): d_last [B, T, W],
+  // d_penultimate [B, T, W], d_text_embeds [B, P]. Adds the parameter gradients ctx.grads asks for
+  // (layers, norms, projection). The embedding tables are not trained here.
+  void backward(Ctx& ctx, const Trace& tr, const Tensor& d_last, const Tensor& d_penultimate,
+                const Tensor& d_text_embeds) const;
+
  private:
   struct Layer {
     LayerNorm ln1, ln2;
     Linear q, k, v, out, fc1, fc2;
   };
+  // The intermediates a layer's backward reads (layer input x, ln1 out, q/k/v split per head
+  // [B·H, T, D], softmax probabilities [B·H, T, T], attention output, residual h, ln2 out, fc1
+  // out f, activation out g).
+  struct LayerSaved {
+    Tensor x, n1, qh, kh, vh, p, a, h, n2, f, g;
+  };
   // x: [B, T, W] -> [B, T, W] (new owned tensor, x + attention + MLP)
-  Tensor run_layer(Ctx& scratch, const Layer& l, const Tensor& x) const;
+  Tensor run_layer(Ctx& scratch, const Layer& l, const Tensor& x, LayerSaved* s = nullptr) const;
+  // dy [B, T, W] -> dx (scratch arena), from a recomputed layer's intermediates.
+  Tensor layer_backward(Ctx& scratch, const Layer& l, const LayerSaved& s, const Tensor& dy) const;
   // q, k, v: [B, T, heads*64] -> [B, T, heads*64], causal
-  Tensor causal_attention(Ctx& scratch, const Tensor& q, const Tensor& k, const Tensor& v) const;
+  Tensor causal_attention(Ctx& scratch, const Tensor& q, const Tensor& k, const Tensor& v,
+                          LayerSaved* s = nullptr) const;
+  // [B, T, H·D] <-> [B·H, T, D]
+  Tensor split_heads(Ctx& scratch, const Tensor& x) const;
+  Tensor merge_heads(Ctx& scratch, const Tensor& xh, int64_t B) const;
+  Output run(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer, Trace* tr) const;
 
   ClipTextConfig cfg_;
   Tensor tok_emb_;  // [V, W] as stored (any float dtype; rows converted on lookup)
@@ -98,6 +130,7 @@ class ClipTextModel {
   Linear proj_;  // bound only if cfg_.projection_dim > 0
   bool has_proj_ = false;
   PreparedIndex prepared_;
+  NormIndex norms_;
 };
 
 }  // namespace diffuse

@@ -11,6 +11,7 @@
 
 #include "backend/backend.h"
 #include "core/tensor.h"
+#include "nn/weights.h"
 
 namespace diffuse {
 
@@ -52,5 +53,11 @@ struct Grads {
     return it == norms.end() ? nullptr : &it->second;
   }
 };
+
+// Registers every layer of `prepared` with its plain f32 weights read from `store` (the tensors
+// the layers were prepared from, under the same names; 1×1 convolutions bound as linear get
+// their prepared [O, I] shape), and every norm of `norms` (no gradients yet). Throws naming the
+// store's file if a tensor is missing.
+void register_layers(Grads& g, const PreparedIndex& prepared, const NormIndex& norms, const WeightStore& store);
 
 }  // namespace diffuse

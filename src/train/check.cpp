@@ -133,7 +133,7 @@ void run_check(const CheckOptions& opt, const std::function<void(const std::stri
   if (net) {
     // Gradients at the initial LoRA, then AdamW steps (zero grads -> loss -> backward -> step).
     std::vector<Param*> params = net->params();
-    AdamW adam(params, AdamWOptions{opt.lr, 0.9f, 0.999f, 1e-8f, opt.weight_decay});
+    AdamW adam(params, AdamWOptions{opt.lr, 0.9, 0.999, 1e-8, opt.weight_decay});
     net->zero_grad();
     UNetTrainer::Step s = trainer.run(trained, ctx, weights, true, 1.0f, te, ti);
     Out grads = net->gradients("grad.");

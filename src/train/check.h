@@ -29,7 +29,7 @@ struct CheckOptions {
   Objective objective = Objective::Eps;
   float min_snr_gamma = 0;  // 0: unweighted
   int adamw_steps = 0;
-  float lr = 1e-3f, weight_decay = 1e-2f;
+  double lr = 1e-3, weight_decay = 1e-2;
   std::vector<std::string> full_grads;
 };
 

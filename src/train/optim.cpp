@@ -21,27 +21,26 @@ AdamW::AdamW(std::vector<Param*> params, AdamWOptions opt) : params_(std::move(p
   }
 }
 
-void AdamW::step(float lr_in) {
+void AdamW::step(double lr_in) {
   ++step_;
-  const float b1 = opt_.beta1, b2 = opt_.beta2;
-  // torch: bias_correction1 = 1 − β1^k, bias_correction2 = 1 − β2^k (Python floats, double).
-  const double bc1 = 1.0 - std::pow(double(b1), double(step_)), bc2 = 1.0 - std::pow(double(b2), double(step_));
-  const double bc2_sqrt = std::sqrt(bc2);
+  const double bc1 = 1.0 - std::pow(opt_.beta1, double(step_)), bc2 = 1.0 - std::pow(opt_.beta2, double(step_));
+  const float bc2_sqrt = float(std::sqrt(bc2));
+  const float w1 = float(1.0 - opt_.beta1), b2 = float(opt_.beta2), w2 = float(1.0 - opt_.beta2), eps = float(opt_.eps);
   for (size_t i = 0; i < params_.size(); ++i) {
     Param& p = *params_[i];
-    const double lr = double(lr_in >= 0 ? lr_in : opt_.lr) * double(p.lr_scale);
-    const float decay = float(1.0 - lr * double(opt_.weight_decay));  // param.mul_(1 − lr·wd)
-    const float step_size = float(lr / bc1);
+    const double lr = (lr_in >= 0 ? lr_in : opt_.lr) * double(p.lr_scale);
+    const float decay = float(1.0 - lr * opt_.weight_decay);  // param.mul_(1 − lr·wd)
+    const float neg_step = float(-(lr / bc1));
     float *w = p.value.f32(), *m = m_[i].f32(), *v = v_[i].f32();
     const float* g = p.grad.f32();
     const int64_t n = p.value.numel();
 #pragma omp parallel for schedule(static) if (n > 65536)
     for (int64_t j = 0; j < n; ++j) {
       w[j] *= decay;
-      m[j] = m[j] * b1 + g[j] * (1.0f - b1);               // exp_avg.lerp_(grad, 1 − β1)
-      v[j] = v[j] * b2 + (1.0f - b2) * g[j] * g[j];        // exp_avg_sq.mul_(β2).addcmul_(g, g, 1 − β2)
-      const float denom = std::sqrt(v[j]) / float(bc2_sqrt) + opt_.eps;
-      w[j] -= step_size * (m[j] / denom);
+      m[j] = m[j] + w1 * (g[j] - m[j]);                   // exp_avg.lerp_(grad, 1 − β1)
+      v[j] = v[j] * b2 + w2 * g[j] * g[j];                // exp_avg_sq.mul_(β2).addcmul_(g, g, value=1 − β2)
+      const float denom = std::sqrt(v[j]) / bc2_sqrt + eps;  // (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+      w[j] = w[j] + neg_step * m[j] / denom;              // param.addcdiv_(exp_avg, denom, value=−step_size)
     }
   }
 }

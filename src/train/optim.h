@@ -18,19 +18,21 @@ struct Param {
   float lr_scale = 1;  // per-group learning rate as a multiple of the base (kohya's unet_lr/text_encoder_lr)
 };
 
+// Hyperparameters as Python floats (double), rounded to f32 where torch rounds them.
 struct AdamWOptions {
-  float lr = 1e-4f;
-  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;
-  float weight_decay = 1e-2f;
+  double lr = 1e-4;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double weight_decay = 1e-2;
 };
 
 class AdamW {
  public:
   AdamW(std::vector<Param*> params, AdamWOptions opt);
   // One step with learning rate `lr` (the schedule's value; opt.lr if negative), in torch's
-  // order: p ← p·(1 − lr·wd); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
-  // p ← p − lr/(1−β1^k) · m / (√v/√(1−β2^k) + eps), k = steps taken including this one.
-  void step(float lr = -1);
+  // order and f32 roundings (torch.optim.AdamW, single-tensor path): p ← p·(1 − lr·wd);
+  // m ← m + (1−β1)·(g − m) (lerp); v ← β2·v + (1−β2)·g·g; p ← p − lr/(1−β1^k) · m / (√v/√(1−β2^k) + eps),
+  // k = steps taken including this one; scalars computed in double, then rounded to f32.
+  void step(double lr = -1);
   void zero_grad();
   int64_t steps() const { return step_; }
   const Tensor& exp_avg(size_t i) const { return m_[i]; }

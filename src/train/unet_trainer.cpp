@@ -19,29 +19,15 @@ UNetTrainer::UNetTrainer(SDModel& model, Backend& be) : model_(model), be_(be) {
   DF_CHECK(be.effective_precision() == Precision::F32 && be.weight_format() == WeightFormat::Native,
            "training: the backend must compute in fp32 with native weights");
   const TensorFile f = open_model_file(model.path);
-  WeightStore store = component_weights(f, Component::UNet, model.family);
-  for (const auto& [name, e] : model.unet.prepared()) {
-    const Tensor* w = store.find(name);
-    DF_CHECK(w != nullptr, model.path, ": ", name, " vanished from the model file since it was loaded");
-    LayerParams p;
-    p.name = name;
-    p.w = w->to(DType::F32).reshape(e.prepared_shape);
-    if (e.bias) {
-      const std::string bn = name.substr(0, name.size() - 6) + "bias";
-      const Tensor* b = store.find(bn);
-      DF_CHECK(b != nullptr, model.path, ": ", bn, " vanished from the model file since it was loaded");
-      p.b = b->to(DType::F32);
-    }
-    grads_.layers[e.w.get()] = std::move(p);
-  }
-  for (const auto& [name, n] : model.unet.norms()) grads_.norms[n.gamma.data()] = NormParams{name, {}, {}};
+  const WeightStore store = component_weights(f, Component::UNet, model.family);
+  register_layers(grads_, model.unet.prepared(), model.unet.norms(), store);
 }
 
 Param& UNetTrainer::train_param(const std::string& name) {
   if (auto it = trained_.find(name); it != trained_.end()) return *it->second;
   const bool bias = ends_with(name, ".bias");
   DF_CHECK(bias || ends_with(name, ".weight"), "training: UNet parameter '", name, "' should end in .weight or .bias");
-  const std::string wname = bias ? name.substr(0, name.size() - 5) + "weight" : name;
+  const std::string wname = bias ? name.substr(0, name.size() - 4) + "weight" : name;
   auto param = std::make_unique<Param>();
   param->name = name;
   if (auto it = model_.unet.prepared().find(wname); it != model_.unet.prepared().end()) {
@@ -71,7 +57,7 @@ Param& UNetTrainer::train_param(const std::string& name) {
 
 void UNetTrainer::apply_param(const std::string& name) {
   const bool bias = ends_with(name, ".bias");
-  const std::string wname = bias ? name.substr(0, name.size() - 5) + "weight" : name;
+  const std::string wname = bias ? name.substr(0, name.size() - 4) + "weight" : name;
   auto it = model_.unet.prepared().find(wname);
   if (it == model_.unet.prepared().end()) return;  // norms: updated in place
   PreparedEntry& e = it->second;

@@ -1,0 +1,288 @@
+// Model-level gradient checks: the tiny sd1 UNet's and CLIP text encoder's backward passes
+// (hand-written per block, with recomputation) against central finite differences of their own
+// forward passes, for sampled parameters of every kind (3×3, strided and 1×1 convolutions, linear
+// layers, group and layer norms, biases, LoRA adapters on linear layers and on a 1×1 convolution).
+//
+// Method. For a parameter P with analytic gradient g, take a subset S of its elements (all, up to
+// 24) and the unit direction d = g_S/|g_S|; the directional derivative is then |g_S|. The finite
+// difference runs the real (f32) forward at P ± h·d and P ± (h/2)·d, with the loss accumulated in
+// double, and Richardson-extrapolates: D = (4·D(h/2) − D(h))/3, which cancels the h² truncation
+// term (leaving O(h⁴)). What remains is the f32 forward's rounding: each loss evaluation carries
+// an error ≤ n, so D is off by ≤ (4·2n/h + 2n/(2h))/3 = 3n/h. n is measured, not assumed: the
+// loss at P + k·η·d (k = 1..4, η = 1e-4·h, so that the exact change k·η·|g_S| is known to far
+// better than n) minus that change and L(P) — its largest deviation, doubled, is the noise floor
+// n. h starts at 1e-2 of the subset's RMS value (at least 1e-3) and grows ×4 (up to 3 times)
+// while 3n/h exceeds 1e-2·|g_S|. Tolerance: 2e-3·|g_S| (truncation and the remaining O(h⁴)) +
+// 3n/h (rounding), and the test fails, naming the parameter, if the rounding part cannot get
+// below 1e-2·|g_S| (the check would be meaningless). A wrong backward is far outside: dropping
+// any term of a block's backward changes these gradients by O(1) relative.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <random>
+
+#include "io/tensor_file.h"
+#include "models/name_map.h"
+#include "models/sd_model.h"
+#include "train/objective.h"
+#include "train/unet_trainer.h"
+
+using namespace diffuse;
+using namespace diffuse::train;
+
+namespace {
+
+const std::string kModel = std::string(DIFFUSE_TEST_DATA) + "/sd1/model/tiny-sd1.safetensors";
+
+Tensor randn(const Shape& s, std::mt19937& g, float sd = 1.0f) {
+  std::normal_distribution<float> n(0.0f, sd);
+  Tensor t = Tensor::empty(s);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(g);
+  return t;
+}
+
+// Directional finite-difference check of `grad` for `value`; `apply` makes the forward see the
+// current contents of `value`; `loss` runs the forward.
+void check_direction(const std::string& what, Tensor value, Tensor grad, const std::function<void()>& apply,
+                     const std::function<double()>& loss, std::mt19937& rng) {
+  const int64_t n = value.numel();
+  std::vector<int64_t> idx(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) idx[size_t(i)] = i;
+  std::shuffle(idx.begin(), idx.end(), rng);
+  idx.resize(size_t(std::min<int64_t>(n, 24)));
+  double gnorm = 0, rms = 0;
+  for (int64_t i : idx) gnorm += double(grad.f32()[i]) * grad.f32()[i], rms += double(value.f32()[i]) * value.f32()[i];
+  gnorm = std::sqrt(gnorm), rms = std::sqrt(rms / double(idx.size()));
+  ASSERT_GT(gnorm, 0) << what << ": zero gradient on the sampled elements";
+  std::vector<float> orig(idx.size());
+  for (size_t j = 0; j < idx.size(); ++j) orig[j] = value.f32()[idx[j]];
+  auto at = [&](double step) {
+    for (size_t j = 0; j < idx.size(); ++j)
+      value.f32()[idx[j]] = float(double(orig[j]) + step * double(grad.f32()[idx[j]]) / gnorm);
+    apply();
+    return loss();
+  };
+  const double L0 = at(0);
+  double h = std::max(1e-2 * rms, 1e-3), noise = 0;
+  for (int tries = 0;; ++tries) {
+    noise = 0;
+    const double eta = 1e-4 * h;
+    for (int k = 1; k <= 4; ++k) noise = std::max(noise, std::abs(at(k * eta) - L0 - k * eta * gnorm));
+    noise *= 2;
+    if (3 * noise / h <= 1e-2 * gnorm || tries == 3) break;
+    h *= 4;
+  }
+  const double d1 = (at(h) - at(-h)) / (2 * h), d2 = (at(h / 2) - at(-h / 2)) / h;
+  for (size_t j = 0; j < idx.size(); ++j) value.f32()[idx[j]] = orig[j];
+  apply();
+  const double fd = (4 * d2 - d1) / 3;
+  const double rounding = 3 * noise / h;
+  const double tol = 2e-3 * gnorm + rounding;
+  std::printf("%-66s |g| %.4e fd %.4e err %.1e tol %.1e (h %.1e)\n", what.c_str(), gnorm, fd, std::abs(fd - gnorm),
+              tol, h);
+  EXPECT_LT(rounding, 1e-2 * gnorm) << what << ": the finite difference cannot resolve this gradient";
+  EXPECT_LE(std::abs(fd - gnorm), tol) << what;
+}
+
+std::string first_with(const PreparedIndex& idx, const std::string& part, bool last = false) {
+  std::string found;
+  for (const auto& [name, e] : idx)
+    if (name.find(part) != std::string::npos) {
+      found = name;
+      if (!last) break;
+    }
+  return found;
+}
+
+struct Tiny {
+  std::unique_ptr<Backend> be = make_cpu_backend(Precision::F32);
+  std::unique_ptr<SDModel> model;
+  Tiny() {
+    if (!std::filesystem::exists(kModel)) return;
+    SDLoadOptions o;
+    o.vae_encoder = o.vae_decoder = false;
+    model = SDModel::load(kModel, *be, o);
+  }
+};
+
+}  // namespace
+
+TEST(TrainGrad, UNetParametersAndLoraMatchFiniteDifferences) {
+  Tiny t;
+  if (!t.model) GTEST_SKIP() << "tiny sd1 model not found: " << kModel;
+  UNetTrainer tr(*t.model, *t.be);
+  std::mt19937 rng(7);
+  const Tensor x0 = randn({2, 8, 8, 4}, rng), noise = randn({2, 8, 8, 4}, rng);
+  const Tensor ctx = randn({2, 77, 64}, rng);
+  const DdpmSchedule sched = DdpmSchedule::sd();
+  const NoisedBatch nb = make_noised_batch(sched, x0, noise, {87, 391}, Objective::Eps);
+  const std::vector<float> w = loss_weights(sched, nb.timesteps, Objective::Eps, 5.0f);
+
+  // LoRA adapters (rank 2, scale 0.75) on a self-attention query, a 1×1-conv proj_in and a GEGLU
+  // projection, with nonzero up so that every path carries gradient.
+  PreparedIndex& prep = tr.unet().prepared();
+  std::vector<std::string> lora_on = {first_with(prep, "attn1.to_q"), first_with(prep, "proj_in"),
+                                      first_with(prep, "ff.net.0.proj", true)};
+  std::vector<LoraAdapter> adapters(lora_on.size());
+  for (size_t i = 0; i < lora_on.size(); ++i) {
+    ASSERT_FALSE(lora_on[i].empty());
+    const PreparedEntry& e = prep.at(lora_on[i]);
+    const int64_t out = e.checkpoint_shape[0], in = e.checkpoint_shape[1];
+    LoraAdapter& a = adapters[i];
+    a.key = lora_on[i];
+    a.down = randn({2, in}, rng, 0.3f), a.up = randn({out, 2}, rng, 0.3f), a.scale = 0.75f;
+    a.gdown = Tensor::zeros(a.down.shape()), a.gup = Tensor::zeros(a.up.shape());
+    tr.grads().adapters[e.w.get()] = &a;
+  }
+  // Full fine-tuning parameters of every kind.
+  std::vector<std::string> names = {"conv_in.weight",
+                                    first_with(prep, "downsamplers.0.conv.weight"),
+                                    first_with(prep, "upsamplers.0.conv.weight"),
+                                    first_with(prep, "conv_shortcut.weight"),
+                                    first_with(prep, "attn2.to_k.weight", true),
+                                    first_with(prep, "ff.net.2.weight"),
+                                    "time_embedding.linear_2.bias",
+                                    "conv_out.bias"};
+  const NormIndex& norms = tr.unet().norms();
+  for (const auto& [n, e] : norms)
+    if (n.find("resnets.0.norm1") != std::string::npos) { names.push_back(n); break; }
+  for (const auto& [n, e] : norms)
+    if (n.find("transformer_blocks.0.norm2") != std::string::npos) { names.push_back(n.substr(0, n.size() - 6) + "bias"); break; }
+  names.push_back("conv_norm_out.weight");
+  std::vector<Param*> params;
+  for (const std::string& n : names) {
+    ASSERT_FALSE(n.empty());
+    params.push_back(&tr.train_param(n));
+  }
+  auto loss = [&] { return tr.run(nb, ctx, w, false).loss.loss; };
+  tr.run(nb, ctx, w, true);  // gradients of the min-SNR-weighted loss
+
+  for (size_t i = 0; i < params.size(); ++i)
+    check_direction("unet " + names[i], params[i]->value, params[i]->grad, [&] { tr.apply_param(names[i]); }, loss, rng);
+  for (LoraAdapter& a : adapters) {
+    check_direction("unet lora down " + a.key, a.down, a.gdown, [] {}, loss, rng);
+    check_direction("unet lora up " + a.key, a.up, a.gup, [] {}, loss, rng);
+  }
+}
+
+TEST(TrainGrad, TextEncoderParametersMatchFiniteDifferences) {
+  Tiny t;
+  if (!t.model) GTEST_SKIP() << "tiny sd1 model not found: " << kModel;
+  ClipTextModel& te = t.model->te;
+  const ClipTextConfig& cfg = te.config();
+  Grads grads;
+  const TensorFile f = open_model_file(kModel);
+  const WeightStore store = component_weights(f, Component::TextEncoder, t.model->family);
+  register_layers(grads, te.prepared(), te.norms(), store);
+  std::mt19937 rng(11);
+  // Two rows of 77 token ids; the loss reads the last hidden state and the penultimate one.
+  std::vector<std::vector<int>> ids(2, std::vector<int>(77));
+  std::uniform_int_distribution<int> tok(0, cfg.vocab - 1);
+  for (auto& r : ids)
+    for (int& v : r) v = tok(rng);
+  const Tensor G1 = randn({2, 77, int64_t(cfg.width)}, rng), G2 = randn({2, 77, int64_t(cfg.width)}, rng);
+  Arena arena;
+  Ctx c{*t.be, arena, DType::F32, nullptr, &grads};
+  auto dot = [](const Tensor& a, const Tensor& b) {
+    double s = 0;
+    for (int64_t i = 0; i < a.numel(); ++i) s += double(a.f32()[i]) * b.f32()[i];
+    return s;
+  };
+  auto loss = [&] {
+    ClipTextModel::Output o = te.forward(c, ids);
+    arena.reset();
+    return dot(o.last_hidden, G1) + dot(o.penultimate, G2);
+  };
+  // A LoRA adapter on a key projection (rank 3, scale 0.5).
+  const PreparedIndex& prep = te.prepared();
+  const std::string kname = first_with(prep, "self_attn.k_proj");
+  LoraAdapter a;
+  a.key = kname;
+  a.down = randn({3, int64_t(cfg.width)}, rng, 0.2f), a.up = randn({int64_t(cfg.width), 3}, rng, 0.2f), a.scale = 0.5f;
+  a.gdown = Tensor::zeros(a.down.shape()), a.gup = Tensor::zeros(a.up.shape());
+  grads.adapters[prep.at(kname).w.get()] = &a;
+
+  struct Target {
+    std::string name;
+    Tensor value, grad;
+    const PreparedEntry* layer = nullptr;  // re-prepared after a change
+  };
+  std::vector<Target> targets;
+  auto linear = [&](const std::string& name, bool bias) {
+    const PreparedEntry& e = prep.at(name);
+    LayerParams& lp = grads.layer(e.w.get(), "test");
+    Tensor& g = bias ? lp.gb : lp.gw;
+    g = Tensor::zeros(bias ? lp.b.shape() : lp.w.shape());
+    targets.push_back({name + (bias ? " (bias)" : ""), bias ? lp.b : lp.w, g, &e});
+  };
+  linear(first_with(prep, "self_attn.q_proj"), false);
+  linear(first_with(prep, "self_attn.out_proj", true), false);
+  linear(first_with(prep, "mlp.fc1"), true);
+  linear(first_with(prep, "mlp.fc2", true), false);
+  for (const auto& [n, e] : te.norms()) {
+    NormParams* np = grads.norm(e.gamma.data());
+    if (n.find("layer_norm1") != std::string::npos && !np->ggamma.defined()) {
+      np->ggamma = Tensor::zeros(e.gamma.shape());
+      targets.push_back({n, e.gamma, np->ggamma, nullptr});
+    }
+    if (n.find("final_layer_norm") != std::string::npos) {
+      np->gbeta = Tensor::zeros(e.beta.shape());
+      targets.push_back({n + " (beta)", e.beta, np->gbeta, nullptr});
+    }
+  }
+  ClipTextModel::Trace trace;
+  te.forward_train(c, ids, 0, trace);
+  te.backward(c, trace, G1, G2, Tensor());
+  arena.reset();
+  for (Target& tg : targets) {
+    const PreparedEntry* e = tg.layer;
+    auto apply = [&] {
+      if (!e) return;
+      const LayerParams& lp = grads.layer(e->w.get(), "test");
+      e->w->swap_contents(*t.be->prepare_like(*e->w, lp.w, lp.b, e->conv, e->params));
+    };
+    check_direction("te " + tg.name, tg.value, tg.grad, apply, loss, rng);
+  }
+  check_direction("te lora down " + kname, a.down, a.gdown, [] {}, loss, rng);
+  check_direction("te lora up " + kname, a.up, a.gup, [] {}, loss, rng);
+}
+
+
+// Gradient accumulation: two micro-batches of one sample each, with grad_scale 1/2, give the
+// gradients of one batch of both samples (the unweighted MSE of equal-sized samples is the mean of
+// their per-sample means). Differences are f32 summation order only: a GEMM over a batch of 2
+// sums its rows in another order than two GEMMs of 1, so the bound is rounding-level
+// (1e-5 of the gradient's max), far below the effect of a missing or doubled micro-batch (50%).
+TEST(TrainGrad, AccumulatedMicroBatchesEqualOneBatch) {
+  Tiny t;
+  if (!t.model) GTEST_SKIP() << "tiny sd1 model not found: " << kModel;
+  UNetTrainer tr(*t.model, *t.be);
+  std::mt19937 rng(3);
+  const Tensor x0 = randn({2, 8, 8, 4}, rng), noise = randn({2, 8, 8, 4}, rng), ctx = randn({2, 77, 64}, rng);
+  const DdpmSchedule s = DdpmSchedule::sd();
+  Param& p = tr.train_param("conv_in.weight");
+  Param& q = tr.train_param(first_with(tr.unet().prepared(), "attn2.to_v.weight"));
+  tr.run(make_noised_batch(s, x0, noise, {87, 391}, Objective::Eps), ctx, {}, true);
+  const Tensor gp = p.grad.clone(), gq = q.grad.clone();
+  std::memset(p.grad.data(), 0, p.grad.bytes());
+  std::memset(q.grad.data(), 0, q.grad.bytes());
+  for (int64_t b = 0; b < 2; ++b)
+    tr.run(make_noised_batch(s, x0.slice0(b, b + 1).clone(), noise.slice0(b, b + 1).clone(), {b == 0 ? 87 : 391},
+                             Objective::Eps),
+           ctx.slice0(b, b + 1).clone(), {}, true, 0.5f);
+  for (auto [full, acc] : {std::pair<const Tensor*, const Tensor*>{&gp, &p.grad}, {&gq, &q.grad}}) {
+    double mx = 0, err = 0;
+    for (int64_t i = 0; i < full->numel(); ++i) {
+      mx = std::max(mx, double(std::abs(full->f32()[i])));
+      err = std::max(err, double(std::abs(full->f32()[i] - acc->f32()[i])));
+    }
+    std::printf("accumulated vs batch: max error %.2e of max %.2e\n", err, mx);
+    EXPECT_GT(mx, 0);
+    EXPECT_LE(err, 1e-5 * mx);
+  }
+}
