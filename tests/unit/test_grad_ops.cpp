@@ -663,6 +663,42 @@ TEST(GradSumTo, BroadcastShapes) {
   }
 }
 
+// Broadcast multiply y = a ∘ b (b [3, 1, 5] broadcast to a [2, 3, 4, 5]): its backward is the
+// forward op and sum_to composed, da = dy ∘ b (binary Mul), db = sum_to(dy ∘ a) — as the models use
+// them. Checked against finite differences of a double broadcast product.
+TEST(GradBroadcastMul, ThroughMulAndSumTo) {
+  const Shape as{2, 3, 4, 5}, bs{3, 1, 5};
+  std::mt19937 rng(93);
+  const V av = draw(size_t(as.numel()), rng, -1, 1), bv = draw(size_t(bs.numel()), rng, -1, 1);
+  const V G = draw(size_t(as.numel()), rng, -1, 1);
+  auto bidx = [&](int64_t i) {  // a's flat index -> b's (dims 1 and 3 of a; dim 2 broadcast)
+    const int64_t c = i % 5, h = (i / 20) % 3;
+    return size_t(h * 5 + c);
+  };
+  auto fa = [&](const V& x) {
+    V y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] * bv[bidx(int64_t(i))];
+    return y;
+  };
+  auto fb = [&](const V& x) {
+    V y(av.size());
+    for (size_t i = 0; i < av.size(); ++i) y[i] = av[i] * x[bidx(int64_t(i))];
+    return y;
+  };
+  const Fd ra = fd_grad(fa, av, G, kHLinear), rb = fd_grad(fb, bv, G, kHLinear);
+  auto be = make();
+  const Tensor a = tensor(as, av), b = tensor(bs, bv), dy = tensor(as, G);
+  Tensor da = Tensor::empty(as), prod = Tensor::empty(as), db = Tensor::empty(bs);
+  be->binary(Binary::Mul, dy, b, da);
+  be->binary(Binary::Mul, dy, a, prod);
+  be->sum_to(prod, db);
+  // da: one f32 product per element (≤ u relative); db: K = 8 rounded products summed,
+  // (K+1)·u·K·max|G·a| plus one rounding per product.
+  const double K = 8, m = maxabs(G) * maxabs(av);
+  expect_grad("broadcast mul da", da, ra.grad, 2 * kU * maxabs(G) * maxabs(bv) + ra.err);
+  expect_grad("broadcast mul db", db, rb.grad, (K + 1) * kU * K * m + K * kU * m + rb.err);
+}
+
 // y [N, Ho, Wo, C] from x [N, H, W, C], source floor(i·H/Ho).
 V upsample_fwd(const V& x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo) {
   V y(size_t(N * Ho * Wo * C));

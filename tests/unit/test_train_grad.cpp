@@ -286,3 +286,34 @@ TEST(TrainGrad, AccumulatedMicroBatchesEqualOneBatch) {
     EXPECT_LE(err, 1e-5 * mx);
   }
 }
+
+// SDXL: the added text/time embedding (add_embedding MLP over pooled text + sinusoids of the size
+// ids) and cross-attention at SDXL's layout, on the tiny SDXL fixture (../shared only).
+TEST(TrainGrad, SdxlAddedEmbeddingMatchesFiniteDifferences) {
+  const std::string path = std::string(DIFFUSE_SHARED_DIR) + "/fixtures/sdxl/model/tiny-sdxl.safetensors";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "tiny SDXL model not found: " << path;
+  auto be = make_cpu_backend(Precision::F32);
+  SDLoadOptions o;
+  o.text_encoders = o.vae_encoder = o.vae_decoder = false;
+  std::unique_ptr<SDModel> model = SDModel::load(path, *be, o);
+  const UNetConfig& cfg = model->unet.config();
+  ASSERT_TRUE(cfg.text_time);
+  UNetTrainer tr(*model, *be);
+  std::mt19937 rng(5);
+  const int64_t pooled = cfg.projection_class_embeddings_input_dim - cfg.num_time_ids * cfg.addition_time_embed_dim;
+  const Tensor x0 = randn({2, 8, 8, 4}, rng), noise = randn({2, 8, 8, 4}, rng);
+  const Tensor ctx = randn({2, 77, int64_t(cfg.context_dim)}, rng), te = randn({2, pooled}, rng);
+  Tensor ids = Tensor::empty({2, 6});
+  const float sizes[6] = {64, 64, 0, 0, 64, 64};
+  for (int i = 0; i < 12; ++i) ids.f32()[i] = sizes[i % 6] + float(i / 6) * 8;
+  const NoisedBatch nb = make_noised_batch(DdpmSchedule::sd(), x0, noise, {500, 20}, Objective::V);
+  std::vector<std::string> names = {"add_embedding.linear_1.weight", "add_embedding.linear_2.bias",
+                                    "time_embedding.linear_1.weight",
+                                    first_with(tr.unet().prepared(), "attn2.to_k.weight")};
+  std::vector<Param*> params;
+  for (const std::string& n : names) params.push_back(&tr.train_param(n));
+  auto loss = [&] { return tr.run(nb, ctx, {}, false, 1.0f, &te, &ids).loss.loss; };
+  tr.run(nb, ctx, {}, true, 1.0f, &te, &ids);
+  for (size_t i = 0; i < params.size(); ++i)
+    check_direction("sdxl " + names[i], params[i]->value, params[i]->grad, [&] { tr.apply_param(names[i]); }, loss, rng);
+}
