@@ -40,6 +40,7 @@ int run_check(CheckFlags& f) {
   check_input_file(o.inputs, "--inputs");
   if (!o.lora.empty()) check_input_file(o.lora, "--lora");
   check_output_writable(o.output, "-o/--output");
+  DF_CHECK(f.objective == "eps" || f.objective == "v", "--objective ", f.objective, ": expected eps or v");
   o.objective = train::parse_objective(f.objective);
   DF_CHECK(o.min_snr_gamma >= 0 && std::isfinite(o.min_snr_gamma), "--min-snr-gamma ", o.min_snr_gamma,
            " must be a finite number >= 0");

@@ -95,6 +95,8 @@ void run_check(const CheckOptions& opt, const std::function<void(const std::stri
   const Tensor* ti = time_ids.defined() ? &time_ids : nullptr;
 
   UNetTrainer trainer(*model, *be);
+  for (const std::string& name : opt.full_grads)
+    DF_CHECK(trainer.has_param(name), "--full-grads: the UNet of ", opt.model, " has no parameter ", name);
   std::unique_ptr<LoraNetwork> net;
   if (!opt.lora.empty()) {
     net = LoraNetwork::from_file(opt.lora, model->unet);

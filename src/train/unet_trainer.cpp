@@ -55,6 +55,14 @@ Param& UNetTrainer::train_param(const std::string& name) {
   return ref;
 }
 
+bool UNetTrainer::has_param(const std::string& name) const {
+  const bool bias = ends_with(name, ".bias");
+  if (!bias && !ends_with(name, ".weight")) return false;
+  const std::string wname = bias ? name.substr(0, name.size() - 4) + "weight" : name;
+  if (auto it = model_.unet.prepared().find(wname); it != model_.unet.prepared().end()) return !bias || it->second.bias;
+  return model_.unet.norms().count(wname) != 0;
+}
+
 void UNetTrainer::apply_param(const std::string& name) {
   const bool bias = ends_with(name, ".bias");
   const std::string wname = bias ? name.substr(0, name.size() - 4) + "weight" : name;

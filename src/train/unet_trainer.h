@@ -32,6 +32,8 @@ class UNetTrainer {
   // tensor is the trainer's f32 copy; updating the prepared layer from it is apply_param()).
   // Throws naming the parameter if the UNet has none of that name.
   Param& train_param(const std::string& name);
+  // Whether the UNet has a trainable parameter of that name (checks, no side effects).
+  bool has_param(const std::string& name) const;
   // Re-prepares the layer of a trained weight/bias from its f32 value (after an optimiser step).
   void apply_param(const std::string& name);
 
