@@ -21,6 +21,7 @@
 #include "io/tensor_file.h"
 #include "models/canny.h"
 #include "models/controlnet.h"
+#include "models/memory_estimate.h"
 #include "models/name_map.h"
 #include "pipeline/conditioning.h"
 
@@ -116,38 +117,52 @@ std::string num(double v) {
   return buf;
 }
 
-// The widths that set activation memory, read from the checkpoint's tensor shapes without loading
-// it: the UNet's first level and the VAE's first level (0 where unknown).
-Engine::Widths peek_widths(const std::string& path) {
-  Engine::Widths w;
+// A model's configs and parameter count from its tensor shapes, without loading it.
+Engine::ModelShapes peek_shapes(const std::string& path) {
+  Engine::ModelShapes m;
   try {
     TensorFile f = open_model_file(path);
-    const Family fam = summarize_model(f).family;
-    if (fam == Family::Unknown) return w;
-    WeightStore u = component_weights(f, Component::UNet, fam);
-    w.unet = UNetConfig::from_weights(u).block_out_channels.at(0);
-    WeightStore v = component_weights(f, Component::VAE, fam);
-    w.vae = VAEConfig::from_weights(v, 1.0f).block_out_channels.at(0);
+    const ModelSummary sum = summarize_model(f);
+    if (sum.family == Family::Unknown) return m;
+    WeightStore u = component_weights(f, Component::UNet, sum.family);
+    m.unet = UNetConfig::from_weights(u);
+    WeightStore v = component_weights(f, Component::VAE, sum.family);
+    m.vae = VAEConfig::from_weights(v, 1.0f);
+    for (const ComponentSummary& c : sum.components)
+      if (c.component != Component::EMA && c.component != Component::Other) m.params += c.parameters;
+    m.known = true;
   } catch (const std::exception&) {
     // The load reports what is wrong with the file.
   }
-  return w;
+  return m;
 }
 
-// A lower bound on the activation memory of a run at width × height (weights not counted): what
-// the UNet keeps per latent pixel and guidance row (skip connections, the running activation, one
-// block's temporaries: >= ~37 bytes per first-level channel in bf16, ~12 KB for SD's 320) and what
-// the VAE decode keeps per image pixel (>= ~15 bytes per first-level channel in bf16, one tile's
-// pixels when tiled, plus the f32 image). Refusing only runs above it never refuses one that fits.
-size_t activation_estimate(const Request& r, const Engine::Widths& wd, int width, int height, bool bf16) {
-  const double act = bf16 ? 1.0 : 2.0;
-  const double latent_px = double(width / 8) * double(height / 8);
-  const double rows = double(r.batch) * (r.cfg > 1.0 ? 2.0 : 1.0);
-  const double unet = latent_px * rows * 37.0 * wd.unet * act;
-  const double px = double(width) * double(height);
-  const double tile = double(r.vae_tiling.tile_px) * double(r.vae_tiling.tile_px);
-  const double vae = (r.vae_tiling.active(height, width) ? std::min(px, tile) : px) * 15.0 * wd.vae * act + px * 12.0;
-  return size_t(std::max(unet, vae));
+// The peak memory of a run at width × height (models/memory_estimate.h): the weights unless they
+// are resident already, plus the larger of one guided UNet pass and the VAE decode (one tile's
+// working set and the whole image when tiled; the init-image encode of img2img is smaller than
+// the decode). Returns 0 when the model's shapes are unknown.
+struct Footprint {
+  size_t weights = 0, activations = 0;
+};
+Footprint run_footprint(const Request& r, const Engine::ModelShapes& m, int width, int height, Precision p,
+                        WeightFormat wf) {
+  Footprint f;
+  if (!m.known) return f;
+  // bf16 compute: bf16 weights and VAE activations; the UNet keeps f32 activations and converts
+  // up to two inputs per op to bf16.
+  const bool bf16 = p == Precision::BF16 && cpu_features().bf16_fast();
+  const size_t act = bf16 ? 2 : 4;
+  if (!m.loaded) f.weights = size_t(double(m.params) * (wf == WeightFormat::Int8 ? 1.0 : double(act)));
+  const int64_t rows = int64_t(r.batch) * (r.cfg > 1.0 ? 2 : 1);
+  size_t unet = unet_pass_bytes(m.unet, rows, height / 8, width / 8, 4);
+  if (bf16) unet += 2 * 2 * size_t(unet_largest_activation(m.unet, rows, height / 8, width / 8));
+  const bool tiled = r.vae_tiling.active(height, width);
+  const int64_t tile = r.vae_tiling.tile_px;
+  size_t vae = tiled ? vae_decode_bytes(m.vae, std::min<int64_t>(tile, height), std::min<int64_t>(tile, width), act) +
+                           size_t(width) * size_t(height) * 3 * 9  // the blended f32 image, its weights, 8-bit pixels
+                     : vae_decode_bytes(m.vae, height, width, act);
+  f.activations = std::max(unet, vae);
+  return f;
 }
 
 }  // namespace
@@ -343,14 +358,19 @@ double Engine::load(const std::string& path, const Callbacks& cb) {
   return s;
 }
 
-Engine::Widths Engine::widths_of(const std::string& path) const {
+Engine::ModelShapes Engine::shapes_of(const std::string& path) const {
   {  // a loaded model knows its configs; only a model not loaded yet is peeked at
     std::lock_guard<std::mutex> lk(impl_->mu);
     auto it = impl_->models.find(path);
-    if (it != impl_->models.end())
-      return {it->second->model->unet_cfg.block_out_channels.at(0), it->second->model->vae_cfg.block_out_channels.at(0)};
+    if (it != impl_->models.end()) {
+      ModelShapes m;
+      m.known = m.loaded = true;
+      m.unet = it->second->model->unet_cfg;
+      m.vae = it->second->model->vae_cfg;
+      return m;
+    }
   }
-  return peek_widths(path);
+  return peek_shapes(path);
 }
 
 std::vector<std::string> Engine::loaded_models() const {
@@ -455,15 +475,26 @@ LoraApplyReport Engine::set_loras(const std::string& path, const std::vector<Lor
 
 RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* state) {
   validate(req);
+  std::string memory_line;
   {  // sizes whose memory cannot fit are refused with the estimate, before anything loads
     const int w = req.width ? req.width : !req.init.pixels.empty() ? req.init.width : 0;
     const int h = req.height ? req.height : !req.init.pixels.empty() ? req.init.height : 0;
     const size_t avail = available_memory_bytes();
     if (w > 0 && h > 0 && avail > 0) {
-      const size_t need = activation_estimate(req, widths_of(req.model), w, h, precision_ == Precision::BF16);
-      DF_CHECK(need <= avail, "-W/--width, -H/--height ", w, "x", h, " (batch ", req.batch, "): needs at least ",
-               cat(double(need / (1 << 20)) / 1024.0), " GiB for activations, ", cat(double(avail / (1 << 20)) / 1024.0),
+      const Footprint f = run_footprint(req, shapes_of(req.model), w, h, precision_, format_);
+      auto gib = [](size_t b) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%.2f", double(b) / double(size_t(1) << 30));
+        return std::string(buf);
+      };
+      DF_CHECK(f.weights + f.activations <= avail, "-W/--width, -H/--height ", w, "x", h, " (batch ", req.batch,
+               "): needs about ", gib(f.weights + f.activations), " GiB (activations ", gib(f.activations),
+               " GiB", f.weights ? ", weights " + gib(f.weights) + " GiB" : std::string(), "), ", gib(avail),
                " GiB are available; use a smaller size or batch");
+      if (f.activations)  // logged with the model line, once everything is checked
+        memory_line = "memory: about " + gib(f.weights + f.activations) + " GiB at the peak (activations " +
+                      gib(f.activations) + " GiB" + (f.weights ? ", weights " + gib(f.weights) + " GiB" : std::string()) +
+                      "), " + gib(avail) + " GiB available";
     }
   }
   auto log = [&](const std::string& s, bool warn = false) {
@@ -581,6 +612,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
                 precision_name(be.effective_precision()), be.weight_format() == WeightFormat::Int8 ? " (int8 weights)" : "",
                 be.name().c_str(), num_threads());
   log(line);
+  if (!memory_line.empty()) log(memory_line);
   std::snprintf(line, sizeof line, "%s %dx%d, %d steps, %s%s, cfg %s, seed %llu (%s rng)%s",
                 p.mask ? "inpaint" : p.init ? "img2img" : "txt2img", p.width, p.height, p.steps, p.sampler.c_str(),
                 p.schedule == "default" ? "" : (" " + p.schedule).c_str(), num(p.cfg).c_str(),
@@ -604,6 +636,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
       }
     };
   }
+  p.on_warning = [&](const std::string& w) { log("diffuse: warning: " + w, true); };
   bool cancelled = false;
   p.cancelled = [&] { return cancelled; };
   ProgressFn progress = [&](Stage s, int done, int total) {

@@ -146,13 +146,18 @@ class Engine {
   std::string model_hash(const std::string& path, const Callbacks& cb = {});
 
   struct ModelEntry;
-  // First-level widths of a model's UNet and VAE (what activation memory scales with); 0 unknown.
-  struct Widths {
-    int unet = 0, vae = 0;
+  // What the memory check knows of a model before running it: its UNet and VAE configs and
+  // parameter count (from the loaded model, else from the file's tensor shapes), and whether its
+  // weights are already resident.
+  struct ModelShapes {
+    bool known = false, loaded = false;
+    UNetConfig unet;
+    VAEConfig vae;
+    int64_t params = 0;
   };
 
  private:
-  Widths widths_of(const std::string& path) const;  // from the loaded model, else from the file's shapes
+  ModelShapes shapes_of(const std::string& path) const;
   std::shared_ptr<ModelEntry> acquire_model(const std::string& path, bool vae_encoder, const Callbacks& cb,
                                             double* load_s);
   void evict_locked(const ModelEntry* keep);

@@ -63,6 +63,11 @@ struct GenerateParams {
   // Called with each image as soon as it is decoded (index in the batch), before the next one is
   // decoded: callers save finished work even if a later image fails.
   std::function<void(const struct Result&, int index)> on_result;
+  // Warnings for the user (one line each), e.g. a VAE decode retried in fp32.
+  std::function<void(const std::string&)> on_warning;
+  // Tests only: applied to each reduced-precision (bf16) VAE decode's output before it is checked,
+  // to force the fp32 retry path (fault injection).
+  std::function<void(Tensor&)> test_decode_hook;
 };
 
 struct Result {
@@ -75,6 +80,9 @@ enum class Stage { Encode, Denoise, Decode };
 // (stage, done, total): Encode (0,1)->(1,1); Denoise once per model evaluation step; Decode per image.
 using ProgressFn = std::function<void(Stage, int, int)>;
 
+// A VAE decode that runs in reduced precision (bf16 compute/activations) and overflows (a
+// non-finite pixel) is decoded again in fp32 — the decoder loaded once more from model.path with
+// an fp32 backend — with a warning through on_warning; a non-finite fp32 decode is an error.
 // Throws diffuse::Error naming the parameter for invalid settings (size, strength, image sizes,
 // mask without init, sampler), diffuse::Cancelled when p.cancelled says so.
 // `be` runs the ops (one backend object per concurrent run: it keeps conversion buffers) and

@@ -5,6 +5,8 @@
 
 #include "core/error.h"
 #include "core/memory_stats.h"
+#include "io/tensor_file.h"
+#include "models/name_map.h"
 #include "pipeline/conditioning.h"
 #include "pipeline/denoise.h"
 #include "pipeline/generate.h"
@@ -85,6 +87,38 @@ std::vector<uint8_t> binary_mask(const Image& m) {
   for (size_t i = 0; i < out.size(); ++i) out[i] = float(grey_at(m, i)) / 255.0f >= 0.5f ? 1 : 0;
   return out;
 }
+
+}  // namespace
+
+namespace {
+
+bool all_finite(const Tensor& t) {
+  const float* p = t.f32();
+  for (int64_t k = 0, n = t.numel(); k < n; ++k)
+    if (!std::isfinite(p[k])) return false;
+  return true;
+}
+
+// The model's VAE decoder loaded again with an fp32 backend (the retry of a decode that overflowed
+// in bf16): f32 weights, f32 compute, f32 activations.
+struct Fp32Decoder {
+  std::unique_ptr<Backend> be = make_cpu_backend(Precision::F32);
+  VAE vae;
+  explicit Fp32Decoder(const SDModel& model) {
+    const TensorFile f = open_model_file(model.path);
+    WeightStore w = component_weights(f, Component::VAE, model.family);
+    for (const std::string& n : w.names())
+      if (n.rfind("encoder.", 0) == 0 || n.rfind("quant_conv.", 0) == 0) w.ignore(n);
+    vae.load(*be, w, model.vae_cfg, /*encoder=*/false, /*decoder=*/true);
+  }
+  // z: [1, h, w, 4] already divided by the scaling factor -> f32 image [1, H, W, 3]
+  Tensor decode(const Tensor& z, const VAETiling& tiling) {
+    Arena arena;
+    Workspace ws;
+    Ctx c{*be, arena, DType::F32, &ws};
+    return vae.decode(c, z, tiling).to(DType::F32);
+  }
+};
 
 }  // namespace
 
@@ -240,6 +274,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
 
   // Decode, one image at a time.
   std::vector<Result> results;
+  std::unique_ptr<Fp32Decoder> fp32_vae;  // loaded on the first overflow
   for (int64_t b = 0; b < B; ++b) {
     report(Stage::Decode, int(b), int(B));
     Tensor one = lat.slice0(b, b + 1).clone();
@@ -252,13 +287,17 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     Tensor dec = model.vae.decode(ctx, one, p.vae_tiling);
     Tensor d = dec.to(DType::F32);
     arena.reset();
-    {
-      const float* dp = d.f32();
-      bool finite = true;
-      for (int64_t k = 0, n = d.numel(); k < n && finite; ++k) finite = std::isfinite(dp[k]);
-      DF_CHECK(finite, "non-finite image after the VAE decode of image ", b + 1, " of ", B,
-               " (an overflow in ", precision_name(be.effective_precision()), "; --precision fp32 may help)");
+    const bool reduced = be.effective_precision() != Precision::F32;
+    if (reduced && p.test_decode_hook) p.test_decode_hook(d);
+    if (reduced && !all_finite(d)) {
+      if (p.on_warning)
+        p.on_warning("the VAE decode of image " + std::to_string(b + 1) + " overflowed in " +
+                     precision_name(be.effective_precision()) + "; decoding it again in fp32");
+      if (!fp32_vae) fp32_vae = std::make_unique<Fp32Decoder>(model);
+      d = fp32_vae->decode(one, p.vae_tiling);
     }
+    DF_CHECK(all_finite(d), "non-finite image after the VAE decode of image ", b + 1, " of ", B,
+             reduced ? " (also when decoded again in fp32)" : " (in fp32)");
     r.image.width = p.width;
     r.image.height = p.height;
     r.image.channels = 3;
