@@ -3,12 +3,14 @@
 // (src/train/check.h).
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 
 #include "core/error.h"
 #include "io/output_file.h"
 #include "tools/commands.h"
 #include "train/check.h"
+#include "train/lora_trainer.h"
 
 namespace diffuse::tools {
 
@@ -52,11 +54,75 @@ int run_check(CheckFlags& f) {
   return 0;
 }
 
+struct LoraFlags {
+  train::LoraTrainOptions o;
+  std::string output_dir, output_name;
+  double unet_lr = 0, text_encoder_lr = -1;
+  int resolution = 0;
+};
+
+int run_lora(LoraFlags& f) {
+  train::LoraTrainOptions& o = f.o;
+  if (o.output.empty() && !f.output_name.empty())
+    o.output = (std::filesystem::path(f.output_dir.empty() ? "." : f.output_dir) / (f.output_name + ".safetensors")).string();
+  DF_CHECK(!o.output.empty(), "-o/--output (or --output_dir/--output_name) is required");
+  check_input_file(o.model, "-m/--model", /*folder_ok=*/true);
+  DF_CHECK(std::filesystem::is_directory(o.data), "--data ", o.data, ": not a folder");
+  check_output_writable(o.output, "-o/--output");
+  DF_CHECK(f.resolution == 0 || (f.resolution >= 64 && f.resolution <= 4096 && f.resolution % 8 == 0), "--resolution ",
+           f.resolution, ": must be a multiple of 8 in [64, 4096]");
+  o.data_opts.resolution = f.resolution;
+  if (f.unet_lr > 0) o.lr = f.unet_lr;
+  DF_CHECK(f.text_encoder_lr <= 0, "--text_encoder_lr: training the text encoder is not supported yet (UNet LoRA only)");
+  DF_CHECK(o.steps >= 0 && o.epochs >= 0, "--steps/--epochs must not be negative");
+  DF_CHECK(std::isfinite(o.lr) && o.lr > 0 && o.lr < 1, "--lr ", o.lr, ": must be in (0, 1)");
+  train::train_lora(o, [](const std::string& line, bool progress) { std::fprintf(stderr, "%s\n", line.c_str()); });
+  return 0;
+}
+
+void add_lora_command(CLI::App* train, std::shared_ptr<LoraFlags> f) {
+  CLI::App* c = train->add_subcommand("lora", "Train a LoRA on a folder of captioned images (kohya's layout and file format)");
+  train::LoraTrainOptions& o = f->o;
+  c->add_option("-m,--model,--pretrained_model_name_or_path", o.model, "Base model (file or diffusers folder)")->required();
+  c->add_option("--data,--train_data_dir", o.data, "Images with same-name .txt/.caption captions; <repeats>_<name> subfolders")
+      ->required();
+  c->add_option("-o,--output", o.output, "Output LoRA (.safetensors)");
+  c->add_option("--output_dir", f->output_dir, "kohya: output folder (with --output_name)");
+  c->add_option("--output_name", f->output_name, "kohya: output file name without extension");
+  c->add_option("--steps,--max_train_steps", o.steps, "Training steps");
+  c->add_option("--epochs,--max_train_epochs", o.epochs, "Epochs (when --steps is not given)");
+  c->add_option("--lr,--learning_rate", o.lr, "Learning rate (AdamW)")->capture_default_str();
+  c->add_option("--unet_lr", f->unet_lr, "kohya: the UNet's learning rate (overrides --lr)");
+  c->add_option("--text_encoder_lr", f->text_encoder_lr, "kohya: text encoder learning rate (not supported yet)");
+  c->add_option("--batch,--train_batch_size", o.batch, "Batch size")->capture_default_str();
+  c->add_option("--seed", o.seed, "Seed (LoRA init, data order, noise, timesteps)")->capture_default_str();
+  c->add_option("--resolution", f->resolution, "Training resolution (default: the family's native size)");
+  c->add_flag("--buckets,--enable_bucket", o.data_opts.buckets, "Aspect-ratio buckets (64-px steps, area <= resolution²)");
+  c->add_option("--rank,--network_dim", o.rank, "LoRA rank")->capture_default_str();
+  c->add_option("--alpha,--network_alpha", o.alpha, "LoRA alpha (scale alpha/rank)")->capture_default_str();
+  c->add_flag("--shuffle-captions,--shuffle_caption", o.data_opts.shuffle_captions, "Shuffle comma-separated tags");
+  c->add_option("--keep-tokens,--keep_tokens", o.data_opts.keep_tokens, "Tags kept in place when shuffling");
+  c->add_option("--lr-scheduler,--lr_scheduler", o.lr_schedule, "constant, constant_with_warmup, linear, cosine")
+      ->capture_default_str();
+  c->add_option("--lr-warmup-steps,--lr_warmup_steps", o.warmup_steps, "Warmup steps")->capture_default_str();
+  c->add_option("--max-grad-norm,--max_grad_norm", o.max_grad_norm, "Gradient clipping (0: off)")->capture_default_str();
+  c->add_option("--min-snr-gamma,--min_snr_gamma", o.min_snr_gamma, "Min-SNR-γ weighting (0: off)");
+  c->add_option("--noise-offset,--noise_offset", o.noise_offset, "Noise offset");
+  c->add_option("--caption-dropout,--caption_dropout_rate", o.caption_dropout, "Caption dropout rate");
+  c->add_option("--save-precision,--save_precision", o.save_precision, "fp16, bf16 or float")->capture_default_str();
+  c->add_option("--save-every,--save_every_n_steps", o.save_every, "Write an intermediate LoRA every N steps");
+  c->add_option("--validate-every", o.validate_every, "Validation loss every N steps (always at start and end)");
+  c->add_flag("--strict", o.data_opts.strict, "An unreadable image is an error (default: skipped with a warning)");
+  c->callback([f] {});
+}
+
 }  // namespace
 
 Run add_train_command(CLI::App& app) {
-  CLI::App* train = app.add_subcommand("train", "Train models (training checks against PyTorch references)");
+  CLI::App* train = app.add_subcommand("train", "Train models: a LoRA on captioned images; checks against PyTorch references");
   train->require_subcommand(1);
+  auto lf = std::make_shared<LoraFlags>();
+  add_lora_command(train, lf);
   auto f = std::make_shared<CheckFlags>();
   CLI::App* check = train->add_subcommand(
       "check", "Run the training code on a reference's inputs (fp32) and write losses, gradients and AdamW steps "
@@ -73,8 +139,10 @@ Run add_train_command(CLI::App& app) {
   check->add_option("--full-grads", f->full_grads, "Comma-separated UNet parameters (diffusers names) whose "
                                                    "full fine-tuning gradients to write");
   check->add_option("-o,--output", f->opt.output, "Output .safetensors")->required();
-  return [f, check]() -> int {
+  CLI::App* lora = train->get_subcommand("lora");
+  return [f, check, lf, lora]() -> int {
     if (check->parsed()) return run_check(*f);
+    if (lora->parsed()) return run_lora(*lf);
     return 1;
   };
 }

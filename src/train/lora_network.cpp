@@ -1,9 +1,12 @@
 #include "train/lora_network.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <random>
 
 #include "core/error.h"
+#include "io/tensor_file.h"
 #include "models/lora.h"
 
 namespace diffuse::train {
@@ -49,13 +52,61 @@ std::unique_ptr<LoraNetwork> LoraNetwork::from_file(const std::string& path, UNe
     m.layer = pe.w.get();
     net->modules_.push_back(std::move(m));
   }
-  for (LoraModule& m : net->modules_) {
+  net->bind_adapters();
+  return net;
+}
+
+std::unique_ptr<LoraNetwork> LoraNetwork::create_unet(UNet& unet, int rank, float alpha, uint64_t seed) {
+  DF_CHECK(rank >= 1 && rank <= 4096, "--rank ", rank, ": must be in [1, 4096]");
+  DF_CHECK(std::isfinite(alpha) && alpha > 0, "--alpha ", alpha, ": must be a positive number");
+  auto net = std::make_unique<LoraNetwork>();
+  std::mt19937_64 rng(seed);
+  for (auto& [name, e] : unet.prepared()) {
+    // Inside a Transformer2DModel ("…attentions.N.…"), linear or 1×1 convolution.
+    if (name.find("attentions.") == std::string::npos) continue;
+    const Shape& ws = e.checkpoint_shape;
+    const bool pointwise = ws.rank() == 2 || (ws.rank() == 4 && ws[2] == 1 && ws[3] == 1);
+    if (!pointwise) continue;
+    const int64_t out = ws[0], in = ws[1];
+    LoraModule m;
+    m.key = "lora_unet_" + underscored(name.substr(0, name.size() - 7));
+    m.weight_name = name;
+    m.alpha = alpha;
+    const Shape ds = ws.rank() == 4 ? Shape{rank, in, 1, 1} : Shape{rank, in};
+    const Shape us = ws.rank() == 4 ? Shape{out, rank, 1, 1} : Shape{out, rank};
+    m.down = {m.key + ".lora_down.weight", Tensor::empty(ds), Tensor::zeros(ds)};
+    m.up = {m.key + ".lora_up.weight", Tensor::zeros(us), Tensor::zeros(us)};
+    const double bound = 1.0 / std::sqrt(double(in));  // kaiming_uniform_(a=√5): gain √(2/6), bound gain·√(3/in)
+    std::uniform_real_distribution<double> u(-bound, bound);
+    for (int64_t i = 0; i < m.down.value.numel(); ++i) m.down.value.f32()[i] = float(u(rng));
+    m.layer = e.w.get();
+    net->modules_.push_back(std::move(m));
+  }
+  DF_CHECK(!net->modules_.empty(), "LoRA: the UNet has no transformer linear layers to adapt");
+  net->bind_adapters();
+  return net;
+}
+
+void LoraNetwork::save(const std::string& path, DType dtype, const std::map<std::string, std::string>& metadata) const {
+  DF_CHECK(dtype == DType::F32 || dtype == DType::F16 || dtype == DType::BF16, "LoRA: cannot save as ",
+           dtype_name(dtype));
+  std::vector<std::pair<std::string, Tensor>> t;
+  for (auto& [k, v] : tensors("", true)) t.emplace_back(k, k.size() > 6 && k.compare(k.size() - 6, 6, ".alpha") == 0 ? v : v.to(dtype));
+  // kohya's sshs_model_hash (what A1111 shows as the LoRA's hash) is the sha256 of the file's
+  // tensor-data region, which the metadata does not change: write, hash, write with the hash.
+  save_safetensors(path, t, metadata);
+  std::map<std::string, std::string> with_hash = metadata;
+  with_hash["sshs_model_hash"] = lora_hash(path);
+  save_safetensors(path, t, with_hash);
+}
+
+void LoraNetwork::bind_adapters() {
+  for (LoraModule& m : modules_) {
     m.adapter.key = m.key;
     m.adapter.down = m.down.value, m.adapter.up = m.up.value;
     m.adapter.gdown = m.down.grad, m.adapter.gup = m.up.grad;
     m.adapter.scale = m.alpha / float(m.down.value.dim(0));
   }
-  return net;
 }
 
 void LoraNetwork::attach(Grads& g) {

@@ -32,6 +32,16 @@ class LoraNetwork {
   // fit is an error naming the file and key). Tensors are copied to f32.
   static std::unique_ptr<LoraNetwork> from_file(const std::string& path, UNet& unet);
 
+  // A fresh LoRA on kohya's default target set (networks/lora.py): every linear layer and 1×1
+  // convolution inside the UNet's transformers (proj_in/out, attn1/attn2 q/k/v/out, ff.net.0.proj,
+  // ff.net.2: 192 modules for SD 1.5, 722 for SDXL), rank r, alpha; down Kaiming-uniform
+  // (a = √5: U(±1/√in)) from `seed`, up zero (the network starts as the identity).
+  static std::unique_ptr<LoraNetwork> create_unet(UNet& unet, int rank, float alpha, uint64_t seed);
+
+  // Writes the LoRA as kohya's file (keys as tensors(), alpha as a 0-d tensor) in `dtype`
+  // (F32, F16 or BF16) with `metadata`, through the safe writer.
+  void save(const std::string& path, DType dtype, const std::map<std::string, std::string>& metadata) const;
+
   // Adds/removes the adapters in `g` (the layers run without LoRA after detach).
   void attach(Grads& g);
   void detach(Grads& g);
@@ -47,6 +57,7 @@ class LoraNetwork {
   std::vector<std::pair<std::string, Tensor>> gradients(const std::string& prefix) const;
 
  private:
+  void bind_adapters();  // points every module's adapter at its tensors
   std::vector<LoraModule> modules_;
 };
 

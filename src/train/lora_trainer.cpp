@@ -1,0 +1,328 @@
+#include "train/lora_trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <sstream>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/output_file.h"
+#include "pipeline/conditioning.h"
+#include "pipeline/rng.h"
+#include "train/lora_network.h"
+#include "train/unet_trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace diffuse::train {
+
+namespace {
+
+// A generator for step `step`'s draws: runs that stop and resume draw the same numbers.
+std::mt19937_64 step_rng(uint64_t seed, uint64_t step, uint64_t stream) {
+  std::seed_seq s{uint32_t(seed), uint32_t(seed >> 32), uint32_t(step), uint32_t(step >> 32), uint32_t(stream)};
+  return std::mt19937_64(s);
+}
+
+double uniform(std::mt19937_64& g) { return double(g() >> 11) * (1.0 / 9007199254740992.0); }
+
+// One cached training example: the latent (NHWC, × scaling factor) and its conditioning.
+struct Example {
+  Tensor latent;                  // [1, h, w, 4]
+  std::string caption;            // as scanned
+  Tensor time_ids;                // SDXL: [1, 6] (original size, crop top-left, target size)
+  const DatasetItem* item = nullptr;
+};
+
+Tensor concat0(const std::vector<Tensor>& parts) {
+  Shape s = parts[0].shape();
+  s[0] = 0;
+  for (const Tensor& p : parts) s[0] += p.dim(0);
+  Tensor out = Tensor::empty(s);
+  size_t off = 0;
+  for (const Tensor& p : parts) {
+    std::memcpy(static_cast<uint8_t*>(out.data()) + off, p.data(), p.bytes());
+    off += p.bytes();
+  }
+  return out;
+}
+
+std::string fmt(const char* f, double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, f, v);
+  return b;
+}
+
+}  // namespace
+
+LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(const std::string&, bool)>& log) {
+  DF_CHECK(o.steps > 0 || o.epochs > 0, "give --steps N or --epochs N");
+  DF_CHECK(o.batch >= 1 && o.batch <= 64, "--batch ", o.batch, ": must be in [1, 64]");
+  DF_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr ", o.lr, ": must be a positive number");
+  const LrSchedule sched_kind = parse_lr_schedule(o.lr_schedule);
+  DType save_dt = o.save_precision == "fp16" ? DType::F16 : o.save_precision == "bf16" ? DType::BF16 : DType::F32;
+  DF_CHECK(o.save_precision == "fp16" || o.save_precision == "bf16" || o.save_precision == "float" ||
+               o.save_precision == "fp32",
+           "--save-precision ", o.save_precision, ": expected fp16, bf16 or float");
+
+  auto be = make_cpu_backend(Precision::F32);
+  SDLoadOptions lo;
+  lo.vae_decoder = false;
+  log("loading " + o.model, false);
+  std::unique_ptr<SDModel> model = SDModel::load(o.model, *be, lo);
+  const bool sdxl = model->unet_cfg.text_time;
+  const Objective obj = model->family == Family::SD2 ? Objective::V : Objective::Eps;
+  DatasetOptions dopt = o.data_opts;
+  if (dopt.resolution == 0) dopt.resolution = sdxl ? 1024 : model->family == Family::SD2 ? 768 : 512;
+  Dataset data = scan_dataset(o.data, dopt);
+  for (const std::string& w : data.warnings) log("diffuse: warning: " + w, false);
+  log(std::to_string(data.items.size()) + " images, " + std::to_string(data.epoch_length()) +
+          " per epoch with repeats; resolution " + std::to_string(dopt.resolution) + ", objective " + objective_name(obj),
+      false);
+
+  // Latents, once (posterior mean × scaling factor), and captions, once per distinct text.
+  Workspace ws;
+  std::vector<Example> examples;
+  {
+    Arena arena;
+    Ctx c{*be, arena, DType::F32, &ws};
+    for (DatasetItem& it : data.items) {
+      Tensor px = load_training_image(it);
+      VAE::Posterior post = model->vae.encode(c, px);
+      Example e;
+      e.latent = post.mean.to(DType::F32);
+      for (int64_t i = 0; i < e.latent.numel(); ++i) e.latent.f32()[i] *= model->vae_cfg.scaling_factor;
+      e.caption = it.caption;
+      e.item = &it;
+      if (sdxl) {
+        e.time_ids = Tensor::empty({1, 6});
+        const float ids[6] = {float(it.orig_height), float(it.orig_width), float(it.crop_top), float(it.crop_left),
+                              float(it.height), float(it.width)};
+        std::copy(ids, ids + 6, e.time_ids.f32());
+      }
+      examples.push_back(std::move(e));
+      arena.reset();
+    }
+  }
+  std::map<std::string, Conditioning> cond_cache;
+  auto conditioning = [&](const std::string& text) -> const Conditioning& {
+    auto it = cond_cache.find(text);
+    if (it != cond_cache.end()) return it->second;
+    Arena arena;
+    Ctx c{*be, arena, DType::F32, &ws};
+    std::vector<WeightedText> runs = {{text, 1.0f}};  // captions are plain text (no A1111 weights)
+    const std::vector<TokenChunk> ch = chunk_weighted(runs, pad_token(model->family, 0));
+    std::vector<TokenChunk> ch2;
+    if (model->has_te2) ch2 = chunk_weighted(runs, pad_token(model->family, 1));
+    PromptOptions po;
+    Conditioning cd = encode_chunks(c, *model, {ch.front()}, ch2.empty() ? ch2 : std::vector<TokenChunk>{ch2.front()}, po);
+    return cond_cache.emplace(text, cd).first->second;
+  };
+
+  UNetTrainer trainer(*model, *be);
+  std::unique_ptr<LoraNetwork> net = LoraNetwork::create_unet(model->unet, o.rank, o.alpha, o.seed);
+  net->attach(trainer.grads());
+  std::vector<Param*> params = net->params();
+  AdamW adam(params, AdamWOptions{o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
+  log("lora: " + std::to_string(net->modules().size()) + " UNet modules, rank " + std::to_string(o.rank) + ", alpha " +
+          fmt("%g", o.alpha),
+      false);
+
+  const DdpmSchedule sched = DdpmSchedule::sd();
+  const int64_t per_epoch = std::max<int64_t>(1, (data.epoch_length() + o.batch - 1) / o.batch);
+  const int total = o.steps > 0 ? o.steps : int(per_epoch * o.epochs);
+
+  // Epoch order: every item `repeats` times, shuffled per epoch from the seed.
+  auto epoch_order = [&](int64_t epoch) {
+    std::vector<size_t> order;
+    for (size_t i = 0; i < examples.size(); ++i)
+      for (int r = 0; r < examples[i].item->repeats; ++r) order.push_back(i);
+    std::mt19937_64 g = step_rng(o.seed, uint64_t(epoch), 1);
+    std::shuffle(order.begin(), order.end(), g);
+    return order;
+  };
+  // A batch of examples of one latent size (the first example's bucket).
+  auto make_batch = [&](const std::vector<size_t>& idx, std::mt19937_64& g, const std::vector<int>* fixed_t,
+                        const std::vector<Tensor>* fixed_noise, bool for_train) {
+    std::vector<Tensor> x0, noise, ctx, pooled, tids;
+    std::vector<int> ts;
+    auto rng = make_cpu_rng(g());
+    for (size_t k = 0; k < idx.size(); ++k) {
+      const Example& e = examples[idx[k]];
+      x0.push_back(e.latent);
+      noise.push_back(fixed_noise ? (*fixed_noise)[k] : rng->randn(e.latent.shape()));
+      ts.push_back(fixed_t ? (*fixed_t)[k] : sample_timestep(uniform(g)));
+      std::string cap = for_train ? caption_for_step(e.caption, dopt, g) : e.caption;
+      if (for_train && drop_caption(uniform(g), o.caption_dropout)) cap.clear();
+      const Conditioning& cd = conditioning(cap);
+      ctx.push_back(cd.context);
+      if (sdxl) pooled.push_back(cd.pooled), tids.push_back(e.time_ids);
+    }
+    Tensor n = concat0(noise);
+    if (for_train && o.noise_offset != 0) apply_noise_offset(n, o.noise_offset, *rng);
+    struct B {
+      NoisedBatch nb;
+      Tensor ctx, pooled, tids;
+    } b{make_noised_batch(sched, concat0(x0), n, ts, obj), concat0(ctx), sdxl ? concat0(pooled) : Tensor(),
+        sdxl ? concat0(tids) : Tensor()};
+    return b;
+  };
+
+  // Validation: up to 4 examples at fixed timesteps with fixed noise (the raw training loss is
+  // dominated by the random timestep).
+  std::vector<size_t> val_idx;
+  for (size_t i = 0; i < examples.size() && val_idx.size() < 4; ++i) val_idx.push_back(i);
+  const std::vector<int> val_t = {100, 300, 500, 700, 900};
+  std::vector<std::vector<Tensor>> val_noise(val_t.size());
+  {
+    auto r = make_cpu_rng(o.seed ^ 0x5eed);
+    for (auto& vn : val_noise)
+      for (size_t i : val_idx) vn.push_back(r->randn(examples[i].latent.shape()));
+  }
+  auto validation = [&] {
+    double sum = 0;
+    int n = 0;
+    for (size_t k = 0; k < val_t.size(); ++k)
+      for (size_t j = 0; j < val_idx.size(); ++j) {
+        std::mt19937_64 g(0);
+        const std::vector<int> t = {val_t[k]};
+        const std::vector<Tensor> nz = {val_noise[k][j]};
+        auto b = make_batch({val_idx[j]}, g, &t, &nz, false);
+        sum += trainer.run(b.nb, b.ctx, {}, false, 1.0f, sdxl ? &b.pooled : nullptr, sdxl ? &b.tids : nullptr).loss.loss;
+        ++n;
+      }
+    return sum / n;
+  };
+
+  LoraTrainResult res;
+  res.output = o.output;
+  res.val_loss_start = validation();
+  log("validation loss at the start: " + fmt("%.6f", res.val_loss_start), false);
+  // The loss log beside the output (written with the LoRA: step, loss, lr, validation loss).
+  std::ostringstream csv;
+  csv << "step,loss,lr,val_loss\n0,,," << res.val_loss_start << "\n";
+  auto write_csv = [&] {
+    const std::string text = csv.str();
+    write_file_safely(o.output + ".csv", text.data(), text.size());
+  };
+
+  auto metadata = [&](int step) {
+    std::map<std::string, std::string> m = {
+        {"ss_network_module", "networks.lora"},
+        {"ss_network_dim", std::to_string(o.rank)},
+        {"ss_network_alpha", fmt("%g", o.alpha)},
+        {"ss_base_model_version", sdxl ? "sdxl_base_v1-0"
+                                  : model->family == Family::SD2 ? (obj == Objective::V ? "sd_v2_v" : "sd_v2")
+                                                                 : "sd_v1"},
+        {"ss_sd_model_name", fs::path(o.model).filename().string()},
+        {"ss_num_epochs", std::to_string((total + per_epoch - 1) / per_epoch)},
+        {"ss_optimizer", "torch.optim.adamw.AdamW"},
+        {"ss_max_grad_norm", fmt("%g", o.max_grad_norm)},
+        {"ss_shuffle_caption", o.data_opts.shuffle_captions ? "True" : "False"},
+        {"ss_keep_tokens", std::to_string(o.data_opts.keep_tokens)},
+        {"ss_enable_bucket", o.data_opts.buckets ? "True" : "False"},
+        {"ss_cache_latents", "True"},
+        {"ss_caption_dropout_rate", fmt("%g", o.caption_dropout)},
+        {"ss_lr_warmup_steps", std::to_string(o.warmup_steps)},
+        {"modelspec.sai_model_spec", "1.0.1"},
+        {"modelspec.architecture", sdxl ? "stable-diffusion-xl-v1-base/lora"
+                                   : model->family == Family::SD2
+                                       ? (obj == Objective::V ? "stable-diffusion-v2-768-v/lora" : "stable-diffusion-v2-512/lora")
+                                       : "stable-diffusion-v1/lora"},
+        {"modelspec.implementation", sdxl ? "https://github.com/Stability-AI/generative-models" : "diffusers"},
+        {"modelspec.title", fs::path(o.output).stem().string()},
+        {"modelspec.resolution", std::to_string(dopt.resolution) + "x" + std::to_string(dopt.resolution)},
+        {"modelspec.prediction_type", obj == Objective::V ? "v" : "epsilon"},
+        {"ss_v2", model->family == Family::SD2 ? "True" : "False"},
+        {"ss_output_name", fs::path(o.output).stem().string()},
+        {"ss_resolution", "(" + std::to_string(dopt.resolution) + ", " + std::to_string(dopt.resolution) + ")"},
+        {"ss_steps", std::to_string(step)},
+        {"ss_max_train_steps", std::to_string(total)},
+        {"ss_learning_rate", fmt("%g", o.lr)},
+        {"ss_unet_lr", fmt("%g", o.lr)},
+        {"ss_text_encoder_lr", "0"},
+        {"ss_lr_scheduler", lr_schedule_name(sched_kind)},
+        {"ss_batch_size_per_device", std::to_string(o.batch)},
+        {"ss_num_train_images", std::to_string(data.epoch_length())},
+        {"ss_seed", std::to_string(o.seed)},
+        {"ss_min_snr_gamma", fmt("%g", o.min_snr_gamma)},
+        {"ss_noise_offset", fmt("%g", o.noise_offset)},
+        {"ss_training_comment", "trained by diffuse train lora"},
+    };
+    nlohmann::json tf = nlohmann::json::object();
+    for (const auto& [folder, tags] : data.tag_frequency)
+      for (const auto& [tag, n] : tags) tf[folder][tag] = n;
+    m["ss_tag_frequency"] = tf.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    nlohmann::json dirs = nlohmann::json::object();
+    for (const DatasetItem& it : data.items) {
+      const std::string folder = fs::path(it.image_path).parent_path().filename().string();
+      dirs[folder]["n_repeats"] = it.repeats;
+      dirs[folder]["img_count"] = dirs[folder].value("img_count", 0) + 1;
+    }
+    m["ss_dataset_dirs"] = dirs.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    return m;
+  };
+
+  const auto t0 = std::chrono::steady_clock::now();
+  double smooth = 0;
+  int64_t epoch = -1;
+  std::vector<size_t> order;
+  size_t pos = 0;
+  for (int step = 0; step < total; ++step) {
+    if (pos + size_t(o.batch) > order.size()) order = epoch_order(++epoch), pos = 0;
+    std::vector<size_t> idx(order.begin() + int64_t(pos), order.begin() + int64_t(std::min(order.size(), pos + size_t(o.batch))));
+    pos += size_t(o.batch);
+    // One latent size per batch: examples of another bucket wait for a later batch.
+    idx.erase(std::remove_if(idx.begin() + 1, idx.end(),
+                             [&](size_t i) { return examples[i].latent.shape() != examples[idx[0]].latent.shape(); }),
+              idx.end());
+    std::mt19937_64 g = step_rng(o.seed, uint64_t(step), 2);
+    auto b = make_batch(idx, g, nullptr, nullptr, true);
+    const std::vector<float> w = loss_weights(sched, b.nb.timesteps, obj, o.min_snr_gamma);
+    adam.zero_grad();
+    UNetTrainer::Step s = trainer.run(b.nb, b.ctx, w, true, 1.0f, sdxl ? &b.pooled : nullptr, sdxl ? &b.tids : nullptr);
+    DF_CHECK(std::isfinite(s.loss.loss), "the loss became non-finite at step ", step + 1,
+             (step > 0 && o.save_every ? "; the last saved LoRA is kept" : ""), " (try a lower --lr)");
+    clip_grad_norm(params, o.max_grad_norm);
+    const float lr = lr_at(sched_kind, float(o.lr), step, o.warmup_steps, total);
+    adam.step(lr);
+    smooth = step == 0 ? s.loss.loss : 0.95 * smooth + 0.05 * s.loss.loss;
+    const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double its = double(step + 1) / el;
+    csv << step + 1 << "," << s.loss.loss << "," << lr << ",";
+    if (o.validate_every > 0 && (step + 1) % o.validate_every == 0 && step + 1 < total) csv << validation();
+    csv << "\n";
+    const int every = std::max(1, total / 100);  // at most ~100 progress lines
+    if ((step + 1) % every == 0 || step + 1 == total)
+      log("step " + std::to_string(step + 1) + "/" + std::to_string(total) + "  loss " + fmt("%.4f", smooth) + "  lr " +
+            fmt("%.2e", lr) + "  " + fmt("%.2f it/s", its) + "  ETA " + fmt("%.0f s", double(total - step - 1) / its),
+        true);
+    if (o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < total) {
+      const fs::path p(o.output);
+      const std::string inter = (p.parent_path() / (p.stem().string() + "-step" + std::to_string(step + 1))).string() +
+                                p.extension().string();
+      net->save(inter, save_dt, metadata(step + 1));
+      write_csv();
+      log("saved " + inter, false);
+    }
+  }
+  res.steps = total;
+  res.val_loss_end = validation();
+  csv << total << ",,," << res.val_loss_end << "\n";
+  log("validation loss at the end: " + fmt("%.6f", res.val_loss_end) + " (start " + fmt("%.6f", res.val_loss_start) + ")",
+      false);
+  net->save(o.output, save_dt, metadata(total));
+  write_csv();
+  log("wrote " + o.output + " (" + std::to_string(net->modules().size()) + " modules)", false);
+  return res;
+}
+
+}  // namespace diffuse::train

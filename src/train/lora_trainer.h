@@ -1,0 +1,51 @@
+// `diffuse train lora`: a LoRA trained on a folder of captioned images (kohya's dataset layout),
+// written as a kohya file that diffuse, A1111, ComfyUI and diffusers load.
+//
+// The run: scan the data (train/dataset.h); encode every image once with the frozen VAE (posterior
+// mean × scaling factor, cached) and every distinct caption once with the frozen text encoder(s)
+// (per step when captions are shuffled); then steps of: a batch in epoch order (repeats, shuffled
+// per epoch from the seed), noise and timesteps from the seed, the objective's loss, backward into
+// the LoRA (train::UNetTrainer::run, the code `train check` checks), gradient clipping, AdamW with
+// the learning-rate schedule. Every step draws from generators seeded by (seed, step), so a run's
+// numbers do not depend on how it was split into sessions.
+#pragma once
+#include <functional>
+#include <string>
+
+#include "train/dataset.h"
+#include "train/objective.h"
+#include "train/optim.h"
+
+namespace diffuse::train {
+
+struct LoraTrainOptions {
+  std::string model, data, output;
+  int steps = 0, epochs = 0;  // exactly one > 0 (steps win when both are given)
+  int batch = 1;
+  double lr = 1e-4;
+  uint64_t seed = 42;
+  int rank = 4;
+  float alpha = 1.0f;  // kohya's --network_alpha default (scale alpha/rank)
+  DatasetOptions data_opts;  // resolution 0 = the family's native size
+  std::string lr_schedule = "constant";
+  int warmup_steps = 0;
+  double max_grad_norm = 1.0;
+  float min_snr_gamma = 0;
+  float noise_offset = 0;
+  double caption_dropout = 0;
+  double weight_decay = 1e-2;
+  std::string save_precision = "fp16";  // fp16 | bf16 | float
+  int save_every = 0;
+  int validate_every = 0;  // 0: at the start and the end only
+};
+
+struct LoraTrainResult {
+  double val_loss_start = 0, val_loss_end = 0;  // validation loss (fixed noise and timesteps)
+  int steps = 0;
+  std::string output;
+};
+
+// `log(line, progress)`: progress lines (step N/M …) and other lines, for stderr.
+LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(const std::string&, bool)>& log);
+
+}  // namespace diffuse::train
