@@ -66,6 +66,7 @@ int run_lora(LoraFlags& f) {
   if (o.output.empty() && !f.output_name.empty())
     o.output = (std::filesystem::path(f.output_dir.empty() ? "." : f.output_dir) / (f.output_name + ".safetensors")).string();
   DF_CHECK(!o.output.empty(), "-o/--output (or --output_dir/--output_name) is required");
+  if (!o.resume.empty()) check_input_file(o.resume, "--resume");
   check_input_file(o.model, "-m/--model", /*folder_ok=*/true);
   DF_CHECK(std::filesystem::is_directory(o.data), "--data ", o.data, ": not a folder");
   check_output_writable(o.output, "-o/--output");
@@ -113,6 +114,7 @@ void add_lora_command(CLI::App* train, std::shared_ptr<LoraFlags> f) {
   c->add_option("--save-every,--save_every_n_steps", o.save_every, "Write an intermediate LoRA every N steps");
   c->add_option("--validate-every", o.validate_every, "Validation loss every N steps (always at start and end)");
   c->add_flag("--strict", o.data_opts.strict, "An unreadable image is an error (default: skipped with a warning)");
+  c->add_option("--resume", o.resume, "Continue from a state file (OUT.state.safetensors, written with every saved LoRA)");
   c->callback([f] {});
 }
 

@@ -15,6 +15,7 @@
 
 #include "core/error.h"
 #include "io/output_file.h"
+#include "io/tensor_file.h"
 #include "pipeline/conditioning.h"
 #include "pipeline/rng.h"
 #include "train/lora_network.h"
@@ -62,6 +63,21 @@ std::string fmt(const char* f, double v) {
 }
 
 }  // namespace
+
+// What a state file must agree on to continue a run.
+std::string run_fingerprint(const LoraTrainOptions& o, const Dataset& data, int total, int resolution) {
+  nlohmann::json j;
+  j["model"] = fs::path(o.model).filename().string();
+  j["model_bytes"] = fs::is_regular_file(o.model) ? int64_t(fs::file_size(o.model)) : int64_t(0);
+  j["images"] = data.items.size();
+  j["epoch_length"] = data.epoch_length();
+  j["rank"] = o.rank, j["alpha"] = o.alpha, j["batch"] = o.batch, j["seed"] = o.seed, j["lr"] = o.lr;
+  j["resolution"] = resolution, j["buckets"] = o.data_opts.buckets, j["steps"] = total;
+  j["lr_scheduler"] = o.lr_schedule, j["warmup"] = o.warmup_steps, j["min_snr_gamma"] = o.min_snr_gamma;
+  j["noise_offset"] = o.noise_offset, j["caption_dropout"] = o.caption_dropout, j["weight_decay"] = o.weight_decay;
+  j["max_grad_norm"] = o.max_grad_norm, j["shuffle"] = o.data_opts.shuffle_captions, j["keep"] = o.data_opts.keep_tokens;
+  return j.dump();
+}
 
 LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(const std::string&, bool)>& log) {
   DF_CHECK(o.steps > 0 || o.epochs > 0, "give --steps N or --epochs N");
@@ -176,6 +192,56 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
     return b;
   };
 
+  // Resume: weights, AdamW moments and the step from a state file of this very run.
+  const std::string fingerprint = run_fingerprint(o, data, total, dopt.resolution);
+  const std::string state_path = o.output + ".state.safetensors";
+  int start_step = 0;
+  std::string csv_before;
+  if (!o.resume.empty()) {
+    const TensorFile st = open_model_file(o.resume);
+    auto meta = [&](const char* k) {
+      auto it = st.metadata.find(k);
+      DF_CHECK(it != st.metadata.end(), o.resume, ": not a diffuse training state (no ", k, ")");
+      return it->second;
+    };
+    const std::string theirs = meta("diffuse_run");
+    if (theirs != fingerprint) {
+      const nlohmann::json a = nlohmann::json::parse(theirs, nullptr, false), b = nlohmann::json::parse(fingerprint);
+      std::string diff;
+      if (a.is_object())
+        for (auto it = b.begin(); it != b.end(); ++it)
+          if (!a.contains(it.key()) || a[it.key()] != it.value())
+            diff += (diff.empty() ? "" : ", ") + it.key() + " (state " + (a.contains(it.key()) ? a[it.key()].dump() : "-") +
+                    ", now " + it.value().dump() + ")";
+      fail("--resume ", o.resume, ": the state is from another model, dataset or settings: ", diff.empty() ? "unreadable" : diff);
+    }
+    start_step = std::stoi(meta("diffuse_step"));
+    csv_before = meta("diffuse_csv");
+    std::vector<Tensor> m, v;
+    for (Param* p : params) {
+      auto get = [&](const std::string& k) {
+        const Tensor* t = st.find(k);
+        DF_CHECK(t && t->shape() == p->value.shape(), o.resume, ": ", k, " is missing or mis-shaped");
+        return t->to(DType::F32);
+      };
+      p->value.copy_from(get("lora." + p->name));
+      m.push_back(get("adam.exp_avg." + p->name));
+      v.push_back(get("adam.exp_avg_sq." + p->name));
+    }
+    adam.set_state(start_step, std::move(m), std::move(v));
+    log("resuming at step " + std::to_string(start_step) + "/" + std::to_string(total) + " from " + o.resume, false);
+  }
+  auto write_state = [&](int step, const std::string& csv_text) {
+    std::vector<std::pair<std::string, Tensor>> t;
+    for (size_t i = 0; i < params.size(); ++i) {
+      t.emplace_back("lora." + params[i]->name, params[i]->value.clone());
+      t.emplace_back("adam.exp_avg." + params[i]->name, adam.exp_avg(i).clone());
+      t.emplace_back("adam.exp_avg_sq." + params[i]->name, adam.exp_avg_sq(i).clone());
+    }
+    save_safetensors(state_path, t,
+                     {{"diffuse_run", fingerprint}, {"diffuse_step", std::to_string(step)}, {"diffuse_csv", csv_text}});
+  };
+
   // Validation: up to 4 examples at fixed timesteps with fixed noise (the raw training loss is
   // dominated by the random timestep).
   std::vector<size_t> val_idx;
@@ -208,7 +274,8 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   log("validation loss at the start: " + fmt("%.6f", res.val_loss_start), false);
   // The loss log beside the output (written with the LoRA: step, loss, lr, validation loss).
   std::ostringstream csv;
-  csv << "step,loss,lr,val_loss\n0,,," << res.val_loss_start << "\n";
+  if (csv_before.empty()) csv << "step,loss,lr,val_loss\n0,,," << res.val_loss_start << "\n";
+  else csv << csv_before;
   auto write_csv = [&] {
     const std::string text = csv.str();
     write_file_safely(o.output + ".csv", text.data(), text.size());
@@ -276,7 +343,11 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   int64_t epoch = -1;
   std::vector<size_t> order;
   size_t pos = 0;
-  for (int step = 0; step < total; ++step) {
+  for (int step = 0; step < start_step; ++step) {  // a resumed run: where the data order stands
+    if (pos + size_t(o.batch) > order.size()) order = epoch_order(++epoch), pos = 0;
+    pos += size_t(o.batch);
+  }
+  for (int step = start_step; step < total; ++step) {
     if (pos + size_t(o.batch) > order.size()) order = epoch_order(++epoch), pos = 0;
     std::vector<size_t> idx(order.begin() + int64_t(pos), order.begin() + int64_t(std::min(order.size(), pos + size_t(o.batch))));
     pos += size_t(o.batch);
@@ -311,6 +382,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
                                 p.extension().string();
       net->save(inter, save_dt, metadata(step + 1));
       write_csv();
+      write_state(step + 1, csv.str());
       log("saved " + inter, false);
     }
   }
@@ -321,6 +393,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
       false);
   net->save(o.output, save_dt, metadata(total));
   write_csv();
+  write_state(total, csv.str());
   log("wrote " + o.output + " (" + std::to_string(net->modules().size()) + " modules)", false);
   return res;
 }

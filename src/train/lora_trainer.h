@@ -7,7 +7,7 @@
 // per epoch from the seed), noise and timesteps from the seed, the objective's loss, backward into
 // the LoRA (train::UNetTrainer::run, the code `train check` checks), gradient clipping, AdamW with
 // the learning-rate schedule. Every step draws from generators seeded by (seed, step), so a run's
-// numbers do not depend on how it was split into sessions.
+// numbers do not depend on how it was split into sessions (--resume).
 #pragma once
 #include <functional>
 #include <string>
@@ -36,6 +36,11 @@ struct LoraTrainOptions {
   double weight_decay = 1e-2;
   std::string save_precision = "fp16";  // fp16 | bf16 | float
   int save_every = 0;
+  // Resume: a state file (written beside the output as OUT.state.safetensors with every saved
+  // LoRA) continues a run: LoRA weights, AdamW moments, the step; the data order, noise and
+  // timesteps of every step come from (seed, step), so the result is bit-identical to a run that
+  // was never interrupted. The state must come from the same model, data and settings.
+  std::string resume;
   int validate_every = 0;  // 0: at the start and the end only
 };
 
