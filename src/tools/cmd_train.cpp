@@ -74,7 +74,7 @@ int run_lora(LoraFlags& f) {
            f.resolution, ": must be a multiple of 8 in [64, 4096]");
   o.data_opts.resolution = f.resolution;
   if (f.unet_lr > 0) o.lr = f.unet_lr;
-  DF_CHECK(f.text_encoder_lr <= 0, "--text_encoder_lr: training the text encoder is not supported yet (UNet LoRA only)");
+  if (f.text_encoder_lr > 0) o.text_encoder_lr = f.text_encoder_lr;
   DF_CHECK(o.steps >= 0 && o.epochs >= 0, "--steps/--epochs must not be negative");
   DF_CHECK(std::isfinite(o.lr) && o.lr > 0 && o.lr < 1, "--lr ", o.lr, ": must be in (0, 1)");
   train::train_lora(o, [](const std::string& line, bool progress) { std::fprintf(stderr, "%s\n", line.c_str()); });
@@ -94,7 +94,9 @@ void add_lora_command(CLI::App* train, std::shared_ptr<LoraFlags> f) {
   c->add_option("--epochs,--max_train_epochs", o.epochs, "Epochs (when --steps is not given)");
   c->add_option("--lr,--learning_rate", o.lr, "Learning rate (AdamW)")->capture_default_str();
   c->add_option("--unet_lr", f->unet_lr, "kohya: the UNet's learning rate (overrides --lr)");
-  c->add_option("--text_encoder_lr", f->text_encoder_lr, "kohya: text encoder learning rate (not supported yet)");
+  c->add_option("--text-encoder-lr,--text_encoder_lr", f->text_encoder_lr, "Text encoder learning rate (default: --lr)");
+  c->add_flag("--train-text-encoder,--train_text_encoder", o.train_text_encoder,
+              "Also train a LoRA on the text encoder (SD 1.x/2.x)");
   c->add_option("--batch,--train_batch_size", o.batch, "Batch size")->capture_default_str();
   c->add_option("--seed", o.seed, "Seed (LoRA init, data order, noise, timesteps)")->capture_default_str();
   c->add_option("--resolution", f->resolution, "Training resolution (default: the family's native size)");

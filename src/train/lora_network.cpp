@@ -56,6 +56,43 @@ std::unique_ptr<LoraNetwork> LoraNetwork::from_file(const std::string& path, UNe
   return net;
 }
 
+// A fresh module (kohya's init) on the prepared layer `name` of a model, key prefix + path.
+static LoraModule fresh_module(const std::string& prefix, const std::string& name, const PreparedEntry& e, int rank,
+                               float alpha, std::mt19937_64& rng) {
+  const Shape& ws = e.checkpoint_shape;
+  const int64_t out = ws[0], in = ws[1];
+  LoraModule m;
+  m.key = prefix + "_" + underscored(name.substr(0, name.size() - 7));
+  m.weight_name = name;
+  m.alpha = alpha;
+  const Shape ds = ws.rank() == 4 ? Shape{rank, in, 1, 1} : Shape{rank, in};
+  const Shape us = ws.rank() == 4 ? Shape{out, rank, 1, 1} : Shape{out, rank};
+  m.down = {m.key + ".lora_down.weight", Tensor::empty(ds), Tensor::zeros(ds)};
+  m.up = {m.key + ".lora_up.weight", Tensor::zeros(us), Tensor::zeros(us)};
+  const double bound = 1.0 / std::sqrt(double(in));  // kaiming_uniform_(a=√5): gain √(2/6), bound gain·√(3/in)
+  std::uniform_real_distribution<double> u(-bound, bound);
+  for (int64_t i = 0; i < m.down.value.numel(); ++i) m.down.value.f32()[i] = float(u(rng));
+  m.layer = e.w.get();
+  return m;
+}
+
+int LoraNetwork::add_text_encoder(ClipTextModel& te, const std::string& prefix, int rank, float alpha, uint64_t seed,
+                                  float lr_scale) {
+  DF_CHECK(rank >= 1 && rank <= 4096, "--rank ", rank, ": must be in [1, 4096]");
+  std::mt19937_64 rng(seed ^ 0x7e7e7e7eULL);
+  int n = 0;
+  for (auto& [name, e] : te.prepared()) {
+    if (name.find(".self_attn.") == std::string::npos && name.find(".mlp.") == std::string::npos) continue;
+    LoraModule m = fresh_module(prefix, name, e, rank, alpha, rng);
+    m.down.lr_scale = m.up.lr_scale = lr_scale;
+    modules_.push_back(std::move(m));
+    ++n;
+  }
+  DF_CHECK(n > 0, "LoRA: the text encoder has no attention/MLP layers to adapt");
+  bind_adapters();
+  return n;
+}
+
 std::unique_ptr<LoraNetwork> LoraNetwork::create_unet(UNet& unet, int rank, float alpha, uint64_t seed) {
   DF_CHECK(rank >= 1 && rank <= 4096, "--rank ", rank, ": must be in [1, 4096]");
   DF_CHECK(std::isfinite(alpha) && alpha > 0, "--alpha ", alpha, ": must be a positive number");
@@ -67,20 +104,7 @@ std::unique_ptr<LoraNetwork> LoraNetwork::create_unet(UNet& unet, int rank, floa
     const Shape& ws = e.checkpoint_shape;
     const bool pointwise = ws.rank() == 2 || (ws.rank() == 4 && ws[2] == 1 && ws[3] == 1);
     if (!pointwise) continue;
-    const int64_t out = ws[0], in = ws[1];
-    LoraModule m;
-    m.key = "lora_unet_" + underscored(name.substr(0, name.size() - 7));
-    m.weight_name = name;
-    m.alpha = alpha;
-    const Shape ds = ws.rank() == 4 ? Shape{rank, in, 1, 1} : Shape{rank, in};
-    const Shape us = ws.rank() == 4 ? Shape{out, rank, 1, 1} : Shape{out, rank};
-    m.down = {m.key + ".lora_down.weight", Tensor::empty(ds), Tensor::zeros(ds)};
-    m.up = {m.key + ".lora_up.weight", Tensor::zeros(us), Tensor::zeros(us)};
-    const double bound = 1.0 / std::sqrt(double(in));  // kaiming_uniform_(a=√5): gain √(2/6), bound gain·√(3/in)
-    std::uniform_real_distribution<double> u(-bound, bound);
-    for (int64_t i = 0; i < m.down.value.numel(); ++i) m.down.value.f32()[i] = float(u(rng));
-    m.layer = e.w.get();
-    net->modules_.push_back(std::move(m));
+    net->modules_.push_back(fresh_module("lora_unet", name, e, rank, alpha, rng));
   }
   DF_CHECK(!net->modules_.empty(), "LoRA: the UNet has no transformer linear layers to adapt");
   net->bind_adapters();

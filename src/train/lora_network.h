@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "models/clip_text.h"
 #include "models/unet.h"
 #include "nn/grad.h"
 #include "train/optim.h"
@@ -37,6 +38,12 @@ class LoraNetwork {
   // ff.net.2: 192 modules for SD 1.5, 722 for SDXL), rank r, alpha; down Kaiming-uniform
   // (a = √5: U(±1/√in)) from `seed`, up zero (the network starts as the identity).
   static std::unique_ptr<LoraNetwork> create_unet(UNet& unet, int rank, float alpha, uint64_t seed);
+  // Adds kohya's text-encoder targets (every linear of the attention and MLP of each layer:
+  // self_attn.{q,k,v,out}_proj, mlp.fc1/fc2 — 72 modules for CLIP-L) under `prefix` ("lora_te",
+  // SDXL: "lora_te1"/"lora_te2"), initialised as create_unet does, with learning-rate scale
+  // `lr_scale` (text_encoder_lr / unet_lr). Returns how many modules were added.
+  int add_text_encoder(ClipTextModel& te, const std::string& prefix, int rank, float alpha, uint64_t seed,
+                       float lr_scale = 1.0f);
 
   // Writes the LoRA as kohya's file (keys as tensors(), alpha as a 0-d tensor) in `dtype`
   // (F32, F16 or BF16) with `metadata`, through the safe writer.

@@ -17,6 +17,7 @@
 #include "io/output_file.h"
 #include "io/tensor_file.h"
 #include "pipeline/conditioning.h"
+#include "models/name_map.h"
 #include "pipeline/rng.h"
 #include "train/lora_network.h"
 #include "train/unet_trainer.h"
@@ -75,6 +76,7 @@ std::string run_fingerprint(const LoraTrainOptions& o, const Dataset& data, int 
   j["resolution"] = resolution, j["buckets"] = o.data_opts.buckets, j["steps"] = total;
   j["lr_scheduler"] = o.lr_schedule, j["warmup"] = o.warmup_steps, j["min_snr_gamma"] = o.min_snr_gamma;
   j["noise_offset"] = o.noise_offset, j["caption_dropout"] = o.caption_dropout, j["weight_decay"] = o.weight_decay;
+  j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;
   j["max_grad_norm"] = o.max_grad_norm, j["shuffle"] = o.data_opts.shuffle_captions, j["keep"] = o.data_opts.keep_tokens;
   return j.dump();
 }
@@ -145,11 +147,21 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
 
   UNetTrainer trainer(*model, *be);
   std::unique_ptr<LoraNetwork> net = LoraNetwork::create_unet(model->unet, o.rank, o.alpha, o.seed);
+  int te_modules = 0;
+  if (o.train_text_encoder) {
+    DF_CHECK(!sdxl, "--train-text-encoder: text-encoder LoRA training is supported for SD 1.x/2.x (not SDXL yet)");
+    const TensorFile f = open_model_file(o.model);
+    register_layers(trainer.grads(), model->te.prepared(), model->te.norms(),
+                    component_weights(f, Component::TextEncoder, model->family));
+    const double te_lr = o.text_encoder_lr > 0 ? o.text_encoder_lr : o.lr;
+    te_modules = net->add_text_encoder(model->te, "lora_te", o.rank, o.alpha, o.seed, float(te_lr / o.lr));
+  }
   net->attach(trainer.grads());
   std::vector<Param*> params = net->params();
   AdamW adam(params, AdamWOptions{o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
-  log("lora: " + std::to_string(net->modules().size()) + " UNet modules, rank " + std::to_string(o.rank) + ", alpha " +
-          fmt("%g", o.alpha),
+  log("lora: " + std::to_string(net->modules().size() - size_t(te_modules)) + " UNet modules" +
+          (te_modules ? ", " + std::to_string(te_modules) + " text encoder modules" : std::string()) + ", rank " +
+          std::to_string(o.rank) + ", alpha " + fmt("%g", o.alpha),
       false);
 
   const DdpmSchedule sched = DdpmSchedule::sd();
@@ -169,6 +181,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   auto make_batch = [&](const std::vector<size_t>& idx, std::mt19937_64& g, const std::vector<int>* fixed_t,
                         const std::vector<Tensor>* fixed_noise, bool for_train) {
     std::vector<Tensor> x0, noise, ctx, pooled, tids;
+    std::vector<std::vector<int>> ids;
     std::vector<int> ts;
     auto rng = make_cpu_rng(g());
     for (size_t k = 0; k < idx.size(); ++k) {
@@ -178,6 +191,10 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
       ts.push_back(fixed_t ? (*fixed_t)[k] : sample_timestep(uniform(g)));
       std::string cap = for_train ? caption_for_step(e.caption, dopt, g) : e.caption;
       if (for_train && drop_caption(uniform(g), o.caption_dropout)) cap.clear();
+      if (o.train_text_encoder) {  // encoded by the (training) text encoder with the batch
+        ids.push_back(chunk_weighted({{cap, 1.0f}}, pad_token(model->family, 0)).front().ids);
+        continue;
+      }
       const Conditioning& cd = conditioning(cap);
       ctx.push_back(cd.context);
       if (sdxl) pooled.push_back(cd.pooled), tids.push_back(e.time_ids);
@@ -187,9 +204,24 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
     struct B {
       NoisedBatch nb;
       Tensor ctx, pooled, tids;
-    } b{make_noised_batch(sched, concat0(x0), n, ts, obj), concat0(ctx), sdxl ? concat0(pooled) : Tensor(),
-        sdxl ? concat0(tids) : Tensor()};
+      std::vector<std::vector<int>> ids;
+    } b{make_noised_batch(sched, concat0(x0), n, ts, obj), ctx.empty() ? Tensor() : concat0(ctx),
+        sdxl ? concat0(pooled) : Tensor(), sdxl ? concat0(tids) : Tensor(), ids};
     return b;
+  };
+  // One step (backward) or evaluation of a batch; with the text encoder in training, its forward
+  // (and backward, from the UNet's context gradient) runs here with the LoRA's adapters.
+  auto run_batch = [&](auto& b, const std::vector<float>& w, bool backward) {
+    if (!o.train_text_encoder)
+      return trainer.run(b.nb, b.ctx, w, backward, 1.0f, sdxl ? &b.pooled : nullptr, sdxl ? &b.tids : nullptr);
+    Arena arena;
+    Ctx c{*be, arena, DType::F32, &ws, &trainer.grads()};
+    ClipTextModel::Trace tr;
+    const Tensor context = model->te.forward_train(c, b.ids, 0, tr).last_hidden;
+    Tensor dctx = Tensor::zeros(context.shape());
+    UNetTrainer::Step s = trainer.run(b.nb, context, w, backward, 1.0f, nullptr, nullptr, backward ? &dctx : nullptr);
+    if (backward) model->te.backward(c, tr, dctx, Tensor(), Tensor());
+    return s;
   };
 
   // Resume: weights, AdamW moments and the step from a state file of this very run.
@@ -262,7 +294,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
         const std::vector<int> t = {val_t[k]};
         const std::vector<Tensor> nz = {val_noise[k][j]};
         auto b = make_batch({val_idx[j]}, g, &t, &nz, false);
-        sum += trainer.run(b.nb, b.ctx, {}, false, 1.0f, sdxl ? &b.pooled : nullptr, sdxl ? &b.tids : nullptr).loss.loss;
+        sum += run_batch(b, {}, false).loss.loss;
         ++n;
       }
     return sum / n;
@@ -315,7 +347,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
         {"ss_max_train_steps", std::to_string(total)},
         {"ss_learning_rate", fmt("%g", o.lr)},
         {"ss_unet_lr", fmt("%g", o.lr)},
-        {"ss_text_encoder_lr", "0"},
+        {"ss_text_encoder_lr", o.train_text_encoder ? fmt("%g", o.text_encoder_lr > 0 ? o.text_encoder_lr : o.lr) : "0"},
         {"ss_lr_scheduler", lr_schedule_name(sched_kind)},
         {"ss_batch_size_per_device", std::to_string(o.batch)},
         {"ss_num_train_images", std::to_string(data.epoch_length())},
@@ -359,7 +391,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
     auto b = make_batch(idx, g, nullptr, nullptr, true);
     const std::vector<float> w = loss_weights(sched, b.nb.timesteps, obj, o.min_snr_gamma);
     adam.zero_grad();
-    UNetTrainer::Step s = trainer.run(b.nb, b.ctx, w, true, 1.0f, sdxl ? &b.pooled : nullptr, sdxl ? &b.tids : nullptr);
+    UNetTrainer::Step s = run_batch(b, w, true);
     DF_CHECK(std::isfinite(s.loss.loss), "the loss became non-finite at step ", step + 1,
              (step > 0 && o.save_every ? "; the last saved LoRA is kept" : ""), " (try a lower --lr)");
     clip_grad_norm(params, o.max_grad_norm);

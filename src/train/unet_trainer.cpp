@@ -75,7 +75,8 @@ void UNetTrainer::apply_param(const std::string& name) {
 }
 
 UNetTrainer::Step UNetTrainer::run(const NoisedBatch& batch, const Tensor& context, const std::vector<float>& weights,
-                                   bool backward, float grad_scale, const Tensor* text_embeds, const Tensor* time_ids) {
+                                   bool backward, float grad_scale, const Tensor* text_embeds, const Tensor* time_ids,
+                                   Tensor* dcontext) {
   Arena arena;
   Ctx c{be_, arena, DType::F32, &ws_, &grads_};
   std::vector<float> t(batch.timesteps.begin(), batch.timesteps.end());
@@ -84,7 +85,7 @@ UNetTrainer::Step UNetTrainer::run(const NoisedBatch& batch, const Tensor& conte
   Step s;
   s.pred = pred.clone();
   s.loss = mse_loss(s.pred, batch.target, weights, grad_scale);
-  if (backward) model_.unet.backward(c, trace, s.loss.dpred, nullptr, nullptr);
+  if (backward) model_.unet.backward(c, trace, s.loss.dpred, nullptr, dcontext);
   return s;
 }
 

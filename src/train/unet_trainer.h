@@ -44,8 +44,11 @@ class UNetTrainer {
   // Forward + loss (+ backward when `backward`): gradients add into the trained parameters
   // (grad_scale multiplies them: 1/accumulation steps). context: [B, S, ctx];
   // text_embeds/time_ids for SDXL.
+  // dcontext (with backward): receives dL/dcontext (f32, context's shape), for training the
+  // text encoder that produced the context.
   Step run(const NoisedBatch& batch, const Tensor& context, const std::vector<float>& weights, bool backward,
-           float grad_scale = 1.0f, const Tensor* text_embeds = nullptr, const Tensor* time_ids = nullptr);
+           float grad_scale = 1.0f, const Tensor* text_embeds = nullptr, const Tensor* time_ids = nullptr,
+           Tensor* dcontext = nullptr);
 
  private:
   SDModel& model_;

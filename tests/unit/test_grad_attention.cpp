@@ -376,7 +376,7 @@ TEST(GradAttention, SingleKeyGivesExactZeros) {
 // Nq and Nk above the kernel's 64-row/64-key blocks and not multiples of them, against the
 // analytic double backward; once with o from the double forward, once from the f32 forward.
 TEST(GradAttention, BlockBoundariesAnalytic) {
-  for (const Dims& p : {Dims{2, 2, 70, 131, 16, 0.3}, Dims{1, 3, 129, 65, 7, 0.5}}) {
+  for (const Dims& p : {Dims{2, 2, 70, 131, 16, 0.3}, Dims{1, 3, 129, 65, 7, 0.5}, Dims{2, 8, 64, 77, 4, 0.5}, Dims{2, 8, 16, 77, 8, 0.5}, Dims{2, 8, 4, 77, 16, 0.5}, Dims{2, 8, 1, 77, 16, 0.5}}) {
     const Problem pr = make_problem(p, 4, 1.5);
     const RefBackward an = ref_backward(p, pr.q, pr.k, pr.v, pr.dO);
     check_gradients("f32 kernel vs analytic (o from double)", p, run_kernel(pr), an.g, an, 0);
