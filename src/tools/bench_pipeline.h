@@ -26,6 +26,10 @@ std::string resolve_model(const PipelineBenchOptions& o, bool& synthetic);
 // `diffuse bench lora`: model load vs LoRA switches in the loaded model (engine), as JSON.
 int run_lora_bench(const PipelineBenchOptions& o, int threads, const std::string& precision, int rank, int repeats);
 
+// `diffuse bench train`: the LoRA training step (rank `rank`, batch 1, fp32) on o.model at o.size,
+// o.steps timed steps, as JSON (bench_train.cpp).
+int run_train_bench(const PipelineBenchOptions& o, int threads, int rank);
+
 void add_pipeline_bench_options(CLI::App* cmd, PipelineBenchOptions& o);
 int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::string& precision);
 // `diffuse bench quality`: the same txt2img run in fp32, bf16 and int8 weights; cosine similarity

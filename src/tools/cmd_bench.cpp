@@ -142,9 +142,10 @@ Run add_bench_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "bench", "Benchmarks, JSON on stdout: `diffuse bench --model sd15` (txt2img, full size) or `diffuse bench ops`");
   cmd->add_option("what", o->what,
-                  "pipeline (default), ops, quality (fp32 vs bf16 vs int8 latents) or lora (LoRA switch vs model load)")
-      ->check(CLI::IsMember({"pipeline", "ops", "quality", "lora"}));
-  cmd->add_option("--lora-rank", o->lora_rank, "lora: rank of the synthetic LoRAs (default 16)")->check(CLI::Range(1, 1024));
+                  "pipeline (default), ops, quality (fp32 vs bf16 vs int8 latents), lora (LoRA switch vs model load) or "
+                  "train (LoRA training step)")
+      ->check(CLI::IsMember({"pipeline", "ops", "quality", "lora", "train"}));
+  cmd->add_option("--lora-rank", o->lora_rank, "lora, train: LoRA rank (default 16)")->check(CLI::Range(1, 1024));
   cmd->add_option("--repeats", o->repeats, "timed repeats (the median is reported)")->check(CLI::Range(1, 1000));
   cmd->add_option("-t,--threads", o->threads, "threads (default: physical cores)")->check(CLI::Range(0, 1024));
   cmd->add_option("--precision", o->precision, "fp32, bf16, auto (pipeline default) or both (ops default)")
@@ -157,6 +158,7 @@ Run add_bench_command(CLI::App& app) {
       return bench_ops(*o);
     }
     if (o->what == "quality") return run_quality_bench(*po, o->threads);
+    if (o->what == "train") return run_train_bench(*po, o->threads, o->lora_rank);
     if (o->what == "lora")
       return run_lora_bench(*po, o->threads, o->precision.empty() ? "auto" : o->precision, o->lora_rank, o->repeats);
     return run_pipeline_bench(*po, o->threads, o->precision.empty() ? "auto" : o->precision);
