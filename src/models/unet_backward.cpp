@@ -107,7 +107,9 @@ void UNet::backward(Ctx& c, const UNetTrace& tr, const Tensor& dy, Tensor* dx, T
   // Recomputation scratch: one block's intermediates and its backward's temporaries, freed after
   // the block. Gradients that outlive a block (the running gradient, skip gradients, dsemb) live
   // in the caller's arena.
-  Arena scratch;
+  Arena local;  // the workspace's block-temporaries arena when there is one: it keeps its size
+  Arena& scratch = c.ws ? c.ws->scratch(Workspace::kUNet).arenas[0] : local;
+  scratch.reset();
   Ctx tc{c.be, scratch, DType::F32, c.ws, c.grads};
   size_t next = tr.inputs.size();
   auto input = [&]() -> const Tensor& {

@@ -91,6 +91,16 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
                o.save_precision == "fp32",
            "--save-precision ", o.save_precision, ": expected fp16, bf16 or float");
 
+  // The data first (a folder without usable images fails before the model loads); the default
+  // resolution is the family's native size, from the file's tensor names.
+  DatasetOptions dopt = o.data_opts;
+  if (dopt.resolution == 0) {
+    const Family fam = summarize_model(open_model_file(o.model)).family;
+    dopt.resolution = fam == Family::SDXL ? 1024 : fam == Family::SD2 ? 768 : 512;
+  }
+  Dataset data = scan_dataset(o.data, dopt);
+  for (const std::string& w : data.warnings) log("diffuse: warning: " + w, false);
+
   auto be = make_cpu_backend(Precision::F32);
   SDLoadOptions lo;
   lo.vae_decoder = false;
@@ -98,10 +108,6 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   std::unique_ptr<SDModel> model = SDModel::load(o.model, *be, lo);
   const bool sdxl = model->unet_cfg.text_time;
   const Objective obj = model->family == Family::SD2 ? Objective::V : Objective::Eps;
-  DatasetOptions dopt = o.data_opts;
-  if (dopt.resolution == 0) dopt.resolution = sdxl ? 1024 : model->family == Family::SD2 ? 768 : 512;
-  Dataset data = scan_dataset(o.data, dopt);
-  for (const std::string& w : data.warnings) log("diffuse: warning: " + w, false);
   log(std::to_string(data.items.size()) + " images, " + std::to_string(data.epoch_length()) +
           " per epoch with repeats; resolution " + std::to_string(dopt.resolution) + ", objective " + objective_name(obj),
       false);

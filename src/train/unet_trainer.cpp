@@ -77,8 +77,8 @@ void UNetTrainer::apply_param(const std::string& name) {
 UNetTrainer::Step UNetTrainer::run(const NoisedBatch& batch, const Tensor& context, const std::vector<float>& weights,
                                    bool backward, float grad_scale, const Tensor* text_embeds, const Tensor* time_ids,
                                    Tensor* dcontext) {
-  Arena arena;
-  Ctx c{be_, arena, DType::F32, &ws_, &grads_};
+  arena_.reset();
+  Ctx c{be_, arena_, DType::F32, &ws_, &grads_};
   std::vector<float> t(batch.timesteps.begin(), batch.timesteps.end());
   UNetTrace trace;
   Tensor pred = model_.unet.forward_train(c, batch.noisy, t, context, text_embeds, time_ids, trace);

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "core/arena.h"
 #include "models/sd_model.h"
 #include "nn/grad.h"
 #include "train/objective.h"
@@ -56,6 +57,7 @@ class UNetTrainer {
   Grads grads_;
   std::map<std::string, std::unique_ptr<Param>> trained_;  // full fine-tune parameters by name
   Workspace ws_;
+  Arena arena_;  // a step's activations (block inputs, skips, gradients): reset per step, keeps its size
 };
 
 }  // namespace diffuse::train

@@ -81,15 +81,28 @@ ConvGeom conv_geom(const char* op, const Shape& xs, const Shape& ws, const Shape
   return g;
 }
 
+// A buffer of at least n floats, reused by the calling thread (no fresh pages per call; contents
+// undefined).
+float* reusable(std::vector<float>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 // Weight [O, I, kh, kw] as a [O, kh·kw·I] matrix (the patch order of im2col on NHWC).
-std::vector<float> weight_matrix(const ConvGeom& g, const float* w) {
-  std::vector<float> m(size_t(g.O * g.patch()));
+const float* weight_matrix(const ConvGeom& g, const float* w) {
+  static thread_local std::vector<float> buf;
+  float* m = reusable(buf, size_t(g.O * g.patch()));
   for (int64_t o = 0; o < g.O; ++o)
     for (int64_t i = 0; i < g.I; ++i)
       for (int64_t a = 0; a < g.kh; ++a)
         for (int64_t b = 0; b < g.kw; ++b)
           m[size_t(o * g.patch() + (a * g.kw + b) * g.I + i)] = w[((o * g.I + i) * g.kh + a) * g.kw + b];
   return m;
+}
+
+float* col_buffer(size_t n) {
+  static thread_local std::vector<float> buf;
+  return reusable(buf, n);
 }
 
 // One sample's patches: col [Ho·Wo, kh·kw·I], zeros where the window reads padding.
@@ -180,16 +193,16 @@ void CpuBackend::conv2d_backward_data(const Tensor& dy, const Tensor& w, const C
   const char* op = "conv2d_backward_data";
   need_f32(op, "dy", dy), need_f32(op, "weight", w), need_f32(op, "dx", dx);
   const ConvGeom g = conv_geom(op, dx.shape(), w.shape(), dy.shape(), p);
-  const std::vector<float> wm = weight_matrix(g, w.f32());
-  if (g.pointwise()) {  // dx [NHW, I] = dy [NHW, O] · Wm [O, I]
-    sgemm(false, false, g.N * g.H * g.W, g.I, g.O, 1.0f, dy.f32(), g.O, wm.data(), g.I, 0.0f, dx.f32(), g.I);
+  if (g.pointwise()) {  // dx [NHW, I] = dy [NHW, O] · W [O, I] (the weight is already that matrix)
+    sgemm(false, false, g.N * g.H * g.W, g.I, g.O, 1.0f, dy.f32(), g.O, w.f32(), g.I, 0.0f, dx.f32(), g.I);
     return;
   }
-  std::vector<float> col(size_t(g.Ho * g.Wo * g.patch()));
+  const float* wm = weight_matrix(g, w.f32());
+  float* col = col_buffer(size_t(g.Ho * g.Wo * g.patch()));
   for (int64_t n = 0; n < g.N; ++n) {
-    sgemm(false, false, g.Ho * g.Wo, g.patch(), g.O, 1.0f, dy.f32() + n * g.Ho * g.Wo * g.O, g.O, wm.data(),
-          g.patch(), 0.0f, col.data(), g.patch());
-    col2im(g, col.data(), dx.f32() + n * g.H * g.W * g.I);
+    sgemm(false, false, g.Ho * g.Wo, g.patch(), g.O, 1.0f, dy.f32() + n * g.Ho * g.Wo * g.O, g.O, wm, g.patch(), 0.0f,
+          col, g.patch());
+    col2im(g, col, dx.f32() + n * g.H * g.W * g.I);
   }
 }
 
@@ -206,11 +219,11 @@ void CpuBackend::conv2d_backward_weights(const Tensor& x, const Tensor& dy, cons
     if (g.pointwise()) {
       sgemm(true, false, g.O, g.I, g.N * g.H * g.W, 1.0f, dy.f32(), g.O, x.f32(), g.I, 0.0f, dwm.data(), g.I);
     } else {
-      std::vector<float> col(size_t(g.Ho * g.Wo * g.patch()));
+      float* col = col_buffer(size_t(g.Ho * g.Wo * g.patch()));
       for (int64_t n = 0; n < g.N; ++n) {
-        im2col(g, x.f32() + n * g.H * g.W * g.I, col.data());
-        sgemm(true, false, g.O, g.patch(), g.Ho * g.Wo, 1.0f, dy.f32() + n * g.Ho * g.Wo * g.O, g.O, col.data(),
-              g.patch(), 1.0f, dwm.data(), g.patch());
+        im2col(g, x.f32() + n * g.H * g.W * g.I, col);
+        sgemm(true, false, g.O, g.patch(), g.Ho * g.Wo, 1.0f, dy.f32() + n * g.Ho * g.Wo * g.O, g.O, col, g.patch(),
+              1.0f, dwm.data(), g.patch());
       }
     }
     float* d = dw->f32();
