@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "backend/cpu/attention.h"
+#include "backend/cpu/kernels.h"
 #include "core/error.h"
 
 using namespace diffuse;
@@ -376,12 +377,20 @@ TEST(GradAttention, SingleKeyGivesExactZeros) {
 // Nq and Nk above the kernel's 64-row/64-key blocks and not multiples of them, against the
 // analytic double backward; once with o from the double forward, once from the f32 forward.
 TEST(GradAttention, BlockBoundariesAnalytic) {
+  // Both compiled copies of the kernel (x86-64 baseline; AVX-512 with FMA where the CPU has it).
+  const KernelIsa initial = kernel_isa();
+  for (KernelIsa isa : {KernelIsa::Baseline, KernelIsa::Avx512}) {
+    if (isa == KernelIsa::Avx512 && initial != KernelIsa::Avx512) continue;  // no AVX-512 here
+    set_kernel_isa(isa);
+    std::printf("kernel: %s\n", kernel_isa_name(isa));
   for (const Dims& p : {Dims{2, 2, 70, 131, 16, 0.3}, Dims{1, 3, 129, 65, 7, 0.5}, Dims{2, 8, 64, 77, 4, 0.5}, Dims{2, 8, 16, 77, 8, 0.5}, Dims{2, 8, 4, 77, 16, 0.5}, Dims{2, 8, 1, 77, 16, 0.5}}) {
     const Problem pr = make_problem(p, 4, 1.5);
     const RefBackward an = ref_backward(p, pr.q, pr.k, pr.v, pr.dO);
     check_gradients("f32 kernel vs analytic (o from double)", p, run_kernel(pr), an.g, an, 0);
     check_gradients("f32 kernel vs analytic (o from attention_f32)", p, run_kernel(pr, true), an.g, an, 0);
   }
+  }
+  set_kernel_isa(initial);
 }
 
 TEST(GradAttention, EmptyQueriesGiveZeroKeyGradients) {

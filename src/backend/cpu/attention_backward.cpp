@@ -15,10 +15,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <vector>
+#include <cstdlib>
 
 #include "backend/cpu/attention.h"
 #include "core/error.h"
+#include "backend/cpu/kernels.h"
 #include "core/threads.h"
 
 namespace diffuse::cpu {
@@ -27,14 +28,52 @@ namespace {
 constexpr int64_t MQ = 64;  // query rows per block
 constexpr int64_t NB = 64;  // keys per block
 
-// out[i*NB + j] = Σ_d a[i*D + d]·bt[d*NB + j] for i < m, j < n (bt is the transposed right
-// operand, row stride NB). The inner loop runs along j (contiguous), and every output is summed
-// in the order d = 0, 1, ... from 0, so a dot product formed here equals the same dot product
-// summed by a plain loop bit for bit (that keeps dS exactly 0 when there is a single key).
-void gemm_abt(const float* a, int64_t m, int64_t D, const float* bt, int64_t n, float* out) {
+struct BwdArgs {
+  const float *Q, *K, *V, *O, *dO;
+  float *dQ, *dK, *dV;
+  int64_t B, Nq, Nk, H, C, D;
+  float scale;
+  int threads;
+};
+
+bool overlaps(const Tensor& a, const Tensor& b) {
+  const auto* pa = static_cast<const char*>(a.data());
+  const auto* pb = static_cast<const char*>(b.data());
+  return pa < pb + b.bytes() && pb < pa + a.bytes();
+}
+
+// The kernel, compiled twice: for the x86-64 baseline and for AVX-512 (with FMA); kernel_isa()
+// picks one at run time. Plain loops and malloc'd per-thread blocks, no library templates (a
+// template instantiated under the target pragma could be picked by the linker for the whole
+// program; see kernels_body.h).
+namespace baseline {
+// exp by a Cody–Waite reduction and a degree-7 polynomial (≲ 2 ulp), branch-free so it vectorises.
+static inline float ex(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  float fn = x * 1.44269504088896341f + 12582912.0f;  // 1.5·2^23: rounds to the nearest integer
+  fn -= 12582912.0f;
+  float r = x - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (int32_t(fn) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+
+// out[i*NB + j] = Σ_d a[i*D + d]·bt[d*NB + j] for i < m, j < n (bt: the transposed right operand,
+// row stride NB), summed in the order d = 0, 1, …, so pass 1 and pass 2 form the same scores.
+static void gemm_abt(const float* a, int64_t m, int64_t D, const float* bt, int64_t n, float* out) {
   for (int64_t i = 0; i < m; ++i) {
     float* row = out + i * NB;
-    std::fill(row, row + n, 0.f);
+    for (int64_t j = 0; j < n; ++j) row[j] = 0.f;
     for (int64_t d = 0; d < D; ++d) {
       const float ad = a[i * D + d];
       const float* b = bt + d * NB;
@@ -43,11 +82,254 @@ void gemm_abt(const float* a, int64_t m, int64_t D, const float* bt, int64_t n, 
   }
 }
 
-bool overlaps(const Tensor& a, const Tensor& b) {
-  const auto* pa = static_cast<const char*>(a.data());
-  const auto* pb = static_cast<const char*>(b.data());
-  return pa < pb + b.bytes() && pb < pa + a.bytes();
+static void run(const BwdArgs& A) {
+  const int64_t Nq = A.Nq, Nk = A.Nk, H = A.H, C = A.C, D = A.D;
+  const float scale = A.scale;
+#pragma omp parallel num_threads(A.threads)
+  {
+    // Per-thread blocks: queries (pre-scaled) and dO of the query block, its dq accumulator,
+    // its lse and D_i; k (row-major and transposed) and vᵀ of the key block; S/P and dP/dS.
+    float* buf = static_cast<float*>(std::malloc(sizeof(float) * size_t(3 * MQ * D + 4 * MQ + NB * D + 2 * D * NB + 2 * MQ * NB)));
+    float *qs = buf, *dob = qs + MQ * D, *dqb = dob + MQ * D, *lse = dqb + MQ * D, *di = lse + MQ, *m = di + MQ,
+          *l = m + MQ, *kb = l + MQ, *kt = kb + NB * D, *vt = kt + D * NB, *s = vt + D * NB, *dp = s + MQ * NB;
+#pragma omp for schedule(dynamic)
+    for (int64_t bh = 0; bh < A.B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      for (int64_t j = 0; j < Nk; ++j)
+        for (int64_t d = 0; d < D; ++d) A.dK[(b * Nk + j) * C + h * D + d] = 0.f, A.dV[(b * Nk + j) * C + h * D + d] = 0.f;
+      for (int64_t q0 = 0; q0 < Nq; q0 += MQ) {
+        const int64_t mq = Nq - q0 < MQ ? Nq - q0 : MQ;
+        for (int64_t i = 0; i < mq; ++i) {
+          const int64_t row = (b * Nq + q0 + i) * C + h * D;
+          float acc = 0.f;  // D_i, summed in the order gemm_abt sums dP
+          for (int64_t d = 0; d < D; ++d) {
+            qs[i * D + d] = A.Q[row + d] * scale;
+            dob[i * D + d] = A.dO[row + d];
+            acc += A.dO[row + d] * A.O[row + d];
+          }
+          di[i] = acc;
+          m[i] = -__builtin_inff();
+          l[i] = 0.f;
+        }
+        // Pass 1: lse_i = m_i + log l_i over all keys (online softmax).
+        for (int64_t j0 = 0; j0 < Nk; j0 += NB) {
+          const int64_t nb = Nk - j0 < NB ? Nk - j0 : NB;
+          for (int64_t j = 0; j < nb; ++j)
+            for (int64_t d = 0; d < D; ++d) kt[d * NB + j] = A.K[(b * Nk + j0 + j) * C + h * D + d];
+          gemm_abt(qs, mq, D, kt, nb, s);
+          for (int64_t i = 0; i < mq; ++i) {
+            float* si = s + i * NB;
+            float mb = m[i];
+            for (int64_t j = 0; j < nb; ++j) mb = si[j] > mb ? si[j] : mb;
+            float sum = 0.f;
+            for (int64_t j = 0; j < nb; ++j) sum += ex(si[j] - mb);
+            l[i] = l[i] * (m[i] == -__builtin_inff() ? 0.f : ex(m[i] - mb)) + sum;
+            m[i] = mb;
+          }
+        }
+        for (int64_t i = 0; i < mq; ++i) lse[i] = m[i] + __builtin_logf(l[i]);
+        // Pass 2: P, then the gradients of this (query block, key block) pair.
+        for (int64_t e = 0; e < MQ * D; ++e) dqb[e] = 0.f;
+        for (int64_t j0 = 0; j0 < Nk; j0 += NB) {
+          const int64_t nb = Nk - j0 < NB ? Nk - j0 : NB;
+          for (int64_t j = 0; j < nb; ++j)
+            for (int64_t d = 0; d < D; ++d) {
+              const int64_t at = (b * Nk + j0 + j) * C + h * D + d;
+              kt[d * NB + j] = A.K[at];
+              kb[j * D + d] = A.K[at];
+              vt[d * NB + j] = A.V[at];
+            }
+          gemm_abt(qs, mq, D, kt, nb, s);  // bit-identical to pass 1
+          for (int64_t i = 0; i < mq; ++i) {
+            float* pi = s + i * NB;
+            for (int64_t j = 0; j < nb; ++j) pi[j] = ex(pi[j] - lse[i]);
+          }
+          gemm_abt(dob, mq, D, vt, nb, dp);  // dP = dO·vᵀ
+          for (int64_t i = 0; i < mq; ++i) {  // dS = P∘(dP − D_i), in place of dP
+            const float* pi = s + i * NB;
+            float* dsi = dp + i * NB;
+            for (int64_t j = 0; j < nb; ++j) dsi[j] = pi[j] * (dsi[j] - di[i]);
+          }
+          // dv_j += Σ_i P_ij·dO_i and dk_j += Σ_i dS_ij·(scale·q_i): one key row stays hot.
+          for (int64_t j = 0; j < nb; ++j) {
+            float* dvr = A.dV + (b * Nk + j0 + j) * C + h * D;
+            float* dkr = A.dK + (b * Nk + j0 + j) * C + h * D;
+            for (int64_t i = 0; i < mq; ++i) {
+              const float p = s[i * NB + j], ds = dp[i * NB + j];
+              const float* doi = dob + i * D;
+              const float* qi = qs + i * D;
+              for (int64_t d = 0; d < D; ++d) dvr[d] += p * doi[d];
+              for (int64_t d = 0; d < D; ++d) dkr[d] += ds * qi[d];
+            }
+          }
+          // dq_i += Σ_j dS_ij·k_j (times scale on the way out).
+          for (int64_t i = 0; i < mq; ++i) {
+            const float* dsi = dp + i * NB;
+            float* dqi = dqb + i * D;
+            for (int64_t j = 0; j < nb; ++j) {
+              const float ds = dsi[j];
+              const float* kj = kb + j * D;
+              for (int64_t d = 0; d < D; ++d) dqi[d] += ds * kj[d];
+            }
+          }
+        }
+        for (int64_t i = 0; i < mq; ++i) {
+          float* dst = A.dQ + (b * Nq + q0 + i) * C + h * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = dqb[i * D + d] * scale;
+        }
+      }
+    }
+    std::free(buf);
+  }
 }
+
+}  // namespace baseline
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma,prefer-vector-width=512")
+#endif
+namespace avx512 {
+// exp by a Cody–Waite reduction and a degree-7 polynomial (≲ 2 ulp), branch-free so it vectorises.
+static inline float ex(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  float fn = x * 1.44269504088896341f + 12582912.0f;  // 1.5·2^23: rounds to the nearest integer
+  fn -= 12582912.0f;
+  float r = x - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (int32_t(fn) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+
+// out[i*NB + j] = Σ_d a[i*D + d]·bt[d*NB + j] for i < m, j < n (bt: the transposed right operand,
+// row stride NB), summed in the order d = 0, 1, …, so pass 1 and pass 2 form the same scores.
+static void gemm_abt(const float* a, int64_t m, int64_t D, const float* bt, int64_t n, float* out) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = out + i * NB;
+    for (int64_t j = 0; j < n; ++j) row[j] = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float ad = a[i * D + d];
+      const float* b = bt + d * NB;
+      for (int64_t j = 0; j < n; ++j) row[j] += ad * b[j];
+    }
+  }
+}
+
+static void run(const BwdArgs& A) {
+  const int64_t Nq = A.Nq, Nk = A.Nk, H = A.H, C = A.C, D = A.D;
+  const float scale = A.scale;
+#pragma omp parallel num_threads(A.threads)
+  {
+    // Per-thread blocks: queries (pre-scaled) and dO of the query block, its dq accumulator,
+    // its lse and D_i; k (row-major and transposed) and vᵀ of the key block; S/P and dP/dS.
+    float* buf = static_cast<float*>(std::malloc(sizeof(float) * size_t(3 * MQ * D + 4 * MQ + NB * D + 2 * D * NB + 2 * MQ * NB)));
+    float *qs = buf, *dob = qs + MQ * D, *dqb = dob + MQ * D, *lse = dqb + MQ * D, *di = lse + MQ, *m = di + MQ,
+          *l = m + MQ, *kb = l + MQ, *kt = kb + NB * D, *vt = kt + D * NB, *s = vt + D * NB, *dp = s + MQ * NB;
+#pragma omp for schedule(dynamic)
+    for (int64_t bh = 0; bh < A.B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      for (int64_t j = 0; j < Nk; ++j)
+        for (int64_t d = 0; d < D; ++d) A.dK[(b * Nk + j) * C + h * D + d] = 0.f, A.dV[(b * Nk + j) * C + h * D + d] = 0.f;
+      for (int64_t q0 = 0; q0 < Nq; q0 += MQ) {
+        const int64_t mq = Nq - q0 < MQ ? Nq - q0 : MQ;
+        for (int64_t i = 0; i < mq; ++i) {
+          const int64_t row = (b * Nq + q0 + i) * C + h * D;
+          float acc = 0.f;  // D_i, summed in the order gemm_abt sums dP
+          for (int64_t d = 0; d < D; ++d) {
+            qs[i * D + d] = A.Q[row + d] * scale;
+            dob[i * D + d] = A.dO[row + d];
+            acc += A.dO[row + d] * A.O[row + d];
+          }
+          di[i] = acc;
+          m[i] = -__builtin_inff();
+          l[i] = 0.f;
+        }
+        // Pass 1: lse_i = m_i + log l_i over all keys (online softmax).
+        for (int64_t j0 = 0; j0 < Nk; j0 += NB) {
+          const int64_t nb = Nk - j0 < NB ? Nk - j0 : NB;
+          for (int64_t j = 0; j < nb; ++j)
+            for (int64_t d = 0; d < D; ++d) kt[d * NB + j] = A.K[(b * Nk + j0 + j) * C + h * D + d];
+          gemm_abt(qs, mq, D, kt, nb, s);
+          for (int64_t i = 0; i < mq; ++i) {
+            float* si = s + i * NB;
+            float mb = m[i];
+            for (int64_t j = 0; j < nb; ++j) mb = si[j] > mb ? si[j] : mb;
+            float sum = 0.f;
+            for (int64_t j = 0; j < nb; ++j) sum += ex(si[j] - mb);
+            l[i] = l[i] * (m[i] == -__builtin_inff() ? 0.f : ex(m[i] - mb)) + sum;
+            m[i] = mb;
+          }
+        }
+        for (int64_t i = 0; i < mq; ++i) lse[i] = m[i] + __builtin_logf(l[i]);
+        // Pass 2: P, then the gradients of this (query block, key block) pair.
+        for (int64_t e = 0; e < MQ * D; ++e) dqb[e] = 0.f;
+        for (int64_t j0 = 0; j0 < Nk; j0 += NB) {
+          const int64_t nb = Nk - j0 < NB ? Nk - j0 : NB;
+          for (int64_t j = 0; j < nb; ++j)
+            for (int64_t d = 0; d < D; ++d) {
+              const int64_t at = (b * Nk + j0 + j) * C + h * D + d;
+              kt[d * NB + j] = A.K[at];
+              kb[j * D + d] = A.K[at];
+              vt[d * NB + j] = A.V[at];
+            }
+          gemm_abt(qs, mq, D, kt, nb, s);  // bit-identical to pass 1
+          for (int64_t i = 0; i < mq; ++i) {
+            float* pi = s + i * NB;
+            for (int64_t j = 0; j < nb; ++j) pi[j] = ex(pi[j] - lse[i]);
+          }
+          gemm_abt(dob, mq, D, vt, nb, dp);  // dP = dO·vᵀ
+          for (int64_t i = 0; i < mq; ++i) {  // dS = P∘(dP − D_i), in place of dP
+            const float* pi = s + i * NB;
+            float* dsi = dp + i * NB;
+            for (int64_t j = 0; j < nb; ++j) dsi[j] = pi[j] * (dsi[j] - di[i]);
+          }
+          // dv_j += Σ_i P_ij·dO_i and dk_j += Σ_i dS_ij·(scale·q_i): one key row stays hot.
+          for (int64_t j = 0; j < nb; ++j) {
+            float* dvr = A.dV + (b * Nk + j0 + j) * C + h * D;
+            float* dkr = A.dK + (b * Nk + j0 + j) * C + h * D;
+            for (int64_t i = 0; i < mq; ++i) {
+              const float p = s[i * NB + j], ds = dp[i * NB + j];
+              const float* doi = dob + i * D;
+              const float* qi = qs + i * D;
+              for (int64_t d = 0; d < D; ++d) dvr[d] += p * doi[d];
+              for (int64_t d = 0; d < D; ++d) dkr[d] += ds * qi[d];
+            }
+          }
+          // dq_i += Σ_j dS_ij·k_j (times scale on the way out).
+          for (int64_t i = 0; i < mq; ++i) {
+            const float* dsi = dp + i * NB;
+            float* dqi = dqb + i * D;
+            for (int64_t j = 0; j < nb; ++j) {
+              const float ds = dsi[j];
+              const float* kj = kb + j * D;
+              for (int64_t d = 0; d < D; ++d) dqi[d] += ds * kj[d];
+            }
+          }
+        }
+        for (int64_t i = 0; i < mq; ++i) {
+          float* dst = A.dQ + (b * Nq + q0 + i) * C + h * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = dqb[i * D + d] * scale;
+        }
+      }
+    }
+    std::free(buf);
+  }
+}
+
+}  // namespace avx512
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 }  // namespace
 
@@ -86,124 +368,14 @@ void attention_backward_f32(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
 
   const int64_t B = q.dim(0), Nq = q.dim(1), Nk = k.dim(1), H = heads, C = q.dim(2), D = C / heads;
-  const float* Q = q.f32();
-  const float* K = k.f32();
-  const float* V = v.f32();
-  const float* O = o.f32();
-  const float* dO = d_o.f32();
-  float* dQ = dq.f32();
-  float* dK = dk.f32();
-  float* dV = dv.f32();
   if (B == 0 || Nq == 0 || Nk == 0) {  // no queries: the keys get no gradient
-    std::fill(dK, dK + dk.numel(), 0.f);
-    std::fill(dV, dV + dv.numel(), 0.f);
+    for (int64_t e = 0; e < dk.numel(); ++e) dk.f32()[e] = 0.f, dv.f32()[e] = 0.f;
     return;
   }
-
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(num_threads(), B * H)));
-#pragma omp parallel num_threads(T)
-  {
-    // Per-thread blocks: queries (pre-scaled) and dO of the query block, its dq accumulator,
-    // its lse and D_i; k (row-major and transposed) and vᵀ of the key block; S/P and dP/dS.
-    std::vector<float> qs(MQ * D), dob(MQ * D), dqb(MQ * D), lse(MQ), di(MQ), m(MQ), l(MQ);
-    std::vector<float> kb(NB * D), kt(D * NB), vt(D * NB), s(MQ * NB), dp(MQ * NB);
-
-    auto pack_keys = [&](int64_t b, int64_t h, int64_t j0, int64_t nb, bool all) {
-      for (int64_t j = 0; j < nb; ++j) {
-        const float* kr = K + (b * Nk + j0 + j) * C + h * D;
-        const float* vr = V + (b * Nk + j0 + j) * C + h * D;
-        for (int64_t d = 0; d < D; ++d) kt[d * NB + j] = kr[d];
-        if (!all) continue;
-        for (int64_t d = 0; d < D; ++d) kb[j * D + d] = kr[d];
-        for (int64_t d = 0; d < D; ++d) vt[d * NB + j] = vr[d];
-      }
-    };
-
-#pragma omp for schedule(dynamic)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      for (int64_t j = 0; j < Nk; ++j) {
-        std::fill_n(dK + (b * Nk + j) * C + h * D, D, 0.f);
-        std::fill_n(dV + (b * Nk + j) * C + h * D, D, 0.f);
-      }
-      for (int64_t q0 = 0; q0 < Nq; q0 += MQ) {
-        const int64_t mq = std::min(MQ, Nq - q0);
-        for (int64_t i = 0; i < mq; ++i) {
-          const int64_t row = (b * Nq + q0 + i) * C + h * D;
-          float acc = 0.f;  // D_i, summed in the order gemm_abt sums dP
-          for (int64_t d = 0; d < D; ++d) {
-            qs[i * D + d] = Q[row + d] * scale;
-            dob[i * D + d] = dO[row + d];
-            acc += dO[row + d] * O[row + d];
-          }
-          di[i] = acc;
-          m[i] = -std::numeric_limits<float>::infinity();
-          l[i] = 0.f;
-        }
-
-        // Pass 1: lse_i = m_i + log l_i over all keys (online softmax).
-        for (int64_t j0 = 0; j0 < Nk; j0 += NB) {
-          const int64_t nb = std::min(NB, Nk - j0);
-          pack_keys(b, h, j0, nb, false);
-          gemm_abt(qs.data(), mq, D, kt.data(), nb, s.data());
-          for (int64_t i = 0; i < mq; ++i) {
-            const float* si = s.data() + i * NB;
-            float mb = m[i];
-            for (int64_t j = 0; j < nb; ++j) mb = std::max(mb, si[j]);
-            float sum = 0.f;
-            for (int64_t j = 0; j < nb; ++j) sum += std::exp(si[j] - mb);
-            l[i] = l[i] * std::exp(m[i] - mb) + sum;  // exp(-inf) = 0 on the first block
-            m[i] = mb;
-          }
-        }
-        for (int64_t i = 0; i < mq; ++i) lse[i] = m[i] + std::log(l[i]);
-
-        // Pass 2: P, then the gradients of this (query block, key block) pair.
-        std::fill(dqb.begin(), dqb.end(), 0.f);
-        for (int64_t j0 = 0; j0 < Nk; j0 += NB) {
-          const int64_t nb = std::min(NB, Nk - j0);
-          pack_keys(b, h, j0, nb, true);
-          gemm_abt(qs.data(), mq, D, kt.data(), nb, s.data());  // bit-identical to pass 1
-          for (int64_t i = 0; i < mq; ++i) {
-            float* pi = s.data() + i * NB;
-            for (int64_t j = 0; j < nb; ++j) pi[j] = std::exp(pi[j] - lse[i]);
-          }
-          gemm_abt(dob.data(), mq, D, vt.data(), nb, dp.data());  // dP = dO·vᵀ
-          for (int64_t i = 0; i < mq; ++i) {  // dS = P∘(dP − D_i), in place of dP
-            const float* pi = s.data() + i * NB;
-            float* dsi = dp.data() + i * NB;
-            for (int64_t j = 0; j < nb; ++j) dsi[j] = pi[j] * (dsi[j] - di[i]);
-          }
-          // dv_j += Σ_i P_ij·dO_i and dk_j += Σ_i dS_ij·(scale·q_i): one key row stays hot.
-          for (int64_t j = 0; j < nb; ++j) {
-            float* dvr = dV + (b * Nk + j0 + j) * C + h * D;
-            float* dkr = dK + (b * Nk + j0 + j) * C + h * D;
-            for (int64_t i = 0; i < mq; ++i) {
-              const float p = s[i * NB + j], ds = dp[i * NB + j];
-              const float* doi = dob.data() + i * D;
-              const float* qi = qs.data() + i * D;
-              for (int64_t d = 0; d < D; ++d) dvr[d] += p * doi[d];
-              for (int64_t d = 0; d < D; ++d) dkr[d] += ds * qi[d];
-            }
-          }
-          // dq_i += Σ_j dS_ij·k_j (times scale on the way out).
-          for (int64_t i = 0; i < mq; ++i) {
-            const float* dsi = dp.data() + i * NB;
-            float* dqi = dqb.data() + i * D;
-            for (int64_t j = 0; j < nb; ++j) {
-              const float ds = dsi[j];
-              const float* kj = kb.data() + j * D;
-              for (int64_t d = 0; d < D; ++d) dqi[d] += ds * kj[d];
-            }
-          }
-        }
-        for (int64_t i = 0; i < mq; ++i) {
-          float* dst = dQ + (b * Nq + q0 + i) * C + h * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = dqb[i * D + d] * scale;
-        }
-      }
-    }
-  }
+  const BwdArgs a{q.f32(), k.f32(), v.f32(), o.f32(), d_o.f32(), dq.f32(), dk.f32(), dv.f32(), B, Nq, Nk, H, C, D, scale, T};
+  if (kernel_isa() == KernelIsa::Avx512) avx512::run(a);
+  else baseline::run(a);
 }
 
 }  // namespace diffuse::cpu
