@@ -42,15 +42,18 @@ bool overlaps(const Tensor& a, const Tensor& b) {
   return pa < pb + b.bytes() && pb < pa + a.bytes();
 }
 
-// The kernel (attention_backward_body.h), compiled twice: for the x86-64 baseline and for AVX-512
-// (with FMA); kernel_isa() picks one at run time.
+// The kernel (attention_backward_body.h), compiled twice: for the x86-64 baseline and for AVX-512,
+// both without contraction into FMAs so that they round alike — in particular D_i and dP of a
+// single key round identically, which keeps dS exactly 0 there (a softmax over one key does not
+// depend on q or k); kernel_isa() picks one at run time.
 namespace baseline {
 #include "backend/cpu/attention_backward_body.h"
 }  // namespace baseline
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,fma,prefer-vector-width=512")
+#pragma GCC target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")
+#pragma GCC optimize("fp-contract=off")
 #endif
 namespace avx512 {
 #include "backend/cpu/attention_backward_body.h"
