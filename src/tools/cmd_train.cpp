@@ -116,6 +116,18 @@ void add_lora_command(CLI::App* train, std::shared_ptr<LoraFlags> f) {
   c->add_option("--save-every,--save_every_n_steps", o.save_every, "Write an intermediate LoRA every N steps");
   c->add_option("--validate-every", o.validate_every, "Validation loss every N steps (always at start and end)");
   c->add_flag("--strict", o.data_opts.strict, "An unreadable image is an error (default: skipped with a warning)");
+  c->add_option("--network-weights,--network_weights", o.network_weights,
+                "Start from an existing LoRA (kohya .safetensors): its modules, rank and alpha");
+  c->add_option("--conv-rank,--conv_dim", o.conv_rank, "LoCon: LoRA rank on the 3×3 convolutions (0: off)");
+  c->add_option("--conv-alpha,--conv_alpha", o.conv_alpha, "LoCon alpha")->capture_default_str();
+  c->add_option("--reg-data,--reg_data_dir", o.reg_data, "Regularisation images (kohya's folder convention)");
+  c->add_option("--prior-loss-weight,--prior_loss_weight", o.prior_loss_weight, "Loss weight of regularisation images")
+      ->capture_default_str();
+  c->add_option("--sample-prompt,--sample_prompt", o.sample_prompts, "Prompt for sample images (repeatable)");
+  c->add_option("--sample-every,--sample_every_n_steps", o.sample_every, "Sample images every N steps (and at the end)");
+  c->add_option("--sample-steps", o.sample_steps, "Sampling steps of sample images")->capture_default_str();
+  c->add_option("--sample-cfg", o.sample_cfg, "Guidance scale of sample images")->capture_default_str();
+  c->add_option("--sample-sampler", o.sample_sampler, "Sampler of sample images")->capture_default_str();
   c->add_option("--resume", o.resume, "Continue from a state file (OUT.state.safetensors, written with every saved LoRA)");
   c->callback([f] {});
 }

@@ -11,6 +11,7 @@
 #pragma once
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "train/dataset.h"
 #include "train/objective.h"
@@ -46,6 +47,22 @@ struct LoraTrainOptions {
   bool train_text_encoder = false;
   double text_encoder_lr = 0;
   int validate_every = 0;  // 0: at the start and the end only
+  // Start from an existing kohya LoRA (--network_weights): its modules, rank and alpha.
+  std::string network_weights;
+  // LoCon (kohya's conv_dim/conv_alpha): LoRA also on the UNet's 3×3 convolutions of ResNet
+  // blocks and down/upsamplers; 0 = off.
+  int conv_rank = 0;
+  float conv_alpha = 1.0f;
+  // Regularisation images (kohya's --reg_data_dir, same folder convention), repeated to match
+  // the training images; their loss is weighted by prior_loss_weight.
+  std::string reg_data;
+  double prior_loss_weight = 1.0;
+  // Sample images during training (written beside the output as OUT-sampleSTEP.png).
+  std::vector<std::string> sample_prompts;
+  int sample_every = 0;  // steps; 0 with prompts: at the end only
+  int sample_steps = 20;
+  double sample_cfg = 7.0;
+  std::string sample_sampler = "euler_a";
 };
 
 struct LoraTrainResult {
