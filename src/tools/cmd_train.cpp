@@ -67,6 +67,7 @@ int run_lora(LoraFlags& f) {
     o.output = (std::filesystem::path(f.output_dir.empty() ? "." : f.output_dir) / (f.output_name + ".safetensors")).string();
   DF_CHECK(!o.output.empty(), "-o/--output (or --output_dir/--output_name) is required");
   if (!o.resume.empty()) check_input_file(o.resume, "--resume");
+  if (!o.network_weights.empty()) check_input_file(o.network_weights, "--network-weights");
   check_input_file(o.model, "-m/--model", /*folder_ok=*/true);
   DF_CHECK(std::filesystem::is_directory(o.data), "--data ", o.data, ": not a folder");
   check_output_writable(o.output, "-o/--output");

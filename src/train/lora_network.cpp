@@ -52,6 +52,7 @@ std::unique_ptr<LoraNetwork> LoraNetwork::from_file(const std::string& path, UNe
     m.layer = pe.w.get();
     net->modules_.push_back(std::move(m));
   }
+  DF_CHECK(!net->modules_.empty(), path, ": holds no LoRA modules");
   net->bind_adapters();
   return net;
 }

@@ -77,6 +77,7 @@ std::string run_fingerprint(const LoraTrainOptions& o, const Dataset& data, int 
   j["lr_scheduler"] = o.lr_schedule, j["warmup"] = o.warmup_steps, j["min_snr_gamma"] = o.min_snr_gamma;
   j["noise_offset"] = o.noise_offset, j["caption_dropout"] = o.caption_dropout, j["weight_decay"] = o.weight_decay;
   j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;
+  j["network_weights"] = o.network_weights.empty() ? std::string() : fs::path(o.network_weights).filename().string();
   j["max_grad_norm"] = o.max_grad_norm, j["shuffle"] = o.data_opts.shuffle_captions, j["keep"] = o.data_opts.keep_tokens;
   return j.dump();
 }
@@ -152,7 +153,11 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   };
 
   UNetTrainer trainer(*model, *be);
-  std::unique_ptr<LoraNetwork> net = LoraNetwork::create_unet(model->unet, o.rank, o.alpha, o.seed);
+  std::unique_ptr<LoraNetwork> net = o.network_weights.empty()
+                                         ? LoraNetwork::create_unet(model->unet, o.rank, o.alpha, o.seed)
+                                         : LoraNetwork::from_file(o.network_weights, model->unet);
+  if (!o.network_weights.empty())
+    log("starting from " + o.network_weights + " (" + std::to_string(net->modules().size()) + " modules)", false);
   int te_modules = 0;
   if (o.train_text_encoder) {
     DF_CHECK(!sdxl, "--train-text-encoder: text-encoder LoRA training is supported for SD 1.x/2.x (not SDXL yet)");
@@ -162,12 +167,15 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
     const double te_lr = o.text_encoder_lr > 0 ? o.text_encoder_lr : o.lr;
     te_modules = net->add_text_encoder(model->te, "lora_te", o.rank, o.alpha, o.seed, float(te_lr / o.lr));
   }
+  // The network's rank and alpha (--network_weights: the file's, from its first module).
+  const int net_rank = int(net->modules().front().down.value.dim(0));
+  const float net_alpha = net->modules().front().alpha;
   net->attach(trainer.grads());
   std::vector<Param*> params = net->params();
   AdamW adam(params, AdamWOptions{o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
   log("lora: " + std::to_string(net->modules().size() - size_t(te_modules)) + " UNet modules" +
           (te_modules ? ", " + std::to_string(te_modules) + " text encoder modules" : std::string()) + ", rank " +
-          std::to_string(o.rank) + ", alpha " + fmt("%g", o.alpha),
+          std::to_string(net_rank) + ", alpha " + fmt("%g", net_alpha),
       false);
 
   const DdpmSchedule sched = DdpmSchedule::sd();
@@ -322,8 +330,8 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   auto metadata = [&](int step) {
     std::map<std::string, std::string> m = {
         {"ss_network_module", "networks.lora"},
-        {"ss_network_dim", std::to_string(o.rank)},
-        {"ss_network_alpha", fmt("%g", o.alpha)},
+        {"ss_network_dim", std::to_string(net_rank)},
+        {"ss_network_alpha", fmt("%g", net_alpha)},
         {"ss_base_model_version", sdxl ? "sdxl_base_v1-0"
                                   : model->family == Family::SD2 ? (obj == Objective::V ? "sd_v2_v" : "sd_v2")
                                                                  : "sd_v1"},
