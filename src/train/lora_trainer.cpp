@@ -20,6 +20,7 @@
 #include "models/name_map.h"
 #include "pipeline/rng.h"
 #include "train/lora_network.h"
+#include "train/reg_data.h"
 #include "train/unet_trainer.h"
 
 namespace fs = std::filesystem;
@@ -79,6 +80,8 @@ std::string run_fingerprint(const LoraTrainOptions& o, const Dataset& data, int 
   j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;
   j["network_weights"] = o.network_weights.empty() ? std::string() : fs::path(o.network_weights).filename().string();
   j["max_grad_norm"] = o.max_grad_norm, j["shuffle"] = o.data_opts.shuffle_captions, j["keep"] = o.data_opts.keep_tokens;
+  j["reg_data"] = o.reg_data.empty() ? std::string() : fs::path(o.reg_data).lexically_normal().filename().string();
+  j["reg_samples"] = samples_per_epoch(data, true), j["prior_loss_weight"] = o.prior_loss_weight;
   return j.dump();
 }
 
@@ -100,6 +103,8 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
     dopt.resolution = fam == Family::SDXL ? 1024 : fam == Family::SD2 ? 768 : 512;
   }
   Dataset data = scan_dataset(o.data, dopt);
+  check_prior_loss_weight(o.prior_loss_weight);
+  const RegInfo reg = o.reg_data.empty() ? RegInfo{} : add_reg_data(data, o.reg_data, dopt);
   for (const std::string& w : data.warnings) log("diffuse: warning: " + w, false);
 
   auto be = make_cpu_backend(Precision::F32);
@@ -112,6 +117,10 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   log(std::to_string(data.items.size()) + " images, " + std::to_string(data.epoch_length()) +
           " per epoch with repeats; resolution " + std::to_string(dopt.resolution) + ", objective " + objective_name(obj),
       false);
+  if (!o.reg_data.empty())
+    log("reg data: " + std::to_string(reg.num_reg_images) + " samples with repeats in " + o.reg_data + ", matched to " +
+            std::to_string(reg.matched) + " per epoch; prior loss weight " + fmt("%g", o.prior_loss_weight),
+        false);
 
   // Latents, once (posterior mean × scaling factor), and captions, once per distinct text.
   Workspace ws;
@@ -291,7 +300,8 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   // Validation: up to 4 examples at fixed timesteps with fixed noise (the raw training loss is
   // dominated by the random timestep).
   std::vector<size_t> val_idx;
-  for (size_t i = 0; i < examples.size() && val_idx.size() < 4; ++i) val_idx.push_back(i);
+  for (size_t i = 0; i < examples.size() && val_idx.size() < 4; ++i)
+    if (!examples[i].item->is_reg) val_idx.push_back(i);
   const std::vector<int> val_t = {100, 300, 500, 700, 900};
   std::vector<std::vector<Tensor>> val_noise(val_t.size());
   {
@@ -364,7 +374,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
         {"ss_text_encoder_lr", o.train_text_encoder ? fmt("%g", o.text_encoder_lr > 0 ? o.text_encoder_lr : o.lr) : "0"},
         {"ss_lr_scheduler", lr_schedule_name(sched_kind)},
         {"ss_batch_size_per_device", std::to_string(o.batch)},
-        {"ss_num_train_images", std::to_string(data.epoch_length())},
+        {"ss_num_train_images", std::to_string(samples_per_epoch(data, false))},
         {"ss_seed", std::to_string(o.seed)},
         {"ss_min_snr_gamma", fmt("%g", o.min_snr_gamma)},
         {"ss_noise_offset", fmt("%g", o.noise_offset)},
@@ -376,11 +386,13 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
     m["ss_tag_frequency"] = tf.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     nlohmann::json dirs = nlohmann::json::object();
     for (const DatasetItem& it : data.items) {
+      if (it.is_reg) continue;  // ss_reg_dataset_dirs
       const std::string folder = fs::path(it.image_path).parent_path().filename().string();
       dirs[folder]["n_repeats"] = it.repeats;
       dirs[folder]["img_count"] = dirs[folder].value("img_count", 0) + 1;
     }
     m["ss_dataset_dirs"] = dirs.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    for (const auto& kv : reg_metadata(reg, o.prior_loss_weight)) m.insert(kv);
     return m;
   };
 
@@ -403,7 +415,10 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
               idx.end());
     std::mt19937_64 g = step_rng(o.seed, uint64_t(step), 2);
     auto b = make_batch(idx, g, nullptr, nullptr, true);
-    const std::vector<float> w = loss_weights(sched, b.nb.timesteps, obj, o.min_snr_gamma);
+    std::vector<bool> is_reg;  // reg samples' loss × prior_loss_weight
+    for (size_t i : idx) is_reg.push_back(examples[i].item->is_reg);
+    const std::vector<float> w =
+        with_prior_loss_weight(loss_weights(sched, b.nb.timesteps, obj, o.min_snr_gamma), is_reg, o.prior_loss_weight);
     adam.zero_grad();
     UNetTrainer::Step s = run_batch(b, w, true);
     DF_CHECK(std::isfinite(s.loss.loss), "the loss became non-finite at step ", step + 1,

@@ -20,6 +20,7 @@
 #include "io/image.h"
 #include "models/controlnet.h"
 #include "train/dataset.h"
+#include "train/reg_data.h"
 
 using namespace diffuse;
 using namespace diffuse::train;
@@ -360,6 +361,147 @@ TEST_F(DatasetTest, LoadTrainingImageCoversAndCentreCrops) {
   bad.image_path = (dir_ / "nope.png").string();
   bad.width = bad.height = 16;
   EXPECT_THROW(load_training_image(bad), FileError);
+}
+
+// ---- regularisation images (train/reg_data.h): kohya's repeat matching ----
+
+std::vector<DatasetItem> reg_items(const std::vector<int>& repeats) {
+  std::vector<DatasetItem> v;
+  for (size_t i = 0; i < repeats.size(); ++i) {
+    DatasetItem it;
+    it.image_path = "reg/" + std::to_string(i) + ".png";
+    it.repeats = repeats[i];
+    it.is_reg = true;
+    v.push_back(it);
+  }
+  return v;
+}
+std::vector<int> repeats_of(const std::vector<DatasetItem>& v) {
+  std::vector<int> r;
+  for (const auto& it : v) r.push_back(it.repeats);
+  return r;
+}
+
+TEST(RegMatch, FewerRegImagesAreRepeatedInTurnToTheTrainingCount) {
+  auto reg = reg_items({1, 1, 1});
+  EXPECT_EQ(match_reg_repeats(reg, 10), 0);
+  // First pass 1+1+1 = 3, then one more each in turn: +3, +3, +1 -> 4, 3, 3.
+  EXPECT_EQ(repeats_of(reg), (std::vector<int>{4, 3, 3}));
+
+  auto mixed = reg_items({1, 2});  // first pass 3; then img0, img1, img0, img1 -> 7
+  EXPECT_EQ(match_reg_repeats(mixed, 7), 0);
+  EXPECT_EQ(repeats_of(mixed), (std::vector<int>{3, 4}));
+
+  auto exact = reg_items({2, 2});
+  EXPECT_EQ(match_reg_repeats(exact, 4), 0);
+  EXPECT_EQ(repeats_of(exact), (std::vector<int>{2, 2}));
+}
+
+TEST(RegMatch, SurplusRegImagesAreDroppedInScanOrder) {
+  auto reg = reg_items({1, 1, 1, 1, 1});
+  EXPECT_EQ(match_reg_repeats(reg, 3), 2);
+  ASSERT_EQ(reg.size(), 3u);
+  EXPECT_EQ(repeats_of(reg), (std::vector<int>{1, 1, 1}));
+  EXPECT_EQ(reg[2].image_path, "reg/2.png");
+
+  // Folder repeats 3, 5 training samples: kohya's first pass takes whole images (3, then 6 >= 5),
+  // overshooting by one; the third image is unused.
+  auto big = reg_items({3, 3, 3});
+  EXPECT_EQ(match_reg_repeats(big, 5), 1);
+  EXPECT_EQ(repeats_of(big), (std::vector<int>{3, 3}));
+
+  auto none = reg_items({});
+  EXPECT_EQ(match_reg_repeats(none, 5), 0);
+  EXPECT_TRUE(none.empty());
+}
+
+TEST_F(DatasetTest, RegDataJoinsTheEpochMatchedToTheTrainingImages) {
+  png("train/10_sks/a.png");
+  png("train/10_sks/b.png");
+  text("train/10_sks/a.txt", "sks, dog");
+  png("reg/1_dog/x.png");
+  png("reg/1_dog/y.png");
+  png("reg/1_dog/z.png");
+  text("reg/1_dog/x.txt", "dog");
+  Dataset ds = scan_dataset((dir_ / "train").string(), DatasetOptions{});
+  ASSERT_EQ(ds.epoch_length(), 20);
+  RegInfo info = add_reg_data(ds, (dir_ / "reg").string(), DatasetOptions{});
+  EXPECT_EQ(info.num_reg_images, 3);
+  EXPECT_EQ(info.matched, 20);
+  EXPECT_EQ(info.unused, 0);
+  ASSERT_EQ(info.folders.size(), 1u);
+  EXPECT_EQ(info.folders.at("1_dog").repeats, 1);
+  EXPECT_EQ(info.folders.at("1_dog").images, 3);
+  ASSERT_EQ(ds.items.size(), 5u);
+  // The training items first, then the reg items (scan order), flagged and re-counted.
+  EXPECT_FALSE(ds.items[0].is_reg);
+  EXPECT_FALSE(ds.items[1].is_reg);
+  for (size_t i = 2; i < 5; ++i) EXPECT_TRUE(ds.items[i].is_reg) << i;
+  EXPECT_EQ(ds.items[2].image_path, (dir_ / "reg/1_dog/x.png").string());
+  EXPECT_EQ(ds.items[2].caption, "dog");
+  EXPECT_EQ(ds.items[3].caption, "dog");  // the class words
+  EXPECT_EQ(ds.items[2].repeats + ds.items[3].repeats + ds.items[4].repeats, 20);
+  EXPECT_EQ(ds.items[2].repeats, 7);
+  EXPECT_EQ(ds.items[4].repeats, 6);
+  EXPECT_EQ(ds.epoch_length(), 40);
+  EXPECT_EQ(samples_per_epoch(ds, false), 20);
+  EXPECT_EQ(samples_per_epoch(ds, true), 20);
+  EXPECT_EQ(ds.tag_frequency.at("1_dog").at("dog"), 3);
+  EXPECT_EQ(ds.tag_frequency.at("10_sks").at("sks"), 2);  // a's caption and b's class words
+  EXPECT_EQ(ds.tag_frequency.at("10_sks").at("dog"), 1);
+
+  auto md = reg_metadata(info, 1.0);
+  EXPECT_EQ(md.at("ss_num_reg_images"), "3");
+  EXPECT_EQ(md.at("ss_reg_dataset_dirs"), R"({"1_dog":{"img_count":3,"n_repeats":1}})");
+  EXPECT_EQ(md.at("ss_prior_loss_weight"), "1.0");
+  auto none = reg_metadata(RegInfo{}, 0.5);
+  EXPECT_EQ(none.at("ss_num_reg_images"), "0");
+  EXPECT_EQ(none.at("ss_reg_dataset_dirs"), "{}");
+  EXPECT_EQ(none.at("ss_prior_loss_weight"), "0.5");
+}
+
+TEST_F(DatasetTest, RegDataSurplusIsWarnedAndBadFoldersNamed) {
+  png("train/1_sks/a.png");
+  for (const char* n : {"p", "q", "r"}) png(std::string("reg/2_dog/") + n + ".png");
+  Dataset ds = scan_dataset((dir_ / "train").string(), DatasetOptions{});
+  RegInfo info = add_reg_data(ds, (dir_ / "reg").string(), DatasetOptions{});
+  EXPECT_EQ(info.num_reg_images, 6);
+  EXPECT_EQ(info.unused, 2);
+  EXPECT_EQ(info.matched, 2);  // one image at its folder's 2 repeats covers the single sample
+  ASSERT_EQ(ds.items.size(), 2u);
+  EXPECT_EQ(ds.items[1].image_path, (dir_ / "reg/2_dog/p.png").string());
+  EXPECT_TRUE(any_warning(ds, "reg data: 2 of 3 images in " + (dir_ / "reg").string(), "not used"));
+
+  EXPECT_NE(error_of([&] { add_reg_data(ds, (dir_ / "missing").string(), DatasetOptions{}); })
+                .find((dir_ / "missing").string()),
+            std::string::npos);
+  fs::create_directories(dir_ / "empty");
+  EXPECT_NE(error_of([&] { add_reg_data(ds, (dir_ / "empty").string(), DatasetOptions{}); })
+                .find((dir_ / "empty").string()),
+            std::string::npos);
+}
+
+TEST(RegMatch, PriorLossWeightScalesRegSamplesOnly) {
+  EXPECT_EQ(with_prior_loss_weight({1.0f, 0.5f, 2.0f}, {false, true, true}, 0.25),
+            (std::vector<float>{1.0f, 0.125f, 0.5f}));
+  EXPECT_EQ(with_prior_loss_weight({0.7f}, {false}, 0.0), (std::vector<float>{0.7f}));
+  EXPECT_NE(error_of([] { with_prior_loss_weight({1.0f}, {true, false}, 1.0); }).find("2 samples"), std::string::npos);
+  EXPECT_NO_THROW(check_prior_loss_weight(0));
+  EXPECT_NE(error_of([] { check_prior_loss_weight(-1); }).find("--prior-loss-weight -1"), std::string::npos);
+  EXPECT_NE(error_of([] { check_prior_loss_weight(NAN); }).find("--prior-loss-weight"), std::string::npos);
+}
+
+TEST(RegMatch, PythonFloatText) {
+  EXPECT_EQ(python_float(1.0), "1.0");
+  EXPECT_EQ(python_float(0.5), "0.5");
+  EXPECT_EQ(python_float(0.1), "0.1");
+  EXPECT_EQ(python_float(100.0), "100.0");
+  EXPECT_EQ(python_float(123.456), "123.456");
+  EXPECT_EQ(python_float(1e-05), "1e-05");
+  EXPECT_EQ(python_float(0.0001), "0.0001");
+  EXPECT_EQ(python_float(1e16), "1e+16");
+  EXPECT_EQ(python_float(0.0), "0.0");
+  EXPECT_EQ(python_float(-2.5), "-2.5");
 }
 
 }  // namespace
