@@ -20,6 +20,7 @@
 #include "models/name_map.h"
 #include "pipeline/rng.h"
 #include "train/lora_network.h"
+#include "train/loss_plot.h"
 #include "train/reg_data.h"
 #include "train/unet_trainer.h"
 
@@ -335,6 +336,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   auto write_csv = [&] {
     const std::string text = csv.str();
     write_file_safely(o.output + ".csv", text.data(), text.size());
+    write_loss_plot(o.output + ".loss.png", text);  // the chart of the same log
   };
 
   auto metadata = [&](int step) {

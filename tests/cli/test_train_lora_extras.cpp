@@ -1,6 +1,7 @@
 // `diffuse train lora` extras end to end on the tiny sd1 model, each run short (--steps ≤ 10):
 // regularisation images (--reg-data: the run trains on them with their prior loss weight and
-// records kohya's reg metadata; a state from a run with other reg data is refused).
+// records kohya's reg metadata; a state from a run with other reg data is refused); the loss
+// chart OUT.loss.png.
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -11,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli_util.h"
+#include "io/image.h"
 #include "io/tensor_file.h"
 #include "train_util.h"
 
@@ -80,6 +82,11 @@ TEST_F(TrainLoraExtras, RegDataTrainsWithItsPriorWeightAndIsRecorded) {
   EXPECT_EQ(json::parse(md.value("ss_tag_frequency", ""), nullptr, false),
             json::parse(R"({"10_sks": {"sks pattern": 8}, "1_stripes": {"stripes": 3}})"));
 
+  // The loss chart beside the CSV.
+  const diffuse::Image chart = diffuse::read_image(out + ".loss.png");
+  EXPECT_EQ(chart.width, 640);
+  EXPECT_EQ(chart.height, 360);
+
   // The prior loss weight reaches the loss: the same run at weight 0 trains other weights (6 steps
   // over 160 shuffled samples, half of them reg samples).
   const std::string out0 = temp_dir() + "/reg_zero.safetensors";
@@ -90,12 +97,14 @@ TEST_F(TrainLoraExtras, RegDataTrainsWithItsPriorWeightAndIsRecorded) {
 
   // A state from the reg run does not continue a run without reg data, nor one with another weight.
   const std::string other = temp_dir() + "/reg_resume.safetensors";
-  Result no_reg = train(other, {"--resume", out + ".state.safetensors"});
+  Result no_reg = train(other, {"--resume", out + ".state.safetensors", "--save-precision", "float"}, 6);
   EXPECT_EQ(no_reg.exit_code, 1) << no_reg.err;
-  EXPECT_NE(no_reg.err.find("reg_data"), std::string::npos) << no_reg.err;
-  Result weight = train(other, {"--reg-data", reg, "--prior-loss-weight", "1", "--resume", out + ".state.safetensors"});
+  EXPECT_NE(no_reg.err.find("reg_data (state \"extras_reg\", now \"\")"), std::string::npos) << no_reg.err;
+  Result weight = train(other, {"--reg-data", reg, "--prior-loss-weight", "1", "--resume", out + ".state.safetensors",
+                                 "--save-precision", "float"},
+                        6);
   EXPECT_EQ(weight.exit_code, 1) << weight.err;
-  EXPECT_NE(weight.err.find("prior_loss_weight"), std::string::npos) << weight.err;
+  EXPECT_NE(weight.err.find("settings: prior_loss_weight (state 0.5, now 1.0)\n"), std::string::npos) << weight.err;
   EXPECT_FALSE(fs::exists(other));
 }
 
