@@ -22,6 +22,7 @@
 #include "train/lora_network.h"
 #include "train/loss_plot.h"
 #include "train/reg_data.h"
+#include "train/sample_images.h"
 #include "train/unet_trainer.h"
 
 namespace fs = std::filesystem;
@@ -110,11 +111,17 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
 
   auto be = make_cpu_backend(Precision::F32);
   SDLoadOptions lo;
-  lo.vae_decoder = false;
+  SampleSettings samples;  // sample images (the VAE decoder only for them)
+  samples.prompts = o.sample_prompts, samples.every = o.sample_every, samples.steps = o.sample_steps;
+  samples.cfg = o.sample_cfg, samples.sampler = o.sample_sampler, samples.seed = o.seed;
+  samples.width = samples.height = dopt.resolution;
+  check_sample_settings(samples);
+  lo.vae_decoder = !samples.prompts.empty();
   log("loading " + o.model, false);
   std::unique_ptr<SDModel> model = SDModel::load(o.model, *be, lo);
   const bool sdxl = model->unet_cfg.text_time;
   const Objective obj = model->family == Family::SD2 ? Objective::V : Objective::Eps;
+  samples.prediction = obj == Objective::V ? Prediction::VPrediction : Prediction::Epsilon;
   log(std::to_string(data.items.size()) + " images, " + std::to_string(data.epoch_length()) +
           " per epoch with repeats; resolution " + std::to_string(dopt.resolution) + ", objective " + objective_name(obj),
       false);
@@ -448,6 +455,8 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
       write_state(step + 1, csv.str());
       log("saved " + inter, false);
     }
+    if (sample_due(samples, step + 1, total))
+      write_samples(*model, *be, *net, samples, step + 1, o.output, [&](const std::string& l) { log(l, false); });
   }
   res.steps = total;
   res.val_loss_end = validation();

@@ -1,7 +1,8 @@
 // `diffuse train lora` extras end to end on the tiny sd1 model, each run short (--steps ≤ 10):
 // regularisation images (--reg-data: the run trains on them with their prior loss weight and
 // records kohya's reg metadata; a state from a run with other reg data is refused); the loss
-// chart OUT.loss.png.
+// chart OUT.loss.png; sample images (--sample-prompt: written at the steps due, with the LoRA as
+// it stands, without changing what the run trains).
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -28,11 +29,12 @@ class TrainLoraExtras : public ::testing::Test {
     if (sd1_model().empty()) GTEST_SKIP() << "tiny-sd1 fixture not found";
   }
   // A short run on the pattern dataset (written once) with `extra` options; returns its result.
-  static Result train(const std::string& out, const std::vector<std::string>& extra, int steps = 10) {
+  static Result train(const std::string& out, const std::vector<std::string>& extra, int steps = 10,
+                      const std::string& lr = "1e-3") {
     static const std::string data = write_dataset(temp_dir() + "/extras_data");
     std::vector<std::string> args = {"train", "lora", "-m", sd1_model(), "--data", data, "-o", out, "--resolution",
                                      std::to_string(kSide), "--steps", std::to_string(steps), "--rank", "2",
-                                     "--lr", "1e-3", "--seed", "3"};
+                                     "--lr", lr, "--seed", "3"};
     args.insert(args.end(), extra.begin(), extra.end());
     const auto t0 = std::chrono::steady_clock::now();
     Result r = run(args, 300);
@@ -51,6 +53,13 @@ std::string write_reg_data(const std::string& dir) {
 }
 
 // The LoRA's tensors, f32, by name.
+// The bytes after a safetensors file's header (the tensors).
+std::string tensor_bytes(const std::string& path) {
+  const std::string b = slurp(path);
+  const Header h = read_header(b);
+  return b.size() < 8 + h.size ? std::string() : b.substr(8 + size_t(h.size));
+}
+
 std::map<std::string, std::vector<float>> lora_values(const std::string& path) {
   std::map<std::string, std::vector<float>> out;
   diffuse::TensorFile f = diffuse::load_safetensors(path);
@@ -116,6 +125,67 @@ TEST_F(TrainLoraExtras, RegDataErrorsNameTheFolderOrOption) {
   Result neg = train(out, {"--prior-loss-weight", "-1"}, 1);
   EXPECT_EQ(neg.exit_code, 1) << neg.err;
   EXPECT_NE(neg.err.find("--prior-loss-weight -1"), std::string::npos) << neg.err;
+  EXPECT_FALSE(fs::exists(out));
+}
+
+TEST_F(TrainLoraExtras, SampleImagesAtTheStepsDueWithTheLoraAndTrainingUndisturbed) {
+  const std::string out = temp_dir() + "/smp.safetensors", plain = temp_dir() + "/smp_plain.safetensors";
+  const std::vector<std::string> common = {"--save-precision", "float"};
+  std::vector<std::string> with = common;
+  with.insert(with.end(), {"--sample-every", "2", "--sample-prompt", kCaption, "--sample-prompt", "x"});
+  Result r = train(out, with, 4, "1e-2");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(count_lines_with(r.err, "sample: wrote "), 4) << r.err;
+  const std::string dir = temp_dir() + "/";
+  for (int step : {2, 4})
+    for (int i : {0, 1}) {
+      const std::string p = dir + "smp-sample" + std::to_string(step) + "-" + std::to_string(i) + ".png";
+      ASSERT_TRUE(fs::exists(p)) << p << "\n" << r.err;
+      const diffuse::Image im = diffuse::read_image(p);
+      EXPECT_EQ(im.width, kSide) << p;
+      EXPECT_EQ(im.height, kSide) << p;
+      EXPECT_NE(r.err.find("sample: wrote " + p + " (step " + std::to_string(step) + ","), std::string::npos) << r.err;
+    }
+  for (int step : {1, 3}) EXPECT_FALSE(fs::exists(dir + "smp-sample" + std::to_string(step) + "-0.png")) << step;
+
+  // Sampling does not disturb training: the same run without samples trains the same LoRA, bit
+  // for bit, with the same loss log.
+  Result p = train(plain, common, 4, "1e-2");
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  EXPECT_EQ(count_lines_with(p.err, "sample:"), 0) << p.err;
+  const std::string a = tensor_bytes(out), b = tensor_bytes(plain);
+  ASSERT_FALSE(a.empty());
+  EXPECT_TRUE(a == b) << "the LoRA trained with sample images differs from the one trained without";
+  EXPECT_EQ(slurp(out + ".csv"), slurp(plain + ".csv"));
+
+  // The last sample is the final LoRA's image: `diffuse generate` with it at the same settings
+  // (fp32, seed, size, sampler, steps, guidance) gives the same pixels; without it, others.
+  auto generate = [&](const std::vector<std::string>& lora, const std::string& png) {
+    std::vector<std::string> args = {"generate", "-m", sd1_model(), "-W", std::to_string(kSide), "-H",
+                                     std::to_string(kSide), "-p", kCaption, "--steps", "20", "--cfg-scale", "7",
+                                     "-s", "3", "--sampler", "euler_a", "--rng", "cuda", "--precision", "fp32",
+                                     "-o", png, "-q"};
+    args.insert(args.end(), lora.begin(), lora.end());
+    Result g = run(args, 300);
+    EXPECT_EQ(g.exit_code, 0) << g.err;
+    return g.exit_code == 0 ? diffuse::read_image(png).pixels : std::vector<uint8_t>();
+  };
+  const std::vector<uint8_t> sample = diffuse::read_image(dir + "smp-sample4-0.png").pixels;
+  const std::vector<uint8_t> with_lora = generate({"--lora", out + ":1"}, dir + "smp_gen_lora.png");
+  const std::vector<uint8_t> base = generate({}, dir + "smp_gen_base.png");
+  ASSERT_FALSE(with_lora.empty() || base.empty());
+  EXPECT_TRUE(sample == with_lora) << "the step-4 sample is not the final LoRA's image";
+  EXPECT_FALSE(sample == base) << "the step-4 sample is the base model's image (the LoRA was not applied)";
+}
+
+TEST_F(TrainLoraExtras, SampleSettingErrorsNameTheOption) {
+  const std::string out = temp_dir() + "/smp_err.safetensors";
+  Result sampler = train(out, {"--sample-prompt", "x", "--sample-sampler", "nope"}, 1);
+  EXPECT_EQ(sampler.exit_code, 1) << sampler.err;
+  EXPECT_NE(sampler.err.find("--sample-sampler nope: unknown sampler 'nope'"), std::string::npos) << sampler.err;
+  Result steps = train(out, {"--sample-prompt", "x", "--sample-steps", "0"}, 1);
+  EXPECT_EQ(steps.exit_code, 1) << steps.err;
+  EXPECT_NE(steps.err.find("--sample-steps 0"), std::string::npos) << steps.err;
   EXPECT_FALSE(fs::exists(out));
 }
 
