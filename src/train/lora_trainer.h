@@ -57,7 +57,8 @@ struct LoraTrainOptions {
   // the training images; their loss is weighted by prior_loss_weight.
   std::string reg_data;
   double prior_loss_weight = 1.0;
-  // Sample images during training (written beside the output as OUT-sampleSTEP.png).
+  // Sample images during training (train/sample_images.h): each prompt every sample_every steps
+  // and at the end, written beside the output as NAME-sample<STEP>-<i>.png.
   std::vector<std::string> sample_prompts;
   int sample_every = 0;  // steps; 0 with prompts: at the end only
   int sample_steps = 20;
