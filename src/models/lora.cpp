@@ -314,17 +314,6 @@ void merge_module(Backend& gemm, const ModuleTerms& mt, Tensor& w, Tensor& block
   }
 }
 
-// Whether a LoRA pair fits a base weight: base [O, I] or [O, I, kh, kw]; down [r, I] or
-// [r, I, kh, kw] (2-D only for kh = kw = 1); up [O, r] or [O, r, 1, 1].
-bool fits(const Tensor& base, const LoraEntry& e) {
-  const Shape& b = base.shape();
-  const Shape& d = e.down.shape();
-  if (e.up.dim(0) != b[0] || d[1] != b[1]) return false;
-  const int64_t kh = b.rank() == 4 ? b[2] : 1, kw = b.rank() == 4 ? b[3] : 1;
-  if (d.rank() == 2) return kh == 1 && kw == 1;
-  return d[2] == kh && d[3] == kw;
-}
-
 struct ComponentSlot {
   LoraTarget target;
   Component comp;
@@ -332,6 +321,14 @@ struct ComponentSlot {
 };
 
 }  // namespace
+
+bool lora_fits(const Shape& b, const LoraEntry& e) {
+  const Shape& d = e.down.shape();
+  if (e.up.dim(0) != b[0] || d[1] != b[1]) return false;
+  const int64_t kh = b.rank() == 4 ? b[2] : 1, kw = b.rank() == 4 ? b[3] : 1;
+  if (d.rank() == 2) return kh == 1 && kw == 1;
+  return d[2] == kh && d[3] == kw;
+}
 
 // Matches `loras` against `model` (throwing, before any work, for a file that matches nothing or
 // a pair that does not fit), tells `on_names` which weights will be merged, then computes them
@@ -388,8 +385,8 @@ LoraApplyReport merge_each(const SDModel& model, const std::vector<std::pair<con
         continue;
       }
       const Tensor& base = *idx.weight.at(mod);
-      DF_CHECK(fits(base, e), file->path, ": ", e.key, ": down ", e.down.shape().str(), " and up ", e.up.shape().str(),
-               " do not fit ", lora_target_name(e.target), " weight ", mod, " ", base.shape().str(),
+      DF_CHECK(lora_fits(base.shape(), e), file->path, ": ", e.key, ": down ", e.down.shape().str(), " and up ",
+               e.up.shape().str(), " do not fit ", lora_target_name(e.target), " weight ", mod, " ", base.shape().str(),
                " (a LoRA for another model architecture?)");
       ModuleTerms& mt = modules[e.target][mod];
       mt.base = &base;

@@ -55,6 +55,11 @@ struct LoraEntry {
   float scale() const { return has_alpha ? alpha / float(rank()) : 1.0f; }
 };
 
+// Whether a LoRA pair fits a base weight of shape `base`: [O, I] or [O, I, kh, kw]; down [r, I] or
+// [r, I, kh, kw] (2-D only for kh = kw = 1); up [O, r] or [O, r, 1, 1] (load_lora checked that
+// up's r is down's).
+bool lora_fits(const Shape& base, const LoraEntry& e);
+
 struct LoraFile {
   std::string path;
   std::string name;                  // file name without directory and extension (A1111's name)

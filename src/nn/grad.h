@@ -6,6 +6,7 @@
 // weight (conv2d/linear) or their gamma tensor (norms), so binding code stays as it is: the
 // trainer fills a Grads from a model's PreparedIndex and NormIndex (nn/weights.h).
 #pragma once
+#include <memory>
 #include <string>
 #include <unordered_map>
 
@@ -28,13 +29,21 @@ struct NormParams {
   Tensor ggamma, gbeta;  // gradients (+=), defined only when the norm is trained
 };
 
-// LoRA beside a frozen linear layer (or 1×1 convolution bound as one):
-// y = W·x + b + scale·up·(down·x).
+// LoRA beside a frozen layer. A linear layer (or 1×1 convolution bound as one):
+// y = W·x + b + scale·up·(down·x). A convolution (kohya's LoCon, Conv2d layers): down is a
+// convolution with the layer's kernel size, stride and padding, up a 1×1 convolution:
+// y = conv(x, W) + b + scale·up·conv(x, down).
 struct LoraAdapter {
   std::string key;          // the file's module stem ("lora_unet_down_blocks_0_..._to_q")
-  Tensor down, up;          // f32 [r, in], [out, r] (views of the trained tensors)
+  // f32 views of the trained tensors: [r, in] and [out, r] (linear), [r, in, kh, kw] and
+  // [out, r, 1, 1] (convolution; [r, in] and [out, r] are accepted for a 1×1 one).
+  Tensor down, up;
   float scale = 1;          // alpha / rank (× multiplier)
   Tensor gdown, gup;        // gradients (+=), same shapes; undefined when frozen
+  // Convolutions: down as the backend runs it, prepared by the layer's first pass and again
+  // whenever down's values differ from `down_prepared_from` (the optimiser updates down in place).
+  mutable std::shared_ptr<PreparedWeight> down_prepared;
+  mutable Tensor down_prepared_from;
 };
 
 struct Grads {

@@ -97,10 +97,11 @@ struct Conv2d {
   // Binds "<b>weight" [out, in, k, k] and "<b>bias" [out]; padding (k-1)/2 unless given.
   void bind(Backend& be, const Binder& b, int64_t in, int64_t out, int64_t k, int stride = 1);
   void bind(Backend& be, const Binder& b, int64_t in, int64_t out, int64_t k, const Conv2dParams& p);
-  // x: [N, H, W, in] -> [N, Ho, Wo, out]
+  // x: [N, H, W, in] -> [N, Ho, Wo, out] (+ scale·up·conv(x, down) when c.grads holds an adapter
+  // for this layer: LoCon, down with this layer's kernel, stride and padding, up 1×1)
   Tensor operator()(Ctx& c, const Tensor& x) const;
-  // Backward: x the forward's input, dy [N, Ho, Wo, out] -> a new dx (or none when !want_dx);
-  // adds the weight/bias gradients the Grads asks for.
+  // Backward: x the forward's input, dy [N, Ho, Wo, out] -> a new dx [N, H, W, in] (or none when
+  // !want_dx); adds the weight, bias and adapter gradients the Grads asks for.
   Tensor backward(Ctx& c, const Tensor& x, const Tensor& dy, bool want_dx = true) const;
 };
 

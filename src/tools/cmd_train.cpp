@@ -119,7 +119,9 @@ void add_lora_command(CLI::App* train, std::shared_ptr<LoraFlags> f) {
   c->add_flag("--strict", o.data_opts.strict, "An unreadable image is an error (default: skipped with a warning)");
   c->add_option("--network-weights,--network_weights", o.network_weights,
                 "Start from an existing LoRA (kohya .safetensors): its modules, rank and alpha");
-  c->add_option("--conv-rank,--conv_dim", o.conv_rank, "LoCon: LoRA rank on the 3×3 convolutions (0: off)");
+  c->add_option("--conv-rank,--conv_dim", o.conv_rank,
+                "LoCon: also LoRA on the UNet's ResNet blocks and resamplers, this rank on their 3×3 convolutions "
+                "(their 1×1 shortcuts and time projections get --rank, as kohya's); 0: off");
   c->add_option("--conv-alpha,--conv_alpha", o.conv_alpha, "LoCon alpha")->capture_default_str();
   c->add_option("--reg-data,--reg_data_dir", o.reg_data, "Regularisation images (kohya's folder convention)");
   c->add_option("--prior-loss-weight,--prior_loss_weight", o.prior_loss_weight, "Loss weight of regularisation images")

@@ -36,12 +36,8 @@ std::unique_ptr<LoraNetwork> LoraNetwork::from_file(const std::string& path, UNe
     DF_CHECK(it != by_stem.end(), path, ": ", e.key, ": the UNet has no layer ", stem);
     const PreparedEntry& pe = prepared.at(it->second);
     const Shape& ws = pe.checkpoint_shape;
-    const int64_t out = ws[0], in = ws[1], r = e.rank();
-    const bool pointwise = ws.rank() == 2 || (ws.rank() == 4 && ws[2] == 1 && ws[3] == 1);
-    DF_CHECK(pointwise, path, ": ", e.key, ": ", it->second, " ", ws.str(),
-             " is a k×k convolution; LoRA training covers linear layers and 1×1 convolutions");
-    const bool fits = e.down.numel() == r * in && e.up.numel() == out * r && e.down.dim(1) == in && e.up.dim(0) == out;
-    DF_CHECK(fits, path, ": ", e.key, ": down ", e.down.shape().str(), " and up ", e.up.shape().str(),
+    const int64_t r = e.rank();
+    DF_CHECK(lora_fits(ws, e), path, ": ", e.key, ": down ", e.down.shape().str(), " and up ", e.up.shape().str(),
              " do not fit ", it->second, " ", ws.str());
     LoraModule m;
     m.key = e.key;
@@ -57,20 +53,24 @@ std::unique_ptr<LoraNetwork> LoraNetwork::from_file(const std::string& path, UNe
   return net;
 }
 
-// A fresh module (kohya's init) on the prepared layer `name` of a model, key prefix + path.
+// A fresh module (kohya's init) on the prepared layer `name` of a model, key prefix + path: on a
+// linear layer down [r, in], up [out, r]; on a convolution [out, in, kh, kw] down [r, in, kh, kw]
+// (a convolution like the layer's), up [out, r, 1, 1].
 static LoraModule fresh_module(const std::string& prefix, const std::string& name, const PreparedEntry& e, int rank,
                                float alpha, std::mt19937_64& rng) {
   const Shape& ws = e.checkpoint_shape;
   const int64_t out = ws[0], in = ws[1];
+  const int64_t kh = ws.rank() == 4 ? ws[2] : 1, kw = ws.rank() == 4 ? ws[3] : 1;
   LoraModule m;
   m.key = prefix + "_" + underscored(name.substr(0, name.size() - 7));
   m.weight_name = name;
   m.alpha = alpha;
-  const Shape ds = ws.rank() == 4 ? Shape{rank, in, 1, 1} : Shape{rank, in};
+  const Shape ds = ws.rank() == 4 ? Shape{rank, in, kh, kw} : Shape{rank, in};
   const Shape us = ws.rank() == 4 ? Shape{out, rank, 1, 1} : Shape{out, rank};
   m.down = {m.key + ".lora_down.weight", Tensor::empty(ds), Tensor::zeros(ds)};
   m.up = {m.key + ".lora_up.weight", Tensor::zeros(us), Tensor::zeros(us)};
-  const double bound = 1.0 / std::sqrt(double(in));  // kaiming_uniform_(a=√5): gain √(2/6), bound gain·√(3/in)
+  // kaiming_uniform_(a=√5): gain √(2/6), bound gain·√(3/fan_in) = 1/√fan_in, fan_in = in·kh·kw.
+  const double bound = 1.0 / std::sqrt(double(in * kh * kw));
   std::uniform_real_distribution<double> u(-bound, bound);
   for (int64_t i = 0; i < m.down.value.numel(); ++i) m.down.value.f32()[i] = float(u(rng));
   m.layer = e.w.get();
@@ -110,6 +110,40 @@ std::unique_ptr<LoraNetwork> LoraNetwork::create_unet(UNet& unet, int rank, floa
   DF_CHECK(!net->modules_.empty(), "LoRA: the UNet has no transformer linear layers to adapt");
   net->bind_adapters();
   return net;
+}
+
+// Inside one of kohya's conv target classes (diffusers' ResnetBlock2D, Downsample2D, Upsample2D).
+static bool in_resnet_or_resampler(const std::string& name) {
+  return name.find("resnets.") != std::string::npos || name.find("downsamplers.") != std::string::npos ||
+         name.find("upsamplers.") != std::string::npos;
+}
+
+int LoraNetwork::add_unet_conv_targets(UNet& unet, int rank, float alpha, int conv_rank, float conv_alpha,
+                                       uint64_t seed) {
+  DF_CHECK(rank >= 1 && rank <= 4096, "--rank ", rank, ": must be in [1, 4096]");
+  DF_CHECK(conv_rank >= 1 && conv_rank <= 4096, "--conv-rank ", conv_rank, ": must be in [1, 4096]");
+  DF_CHECK(std::isfinite(conv_alpha) && conv_alpha > 0, "--conv-alpha ", conv_alpha, ": must be a positive number");
+  std::mt19937_64 rng(seed ^ 0xc0c0c0c0c0ULL);  // its own stream: the default modules start as without LoCon
+  int n = 0;
+  for (auto& [name, e] : unet.prepared()) {
+    if (!in_resnet_or_resampler(name)) continue;
+    const Shape& ws = e.checkpoint_shape;
+    const bool pointwise = ws.rank() == 2 || (ws.rank() == 4 && ws[2] == 1 && ws[3] == 1);
+    modules_.push_back(fresh_module("lora_unet", name, e, pointwise ? rank : conv_rank,
+                                    pointwise ? alpha : conv_alpha, rng));
+    ++n;
+  }
+  DF_CHECK(n > 0, "LoCon: the UNet has no ResNet or resampler layers to adapt");
+  bind_adapters();
+  return n;
+}
+
+const LoraModule* LoraNetwork::first_kxk_conv() const {
+  for (const LoraModule& m : modules_) {
+    const Shape& s = m.down.value.shape();
+    if (s.rank() == 4 && (s[2] > 1 || s[3] > 1)) return &m;
+  }
+  return nullptr;
 }
 
 void LoraNetwork::save(const std::string& path, DType dtype, const std::map<std::string, std::string>& metadata) const {

@@ -1,8 +1,9 @@
 // A trainable LoRA on the UNet: f32 master tensors (down, up) per module with their gradients,
 // attached to the UNet's layers as adapters (nn/grad.h) so that forward passes with the Grads
-// compute y = W·x + b + scale·up·(down·x). Files are kohya's format:
-// "lora_unet_<diffusers module path with . -> _>.lora_down.weight" [r, in] (or [r, in, 1, 1] for
-// 1×1 convolutions), ".lora_up.weight" [out, r] (or [out, r, 1, 1]), ".alpha" (scale alpha/r).
+// compute y = W·x + b + scale·up·(down·x) (convolutions: scale·up·conv(x, down), LoCon). Files are
+// kohya's format: "lora_unet_<diffusers module path with . -> _>.lora_down.weight" [r, in] (or
+// [r, in, kh, kw] for convolutions), ".lora_up.weight" [out, r] (or [out, r, 1, 1]), ".alpha"
+// (scale alpha/r).
 #pragma once
 #include <map>
 #include <memory>
@@ -28,9 +29,9 @@ struct LoraModule {
 
 class LoraNetwork {
  public:
-  // The modules of a kohya LoRA file, matched against `unet`'s linear layers / 1×1 convolutions
-  // (every module must match one: a key the UNet lacks, a non-UNet key, or a shape that does not
-  // fit is an error naming the file and key). Tensors are copied to f32.
+  // The modules of a kohya LoRA file, matched against `unet`'s linear layers and convolutions
+  // (LoCon modules included; every module must match one: a key the UNet lacks, a non-UNet key,
+  // or a shape that does not fit is an error naming the file and key). Tensors are copied to f32.
   static std::unique_ptr<LoraNetwork> from_file(const std::string& path, UNet& unet);
 
   // A fresh LoRA on kohya's default target set (networks/lora.py): every linear layer and 1×1
@@ -38,6 +39,16 @@ class LoraNetwork {
   // ff.net.2: 192 modules for SD 1.5, 722 for SDXL), rank r, alpha; down Kaiming-uniform
   // (a = √5: U(±1/√in)) from `seed`, up zero (the network starts as the identity).
   static std::unique_ptr<LoraNetwork> create_unet(UNet& unet, int rank, float alpha, uint64_t seed);
+  // Adds kohya's LoCon targets (networks/lora.py with conv_dim/conv_alpha): every layer inside the
+  // UNet's ResnetBlock2D, Downsample2D and Upsample2D modules — the 3×3 convolutions (conv1, conv2,
+  // the resamplers' conv) at conv_rank, conv_alpha; the 1×1 conv_shortcut and the time_emb_proj
+  // linear at rank, alpha, as kohya gives them network_dim (SD 1.x/2.x: 50 + 36 modules, 278 in
+  // all; SDXL: 38 + 28, 788). Initialised as create_unet does (fan_in = in·kh·kw), from a stream
+  // of its own so the default modules do not change. Returns how many modules were added.
+  int add_unet_conv_targets(UNet& unet, int rank, float alpha, int conv_rank, float conv_alpha, uint64_t seed);
+  // The first module on a k×k convolution (k > 1: LoCon; its rank and alpha are kohya's
+  // conv_dim, conv_alpha), or null.
+  const LoraModule* first_kxk_conv() const;
   // Adds kohya's text-encoder targets (every linear of the attention and MLP of each layer:
   // self_attn.{q,k,v,out}_proj, mlp.fc1/fc2 — 72 modules for CLIP-L) under `prefix` ("lora_te",
   // SDXL: "lora_te1"/"lora_te2"), initialised as create_unet does, with learning-rate scale

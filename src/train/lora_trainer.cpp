@@ -82,6 +82,7 @@ std::string run_fingerprint(const LoraTrainOptions& o, const Dataset& data, int 
   j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;
   j["network_weights"] = o.network_weights.empty() ? std::string() : fs::path(o.network_weights).filename().string();
   j["max_grad_norm"] = o.max_grad_norm, j["shuffle"] = o.data_opts.shuffle_captions, j["keep"] = o.data_opts.keep_tokens;
+  if (o.conv_rank > 0) j["conv_rank"] = o.conv_rank, j["conv_alpha"] = o.conv_alpha;  // LoCon only: old states match
   j["reg_data"] = o.reg_data.empty() ? std::string() : fs::path(o.reg_data).lexically_normal().filename().string();
   j["reg_samples"] = samples_per_epoch(data, true), j["prior_loss_weight"] = o.prior_loss_weight;
   return j.dump();
@@ -90,6 +91,9 @@ std::string run_fingerprint(const LoraTrainOptions& o, const Dataset& data, int 
 LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(const std::string&, bool)>& log) {
   DF_CHECK(o.steps > 0 || o.epochs > 0, "give --steps N or --epochs N");
   DF_CHECK(o.batch >= 1 && o.batch <= 64, "--batch ", o.batch, ": must be in [1, 64]");
+  DF_CHECK(o.conv_rank >= 0 && o.conv_rank <= 4096, "--conv-rank ", o.conv_rank, ": must be in [0, 4096] (0: off)");
+  DF_CHECK(o.conv_rank == 0 || o.network_weights.empty(),
+           "--conv-rank: not with --network-weights (the file's modules train, LoCon ones included)");
   DF_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr ", o.lr, ": must be a positive number");
   const LrSchedule sched_kind = parse_lr_schedule(o.lr_schedule);
   DType save_dt = o.save_precision == "fp16" ? DType::F16 : o.save_precision == "bf16" ? DType::BF16 : DType::F32;
@@ -175,6 +179,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
                                          : LoraNetwork::from_file(o.network_weights, model->unet);
   if (!o.network_weights.empty())
     log("starting from " + o.network_weights + " (" + std::to_string(net->modules().size()) + " modules)", false);
+  if (o.conv_rank > 0) net->add_unet_conv_targets(model->unet, o.rank, o.alpha, o.conv_rank, o.conv_alpha, o.seed);
   int te_modules = 0;
   if (o.train_text_encoder) {
     DF_CHECK(!sdxl, "--train-text-encoder: text-encoder LoRA training is supported for SD 1.x/2.x (not SDXL yet)");
@@ -187,12 +192,18 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   // The network's rank and alpha (--network_weights: the file's, from its first module).
   const int net_rank = int(net->modules().front().down.value.dim(0));
   const float net_alpha = net->modules().front().alpha;
+  // LoCon: kohya's conv_dim and conv_alpha, from the network (a --network_weights file's too).
+  const LoraModule* conv = net->first_kxk_conv();
+  const int net_conv_rank = conv ? int(conv->down.value.dim(0)) : 0;
+  const float net_conv_alpha = conv ? conv->alpha : 0.0f;
   net->attach(trainer.grads());
   std::vector<Param*> params = net->params();
   AdamW adam(params, AdamWOptions{o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
   log("lora: " + std::to_string(net->modules().size() - size_t(te_modules)) + " UNet modules" +
           (te_modules ? ", " + std::to_string(te_modules) + " text encoder modules" : std::string()) + ", rank " +
-          std::to_string(net_rank) + ", alpha " + fmt("%g", net_alpha),
+          std::to_string(net_rank) + ", alpha " + fmt("%g", net_alpha) +
+          (net_conv_rank ? ", conv rank " + std::to_string(net_conv_rank) + ", conv alpha " + fmt("%g", net_conv_alpha)
+                         : std::string()),
       false);
 
   const DdpmSchedule sched = DdpmSchedule::sd();
@@ -402,6 +413,9 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
     }
     m["ss_dataset_dirs"] = dirs.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     for (const auto& kv : reg_metadata(reg, o.prior_loss_weight)) m.insert(kv);
+    if (net_conv_rank > 0)  // kohya: json.dumps of the --network_args strings
+      m["ss_network_args"] = "{\"conv_dim\": \"" + std::to_string(net_conv_rank) + "\", \"conv_alpha\": \"" +
+                             fmt("%g", net_conv_alpha) + "\"}";
     return m;
   };
 

@@ -262,6 +262,146 @@ TEST_F(TrainLora, FileIsKohyaCompatible) {
   EXPECT_NE(g.err.find("lora: 192 modules merged"), std::string::npos) << g.err;
 }
 
+// ---- LoCon: --conv-rank / --conv-alpha (kohya's conv_dim / conv_alpha) ----
+
+struct LoconExpected {
+  float alpha;
+  diffuse::Shape down, up;
+};
+
+bool in_resnet_or_resampler(const std::string& name) {
+  return name.find("resnets.") != std::string::npos || name.find("downsamplers.") != std::string::npos ||
+         name.find("upsamplers.") != std::string::npos;
+}
+
+// kohya's modules with conv_dim, from a UNet's diffusers tensor names: the default set (linear
+// layers and 1×1 convolutions inside attentions) at the network's rank and alpha, and every
+// linear layer and convolution inside a ResNet block or resampler: k×k ones at the conv rank and
+// alpha, the rest (conv_shortcut 1×1, time_emb_proj) at the network's. Key -> alpha and shapes.
+std::map<std::string, LoconExpected> locon_modules(const diffuse::TensorFile& unet, int64_t rank, float alpha,
+                                                   int64_t conv_rank, float conv_alpha) {
+  std::map<std::string, LoconExpected> out;
+  for (const diffuse::TensorEntry& e : unet.tensors) {
+    const std::string& n = e.name;
+    const diffuse::Shape& s = e.tensor.shape();
+    if (n.size() < 7 || n.compare(n.size() - 7, 7, ".weight") != 0 || (s.rank() != 2 && s.rank() != 4)) continue;
+    const bool kxk = s.rank() == 4 && (s[2] > 1 || s[3] > 1);
+    const bool attn = n.find("attentions.") != std::string::npos;
+    if (!(attn && !kxk) && !in_resnet_or_resampler(n)) continue;
+    std::string key = "lora_unet_" + n.substr(0, n.size() - 7);
+    std::replace(key.begin(), key.end(), '.', '_');
+    const int64_t r = kxk ? conv_rank : rank;
+    out[key] = {kxk ? conv_alpha : alpha, s.rank() == 4 ? diffuse::Shape{r, s[1], s[2], s[3]} : diffuse::Shape{r, s[1]},
+                s.rank() == 4 ? diffuse::Shape{s[0], r, 1, 1} : diffuse::Shape{s[0], r}};
+  }
+  return out;
+}
+
+// The single-file checkpoint's ResNet/resampler layers by their ldm names: 3×3 convolutions
+// other than conv_in (input_blocks.0.0) and conv_out (out.2), and the skip_connection /
+// emb_layers.1 layers.
+void count_ldm_resnet_layers(const diffuse::TensorFile& ckpt, int& k3, int& other) {
+  k3 = other = 0;
+  const std::string p = "model.diffusion_model.";
+  for (const diffuse::TensorEntry& e : ckpt.tensors) {
+    const std::string& n = e.name;
+    if (n.rfind(p, 0) != 0 || n.size() < 7 || n.compare(n.size() - 7, 7, ".weight") != 0) continue;
+    const diffuse::Shape& s = e.tensor.shape();
+    if (s.rank() == 4 && s[2] == 3 && n != p + "input_blocks.0.0.weight" && n != p + "out.2.weight") ++k3;
+    if (n.find(".skip_connection.") != std::string::npos || n.find(".emb_layers.1.") != std::string::npos) ++other;
+  }
+}
+
+// --conv-rank 4 --conv-alpha 2 --rank 8 --alpha 4, 20 steps: the file holds exactly kohya's
+// LoCon modules (keys, shapes, alphas), the 3×3 ups have trained away from zero, ss_network_args
+// says conv_dim/conv_alpha, and `generate --lora` applies it: the whole file and its conv modules
+// alone each change the latent from the one at multiplier 0.
+TEST(TrainLoraLocon, ConvModulesMetadataAndGeneration) {
+  const std::string df_unet = data("sd1/model/diffusers/unet/diffusion_pytorch_model.safetensors");
+  if (sd1_model().empty() || df_unet.empty()) GTEST_SKIP() << "tiny-sd1 fixture (single file and diffusers) not found";
+  const std::string dir = write_dataset(temp_dir() + "/data_locon");
+  fs::create_directories(temp_dir() + "/out");
+  const std::string out = temp_dir() + "/out/locon.safetensors";
+  const auto t0 = std::chrono::steady_clock::now();
+  Result r = run({"train", "lora", "-m", sd1_model(), "--data", dir, "-o", out, "--resolution", std::to_string(kSide),
+                  "--steps", "20", "--lr", "1e-3", "--rank", "8", "--alpha", "4", "--conv-rank", "4", "--conv-alpha",
+                  "2", "--seed", "1"},
+                 600);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::printf("[ locon    ] 20 steps in %.1f s\n", seconds_since(t0));
+
+  const std::map<std::string, LoconExpected> want = locon_modules(diffuse::load_safetensors(df_unet), 8, 4.0f, 4, 2.0f);
+  int want_k3 = 0, want_other = 0, ldm_k3 = 0, ldm_other = 0;
+  std::set<std::string> resnet_keys;  // the LoCon additions
+  for (const auto& [k, e] : want) {
+    const bool resnet = k.find("_resnets_") != std::string::npos || k.find("samplers_") != std::string::npos;
+    if (resnet) resnet_keys.insert(k);
+    want_k3 += e.down.rank() == 4 && e.down[2] == 3;
+    want_other += resnet && !(e.down.rank() == 4 && e.down[2] == 3);
+  }
+  count_ldm_resnet_layers(diffuse::load_safetensors(sd1_model()), ldm_k3, ldm_other);
+  EXPECT_EQ(want_k3, ldm_k3) << "3×3 ResNet/resampler convolutions: diffusers folder vs single file";
+  EXPECT_EQ(want_other, ldm_other) << "conv_shortcut + time_emb_proj: diffusers folder vs single file";
+
+  diffuse::TensorFile f = diffuse::load_safetensors(out);
+  std::set<std::string> got;
+  for (const diffuse::TensorEntry& e : f.tensors) got.insert(e.name.substr(0, e.name.find('.')));
+  std::vector<std::string> missing, extra;
+  for (const auto& [k, e] : want)
+    if (!got.count(k)) missing.push_back(k);
+  for (const std::string& k : got)
+    if (!want.count(k)) extra.push_back(k);
+  EXPECT_TRUE(missing.empty()) << missing.size() << " modules missing, first " << missing.front();
+  EXPECT_TRUE(extra.empty()) << extra.size() << " unexpected modules, first " << extra.front();
+  int trained_k3 = 0;
+  for (const auto& [k, e] : want) {
+    const diffuse::Tensor *down = f.find(k + ".lora_down.weight"), *up = f.find(k + ".lora_up.weight"),
+                          *alpha = f.find(k + ".alpha");
+    if (!down || !up || !alpha) continue;  // reported above
+    EXPECT_EQ(down->shape().str(), e.down.str()) << k;
+    EXPECT_EQ(up->shape().str(), e.up.str()) << k;
+    EXPECT_FLOAT_EQ(alpha->to(diffuse::DType::F32).f32()[0], e.alpha) << k;
+    if (e.down.rank() == 4 && e.down[2] == 3) {
+      const diffuse::Tensor u = up->to(diffuse::DType::F32);
+      float mx = 0;
+      for (int64_t i = 0; i < u.numel(); ++i) mx = std::max(mx, std::abs(u.f32()[i]));
+      trained_k3 += mx > 0;
+    }
+  }
+  EXPECT_EQ(trained_k3, want_k3) << "3×3 modules whose up is still zero after 20 steps";
+  std::printf("[ locon    ] %zu modules: %d 3×3 (conv rank 4), %d conv_shortcut/time_emb_proj (rank 8), the rest "
+              "attention\n",
+              want.size(), want_k3, want_other);
+
+  const json md = read_header(slurp(out)).j["__metadata__"];
+  EXPECT_EQ(json::parse(md.value("ss_network_args", "null"), nullptr, false),
+            json::parse(R"({"conv_dim": "4", "conv_alpha": "2"})"))
+      << md.value("ss_network_args", "<absent>");
+  EXPECT_EQ(md.value("ss_network_dim", ""), "8");
+  EXPECT_EQ(md.value("ss_network_alpha", ""), "4");
+
+  // The conv modules alone, as their own LoRA file.
+  std::vector<std::pair<std::string, diffuse::Tensor>> conv_only;
+  for (const diffuse::TensorEntry& e : f.tensors)
+    if (resnet_keys.count(e.name.substr(0, e.name.find('.')))) conv_only.emplace_back(e.name, e.tensor);
+  ASSERT_FALSE(conv_only.empty());
+  const std::string conv_path = temp_dir() + "/out/locon_conv_only.safetensors";
+  diffuse::save_safetensors(conv_path, conv_only);
+
+  const std::vector<float> g0 = generate_latent(out, "0", "locon0"), g1 = generate_latent(out, "1", "locon1"),
+                           gc = generate_latent(conv_path, "1", "locon_conv");
+  ASSERT_TRUE(!g0.empty() && g0.size() == g1.size() && g0.size() == gc.size());
+  auto max_diff = [&](const std::vector<float>& a) {
+    double d = 0;
+    for (size_t i = 0; i < a.size(); ++i) d = std::max(d, double(std::abs(a[i] - g0[i])));
+    return d;
+  };
+  std::printf("[ locon    ] max |latent − latent at :0|: whole file %.2e, conv modules alone %.2e\n", max_diff(g1),
+              max_diff(gc));
+  EXPECT_GT(max_diff(g1), 1e-3);
+  EXPECT_GT(max_diff(gc), 1e-3);
+}
+
 // ---- errors: exit 1, one "diffuse: error:" line naming the problem, nothing written ----
 
 void expect_error(const std::vector<std::string>& extra, const std::string& out, const std::string& needle,
@@ -307,6 +447,14 @@ TEST_F(TrainLoraErrors, DataIsAFile) {
 TEST_F(TrainLoraErrors, NoStepsOrEpochs) {
   const std::string dir = write_dataset(temp_dir() + "/err_steps");
   expect_error({"--resolution", "64"}, temp_dir() + "/err_steps.safetensors", "--steps", dir);
+}
+
+TEST_F(TrainLoraErrors, BadConvRank) {
+  const std::string dir = write_dataset(temp_dir() + "/err_conv");
+  expect_error({"--resolution", "64", "--steps", "2", "--conv-rank", "-1"}, temp_dir() + "/err_conv.safetensors",
+               "--conv-rank -1", dir);
+  expect_error({"--resolution", "64", "--steps", "2", "--conv-rank", "4", "--network-weights", sd1_model()},
+               temp_dir() + "/err_conv.safetensors", "--conv-rank: not with --network-weights", dir);
 }
 
 TEST_F(TrainLoraErrors, CorruptPngIsSkippedOrWithStrictAnError) {

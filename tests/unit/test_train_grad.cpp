@@ -1,7 +1,8 @@
 // Model-level gradient checks: the tiny sd1 UNet's and CLIP text encoder's backward passes
 // (hand-written per block, with recomputation) against central finite differences of their own
 // forward passes, for sampled parameters of every kind (3×3, strided and 1×1 convolutions, linear
-// layers, group and layer norms, biases, LoRA adapters on linear layers and on a 1×1 convolution).
+// layers, group and layer norms, biases, LoRA adapters on linear layers and on a 1×1 convolution,
+// LoCon adapters on 3×3, strided and 1×1 convolution layers).
 //
 // Method. For a parameter P with analytic gradient g, take a subset S of its elements (all, up to
 // 24) and the unit direction d = g_S/|g_S|; the directional derivative is then |g_S|. The finite
@@ -124,10 +125,18 @@ TEST(TrainGrad, UNetParametersAndLoraMatchFiniteDifferences) {
   const std::vector<float> w = loss_weights(sched, nb.timesteps, Objective::Eps, 5.0f);
 
   // LoRA adapters (rank 2, scale 0.75) on a self-attention query, a 1×1-conv proj_in and a GEGLU
-  // projection, with nonzero up so that every path carries gradient.
+  // projection, and LoCon adapters on a ResNet's 3×3 conv1, a stride-2 downsampler and a 1×1
+  // conv_shortcut (convolution layers: down [2, in, k, k], up [out, 2, 1, 1]), with nonzero up so
+  // that every path carries gradient. The LoCon adapters sit at 4×4 and 8×8: in the tiny model's
+  // 1×1 bottleneck (mid block, 64 channels) each GroupNorm group holds 2 values, whose
+  // normalisation is nearly a step function, and these finite differences fail there (seen with up
+  // at 0.3 and at 0.03); test_train_locon checks the adapter itself at 1×1 and 2×2 inputs exactly.
   PreparedIndex& prep = tr.unet().prepared();
   std::vector<std::string> lora_on = {first_with(prep, "attn1.to_q"), first_with(prep, "proj_in"),
-                                      first_with(prep, "ff.net.0.proj", true)};
+                                      first_with(prep, "ff.net.0.proj", true),
+                                      first_with(prep, "up_blocks.3.resnets.0.conv1"),
+                                      first_with(prep, "down_blocks.1.downsamplers.0.conv"),
+                                      first_with(prep, "conv_shortcut", true)};
   std::vector<LoraAdapter> adapters(lora_on.size());
   for (size_t i = 0; i < lora_on.size(); ++i) {
     ASSERT_FALSE(lora_on[i].empty());
@@ -135,7 +144,10 @@ TEST(TrainGrad, UNetParametersAndLoraMatchFiniteDifferences) {
     const int64_t out = e.checkpoint_shape[0], in = e.checkpoint_shape[1];
     LoraAdapter& a = adapters[i];
     a.key = lora_on[i];
-    a.down = randn({2, in}, rng, 0.3f), a.up = randn({out, 2}, rng, 0.3f), a.scale = 0.75f;
+    const bool conv = e.conv;
+    const int64_t k = conv ? e.checkpoint_shape[2] : 1;
+    a.down = randn(conv ? Shape{2, in, k, k} : Shape{2, in}, rng, 0.3f / float(k));  // k×k: the same |down·x|
+    a.up = randn(conv ? Shape{out, 2, 1, 1} : Shape{out, 2}, rng, 0.3f), a.scale = 0.75f;
     a.gdown = Tensor::zeros(a.down.shape()), a.gup = Tensor::zeros(a.up.shape());
     tr.grads().adapters[e.w.get()] = &a;
   }
