@@ -430,9 +430,11 @@ Tensor UNet::forward(Ctx& c, const Tensor& x, const std::vector<float>& t, const
 }
 
 Tensor UNet::forward_train(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
-                           const Tensor* text_embeds, const Tensor* time_ids, UNetTrace& trace) const {
+                           const Tensor* text_embeds, const Tensor* time_ids, UNetTrace& trace,
+                           bool checkpointing) const {
   DF_CHECK(c.act == DType::F32, "UNet: training runs f32 activations");
   trace = UNetTrace{};
+  if (!checkpointing) trace.saved = std::make_shared<UNetSavedBlocks>();
   return run(c, x, t, context, text_embeds, time_ids, nullptr, nullptr, &trace);
 }
 
@@ -464,10 +466,17 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
   Tensor h;  // the running activation (each block's input)
   // A training pass (trace) keeps every block's input and output in the caller's arena.
   int cur = -1;  // ping arena holding h; -1: h lives in the caller's arena
+  // Without checkpointing (trace->saved) blocks run in the caller's arena and keep their
+  // intermediates there.
+  UNetSavedBlocks* saved = trace ? trace->saved.get() : nullptr;
+  auto res_saved = [&]() { return saved ? UNetSavedBlocks::slot(saved->res, trace->inputs.size() - 1) : nullptr; };
+  auto attn_saved = [&]() { return saved ? UNetSavedBlocks::slot(saved->attn, trace->inputs.size() - 1) : nullptr; };
+  Arena* tf_scratch = saved ? nullptr : inner;
   auto block = [&](bool keep, const auto& fn) {
-    Ctx tc{c.be, temp, c.act, c.ws, c.grads};
+    Ctx tc{c.be, saved ? c.arena : temp, c.act, c.ws, c.grads};
     if (trace) trace->inputs.push_back(h);
     Tensor out = fn(tc);
+    if (saved) return out;
     Tensor dst;
     if (keep || trace) {
       dst = c.alloc(out.shape(), out.dtype());
@@ -501,8 +510,8 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
   for (const Level& lv : m.down) {
     for (size_t j = 0; j < lv.resnets.size(); ++j) {
       const bool attn = !lv.attentions.empty();
-      h = block(!attn, [&](Ctx& tc) { return lv.resnets[j](tc, h, semb); });
-      if (attn) h = block(true, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, inner); });
+      h = block(!attn, [&](Ctx& tc) { return lv.resnets[j](tc, h, semb, res_saved()); });
+      if (attn) h = block(true, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, tf_scratch, attn_saved()); });
       skips.push_back(h);
     }
     if (lv.resample) {
@@ -526,9 +535,9 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
   }
 
   // Mid block.
-  h = block(false, [&](Ctx& tc) { return m.mid_res0(tc, h, semb); });
-  h = block(false, [&](Ctx& tc) { return m.mid_attn(tc, h, context, inner); });
-  h = block(false, [&](Ctx& tc) { return m.mid_res1(tc, h, semb); });
+  h = block(false, [&](Ctx& tc) { return m.mid_res0(tc, h, semb, res_saved()); });
+  h = block(false, [&](Ctx& tc) { return m.mid_attn(tc, h, context, tf_scratch, attn_saved()); });
+  h = block(false, [&](Ctx& tc) { return m.mid_res1(tc, h, semb, res_saved()); });
   if (mid_residual) {
     DF_CHECK(mid_residual->shape() == h.shape(), "UNet: mid residual ", mid_residual->str(), ", expected ",
              h.shape().str());
@@ -543,9 +552,10 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
       h = block(false, [&](Ctx& tc) {
         Tensor hc = tc.alloc({B, h.dim(1), h.dim(2), h.dim(3) + skip.dim(3)});
         tc.be.concat_last(h, skip, hc);
-        return lv.resnets[j](tc, hc, semb);
+        return lv.resnets[j](tc, hc, semb, res_saved());
       });
-      if (!lv.attentions.empty()) h = block(false, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, inner); });
+      if (!lv.attentions.empty())
+        h = block(false, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, tf_scratch, attn_saved()); });
     }
     if (lv.resample) {
       DF_ASSERT(!skips.empty());

@@ -60,8 +60,12 @@ struct UNetConfig {
 // What UNet::forward_train keeps for UNet::backward: every block's input (gradient checkpointing
 // at block boundaries: the backward recomputes one block at a time, keeping its intermediates
 // only while that block's backward runs), the skip connections and the time embedding.
+struct UNetSavedBlocks;  // every block's intermediates (models/unet_impl.h)
 struct UNetTrace {
   Tensor x, context, emb, semb;
+  // Without gradient checkpointing: every resnet's and transformer's intermediates, by input
+  // index, so that the backward recomputes nothing (more memory, one forward less per step).
+  std::shared_ptr<UNetSavedBlocks> saved;
   std::vector<float> t;
   const Tensor* text_embeds = nullptr;
   const Tensor* time_ids = nullptr;
@@ -99,8 +103,10 @@ class UNet {
   // the backward); backward takes dy = dL/d(prediction) [B, H, W, out_channels], adds the
   // parameter gradients c.grads asks for and writes dL/dx, dL/dcontext when given (f32, shapes
   // of x and context). Activations are f32 (c.act).
+  // checkpointing = false keeps every block's intermediates in c.arena (UNetTrace::saved).
   Tensor forward_train(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
-                       const Tensor* text_embeds, const Tensor* time_ids, UNetTrace& trace) const;
+                       const Tensor* text_embeds, const Tensor* time_ids, UNetTrace& trace,
+                       bool checkpointing = true) const;
   void backward(Ctx& c, const UNetTrace& trace, const Tensor& dy, Tensor* dx, Tensor* dcontext) const;
 
   // Number of skip connections (= ControlNet down residuals): 1 + levels·layers + levels - 1.

@@ -126,12 +126,18 @@ void UNet::backward(Ctx& c, const UNetTrace& tr, const Tensor& dy, Tensor* dx, T
   Tensor dsemb = zeros_like(c, tr.semb);
   const int L = cfg.levels(), S = num_skips();
   std::vector<Tensor> dskip(static_cast<size_t>(S));  // gradients of the skip connections from the up path
+  // A block's intermediates: kept by the forward (no checkpointing), else recomputed from its
+  // input (`next` is the input's index once input() has returned it).
   auto resnet_bwd = [&](const Resnet& r, const Tensor& in, const Tensor& g) {
+    if (const Resnet::Saved* k = tr.saved ? UNetSavedBlocks::at(tr.saved->res, next) : nullptr)
+      return r.backward(tc, *k, tr.semb, g, dsemb);
     Resnet::Saved s;
     r(tc, in, tr.semb, &s);
     return r.backward(tc, s, tr.semb, g, dsemb);
   };
   auto attn_bwd = [&](const Transformer& t, const Tensor& in, const Tensor& g) {
+    if (const Transformer::Saved* k = tr.saved ? UNetSavedBlocks::at(tr.saved->attn, next) : nullptr)
+      return t.backward(tc, *k, g, dcontext);
     Transformer::Saved s;
     t(tc, in, tr.context, nullptr, &s);
     return t.backward(tc, s, g, dcontext);

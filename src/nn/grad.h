@@ -67,6 +67,9 @@ struct Grads {
 // the layers were prepared from, under the same names; 1×1 convolutions bound as linear get
 // their prepared [O, I] shape), and every norm of `norms` (no gradients yet). Throws naming the
 // store's file if a tensor is missing.
-void register_layers(Grads& g, const PreparedIndex& prepared, const NormIndex& norms, const WeightStore& store);
+// `weights` is the type the plain weights are kept in: F32, or BF16 (bf16 training: frozen
+// layers' weights in half the memory, converted to f32 per backward pass).
+void register_layers(Grads& g, const PreparedIndex& prepared, const NormIndex& norms, const WeightStore& store,
+                     DType weights = DType::F32);
 
 }  // namespace diffuse

@@ -101,10 +101,18 @@ LayerParams& Grads::layer(const PreparedWeight* w, const char* what) {
 
 // A frozen layer's weights for a backward pass in f32: as they are, or (bf16 training, which
 // keeps frozen weights in bf16) converted into the step's arena.
+static Tensor f32_weights(Ctx& c, const Tensor& w) {
+  if (w.dtype() == DType::F32) return w;
+  Tensor f = c.alloc(w.shape(), DType::F32);
+  f.copy_from(w);
+  return f;
+}
+
 void Linear::backward(Ctx& c, const Tensor& x, const Tensor& dy, Tensor* dx, bool accumulate) const {
   DF_CHECK(c.grads, "Linear::backward: the context carries no Grads");
   LayerParams& p = c.grads->layer(w.get(), "linear backward");
-  const Tensor wt = p.w.rank() == 4 ? p.w.reshape({out, in}) : p.w;
+  const Tensor wf = f32_weights(c, p.w);
+  const Tensor wt = wf.rank() == 4 ? wf.reshape({out, in}) : wf;
   if (dx) c.be.linear_backward_data(dy, wt, *dx, accumulate);
   if (p.gw.defined() || p.gb.defined()) {
     Tensor gw = p.gw.defined() ? p.gw.reshape({out, in}) : Tensor();
@@ -213,7 +221,7 @@ Tensor Conv2d::backward(Ctx& c, const Tensor& x, const Tensor& dy, bool want_dx)
   Tensor dx;
   if (want_dx) {
     dx = c.alloc(x.shape(), DType::F32);
-    c.be.conv2d_backward_data(dy, p.w, this->p, dx);
+    c.be.conv2d_backward_data(dy, f32_weights(c, p.w), this->p, dx);
   }
   if (p.gw.defined() || p.gb.defined())
     c.be.conv2d_backward_weights(x, dy, this->p, p.gw.defined() ? &p.gw : nullptr, p.gb.defined() ? &p.gb : nullptr);

@@ -28,7 +28,8 @@ int run_lora_bench(const PipelineBenchOptions& o, int threads, const std::string
 
 // `diffuse bench train`: the LoRA training step (rank `rank`, batch 1, fp32) on o.model at o.size,
 // o.steps timed steps, as JSON (bench_train.cpp).
-int run_train_bench(const PipelineBenchOptions& o, int threads, int rank);
+int run_train_bench(const PipelineBenchOptions& o, int threads, int rank, const std::string& precision,
+                    const std::string& checkpointing);
 
 void add_pipeline_bench_options(CLI::App* cmd, PipelineBenchOptions& o);
 int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::string& precision);

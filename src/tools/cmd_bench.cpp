@@ -25,6 +25,7 @@ struct BenchOptions {
   std::string precision;  // ops: "both" unless given; pipeline: "auto"
   std::string filter;
   int lora_rank = 16;
+  std::string checkpointing = "both";  // train
 };
 
 Tensor random_tensor(const Shape& s, DType dt, uint32_t seed) {
@@ -150,6 +151,8 @@ Run add_bench_command(CLI::App& app) {
   cmd->add_option("-t,--threads", o->threads, "threads (default: physical cores)")->check(CLI::Range(0, 1024));
   cmd->add_option("--precision", o->precision, "fp32, bf16, auto (pipeline default) or both (ops default)")
       ->check(CLI::IsMember({"fp32", "bf16", "auto", "both"}));
+  cmd->add_option("--checkpointing", o->checkpointing, "train: gradient checkpointing on, off or both (default)")
+      ->check(CLI::IsMember({"on", "off", "both"}));
   cmd->add_option("--op", o->filter, "ops: only ops whose name contains this");
   add_pipeline_bench_options(cmd, *po);
   return [o, po] {
@@ -158,7 +161,8 @@ Run add_bench_command(CLI::App& app) {
       return bench_ops(*o);
     }
     if (o->what == "quality") return run_quality_bench(*po, o->threads);
-    if (o->what == "train") return run_train_bench(*po, o->threads, o->lora_rank);
+    if (o->what == "train") return run_train_bench(*po, o->threads, o->lora_rank, o->precision.empty() || o->precision == "auto" ? "bf16" : o->precision,
+                             o->checkpointing);
     if (o->what == "lora")
       return run_lora_bench(*po, o->threads, o->precision.empty() ? "auto" : o->precision, o->lora_rank, o->repeats);
     return run_pipeline_bench(*po, o->threads, o->precision.empty() ? "auto" : o->precision);

@@ -59,6 +59,7 @@ struct LoraFlags {
   std::string output_dir, output_name;
   double unet_lr = 0, text_encoder_lr = -1;
   int resolution = 0;
+  std::string precision = "fp32";
 };
 
 int run_lora(LoraFlags& f) {
@@ -74,6 +75,9 @@ int run_lora(LoraFlags& f) {
   DF_CHECK(f.resolution == 0 || (f.resolution >= 64 && f.resolution <= 4096 && f.resolution % 8 == 0), "--resolution ",
            f.resolution, ": must be a multiple of 8 in [64, 4096]");
   o.data_opts.resolution = f.resolution;
+  DF_CHECK(f.precision == "fp32" || f.precision == "no" || f.precision == "bf16", "--precision ", f.precision,
+           ": expected fp32 (no) or bf16", f.precision == "fp16" ? " (fp16 training is not supported on CPUs)" : "");
+  o.precision = f.precision == "bf16" ? "bf16" : "fp32";
   if (f.unet_lr > 0) o.lr = f.unet_lr;
   if (f.text_encoder_lr > 0) o.text_encoder_lr = f.text_encoder_lr;
   DF_CHECK(o.steps >= 0 && o.epochs >= 0, "--steps/--epochs must not be negative");
@@ -117,6 +121,7 @@ void add_lora_command(CLI::App* train, std::shared_ptr<LoraFlags> f) {
   c->add_option("--save-every,--save_every_n_steps", o.save_every, "Write an intermediate LoRA every N steps");
   c->add_option("--validate-every", o.validate_every, "Validation loss every N steps (always at start and end)");
   c->add_flag("--strict", o.data_opts.strict, "An unreadable image is an error (default: skipped with a warning)");
+  c->add_option("--precision,--mixed_precision", f->precision, "fp32 (kohya: no) or bf16 compute")->capture_default_str();
   c->add_option("--network-weights,--network_weights", o.network_weights,
                 "Start from an existing LoRA (kohya .safetensors): its modules, rank and alpha");
   c->add_option("--conv-rank,--conv_dim", o.conv_rank,

@@ -81,6 +81,7 @@ std::string run_fingerprint(const LoraTrainOptions& o, const Dataset& data, int 
   j["noise_offset"] = o.noise_offset, j["caption_dropout"] = o.caption_dropout, j["weight_decay"] = o.weight_decay;
   j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;
   j["network_weights"] = o.network_weights.empty() ? std::string() : fs::path(o.network_weights).filename().string();
+  j["precision"] = o.precision;
   j["max_grad_norm"] = o.max_grad_norm, j["shuffle"] = o.data_opts.shuffle_captions, j["keep"] = o.data_opts.keep_tokens;
   if (o.conv_rank > 0) j["conv_rank"] = o.conv_rank, j["conv_alpha"] = o.conv_alpha;  // LoCon only: old states match
   j["reg_data"] = o.reg_data.empty() ? std::string() : fs::path(o.reg_data).lexically_normal().filename().string();
@@ -113,7 +114,8 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   const RegInfo reg = o.reg_data.empty() ? RegInfo{} : add_reg_data(data, o.reg_data, dopt);
   for (const std::string& w : data.warnings) log("diffuse: warning: " + w, false);
 
-  auto be = make_cpu_backend(Precision::F32);
+  DF_CHECK(o.precision == "fp32" || o.precision == "bf16", "--precision ", o.precision, ": expected fp32 or bf16");
+  auto be = make_cpu_backend(o.precision == "bf16" ? Precision::BF16 : Precision::F32);
   SDLoadOptions lo;
   SampleSettings samples;  // sample images (the VAE decoder only for them)
   samples.prompts = o.sample_prompts, samples.every = o.sample_every, samples.steps = o.sample_steps;
@@ -368,6 +370,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
         {"ss_sd_model_name", fs::path(o.model).filename().string()},
         {"ss_num_epochs", std::to_string((total + per_epoch - 1) / per_epoch)},
         {"ss_optimizer", "torch.optim.adamw.AdamW"},
+        {"ss_mixed_precision", o.precision == "bf16" ? "bf16" : "no"},
         {"ss_max_grad_norm", fmt("%g", o.max_grad_norm)},
         {"ss_shuffle_caption", o.data_opts.shuffle_captions ? "True" : "False"},
         {"ss_keep_tokens", std::to_string(o.data_opts.keep_tokens)},

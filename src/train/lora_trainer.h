@@ -47,6 +47,9 @@ struct LoraTrainOptions {
   bool train_text_encoder = false;
   double text_encoder_lr = 0;
   int validate_every = 0;  // 0: at the start and the end only
+  // Compute: "fp32", or "bf16" (bf16 weights and matmuls in the passes, f32 LoRA master weights,
+  // gradients and AdamW; the bf16 backend falls back to fp32 on CPUs without bf16).
+  std::string precision = "fp32";
   // Start from an existing kohya LoRA (--network_weights): its modules, rank and alpha.
   std::string network_weights;
   // LoCon (kohya's conv_dim/conv_alpha): LoRA also on the UNet's 3×3 convolutions of ResNet

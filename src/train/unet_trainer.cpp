@@ -16,11 +16,13 @@ static bool ends_with(const std::string& s, const std::string& t) {
 UNetTrainer::UNetTrainer(SDModel& model, Backend& be) : model_(model), be_(be) {
   DF_CHECK(model.unet.loaded(), "training: the model's UNet is not loaded");
   DF_CHECK(!model.lora_merged.unet, model.path, ": training needs the UNet without merged LoRA weights");
-  DF_CHECK(be.effective_precision() == Precision::F32 && be.weight_format() == WeightFormat::Native,
-           "training: the backend must compute in fp32 with native weights");
+  DF_CHECK(be.weight_format() == WeightFormat::Native, "training: the backend must use native (not int8) weights");
   const TensorFile f = open_model_file(model.path);
   const WeightStore store = component_weights(f, Component::UNet, model.family);
-  register_layers(grads_, model.unet.prepared(), model.unet.norms(), store);
+  // bf16 compute keeps the frozen layers' plain weights in bf16 as well (train_param converts
+  // the ones it trains to f32).
+  const DType plain = be.effective_precision() == Precision::BF16 ? DType::BF16 : DType::F32;
+  register_layers(grads_, model.unet.prepared(), model.unet.norms(), store, plain);
 }
 
 Param& UNetTrainer::train_param(const std::string& name) {
@@ -33,6 +35,7 @@ Param& UNetTrainer::train_param(const std::string& name) {
   if (auto it = model_.unet.prepared().find(wname); it != model_.unet.prepared().end()) {
     LayerParams& lp = grads_.layer(it->second.w.get(), "training");
     DF_CHECK(!bias || lp.b.defined(), "training: ", wname, " has no bias");
+    if (lp.w.dtype() != DType::F32) lp.w = lp.w.to(DType::F32);  // trained: f32 master weights
     // Gradients in the checkpoint's shape ([O, I, 1, 1] for 1×1 convolutions bound as linear).
     const Shape shape = bias ? lp.b.shape() : it->second.checkpoint_shape;
     Tensor& g = bias ? lp.gb : lp.gw;
@@ -81,7 +84,7 @@ UNetTrainer::Step UNetTrainer::run(const NoisedBatch& batch, const Tensor& conte
   Ctx c{be_, arena_, DType::F32, &ws_, &grads_};
   std::vector<float> t(batch.timesteps.begin(), batch.timesteps.end());
   UNetTrace trace;
-  Tensor pred = model_.unet.forward_train(c, batch.noisy, t, context, text_embeds, time_ids, trace);
+  Tensor pred = model_.unet.forward_train(c, batch.noisy, t, context, text_embeds, time_ids, trace, checkpointing_);
   Step s;
   s.pred = pred.clone();
   s.loss = mse_loss(s.pred, batch.target, weights, grad_scale);

@@ -26,6 +26,9 @@ class UNetTrainer {
   UNetTrainer(SDModel& model, Backend& be);
 
   Grads& grads() { return grads_; }
+  // Gradient checkpointing per block (default): the backward recomputes each block's forward.
+  // Off: the forward keeps every block's intermediates (more memory, about a forward less).
+  void set_checkpointing(bool on) { checkpointing_ = on; }
   UNet& unet() { return model_.unet; }
 
   // Full fine-tuning: makes the UNet parameter `name` (diffusers name: "<module>.weight" or
@@ -56,6 +59,7 @@ class UNetTrainer {
   Backend& be_;
   Grads grads_;
   std::map<std::string, std::unique_ptr<Param>> trained_;  // full fine-tune parameters by name
+  bool checkpointing_ = true;
   Workspace ws_;
   Arena arena_;  // a step's activations (block inputs, skips, gradients): reset per step, keeps its size
 };

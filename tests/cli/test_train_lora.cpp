@@ -34,18 +34,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// The temporary folder (datasets, LoRAs, latents: about 2 MB) goes at exit unless
-// DIFFUSE_KEEP_TEST_FILES is set.
-class RemoveTempDir : public ::testing::Environment {
- public:
-  void TearDown() override {
-    if (std::getenv("DIFFUSE_KEEP_TEST_FILES")) return;
-    std::error_code ec;
-    fs::remove_all(temp_dir(), ec);
-  }
-};
-const ::testing::Environment* const kRemoveTempDir = ::testing::AddGlobalTestEnvironment(new RemoveTempDir);
-
 // One training run shared by the tests that inspect its output (under ctest each test is its own
 // process, so each of the two trains once).
 class TrainLora : public ::testing::Test {
@@ -93,47 +81,6 @@ std::vector<float> generate_latent(const std::string& lora, const std::string& m
   return std::vector<float>(c.f32(), c.f32() + c.numel());
 }
 
-// The training latents, as the trainer computes them: posterior mean × scaling factor of each
-// image (x/127.5 − 1), converted from the VAE's NHWC [1, 8, 8, 4] to NCHW [1, 4, 8, 8].
-std::vector<std::vector<float>> training_latents() {
-  auto be = diffuse::make_cpu_backend(diffuse::Precision::F32);
-  diffuse::SDLoadOptions lo;
-  lo.text_encoders = false;
-  lo.unet = false;
-  lo.vae_decoder = false;
-  std::unique_ptr<diffuse::SDModel> model = diffuse::SDModel::load(sd1_model(), *be, lo);
-  const float sf = model->vae_cfg.scaling_factor;
-  diffuse::Arena arena;
-  diffuse::Workspace ws;
-  diffuse::Ctx c{*be, arena, diffuse::DType::F32, &ws};
-  std::vector<std::vector<float>> out;
-  for (int i = 0; i < kImages; ++i) {
-    const diffuse::Image im = pattern_image(i);
-    diffuse::Tensor px = diffuse::Tensor::empty({1, kSide, kSide, 3});
-    for (size_t k = 0; k < im.pixels.size(); ++k) px.f32()[k] = float(im.pixels[k]) / 127.5f - 1.0f;
-    diffuse::Tensor mean = model->vae.encode(c, px).mean.to(diffuse::DType::F32);
-    const int64_t h = mean.dim(1), w = mean.dim(2), ch = mean.dim(3);
-    EXPECT_EQ(mean.shape().str(), diffuse::Shape({1, kSide / 8, kSide / 8, 4}).str());
-    std::vector<float> nchw(size_t(mean.numel()));
-    for (int64_t y = 0; y < h; ++y)
-      for (int64_t x = 0; x < w; ++x)
-        for (int64_t k = 0; k < ch; ++k) nchw[size_t((k * h + y) * w + x)] = mean.f32()[(y * w + x) * ch + k] * sf;
-    out.push_back(std::move(nchw));
-  }
-  return out;
-}
-
-double nearest_msd(const std::vector<float>& g, const std::vector<std::vector<float>>& train) {
-  double best = INFINITY;
-  for (const auto& t : train) {
-    if (t.size() != g.size()) continue;
-    double s = 0;
-    for (size_t i = 0; i < g.size(); ++i) s += double(g[i] - t[i]) * double(g[i] - t[i]);
-    best = std::min(best, s / double(g.size()));
-  }
-  return best;
-}
-
 // The acceptance: validation loss at the end ≤ 0.8 × the start, and a generation with the
 // LoRA at 1 lands at least 30% nearer (mean squared distance) to the nearest training latent than
 // the same generation at 0.
@@ -147,7 +94,7 @@ TEST_F(TrainLora, LearnsThePattern) {
   const std::vector<float> g1 = generate_latent(out_path, "1", "m1");
   const std::vector<float> g0 = generate_latent(out_path, "0", "m0");
   ASSERT_FALSE(g1.empty() || g0.empty());
-  const std::vector<std::vector<float>> tl = training_latents();
+  const std::vector<std::vector<float>> tl = training_latents(sd1_model(), 0);
   const double d1 = nearest_msd(g1, tl), d0 = nearest_msd(g0, tl);
   std::printf("[ figures  ] nearest training latent: d(:1) %.5f d(:0) %.5f ratio %.3f (generation + VAE %.1f s)\n", d1,
               d0, d1 / d0, seconds_since(t0));

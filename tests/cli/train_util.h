@@ -5,15 +5,22 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <regex>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "backend/backend.h"
 #include "cli_util.h"
+#include "core/arena.h"
 #include "io/image.h"
+#include "models/sd_model.h"
+#include "nn/layers.h"
 
 namespace clitest {
 
@@ -122,5 +129,58 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+
+// The training latents of `pattern`: posterior mean × scaling factor of each image (x/127.5 − 1),
+// NHWC [1, 8, 8, 4] → NCHW [1, 4, 8, 8], as `--save-latent` writes.
+inline std::vector<std::vector<float>> training_latents(const std::string& model_path, int pattern) {
+  auto be = diffuse::make_cpu_backend(diffuse::Precision::F32);
+  diffuse::SDLoadOptions lo;
+  lo.text_encoders = false;
+  lo.unet = false;
+  lo.vae_decoder = false;
+  std::unique_ptr<diffuse::SDModel> model = diffuse::SDModel::load(model_path, *be, lo);
+  const float sf = model->vae_cfg.scaling_factor;
+  diffuse::Arena arena;
+  diffuse::Workspace ws;
+  diffuse::Ctx c{*be, arena, diffuse::DType::F32, &ws};
+  std::vector<std::vector<float>> out;
+  for (int i = 0; i < kImages; ++i) {
+    const diffuse::Image im = pattern_image(i, pattern);
+    diffuse::Tensor px = diffuse::Tensor::empty({1, kSide, kSide, 3});
+    for (size_t k = 0; k < im.pixels.size(); ++k) px.f32()[k] = float(im.pixels[k]) / 127.5f - 1.0f;
+    diffuse::Tensor mean = model->vae.encode(c, px).mean.to(diffuse::DType::F32);
+    const int64_t h = mean.dim(1), w = mean.dim(2), ch = mean.dim(3);
+    std::vector<float> nchw(size_t(mean.numel()));
+    for (int64_t y = 0; y < h; ++y)
+      for (int64_t x = 0; x < w; ++x)
+        for (int64_t k = 0; k < ch; ++k) nchw[size_t((k * h + y) * w + x)] = mean.f32()[(y * w + x) * ch + k] * sf;
+    out.push_back(std::move(nchw));
+    arena.reset();
+  }
+  return out;
+}
+
+inline double nearest_msd(const std::vector<float>& g, const std::vector<std::vector<float>>& set) {
+  double best = INFINITY;
+  for (const auto& t : set) {
+    if (t.size() != g.size()) continue;
+    double s = 0;
+    for (size_t i = 0; i < g.size(); ++i) s += double(g[i] - t[i]) * double(g[i] - t[i]);
+    best = std::min(best, s / double(g.size()));
+  }
+  return best;
+}
+
+// The temporary folder (datasets, LoRAs, latents: a few MB) goes at exit unless
+// DIFFUSE_KEEP_TEST_FILES is set (each test binary includes this header once).
+class RemoveTempDir : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    if (std::getenv("DIFFUSE_KEEP_TEST_FILES")) return;
+    std::error_code ec;
+    fs::remove_all(temp_dir(), ec);
+  }
+};
+inline const ::testing::Environment* const kRemoveTempDir = ::testing::AddGlobalTestEnvironment(new RemoveTempDir);
 
 }  // namespace clitest
