@@ -86,6 +86,28 @@ std::vector<OpCase> op_cases() {
   };
   cases.push_back(att(2, 4096, 8, 40, 4096));
   cases.push_back(att(2, 4096, 8, 40, 77));
+  // The training backward (f32 whatever the precision): FLOPs of dv, dP, dq and dk plus one
+  // recomputation of the scores (4·2·N·Nk·d per head); pass 1's score recomputation for the
+  // log-sum-exp, where a kernel does it, is not counted.
+  auto att_bwd = [](int b, int n, int heads, int d, int nk) {
+    return OpCase{"attention_backward",
+                  cat("q[", b, ",", n, ",", heads, "x", d, "] k,v[", b, ",", nk, ",", heads, "x", d, "] f32"),
+                  10.0 * b * heads * double(n) * nk * d,
+                  [=](Backend& be, DType) -> std::function<void()> {
+                    auto t = [&](int64_t rows, uint32_t seed) {
+                      return std::make_shared<Tensor>(random_tensor({b, rows, int64_t(heads) * d}, DType::F32, seed));
+                    };
+                    auto q = t(n, 4), k = t(nk, 5), v = t(nk, 6), o = t(n, 7), d_o = t(n, 8);
+                    auto dq = t(n, 9), dk = t(nk, 10), dv = t(nk, 11);
+                    const float scale = 1.0f / std::sqrt(float(d));
+                    be.attention(*q, *k, *v, heads, scale, *o);
+                    return [&be, q, k, v, o, d_o, dq, dk, dv, heads, scale] {
+                      be.attention_backward(*q, *k, *v, *o, *d_o, heads, scale, *dq, *dk, *dv);
+                    };
+                  }};
+  };
+  cases.push_back(att_bwd(1, 4096, 8, 40, 4096));
+  cases.push_back(att_bwd(1, 4096, 8, 40, 77));
   cases.push_back(OpCase{"matmul", "[1,4096,1280] x [1,1280,1280]", 2.0 * 4096 * 1280 * 1280,
                          [](Backend& be, DType act) -> std::function<void()> {
                            auto a = std::make_shared<Tensor>(random_tensor({1, 4096, 1280}, act, 7));

@@ -9,6 +9,7 @@
 // softmax: running max m and sum l of exp(s − m)); pass 2 runs over them again and forms P
 // exactly as exp(S − lse). dk/dv of a (batch, head) accumulate over all query blocks, so a
 // (batch, head) pair is the unit of work of one thread and they accumulate in place in dk/dv.
+#include <dnnl.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -42,10 +43,9 @@ bool overlaps(const Tensor& a, const Tensor& b) {
   return pa < pb + b.bytes() && pb < pa + a.bytes();
 }
 
-// The kernel (attention_backward_body.h), compiled twice: for the x86-64 baseline and for AVX-512,
-// both without contraction into FMAs so that they round alike — in particular D_i and dP of a
-// single key round identically, which keeps dS exactly 0 there (a softmax over one key does not
-// depend on q or k); kernel_isa() picks one at run time.
+// The kernel (attention_backward_body.h), compiled twice: for the x86-64 baseline and for AVX-512
+// (its softmax loops; without contraction into FMAs, so both round alike); kernel_isa() picks one
+// at run time.
 namespace baseline {
 #include "backend/cpu/attention_backward_body.h"
 }  // namespace baseline
@@ -105,8 +105,8 @@ void attention_backward_f32(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(num_threads(), B * H)));
   const BwdArgs a{q.f32(), k.f32(), v.f32(), o.f32(), d_o.f32(), dq.f32(), dk.f32(), dv.f32(), B, Nq, Nk, H, C, D, scale, T};
-  if (kernel_isa() == KernelIsa::Avx512) avx512::run(a);
-  else baseline::run(a);
+  const bool ok = kernel_isa() == KernelIsa::Avx512 ? avx512::run(a) : baseline::run(a);
+  DF_CHECK(ok, "attention_backward: oneDNN's sgemm failed", shapes());
 }
 
 }  // namespace diffuse::cpu

@@ -8,7 +8,8 @@
 // Per (batch, head) — one thread's unit of work, as dk/dv of a pair accumulate over all query
 // blocks — and per block of MQ queries: pass 1 runs over the key blocks for each row's
 // log-sum-exp (online softmax); pass 2 recomputes the scores, forms P = exp(S − lse) and
-// accumulates dv = Pᵀ·dO, dk = scale·dSᵀ·q and dq = scale·dS·k with dS = P∘(dP − D_i).
+// accumulates dv = Pᵀ·dO, dk = scale·dSᵀ·q and dq = scale·dS·k with dS = P∘(dP − D_i). This file
+// compiles the softmax loops per instruction set; the block products are oneDNN's sgemm.
 
 // exp by a Cody–Waite reduction and a degree-7 polynomial (≲ 2 ulp), branch-free so it vectorises.
 static inline float ex(float x) {
@@ -31,45 +32,51 @@ static inline float ex(float x) {
 }
 
 
-// out[i*NB + j] = Σ_d a[i*D + d]·bt[d*NB + j] for i < m, j < n (bt: the transposed right operand,
-// row stride NB), summed in the order d = 0, 1, …, so pass 1 and pass 2 form the same scores.
-static void gemm_abt(const float* a, int64_t m, int64_t D, const float* bt, int64_t n, float* out) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* row = out + i * NB;
-    for (int64_t j = 0; j < n; ++j) row[j] = 0.f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float ad = a[i * D + d];
-      const float* b = bt + d * NB;
-      for (int64_t j = 0; j < n; ++j) row[j] += ad * b[j];
-    }
-  }
+// Row-major C = alpha·op(A)·op(B) + beta·C for one thread's block (oneDNN's sgemm runs
+// sequentially inside the parallel region). Returns false on failure (reported after the region).
+static bool gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  return dnnl_sgemm(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc) == dnnl_success;
 }
 
-static void run(const BwdArgs& A) {
+// Block products by oneDNN's sgemm straight on the strided q, k, v, dO and gradient rows (no
+// copies); the softmax pieces in plain loops. A single key (Nk = 1) is exact by construction:
+// P = 1, so dS = 0 — dq and dk are exactly zero and dv = Σ_i dO_i (what PyTorch's softmax
+// backward gives too).
+static bool run(const BwdArgs& A) {
   const int64_t Nq = A.Nq, Nk = A.Nk, H = A.H, C = A.C, D = A.D;
   const float scale = A.scale;
-#pragma omp parallel num_threads(A.threads)
+  bool ok = true;
+#pragma omp parallel num_threads(A.threads) reduction(&& : ok)
   {
-    // Per-thread blocks: queries (pre-scaled) and dO of the query block, its dq accumulator,
-    // its lse and D_i; k (row-major and transposed) and vᵀ of the key block; S/P and dP/dS.
-    float* buf = static_cast<float*>(std::malloc(sizeof(float) * size_t(3 * MQ * D + 4 * MQ + NB * D + 2 * D * NB + 2 * MQ * NB)));
-    float *qs = buf, *dob = qs + MQ * D, *dqb = dob + MQ * D, *lse = dqb + MQ * D, *di = lse + MQ, *m = di + MQ,
-          *l = m + MQ, *kb = l + MQ, *kt = kb + NB * D, *vt = kt + D * NB, *s = vt + D * NB, *dp = s + MQ * NB;
+    // Per-thread blocks: lse, D_i and the running max/sum of a query block; S/P and dP/dS.
+    float* buf = static_cast<float*>(std::malloc(sizeof(float) * size_t(4 * MQ + 2 * MQ * NB)));
+    float *lse = buf, *di = lse + MQ, *m = di + MQ, *l = m + MQ, *s = l + MQ, *dp = s + MQ * NB;
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < A.B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
+      const float* Q = A.Q + b * Nq * C + h * D;
+      const float* dO = A.dO + b * Nq * C + h * D;
+      const float* O = A.O + b * Nq * C + h * D;
+      const float* K = A.K + b * Nk * C + h * D;
+      const float* V = A.V + b * Nk * C + h * D;
+      float* dQ = A.dQ + b * Nq * C + h * D;
+      float* dK = A.dK + b * Nk * C + h * D;
+      float* dV = A.dV + b * Nk * C + h * D;
       for (int64_t j = 0; j < Nk; ++j)
-        for (int64_t d = 0; d < D; ++d) A.dK[(b * Nk + j) * C + h * D + d] = 0.f, A.dV[(b * Nk + j) * C + h * D + d] = 0.f;
+        for (int64_t d = 0; d < D; ++d) dK[j * C + d] = 0.f, dV[j * C + d] = 0.f;
+      if (Nk == 1) {
+        for (int64_t i = 0; i < Nq; ++i)
+          for (int64_t d = 0; d < D; ++d) dQ[i * C + d] = 0.f, dV[d] += dO[i * C + d];
+        continue;
+      }
       for (int64_t q0 = 0; q0 < Nq; q0 += MQ) {
         const int64_t mq = Nq - q0 < MQ ? Nq - q0 : MQ;
+        const float *Qb = Q + q0 * C, *dOb = dO + q0 * C;
+        float* dQb = dQ + q0 * C;
         for (int64_t i = 0; i < mq; ++i) {
-          const int64_t row = (b * Nq + q0 + i) * C + h * D;
-          float acc = 0.f;  // D_i, summed in the order gemm_abt sums dP
-          for (int64_t d = 0; d < D; ++d) {
-            qs[i * D + d] = A.Q[row + d] * scale;
-            dob[i * D + d] = A.dO[row + d];
-            acc += A.dO[row + d] * A.O[row + d];
-          }
+          float acc = 0.f;
+          for (int64_t d = 0; d < D; ++d) acc += dOb[i * C + d] * O[(q0 + i) * C + d];
           di[i] = acc;
           m[i] = -__builtin_inff();
           l[i] = 0.f;
@@ -77,11 +84,9 @@ static void run(const BwdArgs& A) {
         // Pass 1: lse_i = m_i + log l_i over all keys (online softmax).
         for (int64_t j0 = 0; j0 < Nk; j0 += NB) {
           const int64_t nb = Nk - j0 < NB ? Nk - j0 : NB;
-          for (int64_t j = 0; j < nb; ++j)
-            for (int64_t d = 0; d < D; ++d) kt[d * NB + j] = A.K[(b * Nk + j0 + j) * C + h * D + d];
-          gemm_abt(qs, mq, D, kt, nb, s);
+          ok = ok && gemm('N', 'T', mq, nb, D, scale, Qb, C, K + j0 * C, C, 0.f, s, NB);
           for (int64_t i = 0; i < mq; ++i) {
-            float* si = s + i * NB;
+            const float* si = s + i * NB;
             float mb = m[i];
             for (int64_t j = 0; j < nb; ++j) mb = si[j] > mb ? si[j] : mb;
             float sum = 0.f;
@@ -91,58 +96,29 @@ static void run(const BwdArgs& A) {
           }
         }
         for (int64_t i = 0; i < mq; ++i) lse[i] = m[i] + __builtin_logf(l[i]);
-        // Pass 2: P, then the gradients of this (query block, key block) pair.
-        for (int64_t e = 0; e < MQ * D; ++e) dqb[e] = 0.f;
+        // Pass 2: P = exp(S − lse) (the same sgemm call: the same scores), then this key block's
+        // share of every gradient.
         for (int64_t j0 = 0; j0 < Nk; j0 += NB) {
           const int64_t nb = Nk - j0 < NB ? Nk - j0 : NB;
-          for (int64_t j = 0; j < nb; ++j)
-            for (int64_t d = 0; d < D; ++d) {
-              const int64_t at = (b * Nk + j0 + j) * C + h * D + d;
-              kt[d * NB + j] = A.K[at];
-              kb[j * D + d] = A.K[at];
-              vt[d * NB + j] = A.V[at];
-            }
-          gemm_abt(qs, mq, D, kt, nb, s);  // bit-identical to pass 1
+          const float *Kb = K + j0 * C, *Vb = V + j0 * C;
+          ok = ok && gemm('N', 'T', mq, nb, D, scale, Qb, C, Kb, C, 0.f, s, NB);
           for (int64_t i = 0; i < mq; ++i) {
             float* pi = s + i * NB;
             for (int64_t j = 0; j < nb; ++j) pi[j] = ex(pi[j] - lse[i]);
           }
-          gemm_abt(dob, mq, D, vt, nb, dp);  // dP = dO·vᵀ
+          ok = ok && gemm('N', 'T', mq, nb, D, 1.f, dOb, C, Vb, C, 0.f, dp, NB);  // dP = dO·vᵀ
           for (int64_t i = 0; i < mq; ++i) {  // dS = P∘(dP − D_i), in place of dP
             const float* pi = s + i * NB;
             float* dsi = dp + i * NB;
             for (int64_t j = 0; j < nb; ++j) dsi[j] = pi[j] * (dsi[j] - di[i]);
           }
-          // dv_j += Σ_i P_ij·dO_i and dk_j += Σ_i dS_ij·(scale·q_i): one key row stays hot.
-          for (int64_t j = 0; j < nb; ++j) {
-            float* dvr = A.dV + (b * Nk + j0 + j) * C + h * D;
-            float* dkr = A.dK + (b * Nk + j0 + j) * C + h * D;
-            for (int64_t i = 0; i < mq; ++i) {
-              const float p = s[i * NB + j], ds = dp[i * NB + j];
-              const float* doi = dob + i * D;
-              const float* qi = qs + i * D;
-              for (int64_t d = 0; d < D; ++d) dvr[d] += p * doi[d];
-              for (int64_t d = 0; d < D; ++d) dkr[d] += ds * qi[d];
-            }
-          }
-          // dq_i += Σ_j dS_ij·k_j (times scale on the way out).
-          for (int64_t i = 0; i < mq; ++i) {
-            const float* dsi = dp + i * NB;
-            float* dqi = dqb + i * D;
-            for (int64_t j = 0; j < nb; ++j) {
-              const float ds = dsi[j];
-              const float* kj = kb + j * D;
-              for (int64_t d = 0; d < D; ++d) dqi[d] += ds * kj[d];
-            }
-          }
-        }
-        for (int64_t i = 0; i < mq; ++i) {
-          float* dst = A.dQ + (b * Nq + q0 + i) * C + h * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = dqb[i * D + d] * scale;
+          ok = ok && gemm('T', 'N', nb, D, mq, 1.f, s, NB, dOb, C, 1.f, dV + j0 * C, C);       // dv += Pᵀ·dO
+          ok = ok && gemm('T', 'N', nb, D, mq, scale, dp, NB, Qb, C, 1.f, dK + j0 * C, C);     // dk += scale·dSᵀ·q
+          ok = ok && gemm('N', 'N', mq, D, nb, scale, dp, NB, Kb, C, j0 == 0 ? 0.f : 1.f, dQb, C);  // dq += scale·dS·k
         }
       }
     }
     std::free(buf);
   }
+  return ok;
 }
-
