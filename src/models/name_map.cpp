@@ -63,7 +63,8 @@ bool one_of(const std::string& s, std::initializer_list<const char*> set) {
 // What the mapping of one ldm tensor decided.
 struct Mapped {
   enum Kind { Unknown, Ignore, Add } kind = Unknown;
-  std::vector<std::pair<std::string, Tensor>> out;  // Add: one or more diffusers tensors
+  std::vector<std::pair<std::string, Tensor>> out;  // Add: one or more diffusers tensors (row blocks)
+  bool transposed = false;                          // out[0] is the 2-D tensor transposed
 };
 Mapped unknown() { return {}; }
 Mapped ignore() { return {Mapped::Ignore, {}}; }
@@ -293,7 +294,9 @@ Rule openclip_rule(const std::string& path, int64_t blocks, bool sd2) {
     if (rest == "text_projection") {
       if (sd2) return ignore();  // SD 2.x conditions on hidden states; the projection is unused
       DF_CHECK(t.rank() == 2, path, ": text_projection has shape ", t.shape().str(), ", expected [width, proj]");
-      return add("text_projection.weight", transpose2d(t));
+      Mapped m = add("text_projection.weight", transpose2d(t));
+      m.transposed = true;
+      return m;
     }
     Parts p = split(rest);
     if (p[0] == "ln_final" && p.size() == 2) return add("text_model.final_layer_norm." + p[1], t);
@@ -392,12 +395,11 @@ WeightStore from_diffusers(const TensorFile& f, Component c) {
 
 }  // namespace
 
-WeightStore component_weights(const TensorFile& f, Component c, Family family) {
-  DF_CHECK(c == Component::UNet || c == Component::VAE || c == Component::TextEncoder ||
-               c == Component::TextEncoder2,
-           f.path, ": component ", component_name(c), " has no diffusers model to load");
-  if (f.format == "diffusers") return from_diffusers(f, c);
+namespace {
 
+// The ldm rule of component `c` and the prefix it reads; throws naming the file when the file
+// has none of the component's prefixes.
+Rule ldm_rule(const TensorFile& f, Component c, Family family, std::string& prefix) {
   std::vector<Source> sources = ldm_sources(c, family);
   const Source* src = nullptr;
   for (const Source& s : sources)
@@ -410,32 +412,98 @@ WeightStore component_weights(const TensorFile& f, Component c, Family family) {
     for (const Source& s : sources) expected += (expected.empty() ? "" : " or ") + s.prefix;
     fail(no_component(f, c, expected));
   }
-
-  Rule rule;
+  prefix = src->prefix;
   switch (src->kind) {
-    case Source::UNet: rule = unet_rule(unet_layout(f, src->prefix)); break;
-    case Source::VAE: rule = vae_rule(vae_up_levels(f, src->prefix)); break;
-    case Source::CLIP: rule = clip_rule(); break;
-    case Source::OpenCLIP_SD2: rule = openclip_rule(f.path, openclip_blocks(f, src->prefix), true); break;
-    case Source::OpenCLIP_XL: rule = openclip_rule(f.path, openclip_blocks(f, src->prefix), false); break;
+    case Source::UNet: return unet_rule(unet_layout(f, src->prefix));
+    case Source::VAE: return vae_rule(vae_up_levels(f, src->prefix));
+    case Source::CLIP: return clip_rule();
+    case Source::OpenCLIP_SD2: return openclip_rule(f.path, openclip_blocks(f, src->prefix), true);
+    case Source::OpenCLIP_XL: return openclip_rule(f.path, openclip_blocks(f, src->prefix), false);
   }
+  fail(f.path, ": no ldm mapping for ", component_name(c));
+}
 
-  WeightStore out(f.path, component_name(c));
+// Runs `rule` on every tensor under `prefix`; `each(entry, mapped)` sees the tensors it adds.
+// Throws naming the file and up to five tensors the rule does not understand.
+void map_ldm(const TensorFile& f, const std::string& prefix, const Rule& rule, const std::string& what,
+             const std::function<void(const TensorEntry&, Mapped&)>& each) {
   std::vector<std::string> not_understood;
   for (const TensorEntry& e : f.tensors) {
-    if (!starts_with(e.name, src->prefix)) continue;
-    Mapped m = rule(e.name.substr(src->prefix.size()), e.tensor);
+    if (!starts_with(e.name, prefix)) continue;
+    Mapped m = rule(e.name.substr(prefix.size()), e.tensor);
     if (m.kind == Mapped::Unknown) not_understood.push_back(e.name);
-    for (auto& [name, t] : m.out) out.add(name, std::move(t));
+    else if (m.kind == Mapped::Add) each(e, m);
   }
   if (!not_understood.empty()) {
     std::string list;
     for (size_t i = 0; i < not_understood.size() && i < 5; ++i) list += (i ? ", " : "") + not_understood[i];
     if (not_understood.size() > 5) list += ", ...";
-    fail(f.path, ": ", not_understood.size(), " ", component_name(c), " tensor(s) not understood (no diffusers name ",
+    fail(f.path, ": ", not_understood.size(), " ", what, " tensor(s) not understood (no diffusers name ",
          "known for them): ", list);
   }
-  DF_CHECK(out.size() > 0, no_component(f, c, src->prefix));
+}
+
+}  // namespace
+
+WeightStore component_weights(const TensorFile& f, Component c, Family family) {
+  DF_CHECK(c == Component::UNet || c == Component::VAE || c == Component::TextEncoder ||
+               c == Component::TextEncoder2,
+           f.path, ": component ", component_name(c), " has no diffusers model to load");
+  if (f.format == "diffusers") return from_diffusers(f, c);
+
+  std::string prefix;
+  const Rule rule = ldm_rule(f, c, family, prefix);
+  WeightStore out(f.path, component_name(c));
+  map_ldm(f, prefix, rule, component_name(c), [&](const TensorEntry&, Mapped& m) {
+    for (auto& [name, t] : m.out) out.add(name, std::move(t));
+  });
+  DF_CHECK(out.size() > 0, no_component(f, c, prefix));
+  return out;
+}
+
+std::vector<LdmSource> ldm_tensor_sources(const TensorFile& f, Component c, Family family) {
+  DF_CHECK(f.format != "diffusers", f.path, ": a diffusers folder has no ldm names (the mapping goes from the ldm ",
+           "layout to diffusers names only)");
+  DF_CHECK(c == Component::UNet || c == Component::VAE || c == Component::TextEncoder ||
+               c == Component::TextEncoder2,
+           f.path, ": component ", component_name(c), " has no diffusers model");
+  std::string prefix;
+  const Rule rule = ldm_rule(f, c, family, prefix);
+  std::vector<LdmSource> out;
+  map_ldm(f, prefix, rule, component_name(c), [&](const TensorEntry& e, Mapped& m) {
+    LdmSource s{e.name, {}, m.transposed};
+    for (const auto& kv : m.out) s.diffusers.push_back(kv.first);
+    out.push_back(std::move(s));
+  });
+  return out;
+}
+
+Tensor ldm_tensor_from(const LdmSource& s, const Shape& ldm_shape, const std::vector<Tensor>& parts) {
+  DF_CHECK(parts.size() == s.diffusers.size() && !parts.empty(), s.ldm_name, ": ", s.diffusers.size(),
+           " diffusers tensor(s) expected, ", parts.size(), " given");
+  if (s.transposed) {
+    DF_CHECK(parts[0].rank() == 2 && ldm_shape.rank() == 2 && parts[0].dim(0) == ldm_shape[1] &&
+                 parts[0].dim(1) == ldm_shape[0],
+             s.ldm_name, ": ", s.diffusers[0], " has shape ", parts[0].shape().str(), ", expected the transpose of ",
+             ldm_shape.str());
+    return transpose2d(parts[0]);
+  }
+  int64_t rows = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    DF_CHECK(parts[i].dtype() == parts[0].dtype() && parts[i].rank() >= 1, s.ldm_name, ": ", s.diffusers[i],
+             " has shape ", parts[i].shape().str(), " ", dtype_name(parts[i].dtype()), ", unlike its other parts");
+    rows += parts[i].dim(0);
+  }
+  Tensor out = Tensor::empty(ldm_shape, parts[0].dtype());
+  int64_t numel = 0;
+  for (const Tensor& p : parts) numel += p.numel();
+  DF_CHECK(numel == out.numel() && (parts.size() == 1 || rows == ldm_shape[0]), s.ldm_name, ": its diffusers ",
+           "tensor(s) hold ", numel, " values in ", rows, " rows, the ldm shape is ", ldm_shape.str());
+  size_t off = 0;
+  for (const Tensor& p : parts) {  // row blocks in order (views or owned, contiguous)
+    std::memcpy(static_cast<uint8_t*>(out.data()) + off, p.data(), p.bytes());
+    off += p.bytes();
+  }
   return out;
 }
 
@@ -504,21 +572,9 @@ WeightStore controlnet_weights(const TensorFile& f) {
   for (const TensorEntry& e : f.tensors)
     if (starts_with(e.name, hint)) last_hint = std::max(last_hint, index_of(split(e.name.substr(hint.size()))[0]));
   DF_CHECK(last_hint >= 2, f.path, ": ", hint, "* has no conv_out (largest index ", last_hint, ")");
-  Rule rule = controlnet_rule(unet_layout(f, prefix), last_hint);
-  std::vector<std::string> not_understood;
-  for (const TensorEntry& e : f.tensors) {
-    if (!starts_with(e.name, prefix)) continue;
-    Mapped m = rule(e.name.substr(prefix.size()), e.tensor);
-    if (m.kind == Mapped::Unknown) not_understood.push_back(e.name);
+  map_ldm(f, prefix, controlnet_rule(unet_layout(f, prefix), last_hint), "ControlNet", [&](const TensorEntry&, Mapped& m) {
     for (auto& [name, t] : m.out) out.add(name, std::move(t));
-  }
-  if (!not_understood.empty()) {
-    std::string list;
-    for (size_t i = 0; i < not_understood.size() && i < 5; ++i) list += (i ? ", " : "") + not_understood[i];
-    if (not_understood.size() > 5) list += ", ...";
-    fail(f.path, ": ", not_understood.size(), " ControlNet tensor(s) not understood (no diffusers name known for ",
-         "them): ", list);
-  }
+  });
   return out;
 }
 

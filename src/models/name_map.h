@@ -19,6 +19,25 @@ namespace diffuse {
 // Throws diffuse::Error naming the file if the component is absent.
 WeightStore component_weights(const TensorFile& f, Component c, Family family);
 
+// The inverse of component_weights for an ldm single file (writing a trained model back in the
+// original layout): for each tensor of the file that component `c`'s mapping reads, in file order,
+// the diffusers tensor(s) made from it. One diffusers tensor holds the same values, possibly
+// reshaped (the VAE's mid-block attention [C, C, 1, 1] <-> [C, C]); several are consecutive row
+// blocks of it (OpenCLIP's fused in_proj: q, k, v); `transposed`: the one diffusers tensor is its
+// 2-D transpose (SDXL's text_projection). Tensors the mapping leaves out (position_ids, SD 2.x's
+// unused last text block, logit_scale, ...) are not listed. Throws as component_weights does, and
+// for a diffusers folder (no ldm names to map back to).
+struct LdmSource {
+  std::string ldm_name;
+  std::vector<std::string> diffusers;
+  bool transposed = false;
+};
+std::vector<LdmSource> ldm_tensor_sources(const TensorFile& f, Component c, Family family);
+
+// The ldm tensor of shape `ldm_shape` rebuilt from its diffusers tensors `parts` (in the order of
+// s.diffusers, one dtype), in their dtype. Throws naming s.ldm_name when the shapes do not fit.
+Tensor ldm_tensor_from(const LdmSource& s, const Shape& ldm_shape, const std::vector<Tensor>& parts);
+
 // The diffusers name of one ldm UNet tensor or module name (after "model.diffusion_model.", e.g.
 // "input_blocks.1.1.proj_in.weight" -> "down_blocks.0.attentions.0.proj_in.weight") for a UNet with
 // `layers_per_block` resnets per level; empty if the ldm mapping does not know the name. Module

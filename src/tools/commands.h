@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace diffuse::tools {
@@ -14,6 +15,8 @@ Run add_bench_command(CLI::App& app);
 Run add_synth_command(CLI::App& app);
 Run add_generate_command(CLI::App& app);
 Run add_train_command(CLI::App& app);
+// `train full` (cmd_train_full.cpp), registered by add_train_command: its subcommand and runner.
+std::pair<CLI::App*, Run> add_train_full_command(CLI::App* train);
 
 // Folders searched for the layout manifests "sd15", "sd21", "sdxl" (cmd_synth.cpp).
 std::vector<std::string> manifest_dirs();

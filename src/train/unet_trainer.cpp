@@ -6,12 +6,9 @@
 #include "core/error.h"
 #include "io/tensor_file.h"
 #include "models/name_map.h"
+#include "train/layer_params.h"
 
 namespace diffuse::train {
-
-static bool ends_with(const std::string& s, const std::string& t) {
-  return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
-}
 
 UNetTrainer::UNetTrainer(SDModel& model, Backend& be) : model_(model), be_(be) {
   DF_CHECK(model.unet.loaded(), "training: the model's UNet is not loaded");
@@ -27,55 +24,21 @@ UNetTrainer::UNetTrainer(SDModel& model, Backend& be) : model_(model), be_(be) {
 
 Param& UNetTrainer::train_param(const std::string& name) {
   if (auto it = trained_.find(name); it != trained_.end()) return *it->second;
-  const bool bias = ends_with(name, ".bias");
-  DF_CHECK(bias || ends_with(name, ".weight"), "training: UNet parameter '", name, "' should end in .weight or .bias");
-  const std::string wname = bias ? name.substr(0, name.size() - 4) + "weight" : name;
-  auto param = std::make_unique<Param>();
-  param->name = name;
-  if (auto it = model_.unet.prepared().find(wname); it != model_.unet.prepared().end()) {
-    LayerParams& lp = grads_.layer(it->second.w.get(), "training");
-    DF_CHECK(!bias || lp.b.defined(), "training: ", wname, " has no bias");
-    if (lp.w.dtype() != DType::F32) lp.w = lp.w.to(DType::F32);  // trained: f32 master weights
-    // Gradients in the checkpoint's shape ([O, I, 1, 1] for 1×1 convolutions bound as linear).
-    const Shape shape = bias ? lp.b.shape() : it->second.checkpoint_shape;
-    Tensor& g = bias ? lp.gb : lp.gw;
-    if (!g.defined()) g = Tensor::zeros(shape);
-    param->value = (bias ? lp.b : lp.w).reshape(shape);
-    param->grad = g.reshape(shape);
-  } else if (auto nt = model_.unet.norms().find(wname); nt != model_.unet.norms().end()) {
-    NormParams* np = grads_.norm(nt->second.gamma.data());
-    DF_ASSERT(np != nullptr);
-    const Tensor& v = bias ? nt->second.beta : nt->second.gamma;
-    Tensor& g = bias ? np->gbeta : np->ggamma;
-    if (!g.defined()) g = Tensor::zeros(v.shape());
-    param->value = v;  // the norm reads these f32 tensors directly: updates apply at once
-    param->grad = g;
-  } else {
-    fail("training: the UNet has no parameter ", name);
+  std::unique_ptr<Param>& p = trained_[name];
+  try {
+    p = make_trainable(grads_, model_.unet.prepared(), model_.unet.norms(), name, "UNet");
+  } catch (...) {
+    trained_.erase(name);
+    throw;
   }
-  Param& ref = *param;
-  trained_[name] = std::move(param);
-  return ref;
+  return *p;
 }
 
 bool UNetTrainer::has_param(const std::string& name) const {
-  const bool bias = ends_with(name, ".bias");
-  if (!bias && !ends_with(name, ".weight")) return false;
-  const std::string wname = bias ? name.substr(0, name.size() - 4) + "weight" : name;
-  if (auto it = model_.unet.prepared().find(wname); it != model_.unet.prepared().end()) return !bias || it->second.bias;
-  return model_.unet.norms().count(wname) != 0;
+  return is_trainable(model_.unet.prepared(), model_.unet.norms(), name);
 }
 
-void UNetTrainer::apply_param(const std::string& name) {
-  const bool bias = ends_with(name, ".bias");
-  const std::string wname = bias ? name.substr(0, name.size() - 4) + "weight" : name;
-  auto it = model_.unet.prepared().find(wname);
-  if (it == model_.unet.prepared().end()) return;  // norms: updated in place
-  PreparedEntry& e = it->second;
-  const LayerParams& lp = grads_.layer(e.w.get(), "training");
-  auto fresh = be_.prepare_like(*e.w, lp.w, lp.b, e.conv, e.params);
-  e.w->swap_contents(*fresh);
-}
+void UNetTrainer::apply_param(const std::string& name) { reprepare(be_, grads_, model_.unet.prepared(), name); }
 
 UNetTrainer::Step UNetTrainer::run(const NoisedBatch& batch, const Tensor& context, const std::vector<float>& weights,
                                    bool backward, float grad_scale, const Tensor* text_embeds, const Tensor* time_ids,

@@ -299,6 +299,65 @@ TEST(NameMap, OpenClipSplitIsViewProjectionTransposed) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The inverse (ldm_tensor_sources + ldm_tensor_from): every tensor of an ldm file that a component
+// reads is rebuilt, bit for bit, from the diffusers tensors component_weights made of it; every
+// diffusers tensor is used exactly once; what the mapping leaves out is named as left out.
+
+namespace {
+void check_inverse(const std::string& fam_dir_name, Family fam) {
+  std::string dir = fixture_dir(fam_dir_name);
+  if (dir.empty()) GTEST_SKIP() << "fixture " << fam_dir_name << " not found under " << DIFFUSE_SHARED_DIR;
+  TensorFile f = open_model_file(single_file(dir));
+  size_t rebuilt = 0, split = 0, transposed = 0;
+  for (Component c : {Component::UNet, Component::VAE, Component::TextEncoder, Component::TextEncoder2}) {
+    if (fam != Family::SDXL && c == Component::TextEncoder2) continue;
+    SCOPED_TRACE(std::string(family_name(fam)) + " " + component_name(c));
+    WeightStore store = component_weights(f, c, fam);
+    std::map<std::string, int> used;
+    for (const LdmSource& s : ldm_tensor_sources(f, c, fam)) {
+      const Tensor* orig = f.find(s.ldm_name);
+      ASSERT_NE(orig, nullptr) << s.ldm_name;
+      std::vector<Tensor> parts;
+      for (const std::string& d : s.diffusers) {
+        const Tensor* t = store.find(d);
+        ASSERT_NE(t, nullptr) << d << " (from " << s.ldm_name << ")";
+        parts.push_back(*t);
+        ++used[d];
+      }
+      const Tensor back = ldm_tensor_from(s, orig->shape(), parts);
+      ASSERT_EQ(back.shape(), orig->shape()) << s.ldm_name;
+      ASSERT_EQ(back.dtype(), orig->dtype()) << s.ldm_name;
+      EXPECT_EQ(0, std::memcmp(back.data(), orig->data(), orig->bytes())) << s.ldm_name << " not rebuilt exactly";
+      ++rebuilt;
+      split += s.diffusers.size() > 1;
+      transposed += s.transposed;
+    }
+    EXPECT_EQ(used.size(), store.size()) << "diffusers tensors without an ldm source";
+    for (const auto& [name, n] : used) EXPECT_EQ(n, 1) << name;
+  }
+  std::printf("[name_map] %s inverse: %zu ldm tensors rebuilt (%zu from row blocks, %zu transposed)\n",
+              family_name(fam), rebuilt, split, transposed);
+  if (fam == Family::SD2 || fam == Family::SDXL) {
+    EXPECT_GT(split, 0u);  // OpenCLIP's fused in_proj
+  }
+  EXPECT_EQ(transposed, fam == Family::SDXL ? 1u : 0u);  // SDXL's text_projection
+}
+}  // namespace
+
+TEST(NameMapInverse, SD1) { check_inverse("sd1", Family::SD1); }
+TEST(NameMapInverse, SD2) { check_inverse("sd2", Family::SD2); }
+TEST(NameMapInverse, SDXL) { check_inverse("sdxl", Family::SDXL); }
+
+TEST(NameMapInverse, RefusesDiffusersFoldersAndBadShapes) {
+  std::string dir = fixture_dir("sd1");
+  if (dir.empty()) GTEST_SKIP() << "sd1 fixture not found under " << DIFFUSE_SHARED_DIR;
+  const TensorFile d = open_model_file(dir + "/diffusers");
+  expect_error([&] { ldm_tensor_sources(d, Component::UNet, Family::SD1); }, d.path, "diffusers folder has no ldm names");
+  LdmSource s{"model.diffusion_model.out.2.weight", {"conv_out.weight"}, false};
+  expect_error([&] { ldm_tensor_from(s, {4, 4}, {Tensor::zeros({4, 5})}); }, s.ldm_name, "the ldm shape is [4, 4]");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Errors
 
 namespace {
