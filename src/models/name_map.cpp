@@ -109,6 +109,20 @@ std::optional<std::string> prefixed(const std::string& pre, const std::optional<
   return pre + *s;
 }
 
+// diffusers ResnetBlock2D inner names -> ldm ResBlock (unet_resnet's inverse).
+std::optional<std::string> ldm_resnet(const Parts& p, size_t at) {
+  if (p.size() <= at + 1) return std::nullopt;
+  const std::string& a = p[at];
+  const std::string tail = join(p, at + 1);
+  if (a == "norm1") return "in_layers.0." + tail;
+  if (a == "conv1") return "in_layers.2." + tail;
+  if (a == "time_emb_proj") return "emb_layers.1." + tail;
+  if (a == "norm2") return "out_layers.0." + tail;
+  if (a == "conv2") return "out_layers.3." + tail;
+  if (a == "conv_shortcut") return "skip_connection." + tail;
+  return std::nullopt;
+}
+
 // Levels and resnets per level from the input blocks: block 0 is conv_in, then per level `lpb`
 // resnet(+attention) blocks and, on every level but the last, one downsampler block (".0.op").
 struct UNetLayout {
@@ -582,6 +596,48 @@ std::string ldm_unet_name_to_diffusers(const std::string& ldm_name, int layers_p
   if (layers_per_block < 1) return {};
   Mapped m = unet_rule(UNetLayout{layers_per_block})(ldm_name, Tensor());
   return m.kind == Mapped::Add && m.out.size() == 1 ? m.out[0].first : std::string();
+}
+
+std::string diffusers_unet_name_to_ldm(const std::string& name, int layers_per_block,
+                                       const std::vector<bool>& cross_attn) {
+  const int64_t lpb = layers_per_block, levels = int64_t(cross_attn.size());
+  const Parts p = split(name);
+  if (lpb < 1 || p.size() < 2) return {};
+  const std::string& a = p[0];
+  const std::string tail1 = join(p, 1), tail2 = join(p, 2);
+  if (a == "conv_in") return "input_blocks.0.0." + tail1;
+  if (a == "conv_norm_out") return "out.0." + tail1;
+  if (a == "conv_out") return "out.2." + tail1;
+  const bool linear_12 = p.size() > 2 && (p[1] == "linear_1" || p[1] == "linear_2");
+  if (a == "time_embedding" && linear_12) return std::string("time_embed.") + (p[1] == "linear_1" ? "0." : "2.") + tail2;
+  if (a == "add_embedding" && linear_12) return std::string("label_emb.0.") + (p[1] == "linear_1" ? "0." : "2.") + tail2;
+  if (p.size() < 4) return {};
+  const int64_t j = index_of(p[2]);
+  if (a == "mid_block") {
+    if (p[1] == "resnets" && (j == 0 || j == 1))
+      return prefixed(cat("middle_block.", 2 * j, "."), ldm_resnet(p, 3)).value_or("");
+    if (p[1] == "attentions" && j == 0) return prefixed("middle_block.1.", unet_transformer(p, 3)).value_or("");
+    return {};
+  }
+  const bool down = a == "down_blocks";
+  if ((!down && a != "up_blocks") || p.size() < 5) return {};
+  const int64_t level = index_of(p[1]), k = index_of(p[3]);
+  if (level < 0 || level >= levels || k < 0) return {};
+  const std::string& kind = p[2];
+  // Down level l's blocks are input blocks 1 + l·(lpb + 1) + k (the downsampler: k = lpb); up
+  // level l's are output blocks l·(lpb + 1) + k, its upsampler in the last one after the resnet
+  // (index 1) or, on a level with attention, after the attention (index 2).
+  const int64_t first = down ? 1 + level * (lpb + 1) : level * (lpb + 1);
+  const std::string blocks = down ? "input_blocks." : "output_blocks.";
+  const int64_t resnets = down ? lpb : lpb + 1;
+  if (kind == "resnets" && k < resnets) return prefixed(cat(blocks, first + k, ".0."), ldm_resnet(p, 4)).value_or("");
+  if (kind == "attentions" && k < resnets)
+    return prefixed(cat(blocks, first + k, ".1."), unet_transformer(p, 4)).value_or("");
+  if (k != 0 || p[4] != "conv" || p.size() < 6) return {};
+  if (kind == "downsamplers" && down) return cat(blocks, first + lpb, ".0.op.", join(p, 5));
+  const bool attention = cross_attn[size_t(levels - 1 - level)];  // up level l is down level L-1-l
+  if (kind == "upsamplers" && !down) return cat(blocks, first + lpb, attention ? ".2.conv." : ".1.conv.", join(p, 5));
+  return {};
 }
 
 }  // namespace diffuse

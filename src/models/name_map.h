@@ -45,6 +45,14 @@ Tensor ldm_tensor_from(const LdmSource& s, const Shape& ldm_shape, const std::ve
 // module names (kohya's SDXL files).
 std::string ldm_unet_name_to_diffusers(const std::string& ldm_name, int layers_per_block);
 
+// The inverse: the ldm name of one diffusers UNet tensor or module name ("<module>.weight";
+// "down_blocks.1.attentions.0.proj_in.weight" -> "input_blocks.4.1.proj_in.weight") for a UNet
+// with `layers_per_block` resnets per level and cross_attn[level] (UNetConfig::cross_attn, down
+// order) saying which levels have transformers (an up level's upsampler follows its attention);
+// empty if the name is not one of such a UNet's. kohya's SDXL LoRA files name modules this way.
+std::string diffusers_unet_name_to_ldm(const std::string& name, int layers_per_block,
+                                       const std::vector<bool>& cross_attn);
+
 // The tensors of a ControlNet under diffusers ControlNetModel names, from any of its layouts:
 //  - a diffusers folder: the component folder itself (config.json says ControlNetModel, bare names)
 //    or a pipeline folder's "controlnet/" component;

@@ -101,13 +101,15 @@ class UNet {
   // Training (c.grads set: its LoRA adapters apply; models/unet_backward.cpp). forward_train runs
   // forward() keeping what backward() needs in `trace` (tensors of c.arena, which must outlive
   // the backward); backward takes dy = dL/d(prediction) [B, H, W, out_channels], adds the
-  // parameter gradients c.grads asks for and writes dL/dx, dL/dcontext when given (f32, shapes
-  // of x and context). Activations are f32 (c.act).
+  // parameter gradients c.grads asks for and writes dL/dx, dL/dcontext and (SDXL, through the
+  // add_embedding MLP) dL/dtext_embeds when given (f32, shapes of x, context and text_embeds).
+  // Activations are f32 (c.act).
   // checkpointing = false keeps every block's intermediates in c.arena (UNetTrace::saved).
   Tensor forward_train(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
                        const Tensor* text_embeds, const Tensor* time_ids, UNetTrace& trace,
                        bool checkpointing = true) const;
-  void backward(Ctx& c, const UNetTrace& trace, const Tensor& dy, Tensor* dx, Tensor* dcontext) const;
+  void backward(Ctx& c, const UNetTrace& trace, const Tensor& dy, Tensor* dx, Tensor* dcontext,
+                Tensor* dtext_embeds = nullptr) const;
 
   // Number of skip connections (= ControlNet down residuals): 1 + levels·layers + levels - 1.
   int num_skips() const;

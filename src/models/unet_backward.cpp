@@ -75,21 +75,37 @@ Tensor Transformer::backward(Ctx& c, const Saved& s, const Tensor& dy, Tensor* d
   return dx;
 }
 
-void TimeEmbedding::backward(Ctx& c, const Saved& s, const Tensor& demb) const {
-  auto mlp = [&](const Linear& l1, const Linear& l2, const Tensor& in, const Tensor& h, const Tensor& a) {
+void TimeEmbedding::backward(Ctx& c, const Saved& s, const Tensor& demb, Tensor* dtext_embeds) const {
+  auto mlp = [&](const Linear& l1, const Linear& l2, const Tensor& in, const Tensor& h, const Tensor& a, Tensor* din) {
     Tensor da = l2.backward(c, a, demb);
     c.be.unary_backward(Unary::SiLU, h, da, da);
-    l1.backward(c, in, da, nullptr);
+    l1.backward(c, in, da, din);
   };
-  mlp(time1, time2, s.tproj, s.h, s.a);
-  if (text_time) mlp(add1, add2, s.cat_in, s.add_h, s.add_a);
+  mlp(time1, time2, s.tproj, s.h, s.a, nullptr);
+  if (!text_time) {
+    DF_CHECK(!dtext_embeds, "UNet: dtext_embeds asked of a model without the SDXL added embedding");
+    return;
+  }
+  if (!dtext_embeds) {
+    mlp(add1, add2, s.cat_in, s.add_h, s.add_a, nullptr);
+    return;
+  }
+  // add_embedding's input is concat(text_embeds, sinusoids of the time ids): the text part's gradient.
+  const int64_t B = s.cat_in.dim(0), pooled = add_in - num_time_ids * add_dim;
+  const Shape want{B, pooled};
+  DF_CHECK(dtext_embeds->dtype() == DType::F32 && dtext_embeds->shape() == want, "UNet: dtext_embeds ",
+           dtext_embeds->str(), " should be f32[", B, ", ", pooled, "]");
+  Tensor dcat = c.alloc(s.cat_in.shape(), DType::F32), dids = c.alloc({B, num_time_ids * add_dim}, DType::F32);
+  mlp(add1, add2, s.cat_in, s.add_h, s.add_a, &dcat);
+  c.be.split_last(dcat, *dtext_embeds, dids);
 }
 
 }  // namespace unet_blocks
 
 using namespace unet_blocks;
 
-void UNet::backward(Ctx& c, const UNetTrace& tr, const Tensor& dy, Tensor* dx, Tensor* dcontext) const {
+void UNet::backward(Ctx& c, const UNetTrace& tr, const Tensor& dy, Tensor* dx, Tensor* dcontext,
+                    Tensor* dtext_embeds) const {
   DF_CHECK(impl_ != nullptr, "UNet: backward before load");
   DF_CHECK(c.grads, "UNet: backward needs a training context (Ctx::grads)");
   DF_CHECK(tr.x.defined() && !tr.inputs.empty(), "UNet: backward without a forward_train trace");
@@ -215,7 +231,7 @@ void UNet::backward(Ctx& c, const UNetTrace& tr, const Tensor& dy, Tensor* dx, T
   c.be.unary_backward(Unary::SiLU, tr.emb, dsemb, demb);
   TimeEmbedding::Saved ts;
   m.temb(tc, "UNet", cfg.block_out_channels[0], tr.t, tr.text_embeds, tr.time_ids, &ts);
-  m.temb.backward(tc, ts, demb);
+  m.temb.backward(tc, ts, demb, dtext_embeds);
 }
 
 }  // namespace diffuse

@@ -260,8 +260,9 @@ struct TimeEmbedding {
     return emb;
   }
   // demb: dL/d(emb) [B, T] -> parameter gradients of the MLPs (the timesteps and SDXL's size
-  // conditioning are inputs, not trained).
-  void backward(Ctx& c, const Saved& s, const Tensor& demb) const;
+  // conditioning are inputs, not trained); SDXL: dL/d(text_embeds) [B, pooled] into
+  // *dtext_embeds when given (f32, the pooled columns of add_embedding's input gradient).
+  void backward(Ctx& c, const Saved& s, const Tensor& demb, Tensor* dtext_embeds = nullptr) const;
 };
 
 }  // namespace diffuse::unet_blocks

@@ -73,7 +73,7 @@ void add_lora_command(CLI::App* train, std::shared_ptr<LoraFlags> f) {
   train::LoraTrainOptions& o = f->o;
   add_run_flags(c, o, f->run, "LoRA");
   c->add_flag("--train-text-encoder,--train_text_encoder", o.train_text_encoder,
-              "Also train a LoRA on the text encoder (SD 1.x/2.x)");
+              "Also train a LoRA on the text encoder (SDXL: both encoders)");
   c->add_option("--rank,--network_dim", o.rank, "LoRA rank")->capture_default_str();
   c->add_option("--alpha,--network_alpha", o.alpha, "LoRA alpha (scale alpha/rank)")->capture_default_str();
   c->add_option("--save-every,--save_every_n_steps", o.save_every, "Write an intermediate LoRA every N steps");

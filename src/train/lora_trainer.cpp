@@ -23,6 +23,7 @@
 #include "train/loss_plot.h"
 #include "train/reg_data.h"
 #include "train/sample_images.h"
+#include "train/text_encoder_trainer.h"
 #include "train/unet_trainer.h"
 
 namespace fs = std::filesystem;
@@ -176,21 +177,29 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   };
 
   UNetTrainer trainer(*model, *be);
+  ClipTextModel* te1 = o.train_text_encoder ? &model->te : nullptr;  // the encoders whose LoRA trains
+  ClipTextModel* te2 = o.train_text_encoder && sdxl ? &model->te2 : nullptr;
   std::unique_ptr<LoraNetwork> net = o.network_weights.empty()
                                          ? LoraNetwork::create_unet(model->unet, o.rank, o.alpha, o.seed)
-                                         : LoraNetwork::from_file(o.network_weights, model->unet);
+                                         : LoraNetwork::from_file(o.network_weights, model->unet, te1, te2);
   if (!o.network_weights.empty())
     log("starting from " + o.network_weights + " (" + std::to_string(net->modules().size()) + " modules)", false);
   if (o.conv_rank > 0) net->add_unet_conv_targets(model->unet, o.rank, o.alpha, o.conv_rank, o.conv_alpha, o.seed);
-  int te_modules = 0;
+  // Text-encoder LoRA: kohya's lora_te_ (SDXL: lora_te1_ and lora_te2_) modules, fresh unless
+  // the --network-weights file has some.
+  std::unique_ptr<TextEncoderTrainer> tenc;
   if (o.train_text_encoder) {
-    DF_CHECK(!sdxl, "--train-text-encoder: text-encoder LoRA training is supported for SD 1.x/2.x (not SDXL yet)");
-    const TensorFile f = open_model_file(o.model);
-    register_layers(trainer.grads(), model->te.prepared(), model->te.norms(),
-                    component_weights(f, Component::TextEncoder, model->family));
-    const double te_lr = o.text_encoder_lr > 0 ? o.text_encoder_lr : o.lr;
-    te_modules = net->add_text_encoder(model->te, "lora_te", o.rank, o.alpha, o.seed, float(te_lr / o.lr));
+    tenc = std::make_unique<TextEncoderTrainer>(*model, trainer.grads());
+    const float te_scale = float((o.text_encoder_lr > 0 ? o.text_encoder_lr : o.lr) / o.lr);
+    if (net->count(LoraTarget::TextEncoder) + net->count(LoraTarget::TextEncoder2) == 0) {
+      net->add_text_encoder(model->te, sdxl ? "lora_te1" : "lora_te", o.rank, o.alpha, o.seed);
+      if (sdxl) net->add_text_encoder(model->te2, "lora_te2", o.rank, o.alpha, o.seed);
+    }
+    net->set_lr_scale(LoraTarget::TextEncoder, te_scale);
+    net->set_lr_scale(LoraTarget::TextEncoder2, te_scale);
   }
+  const int te1_modules = net->count(LoraTarget::TextEncoder), te2_modules = net->count(LoraTarget::TextEncoder2);
+  const int te_modules = te1_modules + te2_modules;
   // The network's rank and alpha (--network_weights: the file's, from its first module).
   const int net_rank = int(net->modules().front().down.value.dim(0));
   const float net_alpha = net->modules().front().alpha;
@@ -202,7 +211,11 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   std::vector<Param*> params = net->params();
   AdamW adam(params, AdamWOptions{o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
   log("lora: " + std::to_string(net->modules().size() - size_t(te_modules)) + " UNet modules" +
-          (te_modules ? ", " + std::to_string(te_modules) + " text encoder modules" : std::string()) + ", rank " +
+          (te_modules ? ", " + std::to_string(te_modules) + " text encoder modules" +
+                            (sdxl ? " (te1 " + std::to_string(te1_modules) + ", te2 " + std::to_string(te2_modules) + ")"
+                                  : std::string())
+                      : std::string()) +
+          ", rank " +
           std::to_string(net_rank) + ", alpha " + fmt("%g", net_alpha) +
           (net_conv_rank ? ", conv rank " + std::to_string(net_conv_rank) + ", conv alpha " + fmt("%g", net_conv_alpha)
                          : std::string()),
@@ -225,7 +238,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
   auto make_batch = [&](const std::vector<size_t>& idx, std::mt19937_64& g, const std::vector<int>* fixed_t,
                         const std::vector<Tensor>* fixed_noise, bool for_train) {
     std::vector<Tensor> x0, noise, ctx, pooled, tids;
-    std::vector<std::vector<int>> ids;
+    TextEncoderTrainer::Batch ids;
     std::vector<int> ts;
     auto rng = make_cpu_rng(g());
     for (size_t k = 0; k < idx.size(); ++k) {
@@ -235,36 +248,39 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(c
       ts.push_back(fixed_t ? (*fixed_t)[k] : sample_timestep(uniform(g)));
       std::string cap = for_train ? caption_for_step(e.caption, dopt, g) : e.caption;
       if (for_train && drop_caption(uniform(g), o.caption_dropout)) cap.clear();
-      if (o.train_text_encoder) {  // encoded by the (training) text encoder with the batch
-        ids.push_back(chunk_weighted({{cap, 1.0f}}, pad_token(model->family, 0)).front().ids);
+      if (sdxl) tids.push_back(e.time_ids);
+      if (o.train_text_encoder) {  // encoded by the (training) text encoder(s) with the batch
+        tenc->add_caption(ids, cap);
         continue;
       }
       const Conditioning& cd = conditioning(cap);
       ctx.push_back(cd.context);
-      if (sdxl) pooled.push_back(cd.pooled), tids.push_back(e.time_ids);
+      if (sdxl) pooled.push_back(cd.pooled);
     }
     Tensor n = concat0(noise);
     if (for_train && o.noise_offset != 0) apply_noise_offset(n, o.noise_offset, *rng);
     struct B {
       NoisedBatch nb;
       Tensor ctx, pooled, tids;
-      std::vector<std::vector<int>> ids;
+      TextEncoderTrainer::Batch ids;
     } b{make_noised_batch(sched, concat0(x0), n, ts, obj), ctx.empty() ? Tensor() : concat0(ctx),
-        sdxl ? concat0(pooled) : Tensor(), sdxl ? concat0(tids) : Tensor(), ids};
+        pooled.empty() ? Tensor() : concat0(pooled), sdxl ? concat0(tids) : Tensor(), ids};
     return b;
   };
-  // One step (backward) or evaluation of a batch; with the text encoder in training, its forward
-  // (and backward, from the UNet's context gradient) runs here with the LoRA's adapters.
+  // One step (backward) or evaluation of a batch; with the text encoder(s) in training, their
+  // forward (and backward, from the UNet's context and, SDXL, pooled-embedding gradients) runs
+  // here with the LoRA's adapters.
   auto run_batch = [&](auto& b, const std::vector<float>& w, bool backward) {
     if (!o.train_text_encoder)
       return trainer.run(b.nb, b.ctx, w, backward, 1.0f, sdxl ? &b.pooled : nullptr, sdxl ? &b.tids : nullptr);
     Arena arena;
     Ctx c{*be, arena, DType::F32, &ws, &trainer.grads()};
-    ClipTextModel::Trace tr;
-    const Tensor context = model->te.forward_train(c, b.ids, 0, tr).last_hidden;
-    Tensor dctx = Tensor::zeros(context.shape());
-    UNetTrainer::Step s = trainer.run(b.nb, context, w, backward, 1.0f, nullptr, nullptr, backward ? &dctx : nullptr);
-    if (backward) model->te.backward(c, tr, dctx, Tensor(), Tensor());
+    const TextEncoderTrainer::Encoded enc = tenc->forward(c, b.ids);
+    Tensor dctx = Tensor::zeros(enc.context.shape()), dpooled = sdxl ? Tensor::zeros(enc.pooled.shape()) : Tensor();
+    UNetTrainer::Step s = trainer.run(b.nb, enc.context, w, backward, 1.0f, sdxl ? &enc.pooled : nullptr,
+                                      sdxl ? &b.tids : nullptr, backward ? &dctx : nullptr,
+                                      backward && sdxl ? &dpooled : nullptr);
+    if (backward) tenc->backward(c, dctx, dpooled);
     return s;
   };
 

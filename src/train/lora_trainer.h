@@ -42,8 +42,9 @@ struct LoraTrainOptions {
   // timesteps of every step come from (seed, step), so the result is bit-identical to a run that
   // was never interrupted. The state must come from the same model, data and settings.
   std::string resume;
-  // Also a LoRA on the text encoder (kohya's --train_text_encoder targets: attention and MLP
-  // linears, "lora_te_…"), at text_encoder_lr (≤ 0: lr). SD 1.x/2.x.
+  // Also a LoRA on the text encoder(s) (kohya's --train_text_encoder targets: attention and MLP
+  // linears, "lora_te_…"; SDXL both encoders, "lora_te1_…" and "lora_te2_…"), at text_encoder_lr
+  // (≤ 0: lr).
   bool train_text_encoder = false;
   double text_encoder_lr = 0;
   int validate_every = 0;  // 0: at the start and the end only

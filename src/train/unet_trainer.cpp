@@ -42,7 +42,7 @@ void UNetTrainer::apply_param(const std::string& name) { reprepare(be_, grads_, 
 
 UNetTrainer::Step UNetTrainer::run(const NoisedBatch& batch, const Tensor& context, const std::vector<float>& weights,
                                    bool backward, float grad_scale, const Tensor* text_embeds, const Tensor* time_ids,
-                                   Tensor* dcontext) {
+                                   Tensor* dcontext, Tensor* dtext_embeds) {
   arena_.reset();
   Ctx c{be_, arena_, DType::F32, &ws_, &grads_};
   std::vector<float> t(batch.timesteps.begin(), batch.timesteps.end());
@@ -51,7 +51,7 @@ UNetTrainer::Step UNetTrainer::run(const NoisedBatch& batch, const Tensor& conte
   Step s;
   s.pred = pred.clone();
   s.loss = mse_loss(s.pred, batch.target, weights, grad_scale);
-  if (backward) model_.unet.backward(c, trace, s.loss.dpred, nullptr, dcontext);
+  if (backward) model_.unet.backward(c, trace, s.loss.dpred, nullptr, dcontext, dtext_embeds);
   return s;
 }
 

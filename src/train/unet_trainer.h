@@ -49,10 +49,11 @@ class UNetTrainer {
   // (grad_scale multiplies them: 1/accumulation steps). context: [B, S, ctx];
   // text_embeds/time_ids for SDXL.
   // dcontext (with backward): receives dL/dcontext (f32, context's shape), for training the
-  // text encoder that produced the context.
+  // text encoder that produced the context; dtext_embeds (SDXL) dL/dtext_embeds (f32,
+  // text_embeds' shape), for the encoder that produced the pooled embedding.
   Step run(const NoisedBatch& batch, const Tensor& context, const std::vector<float>& weights, bool backward,
            float grad_scale = 1.0f, const Tensor* text_embeds = nullptr, const Tensor* time_ids = nullptr,
-           Tensor* dcontext = nullptr);
+           Tensor* dcontext = nullptr, Tensor* dtext_embeds = nullptr);
 
  private:
   SDModel& model_;
