@@ -117,6 +117,8 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
   lo.vae_decoder = false;
   log("loading " + o.model, false);
   std::unique_ptr<SDModel> model = SDModel::load(o.model, *be, lo);
+  DF_CHECK(!o.train_text_encoder || !model->has_te2,
+           "--train-text-encoder: full fine-tuning trains the SD 1.x/2.x text encoder (not SDXL's two yet)");
   UNetTrainer trainer(*model, *be);
   check_covers_unet(*model, trainer);
   TrainData data(*model, *be, rd.data, o, rd.dopt, trainer);

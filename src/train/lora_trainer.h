@@ -1,66 +1,41 @@
 // `diffuse train lora`: a LoRA trained on a folder of captioned images (kohya's dataset layout),
 // written as a kohya file that diffuse, A1111, ComfyUI and diffusers load.
 //
-// The run: scan the data (train/dataset.h); encode every image once with the frozen VAE (posterior
-// mean × scaling factor, cached) and every distinct caption once with the frozen text encoder(s)
-// (per step when captions are shuffled); then steps of: a batch in epoch order (repeats, shuffled
-// per epoch from the seed), noise and timesteps from the seed, the objective's loss, backward into
-// the LoRA (train::UNetTrainer::run, the code `train check` checks), gradient clipping, AdamW with
-// the learning-rate schedule. Every step draws from generators seeded by (seed, step), so a run's
-// numbers do not depend on how it was split into sessions (--resume).
+// The run (train/train_run.h, shared with `train full`): scan the data; encode every image once
+// with the frozen VAE (posterior mean × scaling factor, cached) and every distinct caption once
+// with the frozen text encoder(s) (per step when captions are shuffled); then steps of: a batch in
+// epoch order (repeats, shuffled per epoch from the seed), noise and timesteps from the seed, the
+// objective's loss, backward into the LoRA (train::UNetTrainer::run, the code `train check`
+// checks), gradient clipping, AdamW with the learning-rate schedule. Every step draws from
+// generators seeded by (seed, step), so a run's numbers do not depend on how it was split into
+// sessions (--resume).
 #pragma once
 #include <functional>
 #include <string>
 #include <vector>
 
-#include "train/dataset.h"
-#include "train/objective.h"
-#include "train/optim.h"
+#include "train/train_run.h"
 
 namespace diffuse::train {
 
-struct LoraTrainOptions {
-  std::string model, data, output;
-  int steps = 0, epochs = 0;  // exactly one > 0 (steps win when both are given)
-  int batch = 1;
-  double lr = 1e-4;
-  uint64_t seed = 42;
+// The run's options (train/train_run.h: data, steps, learning rate, schedule, precision, resume,
+// regularisation images, text encoder) and the LoRA's.
+//  - resume: a state file (written beside the output as OUT.state.safetensors with every saved
+//    LoRA) continues a run: LoRA weights, AdamW moments, the step; the data order, noise and
+//    timesteps of every step come from (seed, step), so the result is bit-identical to a run that
+//    was never interrupted. The state must come from the same model, data and settings.
+//  - train_text_encoder: also a LoRA on the text encoder(s) (kohya's --train_text_encoder targets:
+//    attention and MLP linears, "lora_te_…"; SDXL both encoders, "lora_te1_…" and "lora_te2_…"),
+//    at text_encoder_lr (≤ 0: lr).
+struct LoraTrainOptions : RunOptions {
   int rank = 4;
   float alpha = 1.0f;  // kohya's --network_alpha default (scale alpha/rank)
-  DatasetOptions data_opts;  // resolution 0 = the family's native size
-  std::string lr_schedule = "constant";
-  int warmup_steps = 0;
-  double max_grad_norm = 1.0;
-  float min_snr_gamma = 0;
-  float noise_offset = 0;
-  double caption_dropout = 0;
-  double weight_decay = 1e-2;
-  std::string save_precision = "fp16";  // fp16 | bf16 | float
-  int save_every = 0;
-  // Resume: a state file (written beside the output as OUT.state.safetensors with every saved
-  // LoRA) continues a run: LoRA weights, AdamW moments, the step; the data order, noise and
-  // timesteps of every step come from (seed, step), so the result is bit-identical to a run that
-  // was never interrupted. The state must come from the same model, data and settings.
-  std::string resume;
-  // Also a LoRA on the text encoder(s) (kohya's --train_text_encoder targets: attention and MLP
-  // linears, "lora_te_…"; SDXL both encoders, "lora_te1_…" and "lora_te2_…"), at text_encoder_lr
-  // (≤ 0: lr).
-  bool train_text_encoder = false;
-  double text_encoder_lr = 0;
-  int validate_every = 0;  // 0: at the start and the end only
-  // Compute: "fp32", or "bf16" (bf16 weights and matmuls in the passes, f32 LoRA master weights,
-  // gradients and AdamW; the bf16 backend falls back to fp32 on CPUs without bf16).
-  std::string precision = "fp32";
   // Start from an existing kohya LoRA (--network_weights): its modules, rank and alpha.
   std::string network_weights;
   // LoCon (kohya's conv_dim/conv_alpha): LoRA also on the UNet's 3×3 convolutions of ResNet
   // blocks and down/upsamplers; 0 = off.
   int conv_rank = 0;
   float conv_alpha = 1.0f;
-  // Regularisation images (kohya's --reg_data_dir, same folder convention), repeated to match
-  // the training images; their loss is weighted by prior_loss_weight.
-  std::string reg_data;
-  double prior_loss_weight = 1.0;
   // Sample images during training (train/sample_images.h): each prompt every sample_every steps
   // and at the end, written beside the output as NAME-sample<STEP>-<i>.png.
   std::vector<std::string> sample_prompts;
@@ -77,6 +52,6 @@ struct LoraTrainResult {
 };
 
 // `log(line, progress)`: progress lines (step N/M …) and other lines, for stderr.
-LoraTrainResult train_lora(const LoraTrainOptions& o, const std::function<void(const std::string&, bool)>& log);
+LoraTrainResult train_lora(const LoraTrainOptions& o, const LogFn& log);
 
 }  // namespace diffuse::train

@@ -98,12 +98,7 @@ TrainData::TrainData(SDModel& model, Backend& be, Dataset& data, const RunOption
       obj_(model.family == Family::SD2 ? Objective::V : Objective::Eps),
       sdxl_(model.unet_cfg.text_time),
       sched_(DdpmSchedule::sd()) {
-  if (o.train_text_encoder) {
-    DF_CHECK(!sdxl_, "--train-text-encoder: supported for SD 1.x/2.x (not SDXL yet)");
-    const TensorFile f = open_model_file(model.path);
-    register_layers(trainer.grads(), model.te.prepared(), model.te.norms(),
-                    component_weights(f, Component::TextEncoder, model.family));
-  }
+  if (o.train_text_encoder) tenc_ = std::make_unique<TextEncoderTrainer>(model, trainer.grads());
   Arena arena;
   Ctx c{be, arena, DType::F32, &ws_};
   for (DatasetItem& it : data.items) {
@@ -162,19 +157,21 @@ TrainBatch TrainData::make_batch(const std::vector<size_t>& idx, std::mt19937_64
     std::string cap = for_train ? caption_for_step(e.caption, dopt_, g) : e.caption;
     if (for_train && drop_caption(uniform01(g), o_.caption_dropout)) cap.clear();
     b.is_reg.push_back(e.item->is_reg);
-    if (o_.train_text_encoder) {  // encoded by the (training) text encoder with the batch
-      b.ids.push_back(chunk_weighted({{cap, 1.0f}}, pad_token(model_.family, 0)).front().ids);
+    if (sdxl_) tids.push_back(e.time_ids);
+    if (tenc_) {  // encoded by the (training) text encoder(s) with the batch
+      tenc_->add_caption(b.ids, cap);
       continue;
     }
     const Conditioning& cd = conditioning(cap);
     ctx.push_back(cd.context);
-    if (sdxl_) pooled.push_back(cd.pooled), tids.push_back(e.time_ids);
+    if (sdxl_) pooled.push_back(cd.pooled);
   }
   Tensor n = concat0(noise);
   if (for_train && o_.noise_offset != 0) apply_noise_offset(n, o_.noise_offset, *rng);
   b.nb = make_noised_batch(sched_, concat0(x0), n, ts, obj_);
   if (!ctx.empty()) b.ctx = concat0(ctx);
-  if (sdxl_) b.pooled = concat0(pooled), b.tids = concat0(tids);
+  if (!pooled.empty()) b.pooled = concat0(pooled);
+  if (sdxl_) b.tids = concat0(tids);
   return b;
 }
 
@@ -213,16 +210,19 @@ std::vector<float> TrainData::loss_weights_of(const TrainBatch& b) const {
                                 o_.prior_loss_weight);
 }
 
+// With the text encoder(s) in training, their forward (and backward, from the UNet's context and,
+// SDXL, pooled-embedding gradients) runs here with the Grads.
 UNetTrainer::Step TrainData::run(TrainBatch& b, const std::vector<float>& w, bool backward) {
-  if (!o_.train_text_encoder)
+  if (!tenc_)
     return trainer_.run(b.nb, b.ctx, w, backward, 1.0f, sdxl_ ? &b.pooled : nullptr, sdxl_ ? &b.tids : nullptr);
   Arena arena;
   Ctx c{be_, arena, DType::F32, &ws_, &trainer_.grads()};
-  ClipTextModel::Trace tr;
-  const Tensor context = model_.te.forward_train(c, b.ids, 0, tr).last_hidden;
-  Tensor dctx = Tensor::zeros(context.shape());
-  UNetTrainer::Step s = trainer_.run(b.nb, context, w, backward, 1.0f, nullptr, nullptr, backward ? &dctx : nullptr);
-  if (backward) model_.te.backward(c, tr, dctx, Tensor(), Tensor());
+  const TextEncoderTrainer::Encoded enc = tenc_->forward(c, b.ids);
+  Tensor dctx = Tensor::zeros(enc.context.shape()), dpooled = sdxl_ ? Tensor::zeros(enc.pooled.shape()) : Tensor();
+  UNetTrainer::Step s = trainer_.run(b.nb, enc.context, w, backward, 1.0f, sdxl_ ? &enc.pooled : nullptr,
+                                     sdxl_ ? &b.tids : nullptr, backward ? &dctx : nullptr,
+                                     backward && sdxl_ ? &dpooled : nullptr);
+  if (backward) tenc_->backward(c, dctx, dpooled);
   return s;
 }
 

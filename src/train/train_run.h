@@ -25,6 +25,7 @@
 #include "train/objective.h"
 #include "train/optim.h"
 #include "train/reg_data.h"
+#include "train/text_encoder_trainer.h"
 #include "train/unet_trainer.h"
 
 namespace diffuse::train {
@@ -47,7 +48,7 @@ struct RunOptions {
   std::string save_precision = "fp16";  // fp16 | bf16 | float (fp32)
   int save_every = 0;
   std::string resume;  // a state file of this run (OUT.state.safetensors)
-  bool train_text_encoder = false;  // SD 1.x/2.x
+  bool train_text_encoder = false;
   double text_encoder_lr = 0;       // <= 0: lr
   int validate_every = 0;           // 0: at the start and the end only
   std::string precision = "fp32";   // compute: fp32 | bf16
@@ -91,7 +92,7 @@ RunLength run_length(const RunOptions& o, const Dataset& data);
 struct TrainBatch {
   NoisedBatch nb;
   Tensor ctx, pooled, tids;             // [B, 77, C]; SDXL [B, P], [B, 6]
-  std::vector<std::vector<int>> ids;    // trained text encoder: [B][77]
+  TextEncoderTrainer::Batch ids;        // trained text encoder(s): the captions' token ids
   std::vector<bool> is_reg;
 };
 
@@ -102,9 +103,9 @@ struct TrainBatch {
 // timestep).
 class TrainData {
  public:
-  // With o.train_text_encoder (SD 1.x/2.x), the text encoder's layers are registered in the
-  // trainer's Grads and its forward and backward run in every step (its trained parameters are
-  // the caller's).
+  // With o.train_text_encoder, the text encoders' layers are registered in the trainer's Grads
+  // and their forward and backward run in every step (train/text_encoder_trainer.h; the trained
+  // parameters are the caller's).
   TrainData(SDModel& model, Backend& be, Dataset& data, const RunOptions& o, const DatasetOptions& dopt,
             UNetTrainer& trainer);
   ~TrainData();
@@ -139,6 +140,7 @@ class TrainData {
   bool sdxl_;
   DdpmSchedule sched_;
   Workspace ws_;
+  std::unique_ptr<TextEncoderTrainer> tenc_;  // with o.train_text_encoder
   std::vector<Example> examples_;
   std::map<std::string, Conditioning> cond_cache_;
   int64_t epoch_ = -1;

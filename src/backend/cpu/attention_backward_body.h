@@ -49,6 +49,9 @@ static bool run(const BwdArgs& A) {
   bool ok = true;
 #pragma omp parallel num_threads(A.threads) reduction(&& : ok)
   {
+    // The block products run sequentially in each thread: a team of one thread is not an active
+    // parallel region, and oneDNN would otherwise wake its own threads for every small sgemm.
+    omp_set_num_threads(1);
     // Per-thread blocks: lse, D_i and the running max/sum of a query block; S/P and dP/dS.
     float* buf = static_cast<float*>(std::malloc(sizeof(float) * size_t(4 * MQ + 2 * MQ * NB)));
     float *lse = buf, *di = lse + MQ, *m = di + MQ, *l = m + MQ, *s = l + MQ, *dp = s + MQ * NB;
