@@ -164,18 +164,10 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
   int start_step = 0;
   std::string csv_before;
   if (!o.resume.empty()) {
-    const RunState st(o.resume, fingerprint);
-    start_step = st.step();
-    csv_before = st.csv();
-    std::vector<Tensor> m, v;
-    for (size_t i = 0; i < params.all.size(); ++i) {
-      const Shape& s = params.all[i]->value.shape();
-      params.all[i]->value.copy_from(st.get("param." + params.keys[i], s));
-      m.push_back(st.get("adam.exp_avg." + params.keys[i], s));
-      v.push_back(st.get("adam.exp_avg_sq." + params.keys[i], s));
-      if (ema) ema->shadow(i).copy_from(st.get("ema." + params.keys[i], s));
-    }
-    adam->set_state(start_step, std::move(m), std::move(v));
+    start_step = resume_from(o.resume, fingerprint, params.all, params.keys, "param.", *adam, &csv_before,
+                             [&](size_t i, const RunState& st) {
+                               if (ema) ema->shadow(i).copy_from(st.get("ema." + params.keys[i], params.all[i]->value.shape()));
+                             });
     reprepare_all(*be, *model, trainer, params);
     log("resuming at step " + std::to_string(start_step) + "/" + std::to_string(len.total) + " from " + o.resume, false);
   }
@@ -221,10 +213,7 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
     if (ema) ema->update(step);
   };
   hooks.save = [&](int step) {
-    const fs::path p(o.output);
-    const std::string inter =
-        (p.parent_path() / (p.stem().string() + "-step" + std::to_string(step))).string() + p.extension().string();
-    save_checkpoint(inter, step);
+    save_checkpoint(intermediate_path(o.output, step), step);
     loss_log.write();
     write_state(step, loss_log.text());
     log("saved the training state " + state_path, false);

@@ -214,16 +214,9 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const LogFn& log) {
   int start_step = 0;
   std::string csv_before;
   if (!o.resume.empty()) {
-    const RunState st(o.resume, fingerprint);
-    start_step = st.step();
-    csv_before = st.csv();
-    std::vector<Tensor> m, v;
-    for (Param* p : params) {
-      p->value.copy_from(st.get("lora." + p->name, p->value.shape()));
-      m.push_back(st.get("adam.exp_avg." + p->name, p->value.shape()));
-      v.push_back(st.get("adam.exp_avg_sq." + p->name, p->value.shape()));
-    }
-    adam.set_state(start_step, std::move(m), std::move(v));
+    std::vector<std::string> keys;
+    for (const Param* p : params) keys.push_back(p->name);
+    start_step = resume_from(o.resume, fingerprint, params, keys, "lora.", adam, &csv_before);
     log("resuming at step " + std::to_string(start_step) + "/" + std::to_string(len.total) + " from " + o.resume, false);
   }
   auto write_state = [&](int step, const std::string& csv_text) {
@@ -245,9 +238,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const LogFn& log) {
 
   StepHooks hooks;
   hooks.save = [&](int step) {
-    const fs::path p(o.output);
-    const std::string inter =
-        (p.parent_path() / (p.stem().string() + "-step" + std::to_string(step))).string() + p.extension().string();
+    const std::string inter = intermediate_path(o.output, step);
     net->save(inter, save_dt, lora_metadata(meta, step));
     loss_log.write();
     write_state(step, loss_log.text());

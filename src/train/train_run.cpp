@@ -312,6 +312,29 @@ std::map<std::string, std::string> state_metadata(const std::string& fingerprint
   return {{"diffuse_run", fingerprint}, {"diffuse_step", std::to_string(step)}, {"diffuse_csv", csv}};
 }
 
+int resume_from(const std::string& path, const std::string& fingerprint, const std::vector<Param*>& params,
+                const std::vector<std::string>& keys, const std::string& value_prefix, AdamW& adam, std::string* csv,
+                const std::function<void(size_t, const RunState&)>& extra) {
+  DF_ASSERT(params.size() == keys.size());
+  const RunState st(path, fingerprint);
+  std::vector<Tensor> m, v;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Shape& s = params[i]->value.shape();
+    params[i]->value.copy_from(st.get(value_prefix + keys[i], s));
+    m.push_back(st.get("adam.exp_avg." + keys[i], s));
+    v.push_back(st.get("adam.exp_avg_sq." + keys[i], s));
+    if (extra) extra(i, st);
+  }
+  adam.set_state(st.step(), std::move(m), std::move(v));
+  *csv = st.csv();
+  return st.step();
+}
+
+std::string intermediate_path(const std::string& output, int step) {
+  const fs::path p(output);
+  return (p.parent_path() / (p.stem().string() + "-step" + std::to_string(step))).string() + p.extension().string();
+}
+
 void run_steps(const RunOptions& o, TrainData& data, AdamW& adam, LossLog& loss_log, int start, int total,
                const std::string& what, const StepHooks& hooks, const LogFn& log) {
   const LrSchedule kind = parse_lr_schedule(o.lr_schedule);

@@ -190,6 +190,17 @@ class RunState {
 // The metadata of a state file.
 std::map<std::string, std::string> state_metadata(const std::string& fingerprint, int step, const std::string& csv);
 
+// Continues a run from the state file `path` (checked against `fingerprint`): every trained
+// tensor's value (under value_prefix + its key) and AdamW moments (adam.exp_avg. / adam.exp_avg_sq.
+// + key), and `extra(i, state)` for a trainer's own tensors (an EMA). Returns the step; *csv gets
+// the loss log so far.
+int resume_from(const std::string& path, const std::string& fingerprint, const std::vector<Param*>& params,
+                const std::vector<std::string>& keys, const std::string& value_prefix, AdamW& adam, std::string* csv,
+                const std::function<void(size_t, const RunState&)>& extra = {});
+
+// An intermediate save's path: OUT-step<N>.<ext> beside OUT.
+std::string intermediate_path(const std::string& output, int step);
+
 // What the step loop calls besides training (each may be empty): after every optimiser step
 // (`step`: steps done), when an intermediate save is due (--save-every), after the step's log.
 struct StepHooks {
