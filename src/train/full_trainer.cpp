@@ -223,11 +223,7 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
   adam.reset();  // the moments are not saved at the end: their memory goes before the checkpoint's
 
   res.steps = len.total;
-  res.val_loss_end = data.validation();
-  loss_log.end(len.total, res.val_loss_end);
-  log("validation loss at the end: " + fmt("%.6f", res.val_loss_end) + " (start " + fmt("%.6f", res.val_loss_start) +
-          ")",
-      false);
+  res.val_loss_end = end_validation(data, loss_log, len.total, res.val_loss_start, log);
   if (ema) {
     ema->swap_with_params();
     reprepare_all(*be, *model, trainer, params);

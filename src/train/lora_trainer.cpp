@@ -251,11 +251,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const LogFn& log) {
   run_steps(o, data, adam, loss_log, start_step, len.total, "LoRA", hooks, log);
 
   res.steps = len.total;
-  res.val_loss_end = data.validation();
-  loss_log.end(len.total, res.val_loss_end);
-  log("validation loss at the end: " + fmt("%.6f", res.val_loss_end) + " (start " + fmt("%.6f", res.val_loss_start) +
-          ")",
-      false);
+  res.val_loss_end = end_validation(data, loss_log, len.total, res.val_loss_start, log);
   net->save(o.output, save_dt, lora_metadata(meta, len.total));
   loss_log.write();
   write_state(len.total, loss_log.text());

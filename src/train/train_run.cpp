@@ -330,6 +330,13 @@ int resume_from(const std::string& path, const std::string& fingerprint, const s
   return st.step();
 }
 
+double end_validation(TrainData& data, LossLog& loss_log, int total, double val_start, const LogFn& log) {
+  const double v = data.validation();
+  loss_log.end(total, v);
+  log("validation loss at the end: " + fmt("%.6f", v) + " (start " + fmt("%.6f", val_start) + ")", false);
+  return v;
+}
+
 std::string intermediate_path(const std::string& output, int step) {
   const fs::path p(output);
   return (p.parent_path() / (p.stem().string() + "-step" + std::to_string(step))).string() + p.extension().string();

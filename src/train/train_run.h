@@ -198,6 +198,9 @@ int resume_from(const std::string& path, const std::string& fingerprint, const s
                 const std::vector<std::string>& keys, const std::string& value_prefix, AdamW& adam, std::string* csv,
                 const std::function<void(size_t, const RunState&)>& extra = {});
 
+// The validation loss at the end of a run: logged (with the start's) and the loss log's last row.
+double end_validation(TrainData& data, LossLog& loss_log, int total, double val_start, const LogFn& log);
+
 // An intermediate save's path: OUT-step<N>.<ext> beside OUT.
 std::string intermediate_path(const std::string& output, int step);
 
