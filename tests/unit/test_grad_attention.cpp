@@ -302,6 +302,18 @@ long peak_rss_kib() {
   return -1;
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kAddressSanitizer = true;
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+
 // Resets VmHWM to the current RSS (Linux ≥ 4.0). Each TEST runs in its own CTest process anyway,
 // so without the reset the baseline is this process's own peak.
 void reset_peak_rss() {
@@ -336,7 +348,11 @@ TEST(GradAttention, MemoryAt4096Tokens) {
   std::printf("  N=4096, H=2, D=40 backward: %.3f s, peak RSS %ld -> %ld KiB (+%.2f MiB; one head's N×N f32 "
               "scores would be 64 MiB)\n",
               secs, before, after, extra_mib);
-  EXPECT_LT(extra_mib, 16.0);
+  if (kAddressSanitizer)  // oneDNN's sgemm allocates and frees per call; ASan keeps freed blocks
+    std::printf("  AddressSanitizer build: freed blocks stay in its quarantine, so the peak RSS is not live "
+                "memory; the plain build checks the bound\n");
+  else
+    EXPECT_LT(extra_mib, 16.0);
 
   for (const Tensor* t : {&dq, &dk, &dv})
     for (int64_t e = 0; e < t->numel(); ++e) ASSERT_TRUE(std::isfinite(t->f32()[e])) << "element " << e;
