@@ -570,6 +570,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   }
   p.mask = has_mask ? &req.mask : nullptr;
   p.vae_tiling = req.vae_tiling;
+  p.on_latent = cb.on_latent;
 
   std::shared_ptr<ControlNet> control;
   Image control_image;

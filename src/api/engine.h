@@ -93,6 +93,9 @@ struct Callbacks {
   // Each image as soon as it is decoded (with its parameters text), before the next one: a caller
   // that saves it here keeps finished work when a later image of the batch fails.
   std::function<void(const GeneratedImage& image, int index)> on_image;
+  // After each scheduler step: the batch's latent, f32 [B, h, w, 4] NHWC before dividing by the
+  // VAE scaling factor (pipeline/preview.h turns it into a preview), step 1-based of steps.
+  std::function<void(const Tensor& latent, int step, int steps)> on_latent;
 };
 
 // A run's own memory: the backend object that executes its ops (with its conversion buffers) and

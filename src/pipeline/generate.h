@@ -63,6 +63,10 @@ struct GenerateParams {
   // Called with each image as soon as it is decoded (index in the batch), before the next one is
   // decoded: callers save finished work even if a later image fails.
   std::function<void(const struct Result&, int index)> on_result;
+  // Live previews: called after each scheduler step (after any masked-inpaint blend) with the
+  // current latent, f32 [B, h, w, 4] NHWC before dividing by the VAE scaling factor; step is
+  // 1-based, steps the number of scheduler steps that run (model evaluations, as Stage::Denoise).
+  std::function<void(const Tensor& latent, int step, int steps)> on_latent;
   // Warnings for the user (one line each), e.g. a VAE decode retried in fp32.
   std::function<void(const std::string&)> on_warning;
   // Tests only: applied to each reduced-precision (bf16) VAE decode's output before it is checked,

@@ -263,6 +263,15 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     hooks.control = control_hook(*p.control, prepare_hint(to_rgb(*p.control_image), p.width, p.height),
                                  p.control_strength);
   }
+  if (p.on_latent) {
+    // After the kept-area blend above, so a preview shows the latent the next step starts from.
+    auto blend = hooks.after_step;
+    const int steps_run = int(run.size());
+    hooks.after_step = [&p, blend, steps_run](Tensor& lat, int i) {
+      if (blend) blend(lat, i);
+      p.on_latent(lat, i + 1, steps_run);
+    };
+  }
   hooks.progress = [&](int done, int total) { report(Stage::Denoise, done, total); };
   NoiseFn draw = [&] { return rng.batch(h, w, C); };
   Tensor lat = run.empty() ? x : denoise(ctx, model.unet, *sched, x, g, draw, hooks, first);

@@ -56,7 +56,8 @@ class ModelRegistry {
 
   // ControlNets under --controlnet-dir (default: <models-dir>/ControlNet): names as the A1111
   // ControlNet extension lists them ("name [shorthash]" accepted with or without the hash, or
-  // the file name / stem). Same escape rules as models.
+  // the file name / stem). Same escape rules as models. The extension's hash is A1111's old
+  // 8-hex model hash (ModelInfo::hash here; sha256 stays "": ControlNets are not fully hashed).
   std::vector<ModelInfo> controlnets() const;
   std::optional<ModelInfo> find_controlnet(const std::string& name, const std::string& field) const;
 
@@ -70,6 +71,7 @@ class ModelRegistry {
   std::vector<ModelInfo> models_;
   std::vector<LoraInfo> loras_;
   std::vector<ModelInfo> controlnets_;
+  std::vector<std::string> old_hashes_;  // A1111's old 8-hex hash of each models_ entry ("" folders)
 };
 
 }  // namespace diffuse::server
