@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 const SKIP = 77;
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const INIT_IMAGE = path.join(HERE, '..', 'data', 'sd1', 'init.png');
+const LORA = path.join(HERE, '..', 'data', 'sd1-lora', 'lora-kohya.safetensors');
 const CHROMIUM = process.env.DIFFUSE_CHROMIUM || '/usr/bin/chromium';
 const PROMPT = 'a small red house by a lake';
 const SEED = 12345;
@@ -46,16 +47,26 @@ function freePort() {
 
 function modelsDir(arg, tmp) {
   if (fs.statSync(arg).isDirectory()) return arg;
+  // Copies (symlinks out of the folder are refused); the second one is for the model picker.
   const dir = path.join(tmp, 'models');
+  fs.mkdirSync(path.join(dir, 'copy'), { recursive: true });
+  fs.copyFileSync(arg, path.join(dir, path.basename(arg)));
+  fs.copyFileSync(arg, path.join(dir, 'copy', path.basename(arg)));
+  return dir;
+}
+
+function loraDir(tmp) {
+  const dir = path.join(tmp, 'loras');
   fs.mkdirSync(dir);
-  fs.copyFileSync(arg, path.join(dir, path.basename(arg)));   // a copy: symlinks out are refused
+  fs.copyFileSync(LORA, path.join(dir, path.basename(LORA)));
   return dir;
 }
 
 // Starts the server; resolves with {proc, url, log()} once it prints "listening on URL" or
-// answers HTTP, rejects when it exits first or takes over `ms`.
-function startServer(bin, models, port, ms = 90000) {
-  const args = ['serve', '--models-dir', models, '--host', '127.0.0.1', '--port', String(port)];
+// accepts connections, rejects when it exits first or takes over `ms`.
+function startServer(bin, models, loras, port, ms = 90000) {
+  const args = ['serve', '--models-dir', models, '--lora-dir', loras, '--host', '127.0.0.1',
+    '--port', String(port)];
   const isScript = /\.m?js$/.test(bin);
   const proc = spawn(isScript ? process.execPath : bin, isScript ? [bin, ...args] : args,
     { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -80,8 +91,9 @@ function startServer(bin, models, port, ms = 90000) {
     proc.on('error', (e) => finish(new Error(`cannot start ${bin}: ${e.message}`)));
     proc.on('exit', (code, sig) => finish(new Error(`server exited early (${code ?? sig})\n${out}`)));
     const url = `http://127.0.0.1:${port}`;
-    const poll = setInterval(() => {
-      fetch(`${url}/sdapi/v1/options`).then((r) => { if (r.ok) finish(null, url); }, () => {});
+    const poll = setInterval(() => {   // a server that prints nothing: accepting connections
+      const sock = net.connect(port, '127.0.0.1', () => { sock.destroy(); finish(null, url); });
+      sock.on('error', () => {});
     }, 250);
     const timer = setTimeout(() => finish(new Error(`server not ready after ${ms / 1000} s\n${out}`)), ms);
   });
@@ -188,6 +200,15 @@ async function desktopChecks(browser, url, art, pageErrors) {
   const { context, page } = await openPage(browser, url, { viewport: { width: 1280, height: 900 } }, pageErrors);
   const model = await page.$eval('#model', (s) => s.value);
   check(model.length > 0, 'a model is selected from /sd-models and /options', model);
+  const other = await page.$$eval('#model option', (os, cur) => os.map((o) => o.value).find((v) => v && v !== cur), model);
+  if (other) {
+    await page.selectOption('#model', other);
+    await page.waitForFunction(() => /^Model: /.test(document.getElementById('status').textContent) &&
+      !document.getElementById('model').disabled, null, { timeout: 60000 });
+    const now = await page.evaluate(async () => (await fetch('sdapi/v1/options')).json());
+    check(now.sd_model_checkpoint === other && await messageText(page) === '',
+      'the model picker switches the model (POST /options)', `${now.sd_model_checkpoint}`);
+  }
 
   // A request the server refuses shows its message.
   await fillForm(page, { prompt: PROMPT, width: 64, height: 64, steps: 100000, seed: SEED });
@@ -250,6 +271,9 @@ async function desktopChecks(browser, url, art, pageErrors) {
   await fillForm(page, { prompt: PROMPT, width: 64, height: 64, steps: 150, seed: SEED });
   await page.click('#generate');
   await page.waitForFunction(() => document.getElementById('progress-bar').value > 0, null, { timeout: 60000 });
+  const live = await page.waitForFunction(() => document.getElementById('preview').alt === 'Live preview',
+    null, { timeout: 30000 }).then(() => true, () => false);
+  check(live, 'a live preview (progress current_image) shows while it runs');
   const t1 = Date.now();
   await page.click('#interrupt');
   await page.waitForFunction(() => !document.getElementById('generate').disabled, null, { timeout: 60000 });
@@ -264,12 +288,22 @@ async function phoneChecks(browser, url, art, pageErrors) {
   }, pageErrors);
   let l = await phoneLayout(page);
   check(layoutOk(l), 'phone 390x844: no horizontal scroll, Generate in view', JSON.stringify(l));
-  // Random seed, then "reuse last seed" takes the seed the server chose.
+  // Random seed, then "reuse last seed" takes the seed the server chose; a LoRA from the picker.
   await fillForm(page, { prompt: PROMPT, width: 64, height: 64, steps: 4, seed: -1 });
+  const lora = await page.$eval('#lora', (s) => s.value);
+  check(lora !== '', 'the LoRA picker lists /loras', lora);
+  await page.fill('#lora-weight', '0.5');
+  await page.click('#lora-add');
+  const tag = `<lora:${lora}:0.5>`;
+  check((await page.$eval('#prompt', (t) => t.value)).endsWith(tag), 'Add puts the LoRA tag in the prompt', tag);
+  check(await page.$$eval('#lora-active .chip', (c) => c.length) === 1, 'the active LoRA shows as a chip');
   await page.evaluate(() => window.scrollTo(0, 0));
   await generateAndWait(page, 1);
+  const err = await messageText(page);
+  if (!check(err === '', 'txt2img with a LoRA without an error message', err)) throw new Error(err);
   const r = await newestResult(page);
   check(/^\d+$/.test(r.seed), 'a random seed is reported', r.seed);
+  check(r.params.includes(tag), 'the parameters text has the LoRA tag', r.params.split('\n')[0]);
   await page.click('#seed-reuse');
   check(await page.$eval('#seed', (s) => s.value) === r.seed, '"Reuse last" puts the last seed in', r.seed);
   await page.evaluate(() => window.scrollTo(0, 0));
@@ -304,7 +338,7 @@ async function main() {
   const pageErrors = [];
   const started = Date.now();
   try {
-    server = await startServer(bin, modelsDir(modelArg, tmp), await freePort());
+    server = await startServer(bin, modelsDir(modelArg, tmp), loraDir(tmp), await freePort());
     console.log(`server at ${server.url}`);
     browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox', '--disable-dev-shm-usage'] });
     await desktopChecks(browser, server.url, art, pageErrors);

@@ -95,7 +95,8 @@
       } else if (data.detail) {
         parts.push(String(data.detail));
       }
-      if (data.errors) parts.push(typeof data.errors === 'string' ? data.errors : JSON.stringify(data.errors));
+      const errors = typeof data.errors === 'string' ? data.errors : JSON.stringify(data.errors);
+      if (data.errors && !parts.includes(errors)) parts.push(errors);
     } else if (typeof data === 'string') {
       parts.push(data.slice(0, 400));
     }
