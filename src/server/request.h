@@ -6,8 +6,10 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -45,7 +47,8 @@ struct JobSpec {
   int n_iter = 1;                 // A1111: batches run one after another (req.batch each)
   bool send_images = true;
   std::string sampler_requested;  // the name as sent ("" none)
-  int preview_every = 0;          // override_settings.show_progress_every_n_steps (0: server default)
+  int preview_every = 0;          // override_settings.show_progress_every_n_steps (0: server default;
+                                  // -1: none, A1111's 0 "off" and -1 "at the end only")
   bool mask_invert = false;       // inpainting_mask_invert (already applied to req.mask)
   // img2img: req.init / req.mask / req.control_image keep their own sizes here; the job runner
   // fits them to req.width × req.height (A1111's resize_mode: 0 just resize, 1 crop and resize,
@@ -84,19 +87,63 @@ JobSpec parse_openai_edit(const Form& form, const Limits& lim);
 std::vector<uint8_t> base64_decode(const std::string& s, const std::string& field);
 std::string base64_encode(const uint8_t* data, size_t n);
 // A request image: bare base64 or a data: URL (http(s) URLs refused), decoded as the CLI
-// decodes files; hostile or oversized images (more than lim.max_pixels) are a RequestError
-// naming the field.
+// decodes files; hostile or oversized images are a RequestError(400) naming the field. Inputs may
+// be larger than outputs (the job fits them to the output size), up to 4 × lim.max_pixels: the
+// size a PNG or JPEG declares is checked before anything is allocated, the decoded size after.
 Image decode_request_image(const std::string& s, const std::string& field, const Limits& lim);
+// The same for an image's bytes (a multipart file).
+Image decode_request_image_bytes(const uint8_t* data, size_t n, const std::string& field, const Limits& lim);
+
+// Typed reads of a JSON object's fields, shared by the parsers. A missing key and null both read
+// as absent (std::nullopt); a value of the wrong type or out of range is RequestError(422) naming
+// the field by its full path (prefix + key: "override_settings.sd_vae"). Numbers may come as ints,
+// floats or numeric strings, and integers as floats (truncated): pydantic's coercion, which A1111
+// accepts and clients rely on. Booleans may also be 0/1 or "true"/"false".
+class Fields {
+ public:
+  // obj (which must outlive the reader) need not be an object: anything else has no fields.
+  explicit Fields(const nlohmann::json& obj, std::string prefix = "") : obj_(obj), prefix_(std::move(prefix)) {}
+  std::string name(const std::string& key) const { return prefix_ + key; }
+  const nlohmann::json* get(const std::string& key) const;  // nullptr: absent or null
+  std::optional<std::string> str(const std::string& key) const;
+  std::optional<double> number(const std::string& key, double lo, double hi) const;
+  std::optional<int64_t> integer(const std::string& key, int64_t lo, int64_t hi) const;
+  std::optional<bool> boolean(const std::string& key) const;
+  const nlohmann::json* object(const std::string& key) const;  // nullptr: absent; 422 unless an object
+  const nlohmann::json* array(const std::string& key) const;   // nullptr: absent; 422 unless an array
+  // A seed: the whole uint64 range; -1 (and absent) is random (std::nullopt); other negatives wrap
+  // modulo 2^64 as torch.manual_seed takes them (A1111 hands negative seeds to torch unchanged).
+  std::optional<uint64_t> seed(const std::string& key) const;
+
+ private:
+  const nlohmann::json& obj_;
+  std::string prefix_;
+};
+
+// A name a client sent, for a message or warning: quoted, control characters escaped, cut (at a
+// UTF-8 character boundary) past 64 bytes. (Not `quoted`: for a non-const std::string argument,
+// argument-dependent lookup would pick std::quoted.)
+std::string quote_name(const std::string& s);
+// s without surrounding whitespace, ASCII letters lower-cased: names (samplers, schedulers,
+// scripts, preprocessors) compare case-insensitively, as A1111 looks them up.
+std::string name_key(std::string_view s);
 
 // A1111 sampler names ("Euler a", "DPM++ 2M Karras", "k_euler_a", diffuse's own names) → diffuse
 // sampler + schedule; unknown → ("", "") (the caller falls back to the default, as A1111 1.9+).
 struct SamplerChoice {
   std::string sampler, schedule;  // schedule "" when the name does not imply one
+  // The schedule A1111 1.9+'s "Automatic" scheduler gives this sampler ("default" or "karras").
+  std::string automatic;
+  // Whether diffuse's sampler takes schedule karras / trailing (pipeline/samplers/registry.cpp:
+  // the diffusers class has Karras sigmas / uses timestep_spacing).
+  bool karras_ok = false, trailing_ok = false;
 };
 SamplerChoice map_a1111_sampler(const std::string& name);
 // A1111 scheduler names/labels ("automatic", "Karras", "sgm_uniform", ...) → diffuse schedule
-// ("default", "karras", "trailing"); "" when diffuse has no equivalent.
+// ("default", "karras", "trailing"); "" for "automatic" (the sampler's own: SamplerChoice::automatic)
+// and when diffuse has no equivalent (is_a1111_automatic tells the two apart).
 std::string map_a1111_scheduler(const std::string& name);
+bool is_a1111_automatic(const std::string& scheduler);
 // The lists /sdapi/v1/samplers and /sdapi/v1/schedulers answer (A1111's item shapes).
 nlohmann::json a1111_sampler_list();
 nlohmann::json a1111_scheduler_list();
