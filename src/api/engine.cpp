@@ -373,6 +373,26 @@ Engine::ModelShapes Engine::shapes_of(const std::string& path) const {
   return peek_shapes(path);
 }
 
+Family Engine::family_of(const std::string& path) const {
+  {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    auto it = impl_->models.find(path);
+    if (it != impl_->models.end()) return it->second->model->family;
+  }
+  const ModelShapes m = peek_shapes(path);
+  if (!m.known) return Family::Unknown;
+  // The shapes that tell the families apart: SDXL's added (pooled + time ids) embedding, SD 2's
+  // OpenCLIP-H context width.
+  if (m.unet.projection_class_embeddings_input_dim > 0) return Family::SDXL;
+  return m.unet.context_dim == 1024 ? Family::SD2 : Family::SD1;
+}
+
+std::string Engine::model_sha256(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) return "";
+  return impl_->hashes.sha256(path);
+}
+
 std::vector<std::string> Engine::loaded_models() const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   std::vector<std::string> out;
@@ -640,6 +660,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   p.on_warning = [&](const std::string& w) { log("diffuse: warning: " + w, true); };
   bool cancelled = false;
   p.cancelled = [&] { return cancelled; };
+  p.finish_early = cb.finish_early;
   ProgressFn progress = [&](Stage s, int done, int total) {
     if (cb.progress && !cb.progress(s, done, total)) cancelled = true;
   };

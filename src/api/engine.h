@@ -88,6 +88,9 @@ struct Callbacks {
   // (stage, done, total) as pipeline/generate.h reports it; return false to cancel the run
   // (generate() then throws diffuse::Cancelled).
   std::function<bool(Stage, int, int)> progress;
+  // Polled after each sampling step: true ends sampling there and decodes what the latent is
+  // then (the images come back as usual; A1111's interrupt).
+  std::function<bool()> finish_early;
   // Informational lines (model loaded, LoRA summary, settings); warnings say warning = true.
   std::function<void(const std::string& line, bool warning)> log;
   // Each image as soon as it is decoded (with its parameters text), before the next one: a caller
@@ -141,12 +144,17 @@ class Engine {
   // benchmarks, tests and servers that switch ahead of a run. Waits for runs on the model.
   LoraApplyReport set_loras(const std::string& path, const std::vector<LoraSpec>& loras);
   std::vector<std::string> loaded_models() const;
+  // The model's family (from the loaded model, else from the file's tensor shapes); Unknown when
+  // the file cannot be read.
+  Family family_of(const std::string& path) const;
   void unload_all();
 
   // A1111's short model hash (first 10 hex digits of the file's sha256; "" for folders), from the
   // hash cache when the file's path, size and modification time match, else computed now (once)
   // and stored.
   std::string model_hash(const std::string& path, const Callbacks& cb = {});
+  // The file's full sha256 (the same cache); "" for folders.
+  std::string model_sha256(const std::string& path);
 
   struct ModelEntry;
   // What the memory check knows of a model before running it: its UNet and VAE configs and

@@ -47,3 +47,80 @@ std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t
 }
 
 }  // namespace diffuse::api
+
+namespace diffuse::api {
+
+namespace {
+
+// One "Key: value" list (A1111's last infotext line): keys start with a word character and run
+// to ": "; a value is a JSON-style quoted string or everything up to the next comma.
+std::vector<std::pair<std::string, std::string>> parse_params_line(const std::string& s) {
+  std::vector<std::pair<std::string, std::string>> out;
+  size_t i = 0;
+  while (i < s.size()) {
+    while (i < s.size() && (s[i] == ' ' || s[i] == ',')) ++i;
+    const size_t colon = s.find(':', i);
+    if (colon == std::string::npos) break;
+    std::string key = s.substr(i, colon - i);
+    i = colon + 1;
+    while (i < s.size() && s[i] == ' ') ++i;
+    std::string value;
+    if (i < s.size() && s[i] == '"') {
+      for (++i; i < s.size() && s[i] != '"'; ++i) {
+        if (s[i] == '\\' && i + 1 < s.size()) {
+          ++i;
+          value += s[i] == 'n' ? '\n' : s[i];
+        } else {
+          value += s[i];
+        }
+      }
+      ++i;  // the closing quote
+      const size_t comma = s.find(',', i);
+      i = comma == std::string::npos ? s.size() : comma + 1;
+    } else {
+      const size_t comma = s.find(',', i);
+      value = s.substr(i, (comma == std::string::npos ? s.size() : comma) - i);
+      i = comma == std::string::npos ? s.size() : comma + 1;
+    }
+    while (!value.empty() && value.back() == ' ') value.pop_back();
+    out.emplace_back(std::move(key), std::move(value));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> parse_infotext(const std::string& text) {
+  std::vector<std::string> lines;
+  for (size_t b = 0;;) {
+    const size_t e = text.find('\n', b);
+    lines.push_back(text.substr(b, e == std::string::npos ? std::string::npos : e - b));
+    if (e == std::string::npos) break;
+    b = e + 1;
+  }
+  std::vector<std::pair<std::string, std::string>> params;
+  if (lines.size() > 1 && lines.back().rfind("Steps: ", 0) == 0) {
+    params = parse_params_line(lines.back());
+    lines.pop_back();
+  }
+  std::string prompt, negative;
+  bool in_negative = false;
+  for (size_t k = 0; k < lines.size(); ++k) {
+    const std::string& l = lines[k];
+    if (!in_negative && l.rfind("Negative prompt: ", 0) == 0) {
+      in_negative = true;
+      negative = l.substr(17);
+    } else if (in_negative) {
+      negative += "\n" + l;
+    } else {
+      prompt += (k ? "\n" : "") + l;
+    }
+  }
+  std::vector<std::pair<std::string, std::string>> out;
+  out.emplace_back("Prompt", prompt);
+  if (in_negative) out.emplace_back("Negative prompt", negative);
+  out.insert(out.end(), params.begin(), params.end());
+  return out;
+}
+
+}  // namespace diffuse::api

@@ -19,4 +19,9 @@ struct InfotextInputs {
 // The text for image `pos` (1-based) of a run with settings `p`; `seed` is the image's.
 std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t seed, int pos);
 
+// The other way (A1111's png-info): "Prompt", "Negative prompt" (when present), then each
+// "Key: value" of the last line in order ("Steps", "Sampler", "Seed", "Size", ...); quoted values
+// are unquoted. Text without a "Steps: " line is all prompt.
+std::vector<std::pair<std::string, std::string>> parse_infotext(const std::string& text);
+
 }  // namespace diffuse::api

@@ -117,6 +117,7 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
     DF_CHECK(finite, "non-finite latent after step ", i + 1, " of ", total,
              " (an overflow: check --cfg-scale, LoRA multipliers and prompt weights; --precision fp32 may help)");
     if (hooks.progress) hooks.progress(i + 1, total);
+    if (hooks.stop && hooks.stop()) break;
   }
   return x;
 }

@@ -38,6 +38,9 @@ struct DenoiseHooks {
   // ControlNet: residuals for the UNet batch (down: one per skip connection, mid), passed to
   // UNet::forward; return an empty ControlResiduals to add none at this step.
   std::function<ControlResiduals(Ctx&, const ControlInputs&)> control;
+  // Polled after each step (after progress): true ends the loop there and returns the latent as
+  // it is (an interrupt that still wants an image).
+  std::function<bool()> stop;
 };
 
 // x: [B, h, w, 4] NHWC latent, already scaled by init_noise_sigma (txt2img) or noised (img2img).

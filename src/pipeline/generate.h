@@ -60,6 +60,9 @@ struct GenerateParams {
   // Polled at every progress point (after encoding, after each model evaluation, per decoded
   // image); returning true stops the run with diffuse::Cancelled.
   std::function<bool()> cancelled;
+  // Polled after each sampling step: true ends sampling there and decodes the latent as it is
+  // (A1111's interrupt: the caller still gets the partly denoised images).
+  std::function<bool()> finish_early;
   // Called with each image as soon as it is decoded (index in the batch), before the next one is
   // decoded: callers save finished work even if a later image fails.
   std::function<void(const struct Result&, int index)> on_result;

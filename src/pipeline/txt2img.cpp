@@ -273,6 +273,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     };
   }
   hooks.progress = [&](int done, int total) { report(Stage::Denoise, done, total); };
+  hooks.stop = p.finish_early;
   NoiseFn draw = [&] { return rng.batch(h, w, C); };
   Tensor lat = run.empty() ? x : denoise(ctx, model.unet, *sched, x, g, draw, hooks, first);
   // The UNet's pass memory is not needed while decoding.

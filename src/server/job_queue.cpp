@@ -1,0 +1,424 @@
+// The job queue: FIFO, N workers, A1111's progress view, interrupt/skip/cancel (job_queue.h).
+#include "server/job_queue.h"
+
+#include <algorithm>
+#include <cmath>
+#include <ctime>
+#include <random>
+
+#include "core/error.h"
+#include "models/controlnet.h"
+#include "pipeline/preview.h"
+
+namespace diffuse::server {
+
+using Clock = std::chrono::steady_clock;
+
+bool Job::done() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return done_;
+}
+
+bool Job::wait_for(std::chrono::milliseconds d) {
+  std::unique_lock<std::mutex> lk(mu_);
+  return cv_.wait_for(lk, d, [&] { return done_; });
+}
+
+JobOutcome Job::outcome() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return out_;
+}
+
+struct JobQueue::Worker {
+  std::thread thread;
+  std::unique_ptr<api::RunState> state;
+  std::shared_ptr<Job> job;  // running now (null: idle); guarded by JobQueue::mu_
+  std::atomic<bool> interrupt{false}, skip{false};
+  // Progress (guarded by JobQueue::mu_).
+  Clock::time_point started;
+  std::string timestamp, kind;
+  int job_no = 0, job_count = 0, step = 0, steps = 0;
+  std::string preview;  // base64 PNG
+};
+
+namespace {
+
+std::string timestamp_now() {
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  localtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y%m%d%H%M%S", &tm);
+  return buf;
+}
+
+// A1111's "just resize" / "crop and resize" / "resize and fill" (resize_mode 0/1/2).
+Image fit_image(const Image& im, int w, int h, int mode) {
+  if (im.width == w && im.height == h) return im;
+  if (mode == 1 || mode == 2) {
+    const double sw = double(w) / im.width, sh = double(h) / im.height;
+    const double s = mode == 1 ? std::max(sw, sh) : std::min(sw, sh);  // cover / fit
+    const int rw = std::max(1, int(std::lround(im.width * s))), rh = std::max(1, int(std::lround(im.height * s)));
+    Image r = resize_lanczos(im, rw, rh);
+    Image out = im;
+    out.width = w;
+    out.height = h;
+    out.pixels.assign(size_t(w) * h * im.channels, 0);
+    const int ox = (rw - w) / 2, oy = (rh - h) / 2;  // crop offset (mode 1) or minus the pad (mode 2)
+    for (int y = 0; y < h; ++y) {
+      const int sy = std::clamp(y + oy, 0, rh - 1);  // mode 2: edge pixels stretched into the border
+      for (int x = 0; x < w; ++x) {
+        const int sx = std::clamp(x + ox, 0, rw - 1);
+        std::copy_n(&r.pixels[(size_t(sy) * rw + sx) * im.channels], im.channels,
+                    &out.pixels[(size_t(y) * w + x) * im.channels]);
+      }
+    }
+    return out;
+  }
+  return resize_lanczos(im, w, h);
+}
+
+// Grey value of pixel i of a mask image (A1111: RGBA masks use their alpha when not opaque).
+uint8_t mask_value(const Image& m, size_t i) {
+  const uint8_t* p = &m.pixels[i * m.channels];
+  if (m.channels == 1 || m.channels == 2) return p[0];
+  return uint8_t((int(p[0]) * 299 + int(p[1]) * 587 + int(p[2]) * 114) / 1000);
+}
+
+Image crop(const Image& im, int x0, int y0, int w, int h) {
+  Image out = im;
+  out.width = w;
+  out.height = h;
+  out.pixels.assign(size_t(w) * h * im.channels, 0);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x) {
+      const int sx = std::clamp(x0 + x, 0, im.width - 1), sy = std::clamp(y0 + y, 0, im.height - 1);
+      std::copy_n(&im.pixels[(size_t(sy) * im.width + sx) * im.channels], im.channels,
+                  &out.pixels[(size_t(y) * w + x) * im.channels]);
+    }
+  return out;
+}
+
+}  // namespace
+
+std::function<void(Image&)> fit_request_images(JobSpec& spec) {
+  api::Request& r = spec.req;
+  if (r.init.pixels.empty()) return {};
+  const int w = r.width ? r.width : r.init.width, h = r.height ? r.height : r.init.height;
+  const bool has_mask = !r.mask.pixels.empty();
+  if (has_mask && (r.mask.width != r.init.width || r.mask.height != r.init.height))
+    r.mask = fit_image(r.mask, r.init.width, r.init.height, 0);
+  if (!(has_mask && spec.inpaint_full_res)) {
+    r.init = fit_image(r.init, w, h, spec.resize_mode);
+    if (has_mask) r.mask = fit_image(r.mask, w, h, spec.resize_mode);
+    r.width = w;
+    r.height = h;
+    return {};
+  }
+  // "Only masked": the mask's bounding box grown by the padding and then to the output's aspect
+  // ratio, cut out, generated at w × h, and pasted back where the mask is.
+  const Image init = to_rgb(r.init), mask = r.mask;
+  int x0 = init.width, y0 = init.height, x1 = -1, y1 = -1;
+  for (int y = 0; y < init.height; ++y)
+    for (int x = 0; x < init.width; ++x)
+      if (mask_value(mask, size_t(y) * init.width + x) >= 128) {
+        x0 = std::min(x0, x), y0 = std::min(y0, y), x1 = std::max(x1, x), y1 = std::max(y1, y);
+      }
+  if (x1 < 0) {  // an empty mask: nothing to repaint, plain resize as A1111 does
+    r.init = fit_image(r.init, w, h, 0);
+    r.mask = fit_image(r.mask, w, h, 0);
+    r.width = w;
+    r.height = h;
+    return {};
+  }
+  const int pad = std::max(0, spec.inpaint_full_res_padding);
+  x0 = std::max(0, x0 - pad), y0 = std::max(0, y0 - pad);
+  x1 = std::min(init.width - 1, x1 + pad), y1 = std::min(init.height - 1, y1 + pad);
+  int cw = x1 - x0 + 1, ch = y1 - y0 + 1;
+  // Grow the short side so the crop has the output's aspect ratio (centred, clamped to the image).
+  const double ratio = double(w) / h;
+  if (double(cw) / ch < ratio) {
+    const int nw = std::min(init.width, int(std::lround(ch * ratio)));
+    x0 = std::clamp(x0 - (nw - cw) / 2, 0, init.width - nw);
+    cw = nw;
+  } else {
+    const int nh = std::min(init.height, int(std::lround(cw / ratio)));
+    y0 = std::clamp(y0 - (nh - ch) / 2, 0, init.height - nh);
+    ch = nh;
+  }
+  r.init = resize_lanczos(crop(init, x0, y0, cw, ch), w, h);
+  r.mask = resize_lanczos(crop(mask, x0, y0, cw, ch), w, h);
+  r.width = w;
+  r.height = h;
+  return [init, mask, x0, y0, cw, ch](Image& out) {
+    const Image patch = resize_lanczos(to_rgb(out), cw, ch);
+    Image full = init;
+    full.text = out.text;
+    for (int y = 0; y < ch; ++y)
+      for (int x = 0; x < cw; ++x) {
+        const size_t di = size_t(y0 + y) * init.width + (x0 + x);
+        const int a = mask_value(mask, di);  // soft edge where the mask is grey
+        for (int c = 0; c < 3; ++c) {
+          uint8_t& d = full.pixels[di * 3 + c];
+          d = uint8_t((d * (255 - a) + patch.pixels[(size_t(y) * cw + x) * 3 + c] * a + 127) / 255);
+        }
+      }
+    out = std::move(full);
+  };
+}
+
+JobQueue::JobQueue(api::Engine& engine, int workers, size_t max_queued, int preview_every)
+    : engine_(engine), max_queued_(max_queued), preview_every_(preview_every) {
+  for (int i = 0; i < std::max(1, workers); ++i) {
+    auto w = std::make_unique<Worker>();
+    w->state = engine_.new_state();
+    workers_.push_back(std::move(w));
+  }
+  for (auto& w : workers_) {
+    Worker* wp = w.get();
+    wp->thread = std::thread([this, wp] { worker_loop(*wp); });
+  }
+}
+
+JobQueue::~JobQueue() { shutdown(true); }
+
+void JobQueue::submit(const std::shared_ptr<Job>& job) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (stopping_) throw RequestError(503, "", "the server is shutting down");
+  if (queue_.size() >= max_queued_)
+    throw RequestError(503, "", cat("the queue is full (", max_queued_, " jobs waiting; --max-queue)"));
+  queue_.push_back(job);
+  cv_.notify_one();
+}
+
+JobOutcome JobQueue::wait(const std::shared_ptr<Job>& job, const std::function<bool()>& client_alive) {
+  while (!job->wait_for(std::chrono::milliseconds(100))) {
+    if (client_alive && !client_alive()) {
+      job->cancel = true;
+      std::lock_guard<std::mutex> lk(mu_);
+      auto it = std::find(queue_.begin(), queue_.end(), job);
+      if (it != queue_.end()) {  // still waiting: it never runs
+        queue_.erase(it);
+        JobOutcome o;
+        o.cancelled = true;
+        o.error_status = 499;
+        o.error = "the client closed the connection";
+        std::lock_guard<std::mutex> jl(job->mu_);
+        job->out_ = std::move(o);
+        job->done_ = true;
+        return job->out_;
+      }
+    }
+  }
+  return job->outcome();
+}
+
+void JobQueue::interrupt() {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& w : workers_)
+    if (w->job) w->interrupt = true;
+}
+
+void JobQueue::skip() {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& w : workers_)
+    if (w->job) w->skip = true;
+}
+
+ProgressView JobQueue::progress() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  ProgressView v;
+  v.queued = int(queue_.size());
+  const Worker* w = nullptr;  // the longest-running job stands for "the current job"
+  for (auto& x : workers_)
+    if (x->job && (!w || x->started < w->started)) w = x.get();
+  if (!w) return v;
+  v.busy = true;
+  v.job = w->kind;
+  v.job_timestamp = w->timestamp;
+  v.job_no = w->job_no;
+  v.job_count = w->job_count;
+  v.sampling_step = w->step;
+  v.sampling_steps = w->steps;
+  v.interrupted = w->interrupt;
+  v.skipped = w->skip;
+  v.current_image = w->preview;
+  // A1111: 0.01 + job_no/job_count + (step/steps)/job_count, at most 1.
+  const int jc = std::max(1, w->job_count);
+  v.progress = std::min(1.0, 0.01 + double(w->job_no) / jc + (w->steps ? double(w->step) / w->steps : 0.0) / jc);
+  const double elapsed = std::chrono::duration<double>(Clock::now() - w->started).count();
+  v.eta_relative = v.progress > 0 ? elapsed / v.progress - elapsed : 0;
+  v.textinfo = cat("step ", w->step, "/", w->steps, ", batch ", w->job_no + 1, "/", jc);
+  return v;
+}
+
+void JobQueue::shutdown(bool cancel_running) {
+  std::deque<std::shared_ptr<Job>> dropped;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stopping_ && workers_.empty()) return;
+    stopping_ = true;
+    dropped.swap(queue_);
+    if (cancel_running)
+      for (auto& w : workers_)
+        if (w->job) w->interrupt = true;
+    cv_.notify_all();
+  }
+  for (auto& j : dropped) {
+    JobOutcome o;
+    o.error_status = 503;
+    o.error = "the server is shutting down";
+    finish(*j, std::move(o));
+  }
+  for (auto& w : workers_)
+    if (w->thread.joinable()) w->thread.join();
+  std::lock_guard<std::mutex> lk(mu_);
+  workers_.clear();
+}
+
+std::optional<ModelInfo> JobQueue::current_model() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return current_;
+}
+
+void JobQueue::set_current_model(const ModelInfo& m) {
+  std::lock_guard<std::mutex> lk(mu_);
+  current_ = m;
+}
+
+void JobQueue::finish(Job& job, JobOutcome out) {
+  std::lock_guard<std::mutex> lk(job.mu_);
+  job.out_ = std::move(out);
+  job.done_ = true;
+  job.cv_.notify_all();
+}
+
+void JobQueue::worker_loop(Worker& w) {
+  for (;;) {
+    std::shared_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping
+      job = queue_.front();
+      queue_.pop_front();
+      w.job = job;
+      w.interrupt = false;
+      w.skip = false;
+      w.started = Clock::now();
+      w.timestamp = timestamp_now();
+      w.kind = job->kind == Job::Kind::LoadModel ? "load_model"
+               : job->spec.req.init.pixels.empty() ? "txt2img" : "img2img";
+      w.job_no = 0;
+      w.job_count = job->kind == Job::Kind::LoadModel ? 1 : job->spec.n_iter;
+      w.step = w.steps = 0;
+      w.preview.clear();
+    }
+    JobOutcome out;
+    try {
+      if (job->kind == Job::Kind::LoadModel) {
+        engine_.load(job->model.filename);
+        set_current_model(job->model);
+      } else {
+        run_generate(w, *job, out);
+      }
+    } catch (const RequestError& e) {
+      out.error_status = e.status;
+      out.error = e.what();
+    } catch (const FileError& e) {
+      out.error_status = 500;
+      out.error = e.what();
+    } catch (const Cancelled&) {
+      out.cancelled = true;
+      out.error_status = 499;
+      out.error = "cancelled";
+    } catch (const Error& e) {
+      out.error_status = 422;  // settings the engine refused (sizes, memory, strength, ...)
+      out.error = e.what();
+    } catch (const std::exception& e) {
+      out.error_status = 500;
+      out.error = e.what();
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      w.job.reset();
+    }
+    finish(*job, std::move(out));
+  }
+}
+
+void JobQueue::run_generate(Worker& w, Job& job, JobOutcome& out) {
+  JobSpec& s = job.spec;
+  std::function<void(Image&)> paste_back = fit_request_images(s);
+  api::Request r = s.req;
+  r.control_net = job.control_path;
+  uint64_t base = 0;
+  if (r.seed) {
+    base = *r.seed;
+  } else {
+    std::random_device rd;
+    base = rd() % 4294967294u;
+  }
+  out.seed = base;
+  out.sampler = r.sampler;
+  out.schedule = r.schedule;
+  out.warnings = s.warnings;
+  // A request's own interval; < 0 is A1111's "off" / "end only": no previews; 0: the server's.
+  const int every = s.preview_every > 0 ? s.preview_every : s.preview_every < 0 ? 0 : preview_every_;
+  const Family family = engine_.family_of(r.model);
+  for (int it = 0; it < s.n_iter; ++it) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      w.job_no = it;
+      w.step = 0;
+    }
+    if (w.interrupt || job.cancel) break;
+    w.skip = false;
+    r.seed = base + uint64_t(it) * uint64_t(r.batch);  // A1111: batch `it` starts at seed + it·batch_size
+    api::Callbacks cb;
+    cb.progress = [&](Stage st, int done, int total) {
+      if (st == Stage::Denoise) {
+        std::lock_guard<std::mutex> lk(mu_);
+        w.step = done;
+        w.steps = total;
+        out.steps_run = done;
+        out.steps_total = total;
+      }
+      return !(job.cancel || w.skip);
+    };
+    cb.finish_early = [&] { return bool(w.interrupt); };  // the partly denoised image still comes back
+    cb.on_latent = [&](const Tensor& latent, int step, int steps) {
+      if (every <= 0 || (step % every != 0 && step != steps)) return;
+      const std::vector<uint8_t> png = encode_png(latent_preview(latent, 0, family));
+      std::string b64 = base64_encode(png.data(), png.size());
+      std::lock_guard<std::mutex> lk(mu_);
+      w.preview = std::move(b64);
+    };
+    cb.on_image = [&](const api::GeneratedImage& g, int) {
+      api::GeneratedImage img = g;
+      if (paste_back) paste_back(img.image);
+      out.width = img.image.width;
+      out.height = img.image.height;
+      out.seeds.push_back(img.seed);
+      out.images.push_back(std::move(img));
+    };
+    try {
+      engine_.generate(r, cb, w.state.get());
+    } catch (const Cancelled&) {
+      if (job.cancel) {
+        out.cancelled = true;
+        out.error_status = 499;
+        out.error = "the client closed the connection";
+        return;
+      }
+      if (w.interrupt) {
+        out.interrupted = true;
+        break;
+      }
+      // skip: on with the next batch
+    }
+  }
+  if (w.interrupt) out.interrupted = true;
+}
+
+}  // namespace diffuse::server

@@ -1,0 +1,190 @@
+// The job queue as clients see it: progress with live previews during a long job, interrupt
+// (within 2 steps, answering with how far it got), a client that closes its socket freeing the
+// worker, and SIGTERM during a job.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <set>
+
+#include "server_util.h"
+
+using namespace servertest;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+json long_job(int steps, int seed = 1, int size = 512) {
+  return {{"prompt", "a lighthouse"}, {"width", size}, {"height", size}, {"steps", steps}, {"cfg_scale", 7},
+          {"seed", seed}, {"sampler_name", "Euler"}, {"override_settings", {{"show_progress_every_n_steps", 2}}}};
+}
+
+json progress(const ServerProcess& srv) {
+  auto c = srv.client(10);
+  return parse(c.Get("/sdapi/v1/progress"));
+}
+
+// Polls progress until `pred` holds (true) or `timeout_s` passes (false).
+template <typename Pred>
+bool wait_progress(const ServerProcess& srv, Pred pred, double timeout_s, json* last = nullptr) {
+  const auto t0 = Clock::now();
+  while (std::chrono::duration<double>(Clock::now() - t0).count() < timeout_s) {
+    json p = progress(srv);
+    if (last) *last = p;
+    if (p.is_object() && pred(p)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+int step_of(const json& p) { return p["state"]["sampling_step"].get<int>(); }
+bool busy(const json& p) { return p["state"]["job_count"].get<int>() > 0; }
+
+// Sends a request on a raw socket and returns the descriptor (the caller closes it).
+int send_raw(int port, const std::string& path, const std::string& body) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(uint16_t(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return -1;
+  const std::string req = "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
+                          std::to_string(body.size()) + "\r\n\r\n" + body;
+  if (::send(fd, req.data(), req.size(), 0) != ssize_t(req.size())) return -1;
+  return fd;
+}
+
+struct JobsServer {
+  Folders dirs{"jobs"};
+  ServerProcess srv{{"--models-dir", dirs.models}, "jobs"};
+};
+
+JobsServer& shared() {
+  static JobsServer* s = new JobsServer();
+  return *s;
+}
+
+}  // namespace
+
+TEST(ServerJobs, ProgressAndPreviewDuringALongJob) {
+  JobsServer& s = shared();
+  ASSERT_GT(s.srv.port(), 0) << s.srv.log();
+  std::atomic<bool> done{false};
+  Reply res;
+  const auto t0 = Clock::now();
+  std::thread client([&] {
+    auto c = s.srv.client();
+    res = reply(post(c, "/sdapi/v1/txt2img", long_job(40, 1, 256)));
+    done = true;
+  });
+  std::set<double> values;
+  std::string preview;
+  while (!done) {
+    json p = progress(s.srv);
+    if (p.is_object() && busy(p)) {
+      values.insert(p["progress"].get<double>());
+      if (p["current_image"].is_string()) preview = p["current_image"];
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  client.join();
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  EXPECT_GE(secs, 5.0) << "the job should take 5 s or more for this check to mean anything";
+  EXPECT_GE(values.size(), 2u);
+  ASSERT_FALSE(preview.empty()) << "no current_image during the job";
+  const diffuse::Image im = decode_b64_png(preview);
+  EXPECT_EQ(im.width, 32);  // the latent's size: 256 / 8
+  json idle = progress(s.srv);
+  EXPECT_EQ(idle["progress"], 0.0);
+  EXPECT_EQ(idle["state"]["job_count"], 0);
+  std::printf("job: %.1f s, %zu distinct progress values\n", secs, values.size());
+}
+
+TEST(ServerJobs, InterruptEndsTheJobWithinTwoStepsAndSaysHowFarItGot) {
+  JobsServer& s = shared();
+  Reply res;
+  std::thread client([&] {
+    auto c = s.srv.client();
+    res = reply(post(c, "/sdapi/v1/txt2img", long_job(60, 2)));
+  });
+  json p;
+  ASSERT_TRUE(wait_progress(s.srv, [](const json& q) { return busy(q) && step_of(q) >= 3; }, 120, &p));
+  const int at = step_of(p);
+  auto c = s.srv.client();
+  ASSERT_EQ(c.Post("/sdapi/v1/interrupt")->status, 200);
+  client.join();
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  json j = json::parse(res->body);
+  json info = json::parse(j["info"].get<std::string>());
+  EXPECT_TRUE(info["interrupted"].get<bool>());
+  const int ran = info["steps_run"];
+  EXPECT_GE(ran, at);
+  EXPECT_LE(ran, at + 2) << "interrupt at step " << at;
+  EXPECT_LT(ran, 60);
+  std::printf("interrupted at step %d, the reply says %d steps ran, %zu image(s)\n", at, ran, j["images"].size());
+}
+
+TEST(ServerJobs, AClientThatClosesItsSocketFreesTheWorkerWithinTwoSteps) {
+  JobsServer& s = shared();
+  const int fd = send_raw(s.srv.port(), "/sdapi/v1/txt2img", long_job(60, 3).dump());
+  ASSERT_GE(fd, 0);
+  json p;
+  ASSERT_TRUE(wait_progress(s.srv, [](const json& q) { return busy(q) && step_of(q) >= 3; }, 120, &p));
+  const int at = step_of(p);
+  ::close(fd);
+  int last = at;
+  ASSERT_TRUE(wait_progress(s.srv, [&](const json& q) {
+    if (busy(q)) last = std::max(last, step_of(q));
+    return !busy(q);
+  }, 60));
+  EXPECT_LE(last, at + 2) << "closed at step " << at;
+  // The worker takes the next job at once.
+  auto c = s.srv.client();
+  auto r = post(c, "/sdapi/v1/txt2img", {{"prompt", "x"}, {"width", 64}, {"height", 64}, {"steps", 2}});
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  std::printf("closed at step %d, the job stopped by step %d\n", at, last);
+}
+
+TEST(ServerJobs, AQueuedJobWhoseClientLeavesNeverRuns) {
+  JobsServer& s = shared();
+  Reply first;
+  std::thread a([&] {
+    auto c = s.srv.client();
+    first = reply(post(c, "/sdapi/v1/txt2img", long_job(12, 4, 256)));
+  });
+  ASSERT_TRUE(wait_progress(s.srv, [](const json& q) { return busy(q); }, 60));
+  const int fd = send_raw(s.srv.port(), "/sdapi/v1/txt2img", long_job(12, 5, 256).dump());
+  ASSERT_TRUE(wait_progress(s.srv, [](const json& q) { return q["state"]["queued"].get<int>() == 1; }, 30));
+  ::close(fd);
+  EXPECT_TRUE(wait_progress(s.srv, [](const json& q) { return q["state"]["queued"].get<int>() == 0 && busy(q); }, 5));
+  a.join();
+  ASSERT_TRUE(first);
+  EXPECT_EQ(first->status, 200);
+  EXPECT_TRUE(wait_progress(s.srv, [](const json& q) { return !busy(q); }, 5));  // nothing else ran
+}
+
+TEST(ServerJobs, SigtermFinishesTheRunningJobAndExitsCleanly) {
+  Folders dirs("term");
+  ServerProcess srv({"--models-dir", dirs.models}, "term");
+  ASSERT_GT(srv.port(), 0) << srv.log();
+  Reply res;
+  std::thread client([&] {
+    auto c = srv.client();
+    res = reply(post(c, "/sdapi/v1/txt2img", long_job(60, 6)));
+  });
+  ASSERT_TRUE(wait_progress(srv, [](const json& q) { return busy(q) && step_of(q) >= 2; }, 120));
+  const auto t0 = Clock::now();
+  EXPECT_EQ(srv.stop(), 0) << srv.log();
+  client.join();
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 30.0);
+  ASSERT_TRUE(res) << "the running job's client got no answer";
+  EXPECT_EQ(res->status, 200) << res->body;
+  EXPECT_TRUE(json::parse(json::parse(res->body)["info"].get<std::string>())["interrupted"].get<bool>());
+  EXPECT_NE(srv.log().find("stopped"), std::string::npos);
+}
