@@ -24,7 +24,8 @@ web="$(cd "$(dirname "$0")/.." && pwd)/tests/web"
 if [ ! -d "$web/node_modules/playwright-core" ]; then
   if command -v npm >/dev/null 2>&1; then
     echo "installing the web UI test's npm packages in $web" >&2
-    (cd "$web" && npm ci --no-audit --no-fund)
+    # Not fatal: `make demo` and the other tests do not need it (the web UI test then skips).
+    (cd "$web" && npm ci --no-audit --no-fund) || echo "note: npm ci failed; the web UI test (web_ui) will be skipped" >&2
   else
     echo "note: npm not found; the web UI test (web_ui) will be skipped" >&2
   fi
