@@ -57,6 +57,10 @@ struct Folders {
     fs::copy_file(tiny_model(), models + "/tiny.safetensors");
     fs::copy_file(tiny_model(), models + "/sub/other.safetensors");
     fs::copy_file(std::string(DIFFUSE_TEST_DATA) + "/sd1-lora/lora-kohya.safetensors", loras + "/style.safetensors");
+    // A ControlNet (diffusers folder) where the server looks by default: MODELS/ControlNet.
+    fs::create_directories(models + "/ControlNet");
+    fs::copy(std::string(DIFFUSE_TEST_DATA) + "/sd1-controlnet/model/diffusers-controlnet",
+             models + "/ControlNet/diffusers-controlnet", fs::copy_options::recursive);
   }
 };
 

@@ -213,6 +213,40 @@ TEST(ServerApi, Img2ImgInpaintsOnlyTheMaskedAreaAtTheInitSize) {
   EXPECT_NE(r->body.find("init_images"), std::string::npos);
 }
 
+TEST(ServerApi, ControlNetUnitsFromAlwaysonScripts) {
+  Shared& s = shared();
+  auto c = s.srv.client();
+  json list = parse(c.Get("/controlnet/model_list"));
+  ASSERT_EQ(list["model_list"].size(), 1u) << list;
+  const std::string hint_path = std::string(DIFFUSE_TEST_DATA) + "/sd1-controlnet/control.png";
+  const diffuse::Image hint = diffuse::read_image(hint_path);
+  json body = txt2img_body("a statue", 11, 3);
+  body["alwayson_scripts"] = {{"ControlNet", {{"args", {{{"enabled", true}, {"module", "none"},
+                                                           {"model", list["model_list"][0]}, {"weight", 1.0},
+                                                           {"image", png_b64(hint)}}}}}}};
+  auto r = post(c, "/sdapi/v1/txt2img", body);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const diffuse::Image im = decode_b64_png(json::parse(r->body)["images"][0]);
+  const std::string params = text_of(im, "parameters");
+  EXPECT_NE(params.find("ControlNet 0: \"Module: none, Model: diffusers-controlnet, Weight: 1\""), std::string::npos)
+      << params;
+  // The CLI with the same ControlNet and hint draws the same pixels.
+  const std::string out = s.dirs.root + "/cli_cn.png";
+  const std::string cmd = std::string(DIFFUSE_BIN) + " generate -q -m " + s.dirs.models + "/sub/other.safetensors" +
+                          " -p 'a statue' -n blurry -W 64 -H 64 --steps 3 --cfg-scale 5 -s 11 --sampler euler_a" +
+                          " --control-net " + s.dirs.models + "/ControlNet/diffusers-controlnet --control-image " +
+                          hint_path + " -o " + out;
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  EXPECT_EQ(diffuse::read_image(out).pixels, im.pixels);
+
+  body["alwayson_scripts"]["ControlNet"]["args"][0]["model"] = "control_nope [12345678]";
+  r = post(c, "/sdapi/v1/txt2img", body);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 422) << r->body;
+  EXPECT_NE(r->body.find("control_nope"), std::string::npos);
+}
+
 TEST(ServerApi, PngInfoReadsTheParametersBack) {
   auto c = shared().srv.client();
   auto r = post(c, "/sdapi/v1/txt2img", txt2img_body("a blue ball", 77, 2));

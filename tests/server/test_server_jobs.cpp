@@ -129,6 +129,26 @@ TEST(ServerJobs, InterruptEndsTheJobWithinTwoStepsAndSaysHowFarItGot) {
   std::printf("interrupted at step %d, the reply says %d steps ran, %zu image(s)\n", at, ran, j["images"].size());
 }
 
+TEST(ServerJobs, SkipAbandonsTheCurrentBatchAndGoesOn) {
+  JobsServer& s = shared();
+  Reply res;
+  json body = long_job(8, 100, 256);
+  body["n_iter"] = 3;
+  std::thread client([&] {
+    auto c = s.srv.client();
+    res = reply(post(c, "/sdapi/v1/txt2img", body));
+  });
+  ASSERT_TRUE(wait_progress(s.srv, [](const json& q) { return busy(q) && q["state"]["job_no"] == 1 && step_of(q) >= 2; }, 120));
+  auto c = s.srv.client();
+  ASSERT_EQ(c.Post("/sdapi/v1/skip")->status, 200);
+  client.join();
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  json info = json::parse(json::parse(res->body)["info"].get<std::string>());
+  EXPECT_EQ(info["all_seeds"], json({100, 102}));  // batch 2 (seed 101) was skipped, batch 3 ran
+  EXPECT_FALSE(info["interrupted"].get<bool>());
+}
+
 TEST(ServerJobs, AClientThatClosesItsSocketFreesTheWorkerWithinTwoSteps) {
   JobsServer& s = shared();
   const int fd = send_raw(s.srv.port(), "/sdapi/v1/txt2img", long_job(60, 3).dump());
