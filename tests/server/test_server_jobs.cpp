@@ -176,7 +176,7 @@ TEST(ServerJobs, AQueuedJobWhoseClientLeavesNeverRuns) {
   Reply first;
   std::thread a([&] {
     auto c = s.srv.client();
-    first = reply(post(c, "/sdapi/v1/txt2img", long_job(12, 4, 256)));
+    first = reply(post(c, "/sdapi/v1/txt2img", long_job(40, 4, 256)));
   });
   ASSERT_TRUE(wait_progress(s.srv, [](const json& q) { return busy(q); }, 60));
   const int fd = send_raw(s.srv.port(), "/sdapi/v1/txt2img", long_job(12, 5, 256).dump());

@@ -74,6 +74,33 @@ TEST(ServerLoad, ThirtyTwoConcurrentClientsGetTheirOwnImages) {
   EXPECT_EQ(srv.stop(), 0) << srv.log();
 }
 
+// Two workers run jobs side by side (each with its own engine run state) and draw what one draws.
+TEST(ServerLoad, TwoWorkersDrawWhatOneDraws) {
+  Folders dirs("workers");
+  std::vector<std::vector<uint8_t>> pixels[2];
+  for (int workers : {1, 2}) {
+    ServerProcess srv({"--models-dir", dirs.models, "--workers", std::to_string(workers)}, "workers");
+    ASSERT_GT(srv.port(), 0) << srv.log();
+    std::vector<Reply> results(6);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 6; ++i)
+      threads.emplace_back([&, i] {
+        auto c = srv.client();
+        json b = small_job(i, 3);
+        if (i % 2) b["init_images"] = {png_b64(diffuse::read_image(std::string(DIFFUSE_TEST_DATA) + "/sd1/init.png"))};
+        results[size_t(i)] = reply(post(c, i % 2 ? "/sdapi/v1/img2img" : "/sdapi/v1/txt2img", b));
+      });
+    for (auto& t : threads) t.join();
+    for (int i = 0; i < 6; ++i) {
+      ASSERT_TRUE(results[size_t(i)]);
+      ASSERT_EQ(results[size_t(i)]->status, 200) << results[size_t(i)]->body;
+      pixels[workers - 1].push_back(decode_b64_png(json::parse(results[size_t(i)]->body)["images"][0]).pixels);
+    }
+    EXPECT_EQ(srv.stop(), 0) << srv.log();
+  }
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(pixels[0][size_t(i)], pixels[1][size_t(i)]) << "request " << i;
+}
+
 TEST(ServerLoad, MemoryAfter200RequestsStaysWithin5PercentOfAfter20) {
   Folders dirs("rss");
   ServerProcess srv({"--models-dir", dirs.models}, "rss");
