@@ -177,10 +177,6 @@ void resolve_lora_tags(ServerState& st, JobSpec& s) {
   p = out;
 }
 
-struct Prepared {
-  std::shared_ptr<Job> job;
-};
-
 std::shared_ptr<Job> prepare_generation(ServerState& st, JobSpec spec, const std::string& model_field) {
   auto job = std::make_shared<Job>();
   job->model = choose_model(st, spec, model_field);

@@ -19,6 +19,7 @@
 #include "io/image.h"
 #include "io/output_file.h"
 #include "io/tensor_file.h"
+#include "pipeline/preview.h"
 #include "tools/commands.h"
 
 namespace diffuse::tools {
@@ -48,6 +49,8 @@ struct GenOptions {
   bool vae_tiling = false, no_vae_tiling = false;  // neither: automatic (above 1024² pixels)
   int vae_tile_size = 0;                             // 0: VAETiling's default
   int canny_low = 100, canny_high = 200;
+  int preview_every = 0;      // --preview-every N: write the live preview every N steps (0: never)
+  std::string preview_file;   // --preview-file P (default: OUT's name with .preview.png)
 };
 
 // "path/to/file.safetensors:0.8" -> (path, 0.8); "file.safetensors" -> (file, 1). Only a suffix
@@ -231,6 +234,16 @@ int run_generate(const GenOptions& o) {
   if (o.vae_tile_size) r.vae_tiling.tile_px = o.vae_tile_size;
   api::Engine::validate_settings(r, {!o.init.empty(), !o.mask.empty(), !o.control_image.empty()});
   check_output(o.out, o.batch, o.save_latent);
+  DF_CHECK(o.preview_file.empty() || o.preview_every > 0, "--preview-file ", o.preview_file,
+           ": give --preview-every N too (steps between previews)");
+  std::string preview = o.preview_file;
+  if (o.preview_every > 0) {
+    if (preview.empty()) {
+      const fs::path out = o.out == "-" ? fs::path("out.png") : fs::path(o.out);
+      preview = (out.parent_path() / out.stem()).string() + ".preview.png";
+    }
+    check_output_writable(preview, "--preview-file");
+  }
   if (!o.save_latent.empty()) check_output_writable(o.save_latent, "--save-latent");
   DF_CHECK(!o.strength_given || (std::isfinite(o.strength) && o.strength >= 0 && o.strength <= 1), "--strength ",
            o.strength, ": must be in [0, 1]");
@@ -280,6 +293,14 @@ int run_generate(const GenOptions& o) {
                  static_cast<unsigned long long>(g.seed));
     std::fflush(stdout);
   };
+  if (o.preview_every > 0) {
+    // The cheap latent → RGB approximation the server's progress shows (pipeline/preview.h), of
+    // the batch's first image, at 1/8 of the output size.
+    const Family family = engine.family_of(r.model);
+    cb.on_latent = [preview, family, &o](const Tensor& latent, int step, int steps) {
+      if (step % o.preview_every == 0 || step == steps) write_png(preview, latent_preview(latent, 0, family));
+    };
+  }
   api::RunResult res = engine.generate(r, cb);
 
   if (!o.save_latent.empty()) {
@@ -337,6 +358,10 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_flag("--no-vae-tiling", o->no_vae_tiling, "never tile the VAE");
   cmd->add_option("--vae-tile-size", o->vae_tile_size, "largest VAE tile side in pixels (default 640, multiple of 8, >= 256)");
   cmd->add_flag("-q,--quiet", o->quiet, "no progress output");
+  cmd->add_option("--preview-every", o->preview_every,
+                  "write a live preview (the latent's cheap RGB approximation, 1/8 size) every N steps")
+      ->check(CLI::Range(0, 100000));
+  cmd->add_option("--preview-file", o->preview_file, "where the preview goes (default: OUT.preview.png)");
   return [o, wopt, hopt, sopt] {
     o->width_given = wopt->count() > 0;
     o->height_given = hopt->count() > 0;

@@ -220,6 +220,24 @@ TEST(Generate, NoNegativePrompt) {
   expect_matches(tmp("noneg"), pipes, "txt2img.euler.noneg");
 }
 
+// --preview-every: the live preview (the server's progress image) written during sampling, at the
+// latent's size; --preview-file alone is refused.
+TEST(Generate, PreviewEveryWritesTheLatentPreview) {
+  NEED_SD1();
+  const std::string out = tmp("preview");
+  Result r = run(with(base_args(model, out), {"--sampler", "euler", "--preview-every", "2"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  Png p = read_png(out + ".preview.png");
+  EXPECT_EQ(p.w, 8);
+  EXPECT_EQ(p.h, 8);
+  EXPECT_EQ(p.channels, 3);
+  ASSERT_FALSE(p.px.empty());
+  EXPECT_NE(*std::min_element(p.px.begin(), p.px.end()), *std::max_element(p.px.begin(), p.px.end()));
+  r = run(with(base_args(model, out), {"--preview-file", out + ".p.png"}));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--preview-every"), std::string::npos) << r.err;
+}
+
 TEST(Generate, GuidanceOneSkipsUnconditional) {
   NEED_SD1();
   Result r = run(with(base_args(model, tmp("cfg1")), {"--sampler", "euler", "--cfg-scale", "1"}));
