@@ -199,7 +199,9 @@ TEST(ServerLoad, HostileRequestsDuringLoadGetTheir4xxAndServingGoesOn) {
   // Clients that vanish mid-request (half a body, or a whole one) and garbage bytes.
   send_and_close(srv.port(), "POST /sdapi/v1/txt2img HTTP/1.1\r\nContent-Length: 500\r\n\r\n{\"prompt\":");
   send_and_close(srv.port(), http_post("/sdapi/v1/txt2img", small_job(99, 2).dump()));
-  send_and_close(srv.port(), std::string("\x16\x03\x01\x02\x00garbage\r\n\r\n", 20));
+  // The bytes hold a NUL, so the length comes from sizeof (a hand-counted 20 read past the literal).
+  static const char kGarbage[] = "\x16\x03\x01\x02\x00garbage\r\n\r\n";
+  send_and_close(srv.port(), std::string(kGarbage, sizeof kGarbage - 1));
   for (auto& t : load) t.join();
   EXPECT_EQ(ok.load(), 12);
   auto r = post(c, "/sdapi/v1/txt2img", small_job(5));
