@@ -3,6 +3,7 @@
 #pragma once
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -70,8 +71,13 @@ class ServerProcess {
   explicit ServerProcess(std::vector<std::string> args, const std::string& tag = "srv") {
     log_ = make_temp_dir(tag + "_log") + "/serve.log";
     args.insert(args.begin(), {"serve", "--port", "0"});
+    const pid_t parent = getpid();
     pid_ = fork();
     if (pid_ == 0) {
+      // A suite's shared server is never destroyed: SIGTERM it when the test process ends, or it
+      // idles until the alarm and its sanitizer exit checks never run.
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (getppid() != parent) _exit(127);
       int e = open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       dup2(e, 2);
       dup2(e, 1);

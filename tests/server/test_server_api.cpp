@@ -13,7 +13,7 @@ struct Shared {
 };
 
 Shared& shared() {
-  static Shared* s = new Shared();  // one server for the suite; stopped at exit by the OS
+  static Shared* s = new Shared();  // one server for the suite; SIGTERM at exit (PDEATHSIG)
   return *s;
 }
 
