@@ -17,7 +17,7 @@ build: deps
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS) >/dev/null
 	@cmake --build $(BUILD) -j $(JOBS)
 
-# Everything but `slow`: the Release build's tests, the unit tests again under ASan+UBSan,
+# Everything but `slow`: the Release build's tests, the unit, CLI and two server tests again under ASan+UBSan,
 # and a short libFuzzer run of the file-format parsers.
 test: build
 	cd $(BUILD) && ctest -LE slow --output-on-failure -j $(JOBS)
@@ -27,7 +27,7 @@ test: build
 test-asan: deps
 	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DDIFFUSE_SANITIZE=ON >/dev/null
 	@cmake --build build-asan -j $(JOBS)
-	cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest -L 'unit|cli' --output-on-failure -j $(JOBS)
+	cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest -L 'unit|cli|asan' --output-on-failure -j $(JOBS)
 
 fuzz: deps
 	@CC=clang-14 CXX=clang++-14 cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DDIFFUSE_FUZZ=ON >/dev/null
