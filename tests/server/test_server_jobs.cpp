@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <set>
 
@@ -58,7 +59,7 @@ int send_raw(int port, const std::string& path, const std::string& body) {
 
 struct JobsServer {
   Folders dirs{"jobs"};
-  ServerProcess srv{{"--models-dir", dirs.models}, "jobs"};
+  ServerProcess srv{{"--models-dir", dirs.models, "--max-steps", "2000"}, "jobs"};
 };
 
 JobsServer& shared() {
@@ -68,15 +69,31 @@ JobsServer& shared() {
 
 }  // namespace
 
+// Seconds per sampling step at 512² on this machine now: two short jobs, so the decode cancels out.
+double seconds_per_step(const ServerProcess& srv) {
+  auto c = srv.client();
+  auto timed = [&](int steps) {
+    const auto t0 = Clock::now();
+    auto r = post(c, "/sdapi/v1/txt2img", long_job(steps, 7));
+    EXPECT_TRUE(r && r->status == 200);
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+  };
+  timed(2);  // loads the model
+  const double a = timed(2), b = timed(8);
+  return std::max(1e-3, (b - a) / 6);
+}
+
 TEST(ServerJobs, ProgressAndPreviewDuringALongJob) {
   JobsServer& s = shared();
   ASSERT_GT(s.srv.port(), 0) << s.srv.log();
+  // A job of at least 5 s whatever the machine's speed: about 7 s of steps.
+  const int steps = std::clamp(int(7.0 / seconds_per_step(s.srv)) + 1, 10, 2000);
   std::atomic<bool> done{false};
   Reply res;
   const auto t0 = Clock::now();
   std::thread client([&] {
     auto c = s.srv.client();
-    res = reply(post(c, "/sdapi/v1/txt2img", long_job(40, 1, 256)));
+    res = reply(post(c, "/sdapi/v1/txt2img", long_job(steps, 1)));
     done = true;
   });
   std::set<double> values;
@@ -97,11 +114,12 @@ TEST(ServerJobs, ProgressAndPreviewDuringALongJob) {
   EXPECT_GE(values.size(), 2u);
   ASSERT_FALSE(preview.empty()) << "no current_image during the job";
   const diffuse::Image im = decode_b64_png(preview);
-  EXPECT_EQ(im.width, 32);  // the latent's size: 256 / 8
+  EXPECT_EQ(im.width, 64);  // the latent's size: 512 / 8
   json idle = progress(s.srv);
   EXPECT_EQ(idle["progress"], 0.0);
   EXPECT_EQ(idle["state"]["job_count"], 0);
-  std::printf("job: %.1f s, %zu distinct progress values\n", secs, values.size());
+  std::printf("job: %d steps at 512x512, %.1f s, %zu distinct progress values, previews seen\n", steps, secs,
+              values.size());
 }
 
 TEST(ServerJobs, InterruptEndsTheJobWithinTwoStepsAndSaysHowFarItGot) {
@@ -132,7 +150,7 @@ TEST(ServerJobs, InterruptEndsTheJobWithinTwoStepsAndSaysHowFarItGot) {
 TEST(ServerJobs, SkipAbandonsTheCurrentBatchAndGoesOn) {
   JobsServer& s = shared();
   Reply res;
-  json body = long_job(8, 100, 256);
+  json body = long_job(8, 100);
   body["n_iter"] = 3;
   std::thread client([&] {
     auto c = s.srv.client();
@@ -176,13 +194,15 @@ TEST(ServerJobs, AQueuedJobWhoseClientLeavesNeverRuns) {
   Reply first;
   std::thread a([&] {
     auto c = s.srv.client();
-    first = reply(post(c, "/sdapi/v1/txt2img", long_job(40, 4, 256)));
+    first = reply(post(c, "/sdapi/v1/txt2img", long_job(200, 4)));
   });
   ASSERT_TRUE(wait_progress(s.srv, [](const json& q) { return busy(q); }, 60));
   const int fd = send_raw(s.srv.port(), "/sdapi/v1/txt2img", long_job(12, 5, 256).dump());
   ASSERT_TRUE(wait_progress(s.srv, [](const json& q) { return q["state"]["queued"].get<int>() == 1; }, 30));
   ::close(fd);
   EXPECT_TRUE(wait_progress(s.srv, [](const json& q) { return q["state"]["queued"].get<int>() == 0 && busy(q); }, 5));
+  auto c = s.srv.client();
+  ASSERT_EQ(c.Post("/sdapi/v1/interrupt")->status, 200);  // the first job has been watched long enough
   a.join();
   ASSERT_TRUE(first);
   EXPECT_EQ(first->status, 200);
