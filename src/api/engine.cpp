@@ -111,6 +111,16 @@ Prediction decide_prediction(const Request& r, Family family, const Callbacks& c
   return Prediction::Epsilon;
 }
 
+// A1111's pairing: "MODEL.vae.safetensors" beside a single-file "MODEL.safetensors" (or .ckpt) is
+// its VAE; "" when there is none (or the model is a folder).
+std::string paired_vae(const std::string& model) {
+  std::error_code ec;
+  if (!fs::is_regular_file(model, ec)) return "";
+  fs::path p = fs::path(model);
+  fs::path v = p.parent_path() / (p.stem().string() + ".vae.safetensors");
+  return fs::is_regular_file(v, ec) ? v.string() : "";
+}
+
 std::string num(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%g", v);
@@ -262,6 +272,10 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
   DF_CHECK(r.control_net.empty() == !given.control_image,
            r.control_net.empty() ? "--control-image needs --control-net PATH" : "--control-net needs --control-image IMG");
   DF_CHECK(!r.canny || !r.control_net.empty(), "--canny needs --control-net and --control-image");
+  if (!r.vae.empty()) {
+    DF_CHECK(valid_utf8(r.vae), "--vae: the file name is not valid UTF-8");
+    check_input_file(r.vae, "--vae");
+  }
   if (!r.control_net.empty()) check_input_file(r.control_net, "--control-net", true);
   DF_CHECK(std::isfinite(r.control_strength) && r.control_strength >= 0 && r.control_strength <= 10,
            "--control-strength ", r.control_strength, ": must be in [0, 10]");
@@ -313,10 +327,12 @@ void Engine::evict_locked(const ModelEntry* keep) {
 }
 
 std::shared_ptr<Engine::ModelEntry> Engine::acquire_model(const std::string& path, bool vae_encoder,
-                                                          const Callbacks& cb, double* load_s) {
+                                                          const Callbacks& cb, double* load_s, const std::string& vae) {
   std::lock_guard<std::mutex> lk(impl_->mu);
   *load_s = 0;
-  auto it = impl_->models.find(path);
+  // A model with another VAE is another entry (the plain model keeps its path as its key).
+  const std::string key = vae.empty() ? path : path + "|" + vae;
+  auto it = impl_->models.find(key);
   if (it != impl_->models.end()) {
     std::shared_ptr<ModelEntry> e = it->second;
     bool usable;
@@ -333,11 +349,21 @@ std::shared_ptr<Engine::ModelEntry> Engine::acquire_model(const std::string& pat
   evict_locked(nullptr);  // make room first: a budget of 0 holds one model, not two during a load
   auto t0 = std::chrono::steady_clock::now();
   auto e = std::make_shared<ModelEntry>();
-  e->path = path;
+  e->path = key;
   e->be = make_cpu_backend(precision_, format_);
   SDLoadOptions lo;
   lo.vae_encoder = vae_encoder || !opts_.one_shot;
-  e->model = as_file_error([&] { return SDModel::load(path, *e->be, lo); });
+  lo.vae_path = vae;
+  e->model = as_file_error([&] {
+    if (vae.empty()) return SDModel::load(path, *e->be, lo);
+    try {
+      return SDModel::load(path, *e->be, lo);
+    } catch (const Error& err) {
+      // Say which flag gave the file (the message names it and the tensor) when the VAE is at fault.
+      if (std::string(err.what()).find(vae) != std::string::npos) throw FileError(cat("--vae ", err.what()));
+      throw;
+    }
+  });
   *load_s = seconds_since(t0);
   const double per_param = format_ == WeightFormat::Int8 ? 1.0 : e->be->effective_precision() == Precision::BF16 ? 2.0 : 4.0;
   int64_t params = 0;  // what is bound (EMA copies and other extras are not)
@@ -345,7 +371,7 @@ std::shared_ptr<Engine::ModelEntry> Engine::acquire_model(const std::string& pat
     if (c.component != Component::EMA && c.component != Component::Other) params += c.parameters;
   e->bytes = size_t(double(params) * per_param);
   e->last_used = ++impl_->clock;
-  impl_->models[path] = e;
+  impl_->models[key] = e;
   evict_locked(e.get());
   return e;
 }
@@ -354,7 +380,7 @@ double Engine::load(const std::string& path, const Callbacks& cb) {
   std::error_code ec;
   if (!fs::exists(path, ec)) throw FileError(cat("-m/--model ", path, ": no such file or folder"));
   double s = 0;
-  acquire_model(path, false, cb, &s);
+  acquire_model(path, false, cb, &s, paired_vae(path));  // the entry a run without --vae uses
   return s;
 }
 
@@ -396,7 +422,7 @@ std::string Engine::model_sha256(const std::string& path) {
 std::vector<std::string> Engine::loaded_models() const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   std::vector<std::string> out;
-  for (const auto& [p, e] : impl_->models) out.push_back(p);
+  for (const auto& [p, e] : impl_->models) out.push_back(e->model->path);  // the key may add "|VAE"
   return out;
 }
 
@@ -478,7 +504,7 @@ struct RunGuard {
 
 LoraApplyReport Engine::set_loras(const std::string& path, const std::vector<LoraSpec>& loras) {
   double load_s = 0;
-  std::shared_ptr<ModelEntry> e = acquire_model(path, false, {}, &load_s);
+  std::shared_ptr<ModelEntry> e = acquire_model(path, false, {}, &load_s, paired_vae(path));
   std::vector<ResolvedLora> rl;
   for (const LoraSpec& l : loras) rl.push_back({fs::path(l.path).stem().string(), l.path, l.multiplier});
   LoraApplyReport rep;
@@ -550,7 +576,10 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   const bool has_init = !req.init.pixels.empty(), has_mask = !req.mask.pixels.empty();
   RunResult out;
   out.seed = seed;
-  std::shared_ptr<ModelEntry> entry = acquire_model(req.model, has_init, cb, &out.load_s);
+  const std::string vae = req.vae.empty() ? paired_vae(req.model) : req.vae;
+  if (req.vae.empty() && !vae.empty())
+    log("using the VAE " + vae + " beside the model (as A1111 pairs MODEL.vae.safetensors)");
+  std::shared_ptr<ModelEntry> entry = acquire_model(req.model, has_init, cb, &out.load_s, vae);
   SDModel& model = *entry->model;
   const bool inpaint9 = model.unet_cfg.in_channels == 9;
   DF_CHECK(!inpaint9 || has_mask, "-m/--model ", req.model,
@@ -671,6 +700,10 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   ii.model_name = display_name(req.model);
   ii.lora_hashes = lora_hashes;
   ii.control = control_text;
+  if (!vae.empty()) {
+    ii.vae_name = fs::path(vae).stem().string();
+    ii.vae_hash = impl_->hashes.sha256(vae).substr(0, 10);
+  }
   p.on_result = [&](const Result& r, int i) {
     GeneratedImage g;
     g.image = r.image;
@@ -688,7 +721,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   state->ws.release();
   if (entry->spent) {
     std::lock_guard<std::mutex> lk(impl_->mu);
-    auto it = impl_->models.find(req.model);
+    auto it = impl_->models.find(entry->path);
     if (it != impl_->models.end() && it->second == entry) impl_->models.erase(it);
   }
   return out;

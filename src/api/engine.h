@@ -63,6 +63,8 @@ struct Request {
   double strength = -1.0;           // img2img/inpaint; < 0: 0.75 (1 for 9-channel inpainting models)
   Image init, mask;                 // empty pixels: none
   std::vector<LoraSpec> loras;      // besides the prompt's tags
+  std::string vae;                  // a standalone VAE file instead of the checkpoint's ("" = MODEL.vae.safetensors
+                                    // beside a single-file model if there is one, else the checkpoint's own)
   std::string control_net;          // ControlNet file or folder ("" none)
   Image control_image;
   double control_strength = 1.0;
@@ -169,8 +171,10 @@ class Engine {
 
  private:
   ModelShapes shapes_of(const std::string& path) const;
+  // `vae`: a standalone VAE file bound instead of the model's ("" none); the cache keeps a model with
+  // another VAE as a separate entry.
   std::shared_ptr<ModelEntry> acquire_model(const std::string& path, bool vae_encoder, const Callbacks& cb,
-                                            double* load_s);
+                                            double* load_s, const std::string& vae = "");
   void evict_locked(const ModelEntry* keep);
 
   EngineOptions opts_;

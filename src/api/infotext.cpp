@@ -36,6 +36,8 @@ std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t
   s += ", Size: " + std::to_string(p.width) + "x" + std::to_string(p.height);
   if (!in.model_hash.empty()) s += ", Model hash: " + in.model_hash;
   s += ", Model: " + in.model_name;
+  if (!in.vae_hash.empty()) s += ", VAE hash: " + in.vae_hash;
+  if (!in.vae_name.empty()) s += ", VAE: " + in.vae_name;
   if (p.init) s += ", Denoising strength: " + num(p.strength);
   if (p.clip_skip > 1) s += ", Clip skip: " + std::to_string(p.clip_skip);
   if (p.rng == RngKind::Cpu) s += ", RNG: CPU";

@@ -14,6 +14,7 @@ struct InfotextInputs {
   std::string model_name;
   std::vector<std::pair<std::string, std::string>> lora_hashes;  // (name, hash)
   std::string control;     // "Module: …, Model: …, Weight: …" ("" none)
+  std::string vae_name, vae_hash;  // a standalone VAE's file stem and short hash ("" the checkpoint's own)
 };
 
 // The text for image `pos` (1-based) of a run with settings `p`; `seed` is the image's.

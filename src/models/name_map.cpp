@@ -475,6 +475,64 @@ WeightStore component_weights(const TensorFile& f, Component c, Family family) {
   return out;
 }
 
+WeightStore vae_file_weights(const TensorFile& f) {
+  if (f.format == "diffusers") return from_diffusers(f, Component::VAE);
+  WeightStore out(f.path, component_name(Component::VAE));
+  auto is_ema_or_loss = [](const std::string& n) { return starts_with(n, "model_ema.") || starts_with(n, "loss."); };
+  // A whole checkpoint, or a VAE saved from one: the ldm names under their component prefix.
+  if (has_prefix(f, "first_stage_model.")) return component_weights(f, Component::VAE, Family::Unknown);
+  bool ldm = false, diffusers = false;
+  for (const TensorEntry& e : f.tensors) {
+    ldm = ldm || starts_with(e.name, "encoder.down.") || starts_with(e.name, "decoder.up.") ||
+          starts_with(e.name, "encoder.mid.") || starts_with(e.name, "decoder.mid.");
+    diffusers = diffusers || starts_with(e.name, "encoder.down_blocks.") || starts_with(e.name, "decoder.up_blocks.") ||
+                starts_with(e.name, "encoder.mid_block.") || starts_with(e.name, "decoder.mid_block.");
+  }
+  DF_CHECK(ldm != diffusers, f.path, ": ",
+           ldm ? "mixes ldm (encoder.down.*) and diffusers (encoder.down_blocks.*) VAE names"
+               : "no VAE tensors found (expected ldm names encoder.*/decoder.* as in vae-ft-mse-840000, "
+                 "first_stage_model.*, or diffusers AutoencoderKL names encoder.down_blocks.*)");
+  if (ldm) {
+    // Bare ldm names (vae-ft-mse-840000-ema-pruned): the checkpoint's rule without its prefix; the
+    // EMA copy some of these files keep is not what they are used for.
+    const Rule rule = vae_rule(vae_up_levels(f, ""));
+    std::vector<std::string> not_understood;
+    for (const TensorEntry& e : f.tensors) {
+      if (starts_with(e.name, "model_ema.")) continue;
+      Mapped m = rule(e.name, e.tensor);
+      if (m.kind == Mapped::Unknown) not_understood.push_back(e.name);
+      else if (m.kind == Mapped::Add)
+        for (auto& [name, t] : m.out) out.add(name, std::move(t));
+    }
+    DF_CHECK(not_understood.empty(), f.path, ": ", not_understood.size(), " VAE tensor(s) not understood, e.g. ",
+             not_understood.empty() ? "" : not_understood[0]);
+    return out;
+  }
+  // diffusers AutoencoderKL in one file. Older diffusers saved the mid-block attention as
+  // query/key/value/proj_attn (some as 1x1 convs); the model binds the current to_q/.../to_out.0.
+  for (const TensorEntry& e : f.tensors) {
+    if (is_ema_or_loss(e.name)) continue;
+    std::string n = e.name;
+    const std::string attn = ".mid_block.attentions.0.";
+    size_t at = n.find(attn);
+    if (at != std::string::npos) {
+      const std::string head = n.substr(0, at + attn.size()), rest = n.substr(at + attn.size());
+      Parts p = split(rest);
+      const char* to = p[0] == "query" ? "to_q" : p[0] == "key" ? "to_k" : p[0] == "value" ? "to_v"
+                     : p[0] == "proj_attn" ? "to_out.0" : nullptr;
+      if (to) n = head + to + "." + join(p, 1);
+      const bool linear = n.find(".to_") != std::string::npos;
+      const Tensor& t = e.tensor;
+      if (linear && t.rank() == 4 && t.dim(2) == 1 && t.dim(3) == 1) {
+        out.add(n, t.reshape({t.dim(0), t.dim(1)}));
+        continue;
+      }
+    }
+    out.add(n, e.tensor);
+  }
+  return out;
+}
+
 std::vector<LdmSource> ldm_tensor_sources(const TensorFile& f, Component c, Family family) {
   DF_CHECK(f.format != "diffusers", f.path, ": a diffusers folder has no ldm names (the mapping goes from the ldm ",
            "layout to diffusers names only)");

@@ -19,6 +19,13 @@ namespace diffuse {
 // Throws diffuse::Error naming the file if the component is absent.
 WeightStore component_weights(const TensorFile& f, Component c, Family family);
 
+// The tensors of a standalone VAE file (--vae) under diffusers names, from any of its layouts: bare
+// ldm names (encoder.down.0.block.0.norm1.weight, quant_conv.weight; EMA copies and loss.* left
+// out), a checkpoint's first_stage_model.* names, diffusers AutoencoderKL names in one file (the old
+// query/key/value/proj_attn attention names too) or a diffusers vae folder. Throws diffuse::Error
+// naming the file when it holds no VAE tensors or tensors it cannot name.
+WeightStore vae_file_weights(const TensorFile& f);
+
 // The inverse of component_weights for an ldm single file (writing a trained model back in the
 // original layout): for each tensor of the file that component `c`'s mapping reads, in file order,
 // the diffusers tensor(s) made from it. One diffusers tensor holds the same values, possibly

@@ -58,8 +58,15 @@ std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, con
     m->unet.load(be, w, m->unet_cfg);
   }
   if (opts.vae_encoder || opts.vae_decoder) {
-    WeightStore w = component_weights(f, Component::VAE, m->family);
+    // The scaling factor stays the checkpoint's: the UNet was trained on latents scaled by it.
+    TensorFile vf = opts.vae_path.empty() ? TensorFile{} : open_model_file(opts.vae_path);
+    WeightStore w = opts.vae_path.empty() ? component_weights(f, Component::VAE, m->family) : vae_file_weights(vf);
     m->vae_cfg = VAEConfig::from_weights(w, vae_scaling(f, m->family));
+    if (!opts.vae_path.empty() && opts.unet) {
+      const int latent = m->unet_cfg.out_channels;  // 9-channel inpainting UNets still predict 4
+      DF_CHECK(m->vae_cfg.latent_channels == latent, opts.vae_path, ": a VAE with ", m->vae_cfg.latent_channels,
+               " latent channels, but the model's UNet works on ", latent);
+    }
     if (!opts.vae_encoder || !opts.vae_decoder) {
       // Leave the half we do not need out of the strict check.
       std::string skip = opts.vae_encoder ? "decoder." : "encoder.";

@@ -17,6 +17,9 @@ struct SDLoadOptions {
   bool unet = true;
   bool vae_encoder = true;
   bool vae_decoder = true;
+  // A standalone VAE file (models/name_map.h vae_file_weights) bound instead of the checkpoint's
+  // ("" = the checkpoint's own).
+  std::string vae_path;
 };
 
 struct SDModel {

@@ -454,3 +454,185 @@ TEST(GenerateControlNet, DiffusersFolderReproducesDiffusers) {
   expect_flag_error(with(base_args(model, out), {"--control-net", net}), {"--control-net", "--control-image"});
   expect_flag_error(with(base_args(model, out), {"--canny"}), {"--canny"});
 }
+
+// ---- --vae: a standalone VAE instead of the checkpoint's ----
+
+namespace {
+
+struct RawTensor {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::string bytes;
+};
+
+// Every tensor of a safetensors file, raw, by name.
+std::map<std::string, RawTensor> read_raw(const std::string& path) {
+  std::string b = slurp(path);
+  std::map<std::string, RawTensor> out;
+  uint64_t n = 0;
+  std::memcpy(&n, b.data(), 8);
+  json h = json::parse(b.substr(8, size_t(n)));
+  for (auto& [name, e] : h.items()) {
+    if (name == "__metadata__") continue;
+    size_t a = e["data_offsets"][0], z = e["data_offsets"][1];
+    out[name] = {e["dtype"].get<std::string>(), e["shape"].get<std::vector<int64_t>>(), b.substr(8 + n + a, z - a)};
+  }
+  return out;
+}
+
+void write_raw(const std::string& path, const std::map<std::string, RawTensor>& ts) {
+  json h = json::object();
+  std::string body;
+  for (const auto& [name, t] : ts) {
+    h[name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {body.size(), body.size() + t.bytes.size()}}};
+    body += t.bytes;
+  }
+  std::string head = h.dump();
+  head.append((8 - head.size() % 8) % 8, ' ');
+  uint64_t n = head.size();
+  write_file(path, std::string(reinterpret_cast<const char*>(&n), 8) + head + body);
+}
+
+// The checkpoint's first_stage_model.* tensors with the prefix stripped (vae-ft-mse-840000's layout).
+std::map<std::string, RawTensor> bare_vae(const std::string& model) {
+  std::map<std::string, RawTensor> out;
+  const std::string pre = "first_stage_model.";
+  for (auto& [name, t] : read_raw(model))
+    if (name.rfind(pre, 0) == 0) out[name.substr(pre.size())] = t;
+  return out;
+}
+
+// diffusers AutoencoderKL names for the bare ldm ones, written here independently of the engine's
+// mapping, with the old query/key/value/proj_attn attention names (as 1x1 convs, as ldm keeps them).
+std::string diffusers_vae_name(const std::string& ldm, int up_levels) {
+  std::smatch m;
+  auto rs = [](std::string r) { return r == "nin_shortcut" ? std::string("conv_shortcut") : r; };
+  if (std::regex_match(ldm, m, std::regex(R"((encoder|decoder)\.norm_out\.(.*))")))
+    return m[1].str() + ".conv_norm_out." + m[2].str();
+  if (std::regex_match(ldm, m, std::regex(R"((encoder|decoder)\.mid\.block_(\d)\.(\w+)\.(.*))")))
+    return m[1].str() + ".mid_block.resnets." + std::to_string(std::stoi(m[2]) - 1) + "." + rs(m[3]) + "." + m[4].str();
+  if (std::regex_match(ldm, m, std::regex(R"((encoder|decoder)\.mid\.attn_1\.(\w+)\.(.*))"))) {
+    std::map<std::string, std::string> to = {
+        {"norm", "group_norm"}, {"q", "query"}, {"k", "key"}, {"v", "value"}, {"proj_out", "proj_attn"}};
+    return m[1].str() + ".mid_block.attentions.0." + to[m[2]] + "." + m[3].str();
+  }
+  if (std::regex_match(ldm, m, std::regex(R"(encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(.*))")))
+    return "encoder.down_blocks." + m[1].str() + ".resnets." + m[2].str() + "." + rs(m[3]) + "." + m[4].str();
+  if (std::regex_match(ldm, m, std::regex(R"(encoder\.down\.(\d+)\.downsample\.conv\.(.*))")))
+    return "encoder.down_blocks." + m[1].str() + ".downsamplers.0.conv." + m[2].str();
+  if (std::regex_match(ldm, m, std::regex(R"(decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(.*))")))
+    return "decoder.up_blocks." + std::to_string(up_levels - 1 - std::stoi(m[1])) + ".resnets." + m[2].str() + "." +
+           rs(m[3]) + "." + m[4].str();
+  if (std::regex_match(ldm, m, std::regex(R"(decoder\.up\.(\d+)\.upsample\.conv\.(.*))")))
+    return "decoder.up_blocks." + std::to_string(up_levels - 1 - std::stoi(m[1])) + ".upsamplers.0.conv." + m[2].str();
+  return ldm;  // conv_in, conv_out, quant_conv, post_quant_conv keep their names
+}
+
+std::vector<uint8_t> pixels(const std::string& png) { return read_png(png).px; }
+
+}  // namespace
+
+TEST(GenerateVae, StandaloneFileInEachLayoutAndPairedBesideTheModel) {
+  std::string model = sd1_model();
+  if (model.empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
+  auto vae = bare_vae(model);
+  ASSERT_TRUE(vae.count("decoder.conv_out.bias"));
+  std::map<std::string, RawTensor> with_ema = vae;  // vae-ft-mse files may keep EMA copies and loss weights
+  with_ema["model_ema.decay"] = {"F32", {}, std::string(4, '\0')};
+  with_ema["loss.logvar"] = {"F32", {}, std::string(4, '\0')};
+  const std::string same = tmp("vae-same.safetensors");
+  write_raw(same, with_ema);
+  // A different decoder: conv_out's bias negated (the f16 sign bits flipped).
+  auto changed = vae;
+  RawTensor& bias = changed["decoder.conv_out.bias"];
+  ASSERT_EQ(bias.dtype, "F16");
+  for (size_t i = 1; i < bias.bytes.size(); i += 2) bias.bytes[i] = char(uint8_t(bias.bytes[i]) ^ 0x80);
+  const std::string other = tmp("vae-other.safetensors");
+  write_raw(other, changed);
+  std::map<std::string, RawTensor> prefixed, diffusers;
+  for (auto& [n, t] : vae) {
+    prefixed["first_stage_model." + n] = t;
+    diffusers[diffusers_vae_name(n, 4)] = t;
+  }
+  ASSERT_TRUE(diffusers.count("decoder.mid_block.attentions.0.query.weight"));
+  ASSERT_TRUE(diffusers.count("decoder.up_blocks.0.upsamplers.0.conv.weight"));
+  write_raw(tmp("vae-prefixed.safetensors"), prefixed);
+  write_raw(tmp("vae-diffusers.safetensors"), diffusers);
+
+  auto gen = [&](const std::string& m, const std::string& out, std::vector<std::string> more) {
+    Result r = run(with(base_args(m, tmp(out)), more));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r;
+  };
+  gen(model, "run-none", {});
+  gen(model, "run-same", {"--vae", same});
+  const std::vector<uint8_t> base = pixels(tmp("run-none.png"));
+  ASSERT_FALSE(base.empty());
+  EXPECT_EQ(pixels(tmp("run-same.png")), base) << "the checkpoint's own VAE as a file decodes the same";
+  const std::string params = parameters_of(tmp("run-same.png"));
+  EXPECT_TRUE(std::regex_search(params, std::regex("Model: tiny-sd1, VAE hash: [0-9a-f]{10}, VAE: vae-same,")))
+      << params;
+  EXPECT_EQ(parameters_of(tmp("run-none.png")).find("VAE"), std::string::npos);
+
+  gen(model, "run-other", {"--vae", other});
+  const std::vector<uint8_t> changed_px = pixels(tmp("run-other.png"));
+  EXPECT_NE(changed_px, base) << "a different decoder must change the image";
+  EXPECT_EQ(read_safetensors(tmp("run-other.safetensors"))["latent"].v,
+            read_safetensors(tmp("run-none.safetensors"))["latent"].v) << "the VAE only decodes txt2img's latent";
+
+  // A1111's pairing: MODEL.vae.safetensors beside MODEL.safetensors.
+  const std::string dir = tmp("paired");
+  mkdir(dir.c_str(), 0755);
+  write_file(dir + "/tiny.safetensors", slurp(model));
+  write_raw(dir + "/tiny.vae.safetensors", changed);
+  Result pr = gen(dir + "/tiny.safetensors", "run-paired", {});
+  EXPECT_EQ(pixels(tmp("run-paired.png")), changed_px);
+  EXPECT_NE((pr.out + pr.err).find("tiny.vae.safetensors"), std::string::npos) << pr.out << pr.err;
+  EXPECT_NE(parameters_of(tmp("run-paired.png")).find("VAE: tiny.vae,"), std::string::npos);
+
+  gen(model, "run-prefixed", {"--vae", tmp("vae-prefixed.safetensors")});
+  EXPECT_EQ(pixels(tmp("run-prefixed.png")), base) << "first_stage_model.* names";
+  gen(model, "run-diffusers", {"--vae", tmp("vae-diffusers.safetensors")});
+  EXPECT_EQ(pixels(tmp("run-diffusers.png")), base) << "diffusers AutoencoderKL names";
+
+  // img2img encodes with the file's encoder: the same VAE gives the same image, one whose encoder
+  // differs (quant_conv's bias negated) another.
+  std::string init = data("sd1/init.png");
+  if (!init.empty()) {
+    auto enc = vae;
+    RawTensor& qb = enc["quant_conv.bias"];
+    for (size_t i = 1; i < qb.bytes.size(); i += 2) qb.bytes[i] = char(uint8_t(qb.bytes[i]) ^ 0x80);
+    write_raw(tmp("vae-encoder.safetensors"), enc);
+    gen(model, "run-i2i-none", {"-i", init});
+    gen(model, "run-i2i-same", {"-i", init, "--vae", same});
+    gen(model, "run-i2i-enc", {"-i", init, "--vae", tmp("vae-encoder.safetensors")});
+    const std::vector<uint8_t> i2i = pixels(tmp("run-i2i-none.png"));
+    ASSERT_FALSE(i2i.empty());
+    EXPECT_EQ(pixels(tmp("run-i2i-same.png")), i2i);
+    EXPECT_NE(pixels(tmp("run-i2i-enc.png")), i2i) << "img2img must encode with the --vae file's encoder";
+  }
+}
+
+TEST(GenerateVae, BadFilesNameTheFlagAndTheFile) {
+  std::string model = sd1_model();
+  if (model.empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
+  std::vector<std::string> g = {"generate", "-m", model, "-p", "x", "--steps", "1", "-W", "64", "-H", "64",
+                                "-o", tmp("vae-err.png")};
+  const std::string missing = tmp("no-such-vae.safetensors");
+  expect_flag_error(with(g, {"--vae", missing}), {"--vae", missing});
+  auto vae = bare_vae(model);
+  vae["decoder.conv_out.weight"] = {"F16", {3, 32, 1, 1}, std::string(3 * 32 * 2, '\0')};
+  const std::string shape = tmp("vae-bad-shape.safetensors");
+  write_raw(shape, vae);
+  expect_flag_error(with(g, {"--vae", shape}), {"--vae", shape, "decoder.conv_out.weight"});
+  vae = bare_vae(model);  // a resnet conv of another shape fails the strict binding
+  vae["decoder.up.0.block.1.conv2.weight"] = {"F16", {32, 32, 1, 1}, std::string(32 * 32 * 2, '\0')};
+  write_raw(shape, vae);
+  expect_flag_error(with(g, {"--vae", shape}), {"--vae", shape, "decoder.up_blocks.3.resnets.1.conv2.weight"});
+  const std::string none = tmp("vae-none-inside.safetensors");
+  write_raw(none, {{"foo.weight", {"F32", {1}, std::string(4, '\0')}}});
+  expect_flag_error(with(g, {"--vae", none}), {"--vae", none, "no VAE tensors"});
+  const std::string corrupt = tmp("vae-corrupt.safetensors");
+  write_file(corrupt, "not a safetensors file at all");
+  expect_flag_error(with(g, {"--vae", corrupt}), {"--vae", corrupt});
+}

@@ -283,3 +283,29 @@ TEST_F(EngineTest, ModelHashIsComputedOncePerFileVersion) {
 }
 
 }  // namespace
+
+// --vae is part of the model cache's key: one engine switching between the checkpoint's VAE and a
+// standalone one with another decoder gives each run the pixels a fresh engine gives it.
+TEST_F(EngineTest, VaeSwitchesDoNotReuseTheOtherVae) {
+  TensorFile f = open_model_file(model_);
+  std::vector<std::pair<std::string, Tensor>> vae;
+  const std::string pre = "first_stage_model.";
+  for (const TensorEntry& e : f.tensors) {
+    if (e.name.rfind(pre, 0) != 0) continue;
+    Tensor t = e.tensor.to(DType::F32);
+    if (e.name == pre + "decoder.conv_out.bias")
+      for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] += 0.5f;
+    vae.emplace_back(e.name.substr(pre.size()), std::move(t));
+  }
+  const std::string file = (dir_ / "brighter.safetensors").string();
+  save_safetensors(file, vae);
+  Request with_vae = request();
+  with_vae.vae = file;
+  Engine e(options());
+  const std::vector<uint8_t> base = pixels(e.generate(request())), other = pixels(e.generate(with_vae));
+  EXPECT_NE(base, other);
+  EXPECT_EQ(pixels(e.generate(request())), base);
+  EXPECT_EQ(pixels(e.generate(with_vae)), other);
+  Engine fresh(options());
+  EXPECT_EQ(pixels(fresh.generate(with_vae)), other);
+}

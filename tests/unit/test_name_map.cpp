@@ -435,3 +435,71 @@ TEST(NameMap, SingleComponentFolderHasBareNames) {
   expect_error([&] { component_weights(unet_dir, Component::VAE, Family::SD1); }, unet_dir.path,
                "no vae tensors found (expected names starting with vae/)");
 }
+
+// A standalone VAE file (--vae) in each of its layouts maps to the checkpoint's own VAE: the same
+// diffusers names, shapes and (viewed) storage.
+TEST(NameMap, StandaloneVaeFileLayouts) {
+  std::string path = bundled_sd1();
+  if (path.empty()) GTEST_SKIP() << "no sd1 single file in the shared fixtures or tests/data";
+  TensorFile f = open_model_file(path);
+  const WeightStore ref = component_weights(f, Component::VAE, Family::SD1);
+  auto expect_same = [&](const WeightStore& w, const std::string& what) {
+    ASSERT_EQ(w.names(), ref.names()) << what;
+    for (const std::string& n : ref.names()) {
+      EXPECT_EQ(w.find(n)->shape(), ref.find(n)->shape()) << what << " " << n;
+      EXPECT_EQ(std::memcmp(w.find(n)->data(), ref.find(n)->data(), ref.find(n)->bytes()), 0) << what << " " << n;
+    }
+  };
+  const std::string pre = "first_stage_model.";
+  auto make = [&](const std::string& p, const std::function<std::string(const std::string&)>& name) {
+    TensorFile g;
+    g.path = p;
+    g.format = "safetensors";
+    for (const TensorEntry& e : f.tensors)
+      if (e.name.rfind(pre, 0) == 0) g.tensors.push_back({name(e.name.substr(pre.size())), e.tensor});
+    return g;
+  };
+  TensorFile bare = make("bare.safetensors", [](const std::string& n) { return n; });
+  bare.tensors.push_back({"model_ema.decay", Tensor::zeros({1})});  // vae-ft-mse files keep these
+  bare.tensors.push_back({"loss.logvar", Tensor::zeros({1})});
+  bare.build_index();
+  expect_same(vae_file_weights(bare), "bare ldm names");
+  TensorFile prefixed = make("prefixed.safetensors", [&](const std::string& n) { return pre + n; });
+  prefixed.build_index();
+  expect_same(vae_file_weights(prefixed), "first_stage_model. names");
+
+  // diffusers names, current and old (query/key/value/proj_attn as [C, C, 1, 1] convs).
+  TensorFile diff, old;
+  diff.path = "diffusers.safetensors";
+  old.path = "old-diffusers.safetensors";
+  diff.format = old.format = "safetensors";
+  for (const std::string& n : ref.names()) {
+    const Tensor& t = *ref.find(n);
+    diff.tensors.push_back({n, t});
+    std::string o = n;
+    for (auto [a, b] : {std::pair{".to_q.", ".query."}, {".to_k.", ".key."}, {".to_v.", ".value."},
+                        {".to_out.0.", ".proj_attn."}})
+      if (size_t at = o.find(a); at != std::string::npos) o = o.replace(at, std::strlen(a), b);
+    const bool conv = o != n && t.rank() == 2;
+    old.tensors.push_back({o, conv ? t.reshape({t.dim(0), t.dim(1), 1, 1}) : t});
+  }
+  diff.build_index();
+  old.build_index();
+  expect_same(vae_file_weights(diff), "diffusers names");
+  expect_same(vae_file_weights(old), "old diffusers attention names");
+
+  TensorFile none = subset(f, "unet-only.safetensors",
+                           [](const std::string& n) { return n.rfind("model.diffusion_model.", 0) == 0; });
+  none.build_index();
+  expect_error([&] { vae_file_weights(none); }, "unet-only.safetensors", "no VAE tensors found");
+  TensorFile mixed = bare;
+  mixed.path = "mixed.safetensors";
+  mixed.tensors.push_back({"decoder.up_blocks.0.resnets.0.norm1.weight", Tensor::zeros({4})});
+  mixed.build_index();
+  expect_error([&] { vae_file_weights(mixed); }, "mixed.safetensors", "mixes ldm");
+  TensorFile odd = bare;
+  odd.path = "odd.safetensors";
+  odd.tensors.push_back({"decoder.up.0.frobnicate.weight", Tensor::zeros({4})});
+  odd.build_index();
+  expect_error([&] { vae_file_weights(odd); }, "odd.safetensors", "decoder.up.0.frobnicate.weight");
+}
