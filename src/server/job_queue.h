@@ -32,6 +32,7 @@ struct JobOutcome {
   bool interrupted = false, cancelled = false;
   std::string sampler, schedule;  // what ran (diffuse names)
   int width = 0, height = 0;
+  std::string job_timestamp;      // when the job started, YYYYMMDDhhmmss (A1111's)
   int error_status = 0;           // 0: ok; else an HTTP status (4xx bad request, 500 failure)
   std::string error;              // the message
   std::vector<std::string> warnings;
@@ -109,10 +110,5 @@ class JobQueue {
   std::vector<std::unique_ptr<Worker>> workers_;
   std::optional<ModelInfo> current_;
 };
-
-// Fits a request's images to its output size as A1111's img2img does (resize_mode; inpaint
-// "only masked" crop when inpaint_full_res). Returns the paste-back step for inpaint_full_res
-// (applied to each generated image), else an empty function.
-std::function<void(Image&)> fit_request_images(JobSpec& spec);
 
 }  // namespace diffuse::server

@@ -82,11 +82,6 @@ json a1111_info(const JobSpec& s, const JobOutcome& o, const ModelInfo& m) {
   }
   json extra = json::object();
   if (o.schedule != "default") extra["Schedule type"] = schedule_label(o.schedule);
-  char ts[32];
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  localtime_r(&t, &tm);
-  std::strftime(ts, sizeof ts, "%Y%m%d%H%M%S", &tm);
   return {
       {"prompt", r.prompt},
       {"all_prompts", json(std::vector<std::string>(std::max<size_t>(n, 1), r.prompt))},
@@ -118,7 +113,7 @@ json a1111_info(const JobSpec& s, const JobOutcome& o, const ModelInfo& m) {
       {"index_of_first_image", 0},
       {"infotexts", infotexts},
       {"styles", json::array()},
-      {"job_timestamp", ts},
+      {"job_timestamp", o.job_timestamp},
       {"clip_skip", std::max(1, r.clip_skip)},
       {"is_using_inpainting_conditioning", false},
       {"version", "diffuse " DIFFUSE_VERSION},
