@@ -2,6 +2,7 @@
 // storages (+ "version", "byteorder"). The pickle is interpreted by the restricted unpickler;
 // contiguous tensors borrow their bytes straight from the STORED storage entries in the mapping.
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -235,6 +236,28 @@ TensorFile parse_ckpt(const uint8_t* data, size_t size, const std::string& path,
       continue;
     }
     tf.tensors.push_back({k->text, builder.build(k->text, v)});
+  }
+  if (tf.tensors.empty()) {
+    // No tensor at the top: files that nest their state dict under another key (BasicSR's
+    // {"params_ema": {...}}, A1111 embeddings' {"string_to_param": {"*": tensor}}) get the nested
+    // dicts' tensors named "outer.inner" (a few levels deep; the object graph may have cycles).
+    skipped = 0;
+    std::function<void(const Object*, const std::string&, int)> walk = [&](const Object* d, const std::string& pre,
+                                                                           int depth) {
+      for (size_t i = 0; i + 1 < d->items.size(); i += 2) {
+        const Object* k = d->items[i];
+        const Object* v = d->items[i + 1];
+        if (k->is(Kind::Str) && v->is(Kind::Tensor)) {
+          const std::string name = pre + k->text;
+          tf.tensors.push_back({name, builder.build(name, v)});
+        } else if (k->is(Kind::Str) && v->is(Kind::Dict) && depth < 3) {
+          walk(v, pre + k->text + ".", depth + 1);
+        } else {
+          ++skipped;
+        }
+      }
+    };
+    walk(dict, "", 0);
   }
   if (skipped)
     tf.warnings.push_back(cat(skipped, " non-tensor value", skipped == 1 ? "" : "s", " in the ",

@@ -389,6 +389,36 @@ TEST(Ckpt, TopLevelDictLightningCallbacksAndNumpy) {
   EXPECT_NE(tf.warnings[0].find("5 non-tensor values"), std::string::npos) << tf.warnings[0];
 }
 
+// BasicSR's {"params_ema": {...}} and A1111 embeddings' {"string_to_param": {"*": t}}: with no tensor
+// at the top, nested dicts' tensors are named "outer.inner"; other values are skipped with a warning.
+TEST(Ckpt, NestedDictsWithoutTopLevelTensors) {
+  Sample s;
+  PB p;
+  p.proto(2).op('}').put(0).mark();
+  p.str("params_ema").op('}').mark();
+  for (const TSpec& t : s.specs) {
+    p.str(t.name);
+    tensor_rebuild(p, t);
+  }
+  p.op('u');
+  p.str("string_to_token").op('}').str("*").integer(265).op('s');
+  p.str("step").integer(3000);
+  p.op('u').stop();
+  Bytes zip = write_zip(s.entries(p.b));
+  TensorFile tf = parse_ckpt(zip.data(), zip.size(), kPath, nullptr);
+  ASSERT_EQ(tf.size(), 3u);
+  ASSERT_TRUE(tf.find("params_ema.a.weight"));
+  EXPECT_FLOAT_EQ(tf.find("params_ema.a.weight")->f32()[5], 1.5f);
+  EXPECT_TRUE(tf.find("params_ema.b.half"));
+  EXPECT_FALSE(tf.find("a.weight"));
+  ASSERT_EQ(tf.warnings.size(), 1u);
+  EXPECT_NE(tf.warnings[0].find("2 non-tensor values"), std::string::npos) << tf.warnings[0];
+  // Top-level tensors win: nested dicts beside them are not searched (a Lightning checkpoint's
+  // callbacks and optimizer states).
+  Bytes flat = write_zip(s.entries(torch_pickle(s.specs, false)));
+  EXPECT_TRUE(parse_ckpt(flat.data(), flat.size(), kPath, nullptr).find("a.weight"));
+}
+
 TEST(Pickle, ValuesAndProtocol4) {
   PB p;
   p.proto(4).op(0x95);
