@@ -57,7 +57,8 @@ class PreparedWeight {
   virtual void swap_contents(PreparedWeight& other) = 0;
 };
 
-enum class Unary { SiLU, GeluErf, GeluTanh, QuickGelu };
+// LeakyRelu02: LeakyReLU with negative slope 0.2 (x for x >= 0, else 0.2·x; ESRGAN's activation).
+enum class Unary { SiLU, GeluErf, GeluTanh, QuickGelu, LeakyRelu02 };
 enum class Binary { Add, Mul };
 
 class Backend {
@@ -128,6 +129,9 @@ class Backend {
   virtual void scale(const Tensor& x, float s, Tensor& y) = 0;
   // x: [N, H, W, C] -> y: [N, Ho, Wo, C], nearest (source index floor(i · H / Ho)).
   virtual void upsample_nearest(const Tensor& x, Tensor& y) = 0;
+  // x: [N, H·r, W·r, C] -> y: [N, H, W, C·r²]: PyTorch's pixel_unshuffle (space to depth) in
+  // NHWC, y[n, h, w, c·r² + i·r + j] = x[n, h·r + i, w·r + j, c]. y must not alias x.
+  virtual void pixel_unshuffle(const Tensor& x, int r, Tensor& y) = 0;
   // a: [..., Ca], b: [..., Cb] -> y: [..., Ca + Cb]
   virtual void concat_last(const Tensor& a, const Tensor& b, Tensor& y) = 0;
   // t: [N] (f32 timesteps) -> y: [N, dim]; diffusers' get_timestep_embedding.

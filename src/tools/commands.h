@@ -16,6 +16,7 @@ Run add_synth_command(CLI::App& app);
 Run add_generate_command(CLI::App& app);
 Run add_train_command(CLI::App& app);
 Run add_serve_command(CLI::App& app);
+Run add_upscale_command(CLI::App& app);
 // `train full` (cmd_train_full.cpp), registered by add_train_command: its subcommand and runner.
 std::pair<CLI::App*, Run> add_train_full_command(CLI::App* train);
 

@@ -513,6 +513,7 @@ double unary_f(Unary op, double v) {
     case Unary::GeluErf: return gelu_erf(v);
     case Unary::GeluTanh: return 0.5 * v * (1.0 + std::tanh(kSqrt2OverPi * (v + 0.044715 * v * v * v)));
     case Unary::QuickGelu: return v * sigm(1.702 * v);
+    case Unary::LeakyRelu02: return v < 0 ? 0.2 * v : v;
   }
   return 0;
 }
@@ -532,6 +533,7 @@ double unary_terms(Unary op, double v) {
       const double s = sigm(1.702 * v);
       return s + 1.702 * std::abs(v) * s * (1 + s);
     }
+    case Unary::LeakyRelu02: return 1;
   }
   return 0;
 }
@@ -542,6 +544,7 @@ const char* unary_name(Unary op) {
     case Unary::GeluErf: return "gelu_erf";
     case Unary::GeluTanh: return "gelu_tanh";
     case Unary::QuickGelu: return "quick_gelu";
+    case Unary::LeakyRelu02: return "leaky_relu_0.2";
   }
   return "?";
 }
@@ -579,6 +582,28 @@ TEST(GradUnary, AllOps) {
     be->unary_backward(op, xt, d, d);
     expect_grad(std::string("unary ") + unary_name(op) + " dx (in place)", d, gx.grad, tol);
   }
+}
+
+// LeakyReLU(0.2)'s gradient: dy where x > 0, else 0.2·dy exactly (inputs kept away from the kink
+// at 0, where the finite difference is not the derivative).
+TEST(GradUnary, LeakyRelu02) {
+  const int64_t R = 3, C = 31;
+  std::mt19937 rng(98);
+  V x = draw(size_t(R * C), rng, -4, 4);
+  for (double& v : x) v = v < 0 ? std::min(v, -0.01) : std::max(v, 0.01);
+  const V G = draw(size_t(R * C), rng, -1, 1);
+  const Fd gx = fd_grad(
+      [&](const V& v) {
+        V y(v.size());
+        for (size_t i = 0; i < v.size(); ++i) y[i] = unary_f(Unary::LeakyRelu02, v[i]);
+        return y;
+      },
+      x, G, kHSmooth);
+  auto be = make();
+  Tensor dx = Tensor::full({R, C}, 5.0f);
+  be->unary_backward(Unary::LeakyRelu02, tensor({R, C}, x), tensor({R, C}, G), dx);
+  expect_grad("unary leaky_relu_0.2 dx", dx, gx.grad, gx.err + 1e-7);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(dx.f32()[i], x[i] > 0 ? float(G[i]) : float(0.2 * double(float(G[i])))) << i;
 }
 
 TEST(GradGeglu, Rows6C5) {

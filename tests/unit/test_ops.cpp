@@ -570,6 +570,31 @@ TEST(Unary, MatchesReference) {
   expect_f32(yb, ref);
 }
 
+// LeakyReLU(0.2): x for x >= 0, x·0.2f (one f32 rounding) below; NaN stays NaN; in place; bf16 out.
+TEST(Unary, LeakyRelu02) {
+  auto be = make(Precision::F32);
+  Tensor x = rnd({3, 7, 4099}, 5, -6.0f, 6.0f), y = Tensor::empty(x.shape());  // odd, threaded
+  x.f32()[3] = NAN;
+  x.f32()[4] = 0.0f;
+  x.f32()[5] = -0.0f;
+  be->unary(Unary::LeakyRelu02, x, y);
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const float v = x.f32()[i];
+    if (std::isnan(v)) {
+      EXPECT_TRUE(std::isnan(y.f32()[i])) << i;
+      continue;
+    }
+    // PyTorch multiplies by the slope as the tensor's type: 0.2f, one rounding of the exact product
+    ASSERT_EQ(y.f32()[i], v < 0.0f ? float(double(v) * double(0.2f)) : v) << "x[" << i << "] = " << v;
+  }
+  Tensor z = x.clone();
+  be->unary(Unary::LeakyRelu02, z, z);
+  EXPECT_EQ(std::memcmp(z.data(), y.data(), 64 * 4), 0);
+  Tensor yb = Tensor::empty(x.shape(), DType::BF16);
+  be->unary(Unary::LeakyRelu02, x, yb);
+  EXPECT_EQ(std::memcmp(yb.data(), y.to(DType::BF16).data(), yb.bytes()), 0);
+}
+
 TEST(Geglu, MatchesReference) {
   auto be = make(Precision::F32);
   Tensor x = rnd({3, 5, 26}, 1, -4.0f, 4.0f), y = Tensor::empty({3, 5, 13});
@@ -645,6 +670,43 @@ TEST(Scale, MatchesReference) {
 }
 
 // ---- resampling / layout ------------------------------------------------------------------------
+
+// PyTorch's pixel_unshuffle (NCHW: view(n, c, h, r, w, r).permute(0, 1, 3, 5, 2, 4)) in NHWC,
+// on odd sizes, batch 2, r = 1..4; bf16 out; shape and alias errors.
+TEST(PixelUnshuffle, MatchesReference) {
+  auto be = make(Precision::F32);
+  for (int r = 1; r <= 4; ++r) {
+    const int64_t N = 2, C = 3, Ho = 5, Wo = 7;
+    Tensor x = rnd({N, Ho * r, Wo * r, C}, uint32_t(20 + r)), y = Tensor::empty({N, Ho, Wo, C * r * r});
+    be->pixel_unshuffle(x, r, y);
+    std::vector<double> ref(size_t(y.numel()));
+    // NCHW index of out[n, c·r² + i·r + j, h, w] is in[n, c, h·r + i, w·r + j]; stored NHWC.
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < r; ++i)
+          for (int64_t j = 0; j < r; ++j)
+            for (int64_t h = 0; h < Ho; ++h)
+              for (int64_t w = 0; w < Wo; ++w) {
+                const int64_t oc = (c * r + i) * r + j;
+                ref[size_t(((n * Ho + h) * Wo + w) * C * r * r + oc)] =
+                    x.f32()[((n * Ho * r + h * r + i) * Wo * r + w * r + j) * C + c];
+              }
+    std::vector<double> got = vals(y);
+    EXPECT_EQ(got, ref) << "r = " << r;
+  }
+  Tensor x = rnd({1, 6, 4, 5}, 30), yb = Tensor::empty({1, 3, 2, 20}, DType::BF16), y = Tensor::empty({1, 3, 2, 20});
+  be->pixel_unshuffle(x, 2, yb);
+  be->pixel_unshuffle(x, 2, y);
+  EXPECT_EQ(std::memcmp(yb.data(), y.to(DType::BF16).data(), yb.bytes()), 0);
+  Tensor bad = Tensor::empty({1, 3, 2, 19});
+  EXPECT_THROW(be->pixel_unshuffle(x, 2, bad), Error);
+  Tensor odd = rnd({1, 5, 4, 5}, 31);
+  EXPECT_THROW(be->pixel_unshuffle(odd, 2, y), Error);
+  Tensor same = Tensor::empty({1, 6, 4, 5});
+  EXPECT_THROW(be->pixel_unshuffle(x, 1, x), Error);  // aliasing
+  be->pixel_unshuffle(x, 1, same);
+  EXPECT_EQ(vals(same), vals(x));
+}
 
 TEST(UpsampleNearest, TwoXAndToSize) {
   auto be = make(Precision::F32);

@@ -165,6 +165,8 @@ double unary_grad(Unary op, double v) {
       const double s = sigmoid(1.702 * v);
       return s + 1.702 * v * s * (1.0 - s);
     }
+    case Unary::LeakyRelu02:
+      return v < 0.0 ? 0.2 : 1.0;
   }
   return 0;
 }

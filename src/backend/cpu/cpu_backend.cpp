@@ -395,6 +395,20 @@ void CpuBackend::upsample_nearest(const Tensor& x, Tensor& y) {
   cpu::upsample_nearest(in(x), x.dim(0), x.dim(1), x.dim(2), x.dim(3), y.dim(1), y.dim(2), out(y));
 }
 
+void CpuBackend::pixel_unshuffle(const Tensor& x, int r, Tensor& y) {
+  check_act("pixel_unshuffle", "input", x);
+  check_act("pixel_unshuffle", "output", y);
+  DF_CHECK(r >= 1, "pixel_unshuffle: factor ", r, " must be >= 1");
+  DF_CHECK(x.rank() == 4 && y.rank() == 4 && x.dim(1) % r == 0 && x.dim(2) % r == 0 &&
+               y.shape() == (Shape{x.dim(0), x.dim(1) / r, x.dim(2) / r, x.dim(3) * r * r}),
+           "pixel_unshuffle: input ", x.str(), " and output ", y.str(), " with factor ", r,
+           " must be [N, H·r, W·r, C] and [N, H, W, C·r²]");
+  DF_CHECK(x.data() != y.data() || x.numel() == 0, "pixel_unshuffle: output must not alias the input");
+  check_overlap("pixel_unshuffle", "input", x, y);
+  if (y.numel() == 0) return;
+  cpu::pixel_unshuffle(in(x), x.dim(0), x.dim(1), x.dim(2), x.dim(3), r, out(y));
+}
+
 void CpuBackend::concat_last(const Tensor& a, const Tensor& b, Tensor& y) {
   check_act("concat_last", "a", a);
   check_act("concat_last", "b", b);

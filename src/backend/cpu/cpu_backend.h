@@ -53,6 +53,7 @@ class CpuBackend : public Backend {
   void binary(Binary op, const Tensor& a, const Tensor& b, Tensor& y) override;
   void scale(const Tensor& x, float s, Tensor& y) override;
   void upsample_nearest(const Tensor& x, Tensor& y) override;
+  void pixel_unshuffle(const Tensor& x, int r, Tensor& y) override;
   void concat_last(const Tensor& a, const Tensor& b, Tensor& y) override;
   void timestep_embedding(const Tensor& t, int dim, bool flip_sin_to_cos,
                           float downscale_freq_shift, float max_period, Tensor& y) override;

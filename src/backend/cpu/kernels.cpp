@@ -105,6 +105,9 @@ void upsample_nearest(ConstBuf x, int64_t N, int64_t H, int64_t W, int64_t C, in
                       int64_t Wo, Buf y) {
   DIFFUSE_DISPATCH(upsample_nearest, x, N, H, W, C, Ho, Wo, y);
 }
+void pixel_unshuffle(ConstBuf x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t r, Buf y) {
+  DIFFUSE_DISPATCH(pixel_unshuffle, x, N, H, W, C, r, y);
+}
 void concat_last(ConstBuf a, int64_t Ca, ConstBuf b, int64_t Cb, int64_t rows, Buf y) {
   DIFFUSE_DISPATCH(concat_last, a, Ca, b, Cb, rows, y);
 }

@@ -66,6 +66,9 @@ void binary(Binary op, ConstBuf a, const int64_t* a_shape, int rank, ConstBuf b,
 // x: [N, H, W, C] -> y: [N, Ho, Wo, C], source index floor(i * H / Ho). y must not alias x.
 void upsample_nearest(ConstBuf x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Ho,
                       int64_t Wo, Buf y);
+// x: [N, H, W, C] (H, W multiples of r) -> y: [N, H/r, W/r, C·r²], PyTorch's pixel_unshuffle
+// channel order (c·r² + i·r + j). y must not alias x.
+void pixel_unshuffle(ConstBuf x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t r, Buf y);
 // a: [rows, Ca], b: [rows, Cb] -> y: [rows, Ca + Cb] (y must not alias a or b).
 void concat_last(ConstBuf a, int64_t Ca, ConstBuf b, int64_t Cb, int64_t rows, Buf y);
 // diffusers' get_timestep_embedding (scale 1), rounding as PyTorch's fp32 ops do.

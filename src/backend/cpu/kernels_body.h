@@ -350,6 +350,13 @@ static void unary_t(Unary op, const TI* x, int64_t n, TO* y) {
         st(y, i, v / (1.0f + fast_exp(-1.702f * v)));
       }
       break;
+    case Unary::LeakyRelu02:
+#pragma omp parallel for schedule(static) if (par)
+      for (int64_t i = 0; i < n; ++i) {
+        float v = ld(x, i);
+        st(y, i, v < 0.0f ? v * 0.2f : v);
+      }
+      break;
   }
 }
 
@@ -465,6 +472,27 @@ static void upsample_nearest_t(const TI* x, int64_t N, int64_t H, int64_t W, int
 void upsample_nearest(ConstBuf x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Ho,
                       int64_t Wo, Buf y) {
   with_io(x, y, [&](auto xp, auto yp) { upsample_nearest_t(xp, N, H, W, C, Ho, Wo, yp); });
+}
+
+template <class TI, class TO>
+static void pixel_unshuffle_t(const TI* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t r, TO* y) {
+  const int64_t Ho = H / r, Wo = W / r, Co = C * r * r;
+#pragma omp parallel for schedule(static) if (N * H * W * C > kParallelMin)
+  for (int64_t row = 0; row < N * Ho; ++row) {
+    const int64_t n = row / Ho, oh = row % Ho;
+    for (int64_t ow = 0; ow < Wo; ++ow) {
+      TO* dst = y + (row * Wo + ow) * Co;
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = 0; j < r; ++j) {
+          const TI* src = x + ((n * H + oh * r + i) * W + ow * r + j) * C;
+          for (int64_t c = 0; c < C; ++c) st(dst, c * r * r + i * r + j, ld(src, c));
+        }
+    }
+  }
+}
+
+void pixel_unshuffle(ConstBuf x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t r, Buf y) {
+  with_io(x, y, [&](auto xp, auto yp) { pixel_unshuffle_t(xp, N, H, W, C, r, yp); });
 }
 
 template <class TA, class TB, class TY>
