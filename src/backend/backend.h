@@ -58,7 +58,8 @@ class PreparedWeight {
 };
 
 // LeakyRelu02: LeakyReLU with negative slope 0.2 (x for x >= 0, else 0.2·x; ESRGAN's activation).
-enum class Unary { SiLU, GeluErf, GeluTanh, QuickGelu, LeakyRelu02 };
+// ReLU: max(x, 0) (TAESD's activation).
+enum class Unary { SiLU, GeluErf, GeluTanh, QuickGelu, LeakyRelu02, ReLU };
 enum class Binary { Add, Mul };
 
 class Backend {

@@ -12,7 +12,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/arena.h"
 #include "core/error.h"
+#include "nn/layers.h"
 
 namespace diffuse {
 
@@ -65,6 +67,36 @@ Image latent_preview(const Tensor& latent, int index, Family family) {
     }
   }
   return im;
+}
+
+Image taesd_preview(const TAESD& taesd, Backend& be, const Tensor& latent, int index) {
+  DF_CHECK(latent.defined() && latent.rank() == 4 && latent.dim(3) == 4, "taesd_preview: latent ",
+           latent.defined() ? latent.str() : std::string("(none)"), " should be [B, h, w, 4] (NHWC)");
+  DF_CHECK(index >= 0 && index < latent.dim(0), "taesd_preview: image ", index, " of a batch of ", latent.dim(0));
+  const Tensor one = latent.slice0(index, index + 1);
+  Arena arena;
+  Ctx c{be, arena};
+  const Tensor rgb = taesd.decode(c, one);  // [1, 8h, 8w, 3] f32, about [0, 1]
+  Image im;
+  im.height = int(rgb.dim(1));
+  im.width = int(rgb.dim(2));
+  im.channels = 3;
+  im.format = "png";
+  im.pixels.resize(size_t(rgb.numel()));
+  const float* p = rgb.f32();
+  for (int64_t i = 0; i < rgb.numel(); ++i) {
+    // TAESD's images are [0, 1] (A1111 and diffusers map them to [-1, 1] and back); a NaN is black.
+    const float u = std::isnan(p[i]) ? 0.0f : std::clamp(p[i], 0.0f, 1.0f);
+    im.pixels[size_t(i)] = uint8_t(std::nearbyint(u * 255.0f));
+  }
+  return im;
+}
+
+std::shared_ptr<TaesdPreviewer> make_taesd_previewer(const std::string& path, Family family, Precision p) {
+  auto t = std::make_shared<TaesdPreviewer>();
+  t->be = make_cpu_backend(p);
+  t->taesd = load_taesd_decoder(*t->be, path, family);
+  return t;
 }
 
 }  // namespace diffuse

@@ -16,6 +16,7 @@
 
 #include "api/engine.h"
 #include "core/error.h"
+#include "core/threads.h"
 #include "io/image.h"
 #include "io/output_file.h"
 #include "io/tensor_file.h"
@@ -52,6 +53,7 @@ struct GenOptions {
   int canny_low = 100, canny_high = 200;
   int preview_every = 0;      // --preview-every N: write the live preview every N steps (0: never)
   std::string preview_file;   // --preview-file P (default: OUT's name with .preview.png)
+  std::string taesd;          // --taesd DIR|FILE: full-size TAESD previews instead of the cheap ones
 };
 
 // "path/to/file.safetensors:0.8" -> (path, 0.8); "file.safetensors" -> (file, 1). Only a suffix
@@ -246,6 +248,8 @@ int run_generate(const GenOptions& o) {
     }
     check_output_writable(preview, "--preview-file");
   }
+  DF_CHECK(o.taesd.empty() || o.preview_every > 0, "--taesd ", o.taesd,
+           ": give --preview-every N too (TAESD decodes the live previews)");
   if (!o.save_latent.empty()) check_output_writable(o.save_latent, "--save-latent");
   DF_CHECK(!o.strength_given || (std::isfinite(o.strength) && o.strength >= 0 && o.strength <= 1), "--strength ",
            o.strength, ": must be in [0, 1]");
@@ -299,8 +303,21 @@ int run_generate(const GenOptions& o) {
     // The cheap latent → RGB approximation the server's progress shows (pipeline/preview.h), of
     // the batch's first image, at 1/8 of the output size.
     const Family family = engine.family_of(r.model);
-    cb.on_latent = [preview, family, &o](const Tensor& latent, int step, int steps) {
-      if (step % o.preview_every == 0 || step == steps) write_png(preview, latent_preview(latent, 0, family));
+    // --taesd: the tiny autoencoder's full-size decode instead (pipeline/preview.h, models/taesd.h).
+    std::shared_ptr<TaesdPreviewer> taesd;
+    if (!o.taesd.empty()) {
+      try {
+        const bool bf16 = o.precision == "bf16" || (o.precision == "auto" && cpu_features().bf16_fast());
+        taesd = make_taesd_previewer(o.taesd, family, bf16 ? Precision::BF16 : Precision::F32);
+      } catch (const Error& e) {
+        throw FileError(cat("--taesd: ", e.what()));
+      }
+      const std::string warn = taesd_family_warning(taesd->taesd.origin(), family);
+      if (!warn.empty()) cb.log("--taesd " + warn, true);
+    }
+    cb.on_latent = [preview, family, taesd, &o](const Tensor& latent, int step, int steps) {
+      if (step % o.preview_every == 0 || step == steps)
+        write_png(preview, taesd ? (*taesd)(latent, 0) : latent_preview(latent, 0, family));
     };
   }
   api::RunResult res = engine.generate(r, cb);
@@ -363,9 +380,13 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--vae-tile-size", o->vae_tile_size, "largest VAE tile side in pixels (default 640, multiple of 8, >= 256)");
   cmd->add_flag("-q,--quiet", o->quiet, "no progress output");
   cmd->add_option("--preview-every", o->preview_every,
-                  "write a live preview (the latent's cheap RGB approximation, 1/8 size) every N steps")
+                  "write a live preview every N steps (the latent's cheap RGB approximation at 1/8 size, or "
+                  "with --taesd the tiny autoencoder's full-size decode)")
       ->check(CLI::Range(0, 100000));
   cmd->add_option("--preview-file", o->preview_file, "where the preview goes (default: OUT.preview.png)");
+  cmd->add_option("--taesd", o->taesd,
+                  "TAESD decoder for full-size previews: a file (taesd_decoder.* / taesdxl_decoder.*, .pth or "
+                  ".safetensors, or diffusers AutoencoderTiny) or a folder holding the model family's one");
   return [o, wopt, hopt, sopt] {
     o->width_given = wopt->count() > 0;
     o->height_given = hopt->count() > 0;

@@ -43,16 +43,17 @@ inline void write_file(const std::string& path, const std::string& bytes) {
   f.write(bytes.data(), std::streamsize(bytes.size()));
 }
 
-// Runs DIFFUSE_BIN with args; stdout/stderr go to files that are read back.
-inline Result run(const std::vector<std::string>& args, int timeout_s = 120) {
-  std::string out = temp_dir() + "/stdout.txt", err = temp_dir() + "/stderr.txt";
+// Starts DIFFUSE_BIN with args, its stdout and stderr written to the files `out` and `err`; a run
+// past timeout_s gets SIGALRM (a hang is reported as a failure). Returns the child's pid.
+inline pid_t spawn(const std::vector<std::string>& args, const std::string& out, const std::string& err,
+                   int timeout_s) {
   pid_t pid = fork();
   if (pid == 0) {
     int o = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int e = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     dup2(o, 1);
     dup2(e, 2);
-    alarm(unsigned(timeout_s));  // a hang becomes SIGALRM, reported as a failure
+    alarm(unsigned(timeout_s));
     std::vector<char*> argv;
     std::string bin = DIFFUSE_BIN;
     argv.push_back(bin.data());
@@ -62,6 +63,13 @@ inline Result run(const std::vector<std::string>& args, int timeout_s = 120) {
     execv(bin.c_str(), argv.data());
     _exit(127);
   }
+  return pid;
+}
+
+// Runs DIFFUSE_BIN with args; stdout/stderr go to files that are read back.
+inline Result run(const std::vector<std::string>& args, int timeout_s = 120) {
+  std::string out = temp_dir() + "/stdout.txt", err = temp_dir() + "/stderr.txt";
+  const pid_t pid = spawn(args, out, err, timeout_s);
   int status = 0;
   waitpid(pid, &status, 0);
   Result r;

@@ -514,6 +514,7 @@ double unary_f(Unary op, double v) {
     case Unary::GeluTanh: return 0.5 * v * (1.0 + std::tanh(kSqrt2OverPi * (v + 0.044715 * v * v * v)));
     case Unary::QuickGelu: return v * sigm(1.702 * v);
     case Unary::LeakyRelu02: return v < 0 ? 0.2 * v : v;
+    case Unary::ReLU: return v < 0 ? 0.0 : v;
   }
   return 0;
 }
@@ -534,6 +535,7 @@ double unary_terms(Unary op, double v) {
       return s + 1.702 * std::abs(v) * s * (1 + s);
     }
     case Unary::LeakyRelu02: return 1;
+    case Unary::ReLU: return 1;
   }
   return 0;
 }
@@ -545,6 +547,7 @@ const char* unary_name(Unary op) {
     case Unary::GeluTanh: return "gelu_tanh";
     case Unary::QuickGelu: return "quick_gelu";
     case Unary::LeakyRelu02: return "leaky_relu_0.2";
+    case Unary::ReLU: return "relu";
   }
   return "?";
 }
@@ -581,6 +584,20 @@ TEST(GradUnary, AllOps) {
     Tensor d = tensor({R, C}, G);
     be->unary_backward(op, xt, d, d);
     expect_grad(std::string("unary ") + unary_name(op) + " dx (in place)", d, gx.grad, tol);
+  }
+}
+
+// ReLU's gradient: dy where x > 0, else 0 (PyTorch's choice at 0), exactly; in place too.
+TEST(GradUnary, ReLU) {
+  std::mt19937 rng(97);
+  V x = draw(64, rng, -4, 4), G = draw(64, rng, -1, 1);
+  x[0] = 0.0;
+  Tensor dx = Tensor::full({8, 8}, 5.0f), d = tensor({8, 8}, G);
+  make()->unary_backward(Unary::ReLU, tensor({8, 8}, x), tensor({8, 8}, G), dx);
+  make()->unary_backward(Unary::ReLU, tensor({8, 8}, x), d, d);
+  for (size_t i = 0; i < x.size(); ++i) {
+    EXPECT_EQ(dx.f32()[i], x[i] > 0 ? float(G[i]) : 0.0f) << "x = " << x[i];
+    EXPECT_EQ(d.f32()[i], dx.f32()[i]) << i;
   }
 }
 

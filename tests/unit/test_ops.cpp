@@ -570,6 +570,35 @@ TEST(Unary, MatchesReference) {
   expect_f32(yb, ref);
 }
 
+// ReLU: max(x, 0) exactly (a NaN stays NaN, as in torch.relu), in place too, f32 and bf16 out.
+TEST(Unary, ReLU) {
+  auto be = make(Precision::F32);
+  Tensor x = rnd({1 << 16}, 3, -5.0f, 5.0f), y = Tensor::empty(x.shape());  // threaded
+  x.f32()[7] = NAN;
+  x.f32()[8] = 0.0f;
+  be->unary(Unary::ReLU, x, y);
+  int64_t zeros = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const float v = x.f32()[i], r = y.f32()[i];
+    if (std::isnan(v)) {
+      EXPECT_TRUE(std::isnan(r)) << i;
+      continue;
+    }
+    ASSERT_EQ(r, v > 0.0f ? v : 0.0f) << "x[" << i << "] = " << v;
+    zeros += r == 0.0f;
+  }
+  EXPECT_GT(zeros, x.numel() / 3);  // about half the inputs are negative
+  Tensor z = x.clone();
+  be->unary(Unary::ReLU, z, z);
+  for (int64_t i = 0; i < 64; ++i)
+    if (!std::isnan(x.f32()[i])) EXPECT_EQ(z.f32()[i], x.f32()[i] > 0.0f ? x.f32()[i] : 0.0f) << i;
+  Tensor yb = Tensor::empty(x.shape(), DType::BF16);
+  be->unary(Unary::ReLU, x, yb);
+  const Tensor yf = yb.to(DType::F32);
+  EXPECT_EQ(yf.f32()[0], Tensor::full({1}, y.f32()[0]).to(DType::BF16).to(DType::F32).f32()[0]);
+  EXPECT_EQ(yf.f32()[8], 0.0f);
+}
+
 // LeakyReLU(0.2): x for x >= 0, x·0.2f (one f32 rounding) below; NaN stays NaN; in place; bf16 out.
 TEST(Unary, LeakyRelu02) {
   auto be = make(Precision::F32);

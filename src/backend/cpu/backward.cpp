@@ -167,6 +167,8 @@ double unary_grad(Unary op, double v) {
     }
     case Unary::LeakyRelu02:
       return v < 0.0 ? 0.2 : 1.0;
+    case Unary::ReLU:
+      return v > 0.0 ? 1.0 : 0.0;  // PyTorch's choice at 0: 0
   }
   return 0;
 }

@@ -357,6 +357,13 @@ static void unary_t(Unary op, const TI* x, int64_t n, TO* y) {
         st(y, i, v < 0.0f ? v * 0.2f : v);
       }
       break;
+    case Unary::ReLU:
+#pragma omp parallel for schedule(static) if (par)
+      for (int64_t i = 0; i < n; ++i) {
+        float v = ld(x, i);
+        st(y, i, v < 0.0f ? 0.0f : v);  // a NaN stays NaN, as in torch.relu
+      }
+      break;
   }
 }
 
