@@ -121,6 +121,17 @@ std::string paired_vae(const std::string& model) {
   return fs::is_regular_file(v, ec) ? v.string() : "";
 }
 
+// Where a run's textual inversions are (engine.h, Request::embeddings_dir).
+std::string embeddings_dir_for(const Request& r, const EngineOptions& o) {
+  if (!r.embeddings_dir.empty()) return r.embeddings_dir;
+  if (!o.embeddings_dir.empty()) return o.embeddings_dir;
+  std::error_code ec;
+  const fs::path base = fs::path(r.model).parent_path();  // the folder holding the file or diffusers folder
+  const fs::path sub = (base.empty() ? fs::path(".") : base) / "embeddings";
+  if (fs::is_directory(sub, ec)) return sub.string();
+  return base.empty() ? "." : base.string();
+}
+
 std::string num(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%g", v);
@@ -399,6 +410,12 @@ Engine::ModelShapes Engine::shapes_of(const std::string& path) const {
   return peek_shapes(path);
 }
 
+std::string Engine::embeddings_dir(const std::string& model) const {
+  Request r;
+  r.model = model;
+  return embeddings_dir_for(r, opts_);
+}
+
 Family Engine::family_of(const std::string& path) const {
   {
     std::lock_guard<std::mutex> lk(impl_->mu);
@@ -560,6 +577,30 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   for (const ResolvedLora& l : loras)
     lora_hashes.emplace_back(l.name, as_file_error([&] { return impl_->hashes.lora_hash(l.path); }));
 
+  // Textual inversions: names in either prompt (ComfyUI's "embedding:NAME" too), hashed for the infotext.
+  const std::string emb_dir = embeddings_dir_for(req, opts_);
+  if (!req.embeddings_dir.empty()) {
+    std::error_code ec;
+    DF_CHECK(fs::is_directory(req.embeddings_dir, ec), "--embeddings-dir ", req.embeddings_dir, ": no such folder");
+  }
+  std::shared_ptr<EmbeddingSet> embeddings = EmbeddingSet::from_dir(emb_dir);
+  std::vector<std::string> unknown_embeddings;
+  const std::string prompt_text = embeddings->rewrite_prefixed(prompt, &unknown_embeddings);
+  const std::string negative_text = embeddings->rewrite_prefixed(req.negative, &unknown_embeddings);
+  for (const std::string& n : unknown_embeddings)
+    log("diffuse: warning: embedding:" + n + ": no such embedding in " + emb_dir + " (left as text)", true);
+  std::vector<std::pair<std::string, std::string>> ti_hashes;
+  for (const std::string* text : {&prompt_text, &negative_text})
+    for (const Embedding* e : embeddings->used_in(*text))
+      if (std::none_of(ti_hashes.begin(), ti_hashes.end(), [&](const auto& h) { return h.first == e->name; }))
+        ti_hashes.emplace_back(e->name, as_file_error([&] { return impl_->hashes.sha256(e->path); }));
+  for (const std::string& w : embeddings->take_warnings()) log("diffuse: warning: " + w, true);
+  if (!ti_hashes.empty()) {
+    std::string names;
+    for (const auto& h : ti_hashes) names += (names.empty() ? "" : ", ") + h.first;
+    log("textual inversion: " + names + " (from " + emb_dir + ")");
+  }
+
   std::unique_ptr<RunState> own_state;
   if (!state) {
     own_state = new_state();
@@ -598,8 +639,9 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   const int native = model.family == Family::SDXL ? 1024
                      : (model.family == Family::SD2 && p.prediction == Prediction::VPrediction) ? 768
                                                                                                : 512;
-  p.prompt = prompt;
-  p.negative = req.negative;
+  p.prompt = prompt_text;
+  p.negative = negative_text;
+  p.embeddings = embeddings.get();
   p.width = req.width ? req.width : has_init ? req.init.width : native;
   p.height = req.height ? req.height : has_init ? req.init.height : native;
   p.steps = req.steps;
@@ -699,6 +741,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   ii.model_hash = hash;
   ii.model_name = display_name(req.model);
   ii.lora_hashes = lora_hashes;
+  ii.ti_hashes = ti_hashes;
   ii.control = control_text;
   if (!vae.empty()) {
     ii.vae_name = fs::path(vae).stem().string();

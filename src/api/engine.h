@@ -34,6 +34,7 @@ struct EngineOptions {
   // only the most recently used model stays loaded (A1111's default of one checkpoint).
   size_t model_cache_bytes = 0;
   std::string lora_dir;             // where <lora:NAME:W> prompt tags find NAME.safetensors
+  std::string embeddings_dir;       // textual inversions for every run ("" = Request::embeddings_dir's default)
   std::string hash_cache_dir;       // A1111 model hashes; empty: default_cache_dir()
   // One-shot runs (the CLI): free the text encoders once the prompts are encoded, and drop the
   // model after the run (a later run loads it again).
@@ -63,6 +64,10 @@ struct Request {
   double strength = -1.0;           // img2img/inpaint; < 0: 0.75 (1 for 9-channel inpainting models)
   Image init, mask;                 // empty pixels: none
   std::vector<LoraSpec> loras;      // besides the prompt's tags
+  // Textual-inversion embeddings used by name in the prompts (models/embedding.h): this folder,
+  // else EngineOptions::embeddings_dir, else "embeddings" beside a single-file model if there is
+  // one, else the model's own folder.
+  std::string embeddings_dir;
   std::string vae;                  // a standalone VAE file instead of the checkpoint's ("" = MODEL.vae.safetensors
                                     // beside a single-file model if there is one, else the checkpoint's own)
   std::string control_net;          // ControlNet file or folder ("" none)
@@ -146,6 +151,9 @@ class Engine {
   // benchmarks, tests and servers that switch ahead of a run. Waits for runs on the model.
   LoraApplyReport set_loras(const std::string& path, const std::vector<LoraSpec>& loras);
   std::vector<std::string> loaded_models() const;
+  // The folder a run of `model` takes textual inversions from when its request names none
+  // (Request::embeddings_dir).
+  std::string embeddings_dir(const std::string& model) const;
   // The model's family (from the loaded model, else from the file's tensor shapes); Unknown when
   // the file cannot be read.
   Family family_of(const std::string& path) const;

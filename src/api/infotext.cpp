@@ -43,6 +43,7 @@ std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t
   if (p.rng == RngKind::Cpu) s += ", RNG: CPU";
   if (p.batch > 1) s += ", Batch size: " + std::to_string(p.batch) + ", Batch pos: " + std::to_string(pos);
   if (!in.lora_hashes.empty()) s += ", Lora hashes: " + format_lora_hashes(in.lora_hashes);
+  if (!in.ti_hashes.empty()) s += ", TI hashes: " + format_lora_hashes(in.ti_hashes);  // A1111's same "name: hash12" list
   if (!in.control.empty()) s += ", ControlNet 0: \"" + in.control + "\"";
   s += ", Version: diffuse " DIFFUSE_VERSION;
   return s;

@@ -13,6 +13,7 @@ struct InfotextInputs {
   std::string model_hash;  // short hash ("" for folders: left out)
   std::string model_name;
   std::vector<std::pair<std::string, std::string>> lora_hashes;  // (name, hash)
+  std::vector<std::pair<std::string, std::string>> ti_hashes;    // textual inversions used: (name, sha256)
   std::string control;     // "Module: …, Model: …, Weight: …" ("" none)
   std::string vae_name, vae_hash;  // a standalone VAE's file stem and short hash ("" the checkpoint's own)
 };

@@ -219,8 +219,8 @@ Tensor ClipTextModel::run_layer(Ctx& sc, const Layer& l, const Tensor& x, LayerS
 }
 
 ClipTextModel::Output ClipTextModel::forward(Ctx& ctx, const std::vector<std::vector<int>>& ids,
-                                             int stop_at_layer) const {
-  return run(ctx, ids, stop_at_layer, nullptr);
+                                             int stop_at_layer, const std::vector<TokenOverride>& overrides) const {
+  return run(ctx, ids, stop_at_layer, nullptr, overrides);
 }
 
 ClipTextModel::Output ClipTextModel::forward_train(Ctx& ctx, const std::vector<std::vector<int>>& ids,
@@ -231,7 +231,7 @@ ClipTextModel::Output ClipTextModel::forward_train(Ctx& ctx, const std::vector<s
 }
 
 ClipTextModel::Output ClipTextModel::run(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer,
-                                         Trace* tr) const {
+                                         Trace* tr, const std::vector<TokenOverride>& overrides) const {
   DF_CHECK(!layers_.empty(), "clip text encoder: forward before load");
   const int64_t B = int64_t(ids.size()), W = cfg_.width;
   DF_CHECK(B > 0, "clip text encoder: no token rows");
@@ -265,6 +265,12 @@ ClipTextModel::Output ClipTextModel::run(Ctx& ctx, const std::vector<std::vector
                 DType::F32, size_t(W));
         for (int64_t c = 0; c < W; ++c) row[c] += pos[t * W + c];
       }
+    for (const TokenOverride& o : overrides) {
+      DF_CHECK(o.row >= 0 && o.row < B && o.pos >= 0 && o.pos < T && o.vec, "clip text encoder: token override at (",
+               o.row, ", ", o.pos, ") is outside ", B, " rows of ", T, " tokens");
+      float* row = d + (o.row * T + o.pos) * W;
+      for (int64_t c = 0; c < W; ++c) row[c] = o.vec[c] + pos[o.pos * W + c];
+    }
   }
 
   Output out;

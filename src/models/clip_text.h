@@ -43,6 +43,13 @@ struct ClipTextConfig {
   static ClipTextConfig openclip_bigg();  // SDXL encoder 2: 1280 wide, 32 layers, gelu, projection 1280
 };
 
+// One token embedding row replaced by a given vector: row b, position t, `vec` f32 of the model's
+// width (owned by the caller for the duration of the call).
+struct TokenOverride {
+  int64_t row = 0, pos = 0;
+  const float* vec = nullptr;
+};
+
 class ClipTextModel {
  public:
   // Binds every tensor of `cfg` strictly (missing/mis-shaped/unused tensors are reported together,
@@ -74,7 +81,10 @@ class ClipTextModel {
   //  - diffusers SDXL clip_skip c (hidden_states[-(c + 2)], no final norm): penultimate of
   //    stop_at_layer = layers - c; the pooled text_embeds still come from a full run.
   // Scratch memory comes from a private arena reset per layer; ctx.arena is not used.
-  Output forward(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer = 0) const;
+  // overrides: token rows replaced before the position embedding is added (textual inversion:
+  // the vectors of an embedding stand in for placeholder ids).
+  Output forward(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer = 0,
+                 const std::vector<TokenOverride>& overrides = {}) const;
 
   // hidden: [B, T, W] -> owned [B, T, W]: the final layer norm (SD 2.x / clip skip use it on a
   // penultimate state).
@@ -120,7 +130,8 @@ class ClipTextModel {
   // [B, T, H·D] <-> [B·H, T, D]
   Tensor split_heads(Ctx& scratch, const Tensor& x) const;
   Tensor merge_heads(Ctx& scratch, const Tensor& xh, int64_t B) const;
-  Output run(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer, Trace* tr) const;
+  Output run(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer, Trace* tr,
+             const std::vector<TokenOverride>& overrides = {}) const;
 
   ClipTextConfig cfg_;
   Tensor tok_emb_;  // [V, W] as stored (any float dtype; rows converted on lookup)

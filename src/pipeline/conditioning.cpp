@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <utility>
 
 #include "core/error.h"
@@ -41,7 +42,8 @@ namespace {
 // and a negative equal to the prompt are encoded once).
 class Encoder {
  public:
-  Encoder(Ctx& ctx, const SDModel& model, const PromptOptions& opts) : ctx_(ctx), m_(model) {
+  Encoder(Ctx& ctx, const SDModel& model, const PromptOptions& opts)
+      : ctx_(ctx), m_(model), embeddings_(opts.embeddings) {
     DF_CHECK(model.family == Family::SD1 || model.family == Family::SD2 || model.family == Family::SDXL,
              model.path, ": prompt encoding needs an sd1, sd2 or sdxl model, got ", family_name(model.family));
     DF_CHECK(model.family != Family::SDXL || model.has_te2, model.path,
@@ -58,26 +60,28 @@ class Encoder {
   }
 
   bool xl() const { return m_.family == Family::SDXL; }
+  const EmbeddingSet* embeddings() const { return embeddings_; }
   int encoders() const { return xl() ? 2 : 1; }
   const ClipTextModel& te(int e) const { return e == 0 ? m_.te : m_.te2; }
 
-  // The encoder's hidden state for one chunk's ids, before emphasis: [1, 77, C]. Shared: do not
-  // modify.
-  const Tensor& hidden(int e, const std::vector<int>& ids) {
-    auto key = std::make_pair(e, ids);
+  // The encoder's hidden state for one chunk's ids (and embeddings), before emphasis: [1, 77, C].
+  // Shared: do not modify.
+  const Tensor& hidden(int e, const TokenChunk& ch) {
+    Key key{e, ch.ids, ch.fixes};
     auto it = hidden_.find(key);
     if (it != hidden_.end()) return it->second;
     const int L = te(e).config().layers;
-    ClipTextModel::Output out = te(e).forward(ctx_, {ids}, stop_[e] == L ? 0 : stop_[e]);
-    if (xl() && e == 1 && stop_[e] == L) pooled_.emplace(ids, out.text_embeds);
+    ClipTextModel::Output out = te(e).forward(ctx_, {ch.ids}, stop_[e] == L ? 0 : stop_[e], overrides(e, ch));
+    if (xl() && e == 1 && stop_[e] == L) pooled_.emplace(Key{1, ch.ids, ch.fixes}, out.text_embeds);
     Tensor z = xl() ? out.penultimate : out.last_hidden;
     return hidden_.emplace(std::move(key), z).first->second;
   }
 
-  // SDXL: encoder 2's projected pooled output of a full run on `ids`: [1, P].
-  Tensor pooled(const std::vector<int>& ids) {
-    auto it = pooled_.find(ids);
-    if (it == pooled_.end()) it = pooled_.emplace(ids, te(1).forward(ctx_, {ids}).text_embeds).first;
+  // SDXL: encoder 2's projected pooled output of a full run on the chunk: [1, P].
+  Tensor pooled(const TokenChunk& ch) {
+    Key key{1, ch.ids, ch.fixes};
+    auto it = pooled_.find(key);
+    if (it == pooled_.end()) it = pooled_.emplace(key, te(1).forward(ctx_, {ch.ids}, 0, overrides(1, ch)).text_embeds).first;
     DF_CHECK(it->second.defined(), m_.path, ": SDXL text encoder 2 has no text_projection");
     return it->second;
   }
@@ -86,17 +90,41 @@ class Encoder {
   Tensor weighted(int e, const TokenChunk& ch) {
     DF_CHECK(ch.ids.size() == ch.weights.size(), "prompt chunk: ", ch.ids.size(), " ids but ",
              ch.weights.size(), " weights");
-    Tensor z = hidden(e, ch.ids).clone();
+    Tensor z = hidden(e, ch).clone();
     apply_emphasis(z, ch.weights);
     return z;
   }
 
  private:
+  struct Key {
+    int e;
+    std::vector<int> ids;
+    std::vector<EmbeddingFix> fixes;
+    bool operator<(const Key& o) const {
+      return std::tie(e, ids, fixes) < std::tie(o.e, o.ids, o.fixes);
+    }
+  };
+
+  // The embeddings' vectors at their chunk positions, for encoder e (checked against its width).
+  std::vector<TokenOverride> overrides(int e, const TokenChunk& ch) const {
+    std::vector<TokenOverride> o;
+    const int64_t W = te(e).config().width;
+    for (const EmbeddingFix& f : ch.fixes) {
+      const Tensor& v = f.emb->for_encoder(m_.family, e, W);
+      for (int64_t j = 0; j < v.dim(0); ++j) {
+        DF_ASSERT(f.pos + j < int64_t(ch.ids.size()));
+        o.push_back({0, f.pos + j, v.f32() + j * W});
+      }
+    }
+    return o;
+  }
+
   Ctx& ctx_;
   const SDModel& m_;
+  const EmbeddingSet* embeddings_;
   int stop_[2] = {0, 0};
-  std::map<std::pair<int, std::vector<int>>, Tensor> hidden_;
-  std::map<std::vector<int>, Tensor> pooled_;
+  std::map<Key, Tensor> hidden_;
+  std::map<Key, Tensor> pooled_;
 };
 
 // One side as per-chunk [1, 77, C] tensors (C = both encoders' widths for SDXL) and pooled.
@@ -148,14 +176,15 @@ Side encode_side(Encoder& enc, const std::vector<TokenChunk>& c1, const std::vec
     const Tensor b = enc.weighted(1, i < c2.size() ? c2[i] : e2);
     s.chunks.push_back(concat_channels(a, b));
   }
-  s.pooled = enc.pooled(c2[0].ids).clone();
+  s.pooled = enc.pooled(c2[0]).clone();
   return s;
 }
 
 Side encode_text(Encoder& enc, const SDModel& model, const std::string& prompt) {
   const std::vector<WeightedText> runs = parse_prompt_weights(prompt);
-  std::vector<TokenChunk> c1 = chunk_weighted(runs, pad_token(model.family, 0)), c2;
-  if (enc.xl()) c2 = chunk_weighted(runs, pad_token(model.family, 1));
+  const ClipTokenizer& tok = ClipTokenizer::builtin();
+  std::vector<TokenChunk> c1 = chunk_weighted(runs, pad_token(model.family, 0), tok, enc.embeddings()), c2;
+  if (enc.xl()) c2 = chunk_weighted(runs, pad_token(model.family, 1), tok, enc.embeddings());
   return encode_side(enc, c1, c2, model);
 }
 

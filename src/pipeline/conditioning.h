@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "models/embedding.h"
 #include "models/sd_model.h"
 #include "models/tokenizer.h"
 #include "nn/layers.h"
@@ -38,6 +39,8 @@ struct Conditioning {
 
 struct PromptOptions {
   int clip_skip = 0;  // A1111 meaning: 0 or 1 = the family's default layer, 2 = penultimate + final norm, ...
+  // Textual-inversion embeddings the prompts may use by name (models/embedding.h); null: none.
+  const EmbeddingSet* embeddings = nullptr;
 };
 
 // A1111 prompt weighting parsed into (text, weight) runs (modules/prompt_parser.py
@@ -53,19 +56,34 @@ struct WeightedText {
 };
 std::vector<WeightedText> parse_prompt_weights(const std::string& prompt);
 
+// A textual-inversion embedding placed in a chunk: its vectors replace the token embeddings at
+// positions pos .. pos + vectors - 1 (placeholder ids 0 there, as A1111's PromptChunkFix).
+struct EmbeddingFix {
+  int pos = 0;
+  const Embedding* emb = nullptr;
+  bool operator<(const EmbeddingFix& o) const { return pos != o.pos ? pos < o.pos : emb < o.emb; }
+  bool operator==(const EmbeddingFix& o) const { return pos == o.pos && emb == o.emb; }
+};
+
 // One 77-token chunk: BOS + up to 75 tokens + EOS + pad; weights per position (1 on BOS/EOS/pad).
 struct TokenChunk {
   std::vector<int> ids;
   std::vector<float> weights;
+  std::vector<EmbeddingFix> fixes;
 };
 constexpr int kChunkTokens = 75;          // content tokens per chunk
 constexpr int kCommaBacktrack = 20;       // A1111's comma_padding_backtrack default
 
 // pad_id == tok.bang_id() selects diffusers' "!"-is-special tokenisation (SD 2.x, SDXL encoder 2).
+// With `embeddings`, a run's tokens that spell an embedding's name become that embedding's vectors
+// (A1111's tokenize_line: a chunk that cannot hold all of them is closed first; they carry the
+// run's weight).
 std::vector<TokenChunk> chunk_weighted(const std::vector<WeightedText>& runs, int pad_id,
-                                       const ClipTokenizer& tok = ClipTokenizer::builtin());
+                                       const ClipTokenizer& tok = ClipTokenizer::builtin(),
+                                       const EmbeddingSet* embeddings = nullptr);
 std::vector<TokenChunk> chunk_prompt(const std::string& prompt, int pad_id,
-                                     const ClipTokenizer& tok = ClipTokenizer::builtin());
+                                     const ClipTokenizer& tok = ClipTokenizer::builtin(),
+                                     const EmbeddingSet* embeddings = nullptr);
 TokenChunk empty_chunk(int pad_id, const ClipTokenizer& tok = ClipTokenizer::builtin());
 
 // The pad token of a family's encoder (0 = first, 1 = SDXL's second).

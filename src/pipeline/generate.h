@@ -24,6 +24,7 @@
 #include "core/layout.h"
 #include "io/image.h"
 #include "models/controlnet.h"
+#include "models/embedding.h"
 #include "models/sd_model.h"
 #include "pipeline/rng.h"
 #include "pipeline/scheduler.h"
@@ -40,6 +41,8 @@ struct GenerateParams {
   std::string schedule = "default";  // default | karras | trailing
   int batch = 1;
   int clip_skip = 0;  // A1111 meaning (0/1: the family default, 2: penultimate layer)
+  // Textual-inversion embeddings the prompts use by name (models/embedding.h); null: none.
+  const EmbeddingSet* embeddings = nullptr;
   RngKind rng = RngKind::Cuda;
   Prediction prediction = Prediction::Epsilon;
   // img2img / inpaint (init set): share of the schedule that is run, int(steps * strength) steps.

@@ -227,12 +227,14 @@ TokenChunk empty_chunk(int pad_id, const ClipTokenizer& tok) {
   return chunk_weighted({}, pad_id, tok).front();
 }
 
-std::vector<TokenChunk> chunk_weighted(const std::vector<WeightedText>& runs, int pad_id, const ClipTokenizer& tok) {
+std::vector<TokenChunk> chunk_weighted(const std::vector<WeightedText>& runs, int pad_id, const ClipTokenizer& tok,
+                                       const EmbeddingSet* embeddings) {
   const bool bang = pad_id == tok.bang_id();
   const int comma = tok.token_id(",</w>");
   std::vector<TokenChunk> chunks;
   std::vector<int> ids;
   std::vector<float> ws;
+  std::vector<EmbeddingFix> fixes;  // pos: index into ids (content tokens)
   int last_comma = -1;
 
   auto next_chunk = [&] {
@@ -246,9 +248,11 @@ std::vector<TokenChunk> chunk_weighted(const std::vector<WeightedText>& runs, in
     c.weights.push_back(1.0f);
     c.ids.resize(kChunkTokens + 2, pad_id);
     c.weights.resize(kChunkTokens + 2, 1.0f);
+    for (EmbeddingFix f : fixes) c.fixes.push_back({f.pos + 1, f.emb});  // after BOS
     chunks.push_back(std::move(c));
     ids.clear();
     ws.clear();
+    fixes.clear();
     last_comma = -1;
   };
 
@@ -257,32 +261,54 @@ std::vector<TokenChunk> chunk_weighted(const std::vector<WeightedText>& runs, in
       next_chunk();
       continue;
     }
-    for (int token : tok.tokenize(run.text, bang)) {
+    const std::vector<int> tokens = tok.tokenize(run.text, bang);
+    for (size_t pos = 0; pos < tokens.size();) {
+      const int token = tokens[pos];
       if (token == comma) {
         last_comma = int(ids.size());
       } else if (int(ids.size()) == kChunkTokens && last_comma != -1 &&
                  int(ids.size()) - last_comma <= kCommaBacktrack) {
-        // A full chunk with a comma near its end: the text after the comma moves to the next chunk.
+        // A full chunk with a comma near its end: the text after the comma moves to the next chunk
+        // (with any embeddings placed there).
         const size_t at = size_t(last_comma) + 1;
         std::vector<int> rel_ids(ids.begin() + long(at), ids.end());
         std::vector<float> rel_ws(ws.begin() + long(at), ws.end());
+        std::vector<EmbeddingFix> rel_fixes;
+        while (!fixes.empty() && size_t(fixes.back().pos) >= at) {  // fixes are in position order
+          rel_fixes.insert(rel_fixes.begin(), {fixes.back().pos - int(at), fixes.back().emb});
+          fixes.pop_back();
+        }
         ids.resize(at);
         ws.resize(at);
         next_chunk();
         ids = std::move(rel_ids);
         ws = std::move(rel_ws);
+        fixes = std::move(rel_fixes);
       }
       if (int(ids.size()) == kChunkTokens) next_chunk();
-      ids.push_back(token);
-      ws.push_back(run.weight);
+      const auto [emb, covered] = embeddings ? embeddings->match(tokens, pos, bang)
+                                             : std::pair<const Embedding*, int>{nullptr, 0};
+      if (!emb) {
+        ids.push_back(token);
+        ws.push_back(run.weight);
+        ++pos;
+        continue;
+      }
+      const int n = emb->vectors();
+      if (int(ids.size()) + n > kChunkTokens) next_chunk();
+      fixes.push_back({int(ids.size()), emb});
+      ids.insert(ids.end(), size_t(n), 0);
+      ws.insert(ws.end(), size_t(n), run.weight);
+      pos += size_t(covered);
     }
   }
   if (!ids.empty() || chunks.empty()) next_chunk();
   return chunks;
 }
 
-std::vector<TokenChunk> chunk_prompt(const std::string& prompt, int pad_id, const ClipTokenizer& tok) {
-  return chunk_weighted(parse_prompt_weights(prompt), pad_id, tok);
+std::vector<TokenChunk> chunk_prompt(const std::string& prompt, int pad_id, const ClipTokenizer& tok,
+                                     const EmbeddingSet* embeddings) {
+  return chunk_weighted(parse_prompt_weights(prompt), pad_id, tok, embeddings);
 }
 
 }  // namespace diffuse

@@ -158,6 +158,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   report(Stage::Encode, 0, 1);
   PromptOptions po;
   po.clip_skip = p.clip_skip;
+  po.embeddings = p.embeddings;
   PromptPair pp = encode_prompts(ctx, model, p.prompt, p.negative, po);
   arena.reset();
   Guidance g;

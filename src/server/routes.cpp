@@ -10,6 +10,7 @@
 
 #include "api/infotext.h"
 #include "core/error.h"
+#include "models/embedding.h"
 #include "models/lora.h"
 #include "pipeline/scheduler.h"
 #include "server/client_socket.h"
@@ -264,6 +265,28 @@ json options_json(ServerState& st) {
   return o;
 }
 
+// GET /sdapi/v1/embeddings: the current model's textual inversions, "loaded" when they fit its
+// text encoder(s), else "skipped" (A1111's shape: name -> {step, sd_checkpoint, sd_checkpoint_name,
+// shape, vectors}); files that are not embeddings are left out.
+json embeddings_json(ServerState& st) {
+  json loaded = json::object(), skipped = json::object();
+  auto cur = st.queue.current_model();
+  if (!cur) return json{{"loaded", loaded}, {"skipped", skipped}};
+  const Family fam = st.engine.family_of(cur->filename);
+  const int64_t width = fam == Family::SD2 ? 1024 : 768;
+  std::shared_ptr<EmbeddingSet> set = EmbeddingSet::from_dir(st.engine.embeddings_dir(cur->filename));
+  for (const std::string& name : set->names()) {
+    const Embedding* e = set->find(name);
+    if (!e) continue;
+    const bool fits = fam == Family::SDXL ? e->sdxl() && e->vec[0].dim(1) == 768 && e->vec[1].dim(1) == 1280
+                                          : !e->sdxl() && e->vec[0].dim(1) == width;
+    const int64_t shape = e->vec[0].dim(1) + (e->sdxl() ? e->vec[1].dim(1) : 0);
+    (fits ? loaded : skipped)[name] = {{"step", json()}, {"sd_checkpoint", json()}, {"sd_checkpoint_name", json()},
+                                       {"shape", shape}, {"vectors", e->vectors()}};
+  }
+  return json{{"loaded", loaded}, {"skipped", skipped}};
+}
+
 // POST /sdapi/v1/options: the settings diffuse keeps are stored; a new sd_model_checkpoint is
 // loaded in queue order and the request returns once it is current (A1111 blocks the same way).
 void post_options(ServerState& st, const httplib::Request& req, httplib::Response& res) {
@@ -422,7 +445,7 @@ void register_routes(httplib::Server& svr, ServerState& st) {
   });
   get_json("/sdapi/v1/latent-upscale-modes", [] { return json::array(); });
   get_json("/sdapi/v1/sd-vae", [] { return json::array(); });
-  get_json("/sdapi/v1/embeddings", [] { return json{{"loaded", json::object()}, {"skipped", json::object()}}; });
+  get_json("/sdapi/v1/embeddings", [&st] { return embeddings_json(st); });
   for (const char* p : {"/sdapi/v1/prompt-styles", "/sdapi/v1/face-restorers", "/sdapi/v1/hypernetworks",
                         "/sdapi/v1/realesrgan-models", "/sdapi/v1/extensions"})
     get_json(p, [] { return json::array(); });

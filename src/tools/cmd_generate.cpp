@@ -45,6 +45,7 @@ struct GenOptions {
   std::vector<std::string> loras;  // --lora PATH[:MULT], repeatable
   std::string lora_dir;            // --lora-model-dir: where <lora:NAME:MULT> prompt tags are looked up
   std::string vae;  // --vae: a standalone VAE instead of the checkpoint's
+  std::string embeddings_dir;  // --embeddings-dir: textual inversions used by name in the prompts
   std::string control_net, control_image;
   double control_strength = 1.0;
   bool canny = false;
@@ -229,6 +230,7 @@ int run_generate(const GenOptions& o) {
   r.strength = o.strength_given ? o.strength : -1.0;
   for (const std::string& v : o.loras) r.loras.push_back(split_lora_flag(v));
   r.vae = o.vae;
+  r.embeddings_dir = o.embeddings_dir;
   r.control_net = o.control_net;
   r.control_strength = o.control_strength;
   r.canny = o.canny;
@@ -367,6 +369,9 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--lora", o->loras, "LoRA file[:multiplier], repeatable (kohya/A1111 or diffusers/PEFT)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--lora-model-dir", o->lora_dir, "folder where prompt tags <lora:NAME:MULT> find NAME.safetensors");
+  cmd->add_option("--embeddings-dir", o->embeddings_dir,
+                  "textual-inversion embeddings (.pt, .safetensors, .bin) used by file name in the prompts, as A1111 "
+                  "(also embedding:NAME); default: an 'embeddings' folder beside the model, else the model's folder");
   cmd->add_option("--vae", o->vae, "standalone VAE file (ldm, first_stage_model. or diffusers names) instead of the "
                   "checkpoint's (default: MODEL.vae.safetensors beside the model, if any)");
   cmd->add_option("--control-net", o->control_net, "ControlNet: diffusers folder or single .safetensors/.pth file");

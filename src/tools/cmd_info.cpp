@@ -12,6 +12,7 @@
 #include "io/tensor_file.h"
 #include "models/family.h"
 #include "tools/commands.h"
+#include "tools/info_embeddings.h"
 
 namespace diffuse::tools {
 namespace {
@@ -130,13 +131,16 @@ int model_info(const InfoOptions& o) {
 
 Run add_info_command(CLI::App& app) {
   auto o = std::make_shared<InfoOptions>();
-  CLI::App* cmd = app.add_subcommand("info", "Describe a model (safetensors, .ckpt, diffusers folder) or an image");
-  cmd->add_option("path", o->path, "model file, diffusers folder or image")->required();
+  CLI::App* cmd = app.add_subcommand("info", "Describe a model (safetensors, .ckpt, diffusers folder), a LoRA, an embedding or a folder of them, or an image");
+  cmd->add_option("path", o->path, "model file, diffusers folder, LoRA, embedding file or folder, or image")->required();
   cmd->add_flag("--json", o->json, "print JSON");
   cmd->add_flag("--tensors", o->list_tensors, "list every tensor");
   return [o] {
     check_input_file(o->path, "info", true);  // a FIFO or device would block or never end
-    return looks_like_image(o->path) ? image_info(*o) : model_info(*o);
+    if (is_embeddings_dir(o->path)) return embeddings_dir_info(o->path, o->json);
+    if (looks_like_image(o->path)) return image_info(*o);
+    if (is_embedding_file(o->path)) return embedding_file_info(o->path, o->json);
+    return model_info(*o);
   };
 }
 

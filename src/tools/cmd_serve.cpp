@@ -18,7 +18,7 @@ namespace {
 struct ServeFlags {
   server::ServerOptions o;
   bool listen = false;
-  std::string auth, cors;
+  std::string auth, cors, embeddings_dir;
   double max_body_mb = 64;
   std::string precision = "auto", weights = "native";
   int threads = 0;
@@ -52,6 +52,7 @@ int run_serve(ServeFlags& f) {
   o.engine.precision = f.precision;
   o.engine.weights = f.weights;
   o.engine.lora_dir = o.lora_dir;
+  o.engine.embeddings_dir = f.embeddings_dir;
 
   // SIGTERM / SIGINT are taken by one thread (blocked everywhere else, before any thread starts):
   // it stops the server, which finishes or interrupts the running job first.
@@ -93,6 +94,8 @@ Run add_serve_command(CLI::App& app) {
   c->add_option("--models-dir,--ckpt-dir", o.models_dir, "Checkpoints offered (single files and diffusers folders, subfolders too)");
   c->add_option("--model,-m", o.model, "The checkpoint current at start (default: the first in --models-dir)");
   c->add_option("--lora-dir", o.lora_dir, "LoRA files for <lora:NAME:W> prompt tags");
+  c->add_option("--embeddings-dir", f->embeddings_dir,
+                "Textual-inversion embeddings used by name in prompts (default: 'embeddings' beside each model)");
   c->add_option("--controlnet-dir", o.controlnet_dir, "ControlNet models (default: MODELS_DIR/ControlNet)");
   c->add_option("--port", o.port, "Port (A1111's default 7860; 0: any free port)")->check(CLI::Range(0, 65535));
   c->add_option("--host", o.host, "Address to listen on (default 127.0.0.1: this machine only)");

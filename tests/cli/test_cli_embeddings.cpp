@@ -1,0 +1,72 @@
+// `diffuse generate --embeddings-dir` and `diffuse info` on embeddings, through the binary: the
+// PNG's parameters carry A1111's "TI hashes", `info` reads them back and lists a folder, an unknown
+// `embedding:NAME` warns, a wrong-architecture embedding and a missing folder exit 1.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "cli_util.h"
+#include "core/sha256.h"
+#include "io/tensor_file.h"
+
+namespace fs = std::filesystem;
+using namespace clitest;
+
+namespace {
+
+std::string sd1_model() {
+  return first_existing({std::string(DIFFUSE_SHARED_DIR) + "/fixtures/sd1/model/tiny-sd1.safetensors",
+                         std::string(DIFFUSE_TEST_DATA) + "/sd1/model/tiny-sd1.safetensors"});
+}
+
+bool has(const std::string& s, const std::string& what) { return s.find(what) != std::string::npos; }
+
+}  // namespace
+
+TEST(CliEmbeddings, GenerateInfoAndErrors) {
+  const std::string model = sd1_model();
+  if (model.empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
+  const int64_t width =
+      diffuse::open_model_file(model).find("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")->dim(1);
+  const fs::path dir = fs::path(temp_dir()) / "embeddings-cli";
+  fs::create_directories(dir);
+  diffuse::Tensor v = diffuse::Tensor::full({2, width}, 0.25f);
+  diffuse::save_safetensors((dir / "shiny.safetensors").string(), {{"emb_params", v}});
+  diffuse::save_safetensors((dir / "xlonly.safetensors").string(),
+                            {{"clip_l", diffuse::Tensor::full({1, 768}, 0.1f)}, {"clip_g", diffuse::Tensor::full({1, 1280}, 0.1f)}});
+  const std::string out = (dir / "out.png").string();
+  const std::vector<std::string> base = {"generate", "-m", model, "-W", "64", "-H", "64", "--steps", "2", "--seed", "5",
+                                         "--embeddings-dir", dir.string(), "-o", out};
+
+  std::vector<std::string> args = base;
+  args.insert(args.end(), {"-p", "a (shiny:1.2) cat", "-n", "embedding:missing"});
+  Result r = run(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(has(r.err, "embedding:missing")) << r.err;
+  EXPECT_TRUE(has(r.err, "textual inversion: shiny")) << r.err;
+  const std::string hash = diffuse::sha256_file((dir / "shiny.safetensors").string()).substr(0, 12);
+  Result info = run({"info", out});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_TRUE(has(info.out, "TI hashes: \"shiny: " + hash + "\"")) << info.out;
+
+  Result list = run({"info", dir.string()});
+  ASSERT_EQ(list.exit_code, 0) << list.err;
+  EXPECT_TRUE(has(list.out, "2 textual-inversion embeddings")) << list.out;
+  EXPECT_TRUE(has(list.out, "shiny: ")) << list.out;
+  EXPECT_TRUE(has(list.out, "xlonly: SDXL (clip_l 768 + clip_g 1280)")) << list.out;
+
+  args = base;
+  args.insert(args.end(), {"-p", "a xlonly cat"});
+  r = run(args);
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_TRUE(has(r.err, "xlonly.safetensors: an SDXL embedding")) << r.err;
+
+  args = base;
+  args[12] = (dir / "absent").string();
+  args.insert(args.end(), {"-p", "a cat"});
+  r = run(args);
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_TRUE(has(r.err, "--embeddings-dir")) << r.err;
+}
