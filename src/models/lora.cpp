@@ -9,13 +9,17 @@
 #include <cstring>
 #include <filesystem>
 #include <optional>
+#include <regex>
 #include <set>
 #include <tuple>
 #include <unordered_map>
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
 #include "core/sha256.h"
 #include "io/tensor_file.h"
+#include "models/lycoris.h"
 #include "models/name_map.h"
 
 namespace diffuse {
@@ -39,48 +43,7 @@ bool ends_with(const std::string& s, const std::string& x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reading: key -> (module stem, role)
-
-enum class Role { Down, Up, Alpha };
-
-struct KeyInfo {
-  std::string stem;  // the module's key in the file, role suffix removed (kept in the file's style)
-  Role role;
-};
-
-// The role of a key and its module stem; false if the key is not a LoRA down/up/alpha tensor.
-bool parse_key(const std::string& key, KeyInfo* out) {
-  static const std::pair<const char*, Role> kSuffixes[] = {
-      {".lora_down.weight", Role::Down},       {".lora_up.weight", Role::Up},           // kohya
-      {".lora_A.weight", Role::Down},          {".lora_B.weight", Role::Up},            // PEFT
-      {".lora_A.default.weight", Role::Down},  {".lora_B.default.weight", Role::Up},    // PEFT, adapter named
-      {".lora_linear_layer.down.weight", Role::Down}, {".lora_linear_layer.up.weight", Role::Up},  // diffusers < 0.21
-      {".lora.down.weight", Role::Down},       {".lora.up.weight", Role::Up},
-      {".alpha", Role::Alpha},
-  };
-  for (const auto& [suf, role] : kSuffixes) {
-    if (ends_with(key, suf) && key.size() > std::strlen(suf)) {
-      *out = {key.substr(0, key.size() - std::strlen(suf)), role};
-      return true;
-    }
-  }
-  // diffusers attention processors: "<attn>.processor.to_q_lora.down.weight" -> "<attn>.to_q".
-  const std::string proc = ".processor.";
-  size_t at = key.rfind(proc);
-  if (at != std::string::npos) {
-    std::string rest = key.substr(at + proc.size());
-    for (const char* proj : {"to_q", "to_k", "to_v", "to_out"}) {
-      for (auto [suf, role] : {std::pair<const char*, Role>{"_lora.down.weight", Role::Down}, {"_lora.up.weight", Role::Up}}) {
-        if (rest == std::string(proj) + suf) {
-          std::string mod = std::string(proj) == "to_out" ? "to_out.0" : proj;
-          *out = {key.substr(0, at) + "." + mod, role};
-          return true;
-        }
-      }
-    }
-  }
-  return false;
-}
+// Reading
 
 // Target component and module path (without the target prefix) of a stem.
 void split_stem(const std::string& stem, LoraEntry* e) {
@@ -109,9 +72,63 @@ void split_stem(const std::string& stem, LoraEntry* e) {
   e->underscored = false;
 }
 
-float scalar_of(const Tensor& t) {
-  Tensor f = t.to(DType::F32);
-  return f.f32()[0];
+// PEFT's pattern lookup (peft.utils.other.get_pattern_key): the first key of `patterns` (a JSON
+// object, keys sorted) that matches the end of the dotted module name at a '.' boundary.
+const nlohmann::json* pattern_value(const std::string& path, const nlohmann::json& patterns, const std::string& module) {
+  if (!patterns.is_object()) return nullptr;
+  for (auto it = patterns.begin(); it != patterns.end(); ++it) {
+    try {
+      if (std::regex_match(module, std::regex("(.*\\.)?(" + it.key() + ")"))) return &it.value();
+    } catch (const std::regex_error&) {
+      fail(path, ": lora_adapter_metadata: pattern '", it.key(), "' is not a regular expression");
+    }
+  }
+  return nullptr;
+}
+
+// diffusers' "lora_adapter_metadata" (the PEFT LoraConfig of each component, keys "<component>.<field>",
+// or unprefixed for a single model): lora_alpha / r (rsLoRA: / √r) for the PEFT-style entries that
+// have no .alpha tensor. A rank that disagrees with the tensors' is an error.
+void apply_adapter_metadata(const std::string& path, LoraFile& f) {
+  auto m = f.metadata.find("lora_adapter_metadata");
+  if (m == f.metadata.end()) return;
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(m->second);
+  } catch (const nlohmann::json::exception& e) {
+    fail(path, ": metadata lora_adapter_metadata is not JSON (", e.what(), ")");
+  }
+  DF_CHECK(j.is_object(), path, ": metadata lora_adapter_metadata is not a JSON object");
+  for (LoraEntry& e : f.entries) {
+    if (e.kind != LoraKind::LoRA || e.underscored || e.has_alpha) continue;
+    const std::string comp = lora_target_name(e.target);
+    auto field = [&](const std::string& k) -> const nlohmann::json* {
+      for (const std::string& name : {comp + "." + k, k}) {
+        auto it = j.find(name);
+        if (it != j.end() && !it->is_null()) return &*it;
+      }
+      return nullptr;
+    };
+    const nlohmann::json* alpha = field("lora_alpha");
+    if (!alpha) continue;
+    if (const nlohmann::json* p = field("alpha_pattern"); p && pattern_value(path, *p, e.module))
+      alpha = pattern_value(path, *p, e.module);
+    const nlohmann::json* rank = field("r");
+    if (const nlohmann::json* p = field("rank_pattern"); p && pattern_value(path, *p, e.module))
+      rank = pattern_value(path, *p, e.module);
+    DF_CHECK(alpha->is_number(), path, ": ", e.key, ": lora_adapter_metadata's lora_alpha is ", alpha->dump(),
+             ", expected a number");
+    if (rank) {
+      DF_CHECK(rank->is_number_integer() && rank->get<int64_t>() == e.rank(), path, ": ", e.key, ": rank ", e.rank(),
+               " (lora_A ", e.down.shape().str(), ") but lora_adapter_metadata says r = ", rank->dump());
+    }
+    const nlohmann::json* rs = field("use_rslora");
+    e.has_alpha = true;
+    e.alpha = alpha->get<float>();
+    e.rs_lora = rs && rs->is_boolean() && rs->get<bool>();
+    DF_CHECK(std::isfinite(e.alpha), path, ": ", e.key, ": lora_adapter_metadata's lora_alpha is not finite");
+    ++f.metadata_alphas;
+  }
 }
 
 }  // namespace
@@ -124,64 +141,50 @@ LoraFile load_lora(const std::string& path) {
   out.name = fs::path(path).stem().string();
   out.metadata = f.metadata;
 
-  struct Partial {
-    Tensor down, up;
-    const Tensor* alpha = nullptr;
-    std::string down_key, up_key, alpha_key;
-  };
-  std::map<std::string, Partial> parts;
+  std::map<std::string, ModuleTensors> parts;
   std::vector<std::string> order;
   for (const TensorEntry& te : f.tensors) {
-    KeyInfo k;
-    if (!parse_key(te.name, &k) || !dtype_is_float(te.tensor.dtype())) {
-      out.unknown.push_back(te.name + " (not a LoRA up/down/alpha tensor)");
+    std::string stem, role;
+    if (!parse_lora_key(te.name, &stem, &role) || !dtype_is_float(te.tensor.dtype())) {
+      out.unknown.push_back(te.name + " (not a LoRA or LyCORIS tensor)");
       continue;
     }
-    auto [it, fresh] = parts.try_emplace(k.stem);
-    if (fresh) order.push_back(k.stem);
-    Partial& p = it->second;
-    bool dup = false;
-    switch (k.role) {
-      case Role::Down: dup = p.down.defined(); p.down = te.tensor; p.down_key = te.name; break;
-      case Role::Up: dup = p.up.defined(); p.up = te.tensor; p.up_key = te.name; break;
-      case Role::Alpha: dup = p.alpha != nullptr; p.alpha = &te.tensor; p.alpha_key = te.name; break;
-    }
-    DF_CHECK(!dup, path, ": module ", k.stem, " has two ", k.role == Role::Down ? "down" : k.role == Role::Up ? "up" : "alpha",
-             " tensors (", te.name, ")");
+    auto [it, fresh] = parts.try_emplace(stem);
+    if (fresh) order.push_back(stem);
+    auto [rt, added] = it->second.try_emplace(role, RoleTensor{te.name, te.tensor});
+    DF_CHECK(added, path, ": module ", stem, " has two ", role, " tensors (", rt->second.key, ", ", te.name, ")");
   }
   for (const std::string& stem : order) {
-    Partial& p = parts[stem];
-    if (!p.down.defined() || !p.up.defined()) {
-      // Half a pair (or an alpha alone, e.g. beside LyCORIS weights) cannot be applied.
-      for (const std::string* k : {&p.down_key, &p.up_key, &p.alpha_key})
-        if (!k->empty())
-          out.unknown.push_back(*k + (p.down.defined() || p.up.defined() ? " (no matching up/down tensor)"
-                                                                          : " (an alpha without up/down tensors)"));
-      continue;
-    }
-    const Tensor &d = p.down, &u = p.up;
-    const bool d_ok = (d.rank() == 2 || d.rank() == 4) && d.dim(0) > 0;
-    const bool u_ok = (u.rank() == 2 || (u.rank() == 4 && u.dim(2) == 1 && u.dim(3) == 1)) && d_ok && u.dim(1) == d.dim(0);
-    DF_CHECK(d_ok && u_ok, path, ": ", stem, ": down ", d.shape().str(), " and up ", u.shape().str(),
-             " do not form a LoRA pair (expected down [r, in] or [r, in, kh, kw] and up [out, r] or [out, r, 1, 1])");
     LoraEntry e;
+    if (!assemble_entry(path, stem, parts[stem], &e, &out.unknown)) continue;
     e.key = stem;
     split_stem(stem, &e);
-    e.down = d;
-    e.up = u;
-    if (p.alpha) {
-      DF_CHECK(p.alpha->numel() == 1, path, ": ", p.alpha_key, " has shape ", p.alpha->shape().str(), ", expected one value");
-      e.has_alpha = true;
-      e.alpha = scalar_of(*p.alpha);
-      DF_CHECK(std::isfinite(e.alpha), path, ": ", p.alpha_key, " is not finite");
-    }
     out.entries.push_back(std::move(e));
   }
   if (out.entries.empty()) {
     std::string first = out.unknown.empty() ? std::string("none") : out.unknown.front();
-    fail(path, ": no LoRA tensors (", f.tensors.size(), " tensors, none named <module>.lora_down/lora_up.weight or ",
-         "<module>.lora_A/lora_B.weight; first: ", first, ")");
+    fail(path, ": no LoRA tensors (", f.tensors.size(), " tensors, none named <module>.lora_down/lora_up.weight, ",
+         "<module>.lora_A/lora_B.weight or LyCORIS's <module>.hada_*/lokr_*/diff; first: ", first, ")");
   }
+  apply_adapter_metadata(path, out);
+  return out;
+}
+
+std::vector<std::pair<std::string, int>> lora_summary(const LoraFile& f) {
+  const char* kLabels[] = {"LoRA", "LoCon Tucker", "LoHa", "LoHa Tucker", "LoKr", "LoKr Tucker", "full", "DoRA",
+                           "unet", "text_encoder", "text_encoder_2"};
+  std::map<std::string, int> n;
+  for (const LoraEntry& e : f.entries) {
+    const bool tucker = e.mid.defined() || e.t1.defined() || e.t2.defined();
+    std::string kind = lora_kind_name(e.kind);
+    if (tucker) kind = e.kind == LoraKind::LoRA ? "LoCon Tucker" : kind + " Tucker";
+    ++n[kind];
+    if (e.dora.defined()) ++n["DoRA"];
+    ++n[lora_target_name(e.target)];
+  }
+  std::vector<std::pair<std::string, int>> out;
+  for (const char* l : kLabels)
+    if (n.count(l)) out.emplace_back(l, n[l]);
   return out;
 }
 
@@ -273,17 +276,19 @@ std::string resolve_ldm_unet(const std::string& u, int lpb, const ModuleIndex& i
   return {};
 }
 
-// What one (component, module) gets: its base weight and every matching LoRA pair with its
-// scale, in file order.
+// What one (component, module) gets: its base weight and every matching entry with its
+// multiplier, in file order.
 struct ModuleTerms {
   const Tensor* base = nullptr;
   std::vector<std::pair<const LoraEntry*, float>> terms;
 };
 
-// The merged weight of one module into `w` [O, K] (f32): base converted, plus every term's
-// s · up·down, computed in blocks of rows so that each block's product (an f32 GEMM of the
-// backend `gemm`, an fp32 CPU backend, into `block`) is added while it is still in cache.
-void merge_module(Backend& gemm, const ModuleTerms& mt, Tensor& w, Tensor& block) {
+// The merged weight of one module into `w` [O, K] (f32): base converted, plus every plain LoRA
+// term's multiplier · scale · up·down, computed in blocks of rows so that each block's product (an
+// f32 GEMM of the backend `gemm`, an fp32 CPU backend, into `block`) is added while it is still in
+// cache; then every other term (LyCORIS, LoCon Tucker, DoRA: models/lycoris.cpp) whole, through
+// `extra` [O, K].
+void merge_module(Backend& gemm, const ModuleTerms& mt, Tensor& w, Tensor& block, Tensor& extra) {
   const Tensor& base = *mt.base;
   const int64_t O = w.dim(0), K = w.dim(1), kRows = 512;
   struct Term {
@@ -291,8 +296,16 @@ void merge_module(Backend& gemm, const ModuleTerms& mt, Tensor& w, Tensor& block
     float s;
   };
   std::vector<Term> terms;
-  for (const auto& [e, s] : mt.terms)
-    terms.push_back({e->up.to(DType::F32).reshape({O, e->rank()}), e->down.to(DType::F32), s});
+  std::vector<std::pair<const LoraEntry*, float>> others;
+  bool dora = false;
+  for (const auto& [e, mult] : mt.terms) {
+    if (e->plain()) {
+      terms.push_back({e->up.to(DType::F32).reshape({O, e->rank()}), e->down.to(DType::F32), mult * e->scale()});
+    } else {
+      others.emplace_back(e, mult);
+      dora = dora || e->dora.defined();
+    }
+  }
   if (!block.defined() || block.numel() < kRows * K) block = Tensor::empty({kRows * K});
   const size_t esz = dtype_size(base.dtype());
   for (int64_t o0 = 0; o0 < O; o0 += kRows) {
@@ -312,6 +325,16 @@ void merge_module(Backend& gemm, const ModuleTerms& mt, Tensor& w, Tensor& block
       for (int64_t i = 0; i < n; ++i) W[i] += C[i];
     }
   }
+  if (others.empty()) return;
+  const Tensor w0 = dora ? base.to(DType::F32) : Tensor();  // DoRA normalises the base weight plus its own delta
+  if (!extra.defined() || extra.numel() < O * K) extra = Tensor::empty({O * K});
+  for (const auto& [e, mult] : others) {
+    lycoris_term(gemm, *e, base.shape(), dora ? w0.f32() : nullptr, mult, extra.f32());
+    float* W = w.f32();
+    const float* X = extra.f32();
+#pragma omp parallel for schedule(static) if (O * K > (1 << 15))
+    for (int64_t i = 0; i < O * K; ++i) W[i] += X[i];
+  }
 }
 
 struct ComponentSlot {
@@ -321,14 +344,6 @@ struct ComponentSlot {
 };
 
 }  // namespace
-
-bool lora_fits(const Shape& b, const LoraEntry& e) {
-  const Shape& d = e.down.shape();
-  if (e.up.dim(0) != b[0] || d[1] != b[1]) return false;
-  const int64_t kh = b.rank() == 4 ? b[2] : 1, kw = b.rank() == 4 ? b[3] : 1;
-  if (d.rank() == 2) return kh == 1 && kw == 1;
-  return d[2] == kh && d[3] == kw;
-}
 
 // Matches `loras` against `model` (throwing, before any work, for a file that matches nothing or
 // a pair that does not fit), tells `on_names` which weights will be merged, then computes them
@@ -385,12 +400,12 @@ LoraApplyReport merge_each(const SDModel& model, const std::vector<std::pair<con
         continue;
       }
       const Tensor& base = *idx.weight.at(mod);
-      DF_CHECK(lora_fits(base.shape(), e), file->path, ": ", e.key, ": down ", e.down.shape().str(), " and up ",
-               e.up.shape().str(), " do not fit ", lora_target_name(e.target), " weight ", mod, " ", base.shape().str(),
-               " (a LoRA for another model architecture?)");
+      DF_CHECK(lora_fits(base.shape(), e), file->path, ": ", e.key, ": ", lora_factor_shapes(e), " do not fit ",
+               lora_target_name(e.target), " weight ", mod, " ", base.shape().str(), " (a ",
+               e.kind == LoraKind::Full ? "full difference" : lora_kind_name(e.kind), " for another model architecture?)");
       ModuleTerms& mt = modules[e.target][mod];
       mt.base = &base;
-      mt.terms.emplace_back(&e, mult * e.scale());
+      mt.terms.emplace_back(&e, mult);
       ++matched;
     }
     if (matched == 0) {
@@ -410,14 +425,14 @@ LoraApplyReport merge_each(const SDModel& model, const std::vector<std::pair<con
   // One module at a time in reused buffers.
   // The GEMM backend stays per thread: its primitives (one per product shape) are made once.
   static thread_local std::unique_ptr<Backend> gemm = make_cpu_backend(Precision::F32);
-  Tensor w_buf, block;
+  Tensor w_buf, block, extra;
   for (const auto& [target, mods] : modules) {
     for (const auto& [mod, mt] : mods) {
       const Tensor& base = *mt.base;
       const int64_t O = base.dim(0), K = base.numel() / O;
       if (!w_buf.defined() || w_buf.numel() < O * K) w_buf = Tensor::empty({O * K});
       Tensor w = Tensor::borrow(w_buf.data(), {O, K}, DType::F32);
-      merge_module(*gemm, mt, w, block);
+      merge_module(*gemm, mt, w, block, extra);
       fn(target, mod + ".weight", w.reshape(base.shape()));
     }
   }

@@ -61,6 +61,8 @@ std::unique_ptr<LoraNetwork> LoraNetwork::from_file(const std::string& path, UNe
   const LayerIndex by_te2 = te2 ? layer_index(te2->prepared(), nullptr) : LayerIndex();
   auto net = std::make_unique<LoraNetwork>();
   for (const LoraEntry& e : f.entries) {
+    DF_CHECK(e.plain(), path, ": ", e.key, ": a ", e.kind == LoraKind::LoRA ? "LoCon Tucker or DoRA" : lora_kind_name(e.kind),
+             " module (", lora_factor_shapes(e), "); training starts from LoRA files (lora_down/lora_up) only");
     const bool given = e.target == LoraTarget::UNet || (e.target == LoraTarget::TextEncoder ? te : te2) != nullptr;
     DF_CHECK(given, path, ": ", e.key, ": a ", lora_target_name(e.target),
              " module, and that text encoder is not trained here (--train-text-encoder, a model that has it)");
