@@ -14,7 +14,8 @@
 // Memory: one tile's pass at a time. With the defaults (192 px tiles, 16 px overlap: at most
 // 224² px of input) an x4 model with 64 features needs ≈ 2.25 · 64 · 896² · 4 B ≈ 0.46 GB of
 // scratch (RRDBNet::forward), whatever the image size; the 512² → 2048² x4 upscale measured
-// (diffuse upscale, synthetic 23-block x4 model): see README "Upscaling".
+// (diffuse upscale, synthetic 23-block x4 model): see README "Upscaling". The model keeps that
+// scratch for its next pass: net.release_scratch() frees it (e.g. before hires fix's second pass).
 #pragma once
 #include <functional>
 #include <vector>
