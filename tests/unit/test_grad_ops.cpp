@@ -601,13 +601,18 @@ TEST(GradUnary, ReLU) {
   }
 }
 
-// LeakyReLU(0.2)'s gradient: dy where x > 0, else 0.2·dy exactly (inputs kept away from the kink
-// at 0, where the finite difference is not the derivative).
+// LeakyReLU(0.2)'s gradient: dy where x > 0, else 0.2·dy exactly (PyTorch's choice at 0: the
+// slope). The finite differences keep away from the kink at 0, where they are not the derivative.
 TEST(GradUnary, LeakyRelu02) {
   const int64_t R = 3, C = 31;
   std::mt19937 rng(98);
   V x = draw(size_t(R * C), rng, -4, 4);
   for (double& v : x) v = v < 0 ? std::min(v, -0.01) : std::max(v, 0.01);
+  {
+    Tensor dx0 = Tensor::full({1}, 5.0f);
+    make()->unary_backward(Unary::LeakyRelu02, Tensor::zeros({1}), Tensor::full({1}, 0.5f), dx0);
+    EXPECT_EQ(dx0.f32()[0], 0.1f);
+  }
   const V G = draw(size_t(R * C), rng, -1, 1);
   const Fd gx = fd_grad(
       [&](const V& v) {

@@ -166,7 +166,7 @@ double unary_grad(Unary op, double v) {
       return s + 1.702 * v * s * (1.0 - s);
     }
     case Unary::LeakyRelu02:
-      return v < 0.0 ? 0.2 : 1.0;
+      return v > 0.0 ? 1.0 : 0.2;  // PyTorch's choice at 0: the slope
     case Unary::ReLU:
       return v > 0.0 ? 1.0 : 0.0;  // PyTorch's choice at 0: 0
   }
