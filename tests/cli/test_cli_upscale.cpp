@@ -2,6 +2,9 @@
 // params_ema .pth), output sizes and formats, tiling flags, and bad input (exit 1, one line).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
