@@ -14,6 +14,7 @@
 
 #include "core/arena.h"
 #include "core/error.h"
+#include "core/threads.h"
 #include "nn/layers.h"
 
 namespace diffuse {
@@ -92,9 +93,11 @@ Image taesd_preview(const TAESD& taesd, Backend& be, const Tensor& latent, int i
   return im;
 }
 
-std::shared_ptr<TaesdPreviewer> make_taesd_previewer(const std::string& path, Family family, Precision p) {
+std::shared_ptr<TaesdPreviewer> make_taesd_previewer(const std::string& path, Family family,
+                                                     const std::string& precision) {
+  const bool bf16 = precision == "bf16" || (precision == "auto" && cpu_features().bf16_fast());
   auto t = std::make_shared<TaesdPreviewer>();
-  t->be = make_cpu_backend(p);
+  t->be = make_cpu_backend(bf16 ? Precision::BF16 : Precision::F32);
   t->taesd = load_taesd_decoder(*t->be, path, family);
   return t;
 }

@@ -31,7 +31,9 @@ struct TaesdPreviewer {
   Image operator()(const Tensor& latent, int index) const { return taesd_preview(taesd, *be, latent, index); }
 };
 // Loads the decoder `path` (--taesd DIR|FILE, models/taesd.h resolve_taesd_path) for `family` on a
-// CPU backend computing in `p`. Throws diffuse::Error naming the file.
-std::shared_ptr<TaesdPreviewer> make_taesd_previewer(const std::string& path, Family family, Precision p);
+// CPU backend computing as `precision` says ("fp32", "bf16", or "auto": bf16 where the CPU has fast
+// bf16, as the engine decides). Throws diffuse::Error naming the file.
+std::shared_ptr<TaesdPreviewer> make_taesd_previewer(const std::string& path, Family family,
+                                                     const std::string& precision);
 
 }  // namespace diffuse

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <ctime>
 #include <random>
 
@@ -168,6 +169,33 @@ std::optional<ModelInfo> JobQueue::current_model() const {
   return current_;
 }
 
+void JobQueue::set_taesd(const std::string& path, const std::string& precision) {
+  std::lock_guard<std::mutex> lk(taesd_mu_);
+  taesd_path_ = path;
+  taesd_precision_ = precision;
+}
+
+std::shared_ptr<TaesdPreviewer> JobQueue::taesd_for(Family family, std::string* warning) {
+  std::lock_guard<std::mutex> lk(taesd_mu_);
+  if (taesd_path_.empty()) return nullptr;
+  if (auto it = taesd_.find(family); it != taesd_.end()) return it->second;
+  if (auto it = taesd_errors_.find(family); it != taesd_errors_.end()) {
+    *warning = it->second;
+    return nullptr;
+  }
+  try {
+    auto t = make_taesd_previewer(taesd_path_, family, taesd_precision_);
+    std::fprintf(stderr, "diffuse serve: TAESD previews for %s: %s\n", family_name(family), t->taesd.origin().c_str());
+    const std::string w = taesd_family_warning(t->taesd.origin(), family);
+    if (!w.empty()) std::fprintf(stderr, "diffuse serve: warning: --taesd %s\n", w.c_str());
+    return taesd_[family] = t;
+  } catch (const Error& e) {
+    *warning = taesd_errors_[family] = cat("--taesd: ", e.what(), "; live previews use the cheap approximation");
+    std::fprintf(stderr, "diffuse serve: warning: %s\n", warning->c_str());
+    return nullptr;
+  }
+}
+
 void JobQueue::set_current_model(const ModelInfo& m) {
   std::lock_guard<std::mutex> lk(mu_);
   current_ = m;
@@ -257,6 +285,9 @@ void JobQueue::run_generate(Worker& w, Job& job, JobOutcome& out) {
   // A request's own interval; < 0 is A1111's "off" / "end only": no previews; 0: the server's.
   const int every = s.preview_every > 0 ? s.preview_every : s.preview_every < 0 ? 0 : preview_every_;
   const Family family = engine_.family_of(r.model);
+  std::string taesd_warning;
+  const std::shared_ptr<TaesdPreviewer> taesd = every > 0 ? taesd_for(family, &taesd_warning) : nullptr;
+  if (!taesd_warning.empty()) out.warnings.push_back(taesd_warning);
   for (int it = 0; it < s.n_iter; ++it) {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -280,7 +311,7 @@ void JobQueue::run_generate(Worker& w, Job& job, JobOutcome& out) {
     cb.finish_early = [&] { return bool(w.interrupt); };  // the partly denoised image still comes back
     cb.on_latent = [&](const Tensor& latent, int step, int steps) {
       if (every <= 0 || (step % every != 0 && step != steps)) return;
-      const std::vector<uint8_t> png = encode_png(latent_preview(latent, 0, family));
+      const std::vector<uint8_t> png = encode_png(taesd ? (*taesd)(latent, 0) : latent_preview(latent, 0, family));
       std::string b64 = base64_encode(png.data(), png.size());
       std::lock_guard<std::mutex> lk(mu_);
       w.preview = std::move(b64);

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "api/engine.h"
+#include "pipeline/preview.h"
 #include "server/model_registry.h"
 #include "server/request.h"
 
@@ -94,11 +96,19 @@ class JobQueue {
   std::optional<ModelInfo> current_model() const;
   void set_current_model(const ModelInfo& m);
 
+  // --taesd DIR|FILE: live previews decoded by TAESD (pipeline/preview.h) on a backend computing as
+  // `precision` says, the decoder loaded for a model family when a job of that family first needs
+  // it. A decoder that fails to load gives that family the cheap previews, with a warning in each
+  // job's info. Call before the first job.
+  void set_taesd(const std::string& path, const std::string& precision);
+
  private:
   struct Worker;
   void worker_loop(Worker& w);
   void run_generate(Worker& w, Job& job, JobOutcome& out);
   void finish(Job& job, JobOutcome out);
+  // The TAESD previewer for `family` (null: cheap previews; *warning says why when loading failed).
+  std::shared_ptr<TaesdPreviewer> taesd_for(Family family, std::string* warning);
 
   api::Engine& engine_;
   const size_t max_queued_;
@@ -108,6 +118,10 @@ class JobQueue {
   std::deque<std::shared_ptr<Job>> queue_;
   bool stopping_ = false;
   std::vector<std::unique_ptr<Worker>> workers_;
+  std::string taesd_path_, taesd_precision_;
+  std::mutex taesd_mu_;  // loads one decoder at a time
+  std::map<Family, std::shared_ptr<TaesdPreviewer>> taesd_;
+  std::map<Family, std::string> taesd_errors_;
   std::optional<ModelInfo> current_;
 };
 

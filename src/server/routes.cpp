@@ -26,6 +26,7 @@ ServerState::ServerState(const ServerOptions& o)
       registry(o.models_dir, o.lora_dir, o.model, [this](const std::string& p) { return engine.model_sha256(p); },
                o.controlnet_dir),
       queue(engine, o.workers, o.max_queue, o.preview_every) {
+  queue.set_taesd(o.taesd, o.engine.precision);
   options = {
       {"sd_vae", "Automatic"},
       {"CLIP_stop_at_last_layers", 1},

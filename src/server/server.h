@@ -24,6 +24,7 @@ struct ServerOptions {
   int workers = 1;
   size_t max_queue = 64;
   int preview_every = 3;           // steps between live previews unless a request says
+  std::string taesd;               // --taesd DIR|FILE: previews decoded by TAESD (per family, on first use)
   api::EngineOptions engine;
   bool log_requests = true;        // one line per request on stderr
 };

@@ -16,7 +16,6 @@
 
 #include "api/engine.h"
 #include "core/error.h"
-#include "core/threads.h"
 #include "io/image.h"
 #include "io/output_file.h"
 #include "io/tensor_file.h"
@@ -309,8 +308,7 @@ int run_generate(const GenOptions& o) {
     std::shared_ptr<TaesdPreviewer> taesd;
     if (!o.taesd.empty()) {
       try {
-        const bool bf16 = o.precision == "bf16" || (o.precision == "auto" && cpu_features().bf16_fast());
-        taesd = make_taesd_previewer(o.taesd, family, bf16 ? Precision::BF16 : Precision::F32);
+        taesd = make_taesd_previewer(o.taesd, family, o.precision);
       } catch (const Error& e) {
         throw FileError(cat("--taesd: ", e.what()));
       }

@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <sstream>
 #include <thread>
@@ -48,6 +49,10 @@ int run_serve(ServeFlags& f) {
   DF_CHECK(o.workers >= 1 && o.workers <= 16, "--workers ", o.workers, ": 1 to 16");
   DF_CHECK(o.max_queue >= 1, "--max-queue must be at least 1");
   DF_CHECK(!o.models_dir.empty() || !o.model.empty(), "give --models-dir DIR (or --model FILE)");
+  if (!o.taesd.empty()) {
+    std::error_code ec;
+    DF_CHECK(std::filesystem::exists(o.taesd, ec), "--taesd ", o.taesd, ": no such file or folder");
+  }
   o.engine.threads = f.threads;
   o.engine.precision = f.precision;
   o.engine.weights = f.weights;
@@ -113,6 +118,9 @@ Run add_serve_command(CLI::App& app) {
   c->add_option("--max-queue", o.max_queue, "Jobs that may wait; more get 503")->capture_default_str();
   c->add_option("--preview-every", o.preview_every, "Steps between live previews (progress current_image; 0: none)")
       ->capture_default_str();
+  c->add_option("--taesd", o.taesd,
+                "TAESD decoder for full-size live previews: a file, or a folder with taesd_decoder.* (SD 1.x/2.x) "
+                "and taesdxl_decoder.* (SDXL), loaded for a model family when a job first needs it");
   c->add_option("--precision", f->precision, "auto | fp32 | bf16")->check(CLI::IsMember({"auto", "fp32", "bf16"}));
   c->add_option("--weights", f->weights, "native | int8")->check(CLI::IsMember({"native", "int8"}));
   c->add_option("-t,--threads", f->threads, "Threads per job (0: all physical cores)");

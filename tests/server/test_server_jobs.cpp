@@ -9,6 +9,8 @@
 #include <atomic>
 #include <set>
 
+#include "../common/taesd_files.h"
+#include "io/tensor_file.h"
 #include "server_util.h"
 
 using namespace servertest;
@@ -227,4 +229,57 @@ TEST(ServerJobs, SigtermFinishesTheRunningJobAndExitsCleanly) {
   EXPECT_EQ(res->status, 200) << res->body;
   EXPECT_TRUE(json::parse(json::parse(res->body)["info"].get<std::string>())["interrupted"].get<bool>());
   EXPECT_NE(srv.log().find("stopped"), std::string::npos);
+}
+
+// --taesd: progress's current_image is the TAESD decode at the output size (the cheap preview is
+// the latent's, 1/8); a file that is not a TAESD leaves the cheap previews and says so in the job's
+// info; a path that does not exist is refused at start.
+TEST(ServerJobs, TaesdPreviewsAreFullSize) {
+  Folders dirs("taesd");
+  const std::string taesd_dir = dirs.root + "/taesd";
+  fs::create_directories(taesd_dir);
+  taesd_files::Named n;
+  taesd_files::add_decoder(n, taesd_files::make_decoder(41), "", 1);
+  diffuse::save_safetensors(taesd_dir + "/taesd_decoder.safetensors", n);
+  for (const std::string& taesd : {taesd_dir, tiny_model()}) {
+    const bool good = taesd == taesd_dir;
+    SCOPED_TRACE(taesd);
+    ServerProcess srv({"--models-dir", dirs.models, "--taesd", taesd, "--max-steps", "2000"}, "taesd");
+    ASSERT_GT(srv.port(), 0) << srv.log();
+    json body = long_job(40, 3, 64);
+    body["override_settings"]["show_progress_every_n_steps"] = 1;
+    std::atomic<bool> done{false};
+    Reply res;
+    std::thread client([&] {
+      auto c = srv.client();
+      res = reply(post(c, "/sdapi/v1/txt2img", body));
+      done = true;
+    });
+    std::string preview;
+    while (!done) {
+      json p = progress(srv);
+      if (p.is_object() && busy(p) && p["current_image"].is_string()) preview = p["current_image"];
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    client.join();
+    ASSERT_TRUE(res);
+    ASSERT_EQ(res->status, 200) << res->body;
+    ASSERT_FALSE(preview.empty()) << "no current_image during the job";
+    const diffuse::Image im = decode_b64_png(preview);
+    EXPECT_EQ(im.width, good ? 64 : 8);
+    EXPECT_EQ(im.height, good ? 64 : 8);
+    const std::string warnings = json::parse(json::parse(res->body)["info"].get<std::string>())["warnings"].dump();
+    if (good) {
+      EXPECT_EQ(warnings.find("--taesd"), std::string::npos) << warnings;
+      EXPECT_NE(srv.log().find("TAESD previews for sd1: " + taesd_dir + "/taesd_decoder.safetensors"), std::string::npos)
+          << srv.log();
+    } else {
+      EXPECT_NE(warnings.find("--taesd: " + tiny_model() + ": not a TAESD"), std::string::npos) << warnings;
+    }
+  }
+  ServerProcess missing({"--models-dir", dirs.models, "--taesd", dirs.root + "/nope"}, "taesd_missing");
+  EXPECT_LT(missing.port(), 0);
+  EXPECT_NE(missing.log().find("--taesd " + dirs.root + "/nope: no such file or folder"), std::string::npos)
+      << missing.log();
+  EXPECT_EQ(missing.stop(), 1);
 }
