@@ -15,6 +15,7 @@
 
 #include "../common/expect_error.h"
 #include "../common/taesd_files.h"
+#include "../common/torch_pth.h"
 #include "core/error.h"
 #include "io/tensor_file.h"
 #include "models/taesd.h"
@@ -168,19 +169,27 @@ TEST(TAESD, DecoderMatchesTheReferenceInBothLayouts) {
   const std::string f_orig = write("taesd_decoder.safetensors", orig);
   const std::string f_diff = write("tiny/diffusion_pytorch_model.safetensors", diff);
   write_text(tmp_dir() + "/tiny/config.json", kConfig);
+  // A1111 and ComfyUI download the original as taesd_decoder.pth: torch.save of the state dict.
+  std::vector<torch_pth::Tensor> pth;
+  for (const auto& [name, t] : orig)
+    pth.push_back({name, t.shape().vec(), std::vector<float>(t.f32(), t.f32() + t.numel())});
+  const std::string f_pth = tmp_dir() + "/pth/taesd_decoder.pth";
+  fs::create_directories(tmp_dir() + "/pth");
+  torch_pth::write(f_pth, {{"", pth}});
 
   // Latents beyond ±3 exercise the tanh clamp; a batch of 2 (image 1 is read by the preview).
   const Img z0 = random_img(5, 7, 4, 11, -4.5, 4.5), z1 = random_img(5, 7, 4, 12, -2, 2);
   const Img r0 = ref_decode(z0, d), r1 = ref_decode(z1, d);
   const Tensor z = batch({z0, z1});
   auto be = make_cpu_backend(Precision::F32);
-  for (const std::string& path : {f_orig, f_diff, tmp_dir() + "/tiny"}) {
+  for (const std::string& path : {f_orig, f_pth, f_diff, tmp_dir() + "/tiny"}) {
     SCOPED_TRACE(path);
+    const bool original = path == f_orig || path == f_pth;
     TAESD t;
     t.load(*be, open_model_file(path));
     EXPECT_TRUE(t.has_decoder());
-    EXPECT_EQ(t.has_encoder(), path != f_orig);
-    EXPECT_EQ(t.layout(), path == f_orig ? "taesd" : "diffusers AutoencoderTiny");
+    EXPECT_EQ(t.has_encoder(), !original);
+    EXPECT_EQ(t.layout(), original ? "taesd" : "diffusers AutoencoderTiny");
     Arena arena;
     Ctx c{*be, arena};
     const Tensor y = t.decode(c, z);
@@ -209,6 +218,31 @@ TEST(TAESD, DecoderMatchesTheReferenceInBothLayouts) {
     EXPECT_LE(off, 5);
     EXPECT_GT(mid, int(r1.v.size()) / 10);  // the comparison sees more than clamped pixels
   }
+}
+
+// With bf16 compute (where the CPU has it; else the backend says so and runs f32) the activations
+// are stored in bf16 too: each of the ~20 layers rounds its inputs, weights and output to 8
+// significant bits (2^-9 relative each); bound: 20 layers · 3 roundings · 2^-9 of the output's
+// magnitude, the worst case of errors adding up in one direction.
+TEST(TAESD, DecoderInBf16) {
+  const Dec d = make_decoder(1);
+  Named orig;
+  add_decoder(orig, d, "", 1);
+  const std::string path = write("bf16/taesd_decoder.safetensors", orig);
+  const Img z = random_img(5, 7, 4, 13, -4.5, 4.5);
+  const Img ref = ref_decode(z, d);
+  auto be = make_cpu_backend(Precision::BF16);
+  TAESD t;
+  t.load(*be, open_model_file(path));
+  Arena arena;
+  Ctx c{*be, arena};
+  const Tensor y = t.decode(c, batch({z}));
+  EXPECT_EQ(y.dtype(), DType::F32);  // the image is f32 whatever the activations
+  const auto [err, mag] = max_err(y, 0, ref);
+  const double tol = 20 * 3 * std::ldexp(1.0, -9) * mag;
+  std::printf("  decode %s: max|err| %.3g, max|ref| %.3g, err/tol %.3f\n",
+              precision_name(be->effective_precision()), err, mag, err / tol);
+  EXPECT_LE(err, tol);
 }
 
 TEST(TAESD, EncoderMatchesTheReferenceInBothLayouts) {
