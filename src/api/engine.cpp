@@ -24,6 +24,8 @@
 #include "models/memory_estimate.h"
 #include "models/name_map.h"
 #include "pipeline/conditioning.h"
+#include "pipeline/hires.h"
+#include "pipeline/upscale.h"
 
 namespace diffuse::api {
 
@@ -242,6 +244,56 @@ std::unique_ptr<RunState> Engine::new_state() const {
   return s;
 }
 
+namespace {
+HiresParams hires_params(const Request& r) {
+  HiresParams h;
+  h.scale = r.hires_scale > 0 ? r.hires_scale : 1.0;
+  h.width = r.hires_width;
+  h.height = r.hires_height;
+  h.steps = r.hires_steps;
+  h.denoise = r.hires_denoise;
+  h.upscaler = r.hires_upscaler;
+  return h;
+}
+
+// A1111's "Hires …" entries of the infotext.
+std::string hires_infotext(const Request& r, const HiresParams& h, int base_w, int base_h) {
+  std::string s;
+  if (h.width > 0 || h.height > 0) {
+    int tw = 0, th = 0;
+    hires_target(h, base_w, base_h, &tw, &th);
+    s = "Hires resize: " + std::to_string(tw) + "x" + std::to_string(th);
+  } else {
+    s = "Hires upscale: " + num(h.scale);
+  }
+  if (h.steps > 0) s += ", Hires steps: " + std::to_string(h.steps);
+  s += ", Hires upscaler: " + hires_upscaler_display(h.upscaler, fs::path(r.hires_upscaler_model).stem().string());
+  return s;
+}
+
+// The hires-fix settings (ranges as A1111's UI, checked before anything loads).
+void check_hires(const Request& r, Engine::ImagesGiven given) {
+  const bool model_given = !r.hires_upscaler_model.empty();
+  DF_CHECK(r.hires() || (!model_given && r.hires_steps == 0),
+           "--hires-steps / --hires-upscaler-model need the hires fix: give --hires-scale S (or --hires-width/--hires-height)");
+  if (!r.hires()) return;
+  DF_CHECK(!given.init && !given.mask, "--hires-scale: the hires fix is for txt2img (no -i/--init, --mask)");
+  DF_CHECK(std::isfinite(r.hires_scale) && (r.hires_scale == 0 || (r.hires_scale >= 1 && r.hires_scale <= 8)),
+           "--hires-scale ", r.hires_scale, ": must be in [1, 8]");
+  DF_CHECK(r.hires_width >= 0 && r.hires_width <= kMaxImageSide && r.hires_height >= 0 &&
+               r.hires_height <= kMaxImageSide,
+           "--hires-width / --hires-height: 0 to ", kMaxImageSide, " pixels");
+  DF_CHECK(r.hires_steps >= 0 && r.hires_steps <= 1000, "--hires-steps ", r.hires_steps, ": must be in [0, 1000]");
+  DF_CHECK(std::isfinite(r.hires_denoise) && r.hires_denoise > 0 && r.hires_denoise <= 1, "--hires-denoise ",
+           r.hires_denoise, ": must be in (0, 1]");
+  check_hires_upscaler(r.hires_upscaler);
+  DF_CHECK((r.hires_upscaler == "esrgan") == model_given,
+           model_given ? "--hires-upscaler-model needs --hires-upscaler esrgan"
+                       : "--hires-upscaler esrgan: give the model with --hires-upscaler-model FILE");
+  if (model_given) check_input_file(r.hires_upscaler_model, "--hires-upscaler-model");
+}
+}  // namespace
+
 void Engine::validate_settings(const Request& r, ImagesGiven given) {
   std::error_code ec;
   DF_CHECK(!r.model.empty(), "-m/--model: a model file or diffusers folder is required");
@@ -288,6 +340,7 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
     check_input_file(r.vae, "--vae");
   }
   if (!r.control_net.empty()) check_input_file(r.control_net, "--control-net", true);
+  check_hires(r, given);
   DF_CHECK(std::isfinite(r.control_strength) && r.control_strength >= 0 && r.control_strength <= 10,
            "--control-strength ", r.control_strength, ": must be in [0, 10]");
   DF_CHECK(r.canny_low >= 0 && r.canny_low <= r.canny_high && r.canny_high <= 1020, "--canny-low ", r.canny_low,
@@ -540,8 +593,9 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   validate(req);
   std::string memory_line;
   {  // sizes whose memory cannot fit are refused with the estimate, before anything loads
-    const int w = req.width ? req.width : !req.init.pixels.empty() ? req.init.width : 0;
-    const int h = req.height ? req.height : !req.init.pixels.empty() ? req.init.height : 0;
+    int w = req.width ? req.width : !req.init.pixels.empty() ? req.init.width : 0;
+    int h = req.height ? req.height : !req.init.pixels.empty() ? req.init.height : 0;
+    if (req.hires() && w > 0 && h > 0) hires_target(hires_params(req), w, h, &w, &h);  // the larger pass
     const size_t avail = available_memory_bytes();
     if (w > 0 && h > 0 && avail > 0) {
       const Footprint f = run_footprint(req, shapes_of(req.model), w, h, precision_, format_);
@@ -620,7 +674,9 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   const std::string vae = req.vae.empty() ? paired_vae(req.model) : req.vae;
   if (req.vae.empty() && !vae.empty())
     log("using the VAE " + vae + " beside the model (as A1111 pairs MODEL.vae.safetensors)");
-  std::shared_ptr<ModelEntry> entry = acquire_model(req.model, has_init, cb, &out.load_s, vae);
+  // The VAE encoder: img2img / inpainting, and a hires fix whose upscale works on images.
+  const bool encodes = has_init || (req.hires() && req.hires_upscaler.rfind("latent", 0) != 0);
+  std::shared_ptr<ModelEntry> entry = acquire_model(req.model, encodes, cb, &out.load_s, vae);
   SDModel& model = *entry->model;
   const bool inpaint9 = model.unet_cfg.in_channels == 9;
   DF_CHECK(!inpaint9 || has_mask, "-m/--model ", req.model,
@@ -758,8 +814,26 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     out.images.push_back(std::move(g));
   };
 
+  std::unique_ptr<RRDBNet> esrgan;
+  HiresParams hp = hires_params(req);
+  if (req.hires()) {
+    if (!req.hires_upscaler_model.empty())
+      esrgan = std::make_unique<RRDBNet>(as_file_error([&] { return load_rrdbnet(req.hires_upscaler_model, be); }));
+    hp.esrgan = esrgan.get();
+    int tw = 0, th = 0;
+    hires_target(hp, p.width, p.height, &tw, &th);
+    log("hires fix: " + std::to_string(p.width) + "x" + std::to_string(p.height) + " -> " + std::to_string(tw) + "x" +
+        std::to_string(th) + " (" + hires_upscaler_display(hp.upscaler, fs::path(req.hires_upscaler_model).stem().string()) +
+        "), " + std::to_string(hp.steps > 0 ? hp.steps : p.steps) + " steps at denoising strength " + num(hp.denoise));
+    ii.hires = hires_infotext(req, hp, p.width, p.height);
+    ii.hires_denoise = hp.denoise;
+  }
+
   auto tg = std::chrono::steady_clock::now();
-  diffuse::generate(model, be, p, progress, &state->ws);
+  if (req.hires())
+    generate_hires(model, be, p, hp, progress, &state->ws);
+  else
+    diffuse::generate(model, be, p, progress, &state->ws);
   out.generate_s = seconds_since(tg);
   state->ws.release();
   if (entry->spent) {

@@ -70,6 +70,14 @@ struct Request {
   std::string embeddings_dir;
   std::string vae;                  // a standalone VAE file instead of the checkpoint's ("" = MODEL.vae.safetensors
                                     // beside a single-file model if there is one, else the checkpoint's own)
+  // Hires fix (pipeline/hires.h, txt2img only): on when hires_scale > 0 or a hires size is given.
+  double hires_scale = 0;           // pass-2 size = base size × scale
+  int hires_width = 0, hires_height = 0;  // or an explicit pass-2 size (A1111's "resize to")
+  int hires_steps = 0;              // 0: the first pass's steps
+  double hires_denoise = 0.7;
+  std::string hires_upscaler = "latent";  // pipeline/hires.h names, or "esrgan" with hires_upscaler_model
+  std::string hires_upscaler_model;       // an ESRGAN / Real-ESRGAN file (models/rrdbnet.h)
+  bool hires() const { return hires_scale > 0 || hires_width > 0 || hires_height > 0; }
   std::string control_net;          // ControlNet file or folder ("" none)
   Image control_image;
   double control_strength = 1.0;

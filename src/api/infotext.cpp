@@ -39,7 +39,9 @@ std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t
   if (!in.vae_hash.empty()) s += ", VAE hash: " + in.vae_hash;
   if (!in.vae_name.empty()) s += ", VAE: " + in.vae_name;
   if (p.init) s += ", Denoising strength: " + num(p.strength);
+  if (in.hires_denoise >= 0) s += ", Denoising strength: " + num(in.hires_denoise);
   if (p.clip_skip > 1) s += ", Clip skip: " + std::to_string(p.clip_skip);
+  if (!in.hires.empty()) s += ", " + in.hires;
   if (p.rng == RngKind::Cpu) s += ", RNG: CPU";
   if (p.batch > 1) s += ", Batch size: " + std::to_string(p.batch) + ", Batch pos: " + std::to_string(pos);
   if (!in.lora_hashes.empty()) s += ", Lora hashes: " + format_lora_hashes(in.lora_hashes);

@@ -15,6 +15,8 @@ struct InfotextInputs {
   std::vector<std::pair<std::string, std::string>> lora_hashes;  // (name, hash)
   std::vector<std::pair<std::string, std::string>> ti_hashes;    // textual inversions used: (name, sha256)
   std::string control;     // "Module: …, Model: …, Weight: …" ("" none)
+  double hires_denoise = -1;  // the hires pass's denoising strength (< 0: no hires fix)
+  std::string hires;          // "Hires upscale: …, Hires steps: …, Hires upscaler: …" ("" none)
   std::string vae_name, vae_hash;  // a standalone VAE's file stem and short hash ("" the checkpoint's own)
 };
 

@@ -49,6 +49,14 @@ struct GenerateParams {
   double strength = 0.75;
   const Image* init = nullptr;  // 8-bit, width × height (converted to RGB)
   const Image* mask = nullptr;  // 8-bit, width × height; white (>= 128 after grey conversion) = repaint
+  // img2img from a latent instead of an image (hires fix's latent upscale): f32 [1 or batch, h, w, 4]
+  // NHWC in the model's latent space (as Result::latent, after the VAE scaling factor: not divided
+  // by it), h, w = height / 8, width / 8. No VAE encode, no posterior draw; no mask.
+  const Tensor* init_latent = nullptr;
+  // img2img (init or init_latent): > 0 runs exactly the last img2img_steps of the `steps`
+  // schedule instead of int(steps * strength) (A1111's hires pass: steps / denoise scheduled,
+  // hires-steps run).
+  int img2img_steps = 0;
   // ControlNet: its residuals (× control_strength) are added to the UNet's skip connections and
   // mid block on both guidance halves. The hint is RGB in [0, 1], resized to the output size
   // (Lanczos, as diffusers does) when it differs.
@@ -58,6 +66,9 @@ struct GenerateParams {
   // VAE tiling for the decode and the init/masked-image encode (models/vae.h). Auto: tiled above
   // 1024² pixels (the untiled VAE needs ~4 GiB of activations at 1024², and 4× that at 2048²).
   VAETiling vae_tiling;
+  // false: no VAE decode; the results carry their latents only (image left empty, on_result not
+  // called): hires fix's first pass with a latent upscaler.
+  bool decode = true;
   // Called once the prompts are encoded, before denoising (e.g. to free the text encoders).
   std::function<void()> on_conditioned;
   // Polled at every progress point (after encoding, after each model evaluation, per decoded

@@ -134,6 +134,8 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   DF_CHECK(p.batch >= 1, "--batch ", p.batch, ": must be at least 1");
   DF_CHECK(p.strength >= 0.0 && p.strength <= 1.0, "--strength ", p.strength, ": must be in [0, 1]");
   DF_CHECK(!p.mask || p.init, "--mask needs an init image (-i/--init)");
+  DF_CHECK(!p.init_latent || !p.init, "generate: an init image and an init latent together");
+  DF_CHECK(p.img2img_steps >= 0, "generate: img2img_steps ", p.img2img_steps, " is negative");
   DF_CHECK(model.unet.loaded(), "generate: the model's UNet is not loaded");
   const int in_ch = model.unet_cfg.in_channels;
   const bool inpaint9 = in_ch == 9;
@@ -181,8 +183,9 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   const std::vector<double> full = sched->timesteps();
   std::vector<double> run = full;
   int first = 0;
-  if (p.init) {
-    const int init_timestep = std::min(int(double(p.steps) * p.strength), p.steps);
+  if (p.init || p.init_latent) {
+    const int init_timestep = p.img2img_steps > 0 ? std::min(p.img2img_steps, p.steps)
+                                                  : std::min(int(double(p.steps) * p.strength), p.steps);
     const int t_start = std::max(p.steps - init_timestep, 0);
     const int begin = std::min(t_start * sched->order(), int(full.size()));
     sched->set_begin_index(begin);
@@ -202,7 +205,18 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     scale_inplace(s, sf);
     return s;
   };
-  if (!p.init) {
+  if (p.init_latent) {
+    const Tensor& il = *p.init_latent;
+    DF_CHECK(il.dtype() == DType::F32 && il.rank() == 4 && (il.dim(0) == 1 || il.dim(0) == B) && il.dim(1) == h &&
+                 il.dim(2) == w && il.dim(3) == C,
+             "generate: init latent ", il.str(), ", expected f32 [1 or ", B, ", ", h, ", ", w, ", ", C, "]");
+    init_latent = Tensor::empty({B, h, w, C});
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(init_latent.f32() + b * h * w * C, il.f32() + (il.dim(0) == 1 ? 0 : b) * h * w * C,
+                  size_t(h * w * C) * 4);
+    noise = rng.batch(h, w, C);
+    x = run.empty() ? init_latent.clone() : sched->add_noise(init_latent, noise, run.front());
+  } else if (!p.init) {
     x = rng.batch(h, w, C);
     scale_inplace(x, float(sched->init_noise_sigma()));
   } else {
@@ -292,6 +306,10 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     Result r;
     r.latent = nhwc_to_nchw(one);
     r.seed = p.rng == RngKind::Cuda ? p.seed + uint64_t(b) : p.seed;
+    if (!p.decode) {
+      results.push_back(std::move(r));
+      continue;
+    }
     DF_CHECK(model.vae.has_decoder(), model.path, ": the VAE decoder is not loaded");
     float* z = one.f32();
     for (int64_t i = 0; i < one.numel(); ++i) z[i] = z[i] / sf;

@@ -391,15 +391,67 @@ std::string mask_image(const Fields& f) {
   return m->get<std::string>();
 }
 
+// A1111's hr_upscaler names -> the engine's (pipeline/hires.h); "" when not available here.
+std::string hires_upscaler(const std::string& name) {
+  static const std::pair<const char*, const char*> kNames[] = {
+      {"Latent", "latent"},
+      {"Latent (antialiased)", "latent-antialiased"},
+      {"Latent (bicubic)", "latent-bicubic"},
+      {"Latent (nearest)", "latent-nearest"},
+      {"Latent (nearest-exact)", "latent-nearest-exact"},
+      {"None", "lanczos"},  // A1111's "None": a plain (Lanczos) resize
+      {"Lanczos", "lanczos"},
+      {"Nearest", "nearest"},
+  };
+  for (const auto& [a1111, ours] : kNames)
+    if (name == a1111) return ours;
+  return "";
+}
+
+// enable_hr: the hires fix (hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps,
+// denoising_strength), its output size within the pixel limit.
+void parse_hires(const Fields& f, const Limits& lim, JobSpec& spec) {
+  api::Request& r = spec.req;
+  r.hires_scale = f.number("hr_scale", 1, 8).value_or(2.0);
+  r.hires_width = int(f.integer("hr_resize_x", 0, kMaxImageSide).value_or(0));
+  r.hires_height = int(f.integer("hr_resize_y", 0, kMaxImageSide).value_or(0));
+  r.hires_steps = int(f.integer("hr_second_pass_steps", 0, std::clamp(lim.max_steps, 1, 1000)).value_or(0));
+  r.hires_denoise = f.number("denoising_strength", 0, 1).value_or(0.7);
+  if (r.hires_denoise <= 0) throw RequestError(422, "denoising_strength", "denoising_strength: must be above 0 with enable_hr");
+  const std::string name = f.str("hr_upscaler").value_or("Latent");
+  r.hires_upscaler = hires_upscaler(name);
+  if (r.hires_upscaler.empty()) {
+    spec.warnings.push_back(cat("hr_upscaler: '", name, "' is not available; Latent was used"));
+    r.hires_upscaler = "latent";
+  }
+  // A second pass with its own checkpoint, sampler or prompt is not available ("" and A1111's
+  // "Use same ..." mean the first pass's).
+  for (const char* k : {"hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"}) {
+    const std::string v = f.str(k).value_or("");
+    if (!v.empty() && v.rfind("Use same", 0) != 0)
+      spec.warnings.push_back(cat(k, ": a different second pass is not available; the first pass's was used"));
+  }
+  // The second pass's size (pipeline/hires.h hires_target), within the pixel limit.
+  const int64_t w = r.width, h = r.height;
+  int64_t tw = int64_t(double(w) * r.hires_scale), th = int64_t(double(h) * r.hires_scale);
+  if (r.hires_width > 0 || r.hires_height > 0) {
+    tw = r.hires_width > 0 ? r.hires_width : r.hires_height * w / h;
+    th = r.hires_height > 0 ? r.hires_height : r.hires_width * h / w;
+  }
+  tw -= tw % 8;
+  th -= th % 8;
+  if (tw * th > lim.max_pixels)
+    throw RequestError(422, "hr_scale", cat("hr_scale: the hires size ", tw, "x", th, " is ", tw * th,
+                                            " pixels; the limit is ", lim.max_pixels));
+}
+
 }  // namespace
 
 JobSpec parse_a1111_txt2img(const json& body, const Limits& lim) {
   JobSpec spec;
   parse_common(body, lim, spec);
   const Fields f(body);
-  if (f.boolean("enable_hr").value_or(false))
-    spec.warnings.push_back(
-        cat("enable_hr: hires fix is not available; the image is generated at ", spec.req.width, "x", spec.req.height));
+  if (f.boolean("enable_hr").value_or(false)) parse_hires(f, lim, spec);
   parse_controlnet(f, lim, spec, false);
   spec.echo = make_echo(body, txt2img_defaults());
   return spec;

@@ -442,9 +442,17 @@ void register_routes(httplib::Server& svr, ServerState& st) {
   get_json("/sdapi/v1/samplers", [] { return a1111_sampler_list(); });
   get_json("/sdapi/v1/schedulers", [] { return a1111_scheduler_list(); });
   get_json("/sdapi/v1/upscalers", [] {
-    return json::array({{{"name", "None"}, {"model_name", json()}, {"model_path", json()}, {"model_url", json()}, {"scale", 4}}});
+    json a = json::array();
+    for (const char* n : {"None", "Lanczos", "Nearest"})
+      a.push_back({{"name", n}, {"model_name", json()}, {"model_path", json()}, {"model_url", json()}, {"scale", 4}});
+    return a;
   });
-  get_json("/sdapi/v1/latent-upscale-modes", [] { return json::array(); });
+  get_json("/sdapi/v1/latent-upscale-modes", [] {
+    json a = json::array();
+    for (const char* n : {"Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest)", "Latent (nearest-exact)"})
+      a.push_back({{"name", n}});
+    return a;
+  });
   get_json("/sdapi/v1/sd-vae", [] { return json::array(); });
   get_json("/sdapi/v1/embeddings", [&st] { return embeddings_json(st); });
   for (const char* p : {"/sdapi/v1/prompt-styles", "/sdapi/v1/face-restorers", "/sdapi/v1/hypernetworks",

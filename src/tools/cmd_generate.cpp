@@ -45,6 +45,9 @@ struct GenOptions {
   std::string lora_dir;            // --lora-model-dir: where <lora:NAME:MULT> prompt tags are looked up
   std::string vae;  // --vae: a standalone VAE instead of the checkpoint's
   std::string embeddings_dir;  // --embeddings-dir: textual inversions used by name in the prompts
+  double hires_scale = 0, hires_denoise = 0.7;  // --hires-*: A1111's hires fix (pipeline/hires.h)
+  int hires_width = 0, hires_height = 0, hires_steps = 0;
+  std::string hires_upscaler = "latent", hires_upscaler_model;
   std::string control_net, control_image;
   double control_strength = 1.0;
   bool canny = false;
@@ -230,6 +233,13 @@ int run_generate(const GenOptions& o) {
   for (const std::string& v : o.loras) r.loras.push_back(split_lora_flag(v));
   r.vae = o.vae;
   r.embeddings_dir = o.embeddings_dir;
+  r.hires_scale = o.hires_scale;
+  r.hires_width = o.hires_width;
+  r.hires_height = o.hires_height;
+  r.hires_steps = o.hires_steps;
+  r.hires_denoise = o.hires_denoise;
+  r.hires_upscaler = o.hires_upscaler;
+  r.hires_upscaler_model = o.hires_upscaler_model;
   r.control_net = o.control_net;
   r.control_strength = o.control_strength;
   r.canny = o.canny;
@@ -367,6 +377,18 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--lora", o->loras, "LoRA file[:multiplier], repeatable (kohya/A1111 or diffusers/PEFT)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--lora-model-dir", o->lora_dir, "folder where prompt tags <lora:NAME:MULT> find NAME.safetensors");
+  cmd->add_option("--hires-scale", o->hires_scale,
+                  "hires fix (A1111's two passes): generate, upscale by S (1 to 8), then img2img at the larger size");
+  cmd->add_option("--hires-width", o->hires_width, "hires fix to this width instead of a scale (0: from the height's ratio)");
+  cmd->add_option("--hires-height", o->hires_height, "hires fix to this height instead of a scale (0: from the width's ratio)");
+  cmd->add_option("--hires-steps", o->hires_steps, "steps of the hires pass (0: the same as --steps)");
+  cmd->add_option("--hires-denoise", o->hires_denoise, "denoising strength of the hires pass, (0, 1]")->capture_default_str();
+  cmd->add_option("--hires-upscaler", o->hires_upscaler,
+                  "latent | latent-antialiased | latent-bicubic | latent-nearest | latent-nearest-exact (A1111's Latent "
+                  "modes) | lanczos | nearest | esrgan (with --hires-upscaler-model)")
+      ->capture_default_str();
+  cmd->add_option("--hires-upscaler-model", o->hires_upscaler_model,
+                  "ESRGAN / Real-ESRGAN model for --hires-upscaler esrgan (e.g. RealESRGAN_x4plus.pth)");
   cmd->add_option("--embeddings-dir", o->embeddings_dir,
                   "textual-inversion embeddings (.pt, .safetensors, .bin) used by file name in the prompts, as A1111 "
                   "(also embedding:NAME); default: an 'embeddings' folder beside the model, else the model's folder");

@@ -117,6 +117,25 @@ TEST(ServerApi, UnknownSamplerFallsBackAndInfoSaysWhichRan) {
   EXPECT_NE(info["warnings"].dump().find("No Such Sampler"), std::string::npos) << info["warnings"];
 }
 
+TEST(ServerApi, HiresFixDoublesTheSizeAndSaysSo) {
+  auto c = shared().srv.client();
+  json body = txt2img_body("a tower", 8, 2);
+  body.update({{"enable_hr", true}, {"hr_scale", 2}, {"hr_upscaler", "Latent (nearest)"}, {"hr_second_pass_steps", 1},
+               {"denoising_strength", 0.5}});
+  auto r = post(c, "/sdapi/v1/txt2img", body);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  json j = json::parse(r->body);
+  diffuse::Image im = decode_b64_png(j["images"][0].get<std::string>());
+  EXPECT_EQ(im.width, 128);
+  EXPECT_EQ(im.height, 128);
+  json info = json::parse(j["info"].get<std::string>());
+  const std::string text = info["infotexts"][0].get<std::string>();
+  EXPECT_NE(text.find("Denoising strength: 0.5, Hires upscale: 2, Hires steps: 1, Hires upscaler: Latent (nearest)"),
+            std::string::npos)
+      << text;
+}
+
 TEST(ServerApi, LoraTagsAreResolvedSkippedOrRefused) {
   auto c = shared().srv.client();
   auto r = post(c, "/sdapi/v1/txt2img", txt2img_body("a cat <lora:style:0.8>", 5, 2));

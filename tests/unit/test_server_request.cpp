@@ -608,6 +608,35 @@ TEST(ServerRequest, SamplerResolution) {
   EXPECT_TRUE(has_warning(txt2img({{"sampler_name", 5.5}}), "'5.5'"));
 }
 
+// enable_hr: the hires fix with A1111's field names; unknown upscalers fall back to Latent with a
+// warning; the second pass's size is held to the pixel limit.
+TEST(ServerRequest, HiresFix) {
+  JobSpec s = txt2img({{"enable_hr", true}, {"width", 256}, {"height", 192}});
+  EXPECT_TRUE(s.warnings.empty()) << all_warnings(s);
+  EXPECT_TRUE(s.req.hires());
+  EXPECT_EQ(s.req.hires_scale, 2.0);
+  EXPECT_EQ(s.req.hires_upscaler, "latent");
+  EXPECT_EQ(s.req.hires_denoise, 0.7);
+  s = txt2img({{"enable_hr", true}, {"hr_scale", 1.5}, {"hr_upscaler", "Latent (nearest-exact)"},
+               {"hr_second_pass_steps", 12}, {"denoising_strength", 0.45}, {"hr_sampler_name", "Use same sampler"}});
+  EXPECT_TRUE(s.warnings.empty()) << all_warnings(s);
+  EXPECT_EQ(s.req.hires_scale, 1.5);
+  EXPECT_EQ(s.req.hires_upscaler, "latent-nearest-exact");
+  EXPECT_EQ(s.req.hires_steps, 12);
+  EXPECT_EQ(s.req.hires_denoise, 0.45);
+  s = txt2img({{"enable_hr", true}, {"hr_resize_x", 1024}, {"hr_upscaler", "Lanczos"}});
+  EXPECT_EQ(s.req.hires_width, 1024);
+  EXPECT_EQ(s.req.hires_upscaler, "lanczos");
+  s = txt2img({{"enable_hr", true}, {"hr_upscaler", "R-ESRGAN 4x+"}, {"hr_prompt", "sharper"}});
+  EXPECT_EQ(s.req.hires_upscaler, "latent");
+  EXPECT_TRUE(has_warning(s, "hr_upscaler: 'R-ESRGAN 4x+'")) << all_warnings(s);
+  EXPECT_TRUE(has_warning(s, "hr_prompt")) << all_warnings(s);
+  EXPECT_FALSE(txt2img({{"enable_hr", false}, {"hr_scale", 2}}).req.hires());
+  EXPECT_REFUSED(txt2img({{"enable_hr", true}, {"width", 2048}, {"height", 2048}, {"hr_scale", 2}}), 422, "hr_scale");
+  EXPECT_REFUSED(txt2img({{"enable_hr", true}, {"hr_scale", 9}}), 422, "hr_scale");
+  EXPECT_REFUSED(txt2img({{"enable_hr", true}, {"denoising_strength", 0}}), 422, "denoising_strength");
+}
+
 TEST(ServerRequest, IgnoredFieldsWarnOnlyWhenTheyMatter) {
   const json harmless = {{"enable_hr", false},
                          {"restore_faces", false},
@@ -622,7 +651,6 @@ TEST(ServerRequest, IgnoredFieldsWarnOnlyWhenTheyMatter) {
                          {"do_not_save_grid", false}};
   EXPECT_TRUE(txt2img(harmless).warnings.empty()) << all_warnings(txt2img(harmless));
   const std::pair<json, const char*> cases[] = {
-      {{{"enable_hr", true}}, "enable_hr"},
       {{{"restore_faces", true}}, "restore_faces"},
       {{{"tiling", true}}, "tiling"},
       {{{"styles", json::array({"cinematic"})}}, "styles"},

@@ -1,6 +1,8 @@
-// `diffuse generate --embeddings-dir` and `diffuse info` on embeddings, through the binary: the
-// PNG's parameters carry A1111's "TI hashes", `info` reads them back and lists a folder, an unknown
+// A1111's extras through the binary.
+// Textual inversion: `diffuse generate --embeddings-dir` and `diffuse info` on embeddings: the PNG's
+// parameters carry A1111's "TI hashes", `info` reads them back and lists a folder, an unknown
 // `embedding:NAME` warns, a wrong-architecture embedding and a missing folder exit 1.
+// Hires fix: --hires-* make a larger image whose parameters say so; bad settings exit 1 before loading.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -69,4 +71,41 @@ TEST(CliEmbeddings, GenerateInfoAndErrors) {
   r = run(args);
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_TRUE(has(r.err, "--embeddings-dir")) << r.err;
+}
+
+TEST(CliHires, TwoPassesAndBadSettings) {
+  const std::string model = sd1_model();
+  if (model.empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
+  const fs::path dir = fs::path(temp_dir()) / "hires-cli";
+  fs::create_directories(dir);
+  const std::string out = (dir / "hires.png").string();
+  const std::vector<std::string> base = {"generate", "-m", model, "-p", "a tree", "-W", "64", "-H", "48", "--steps", "3",
+                                         "--seed", "2", "-o", out};
+  std::vector<std::string> args = base;
+  args.insert(args.end(), {"--hires-scale", "1.5", "--hires-steps", "2", "--hires-denoise", "0.6", "--hires-upscaler",
+                           "lanczos"});
+  Result r = run(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(has(r.err, "hires fix: 64x48 -> 96x72 (Lanczos), 2 steps at denoising strength 0.6")) << r.err;
+  Result info = run({"info", out});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_TRUE(has(info.out, "size:     96x72")) << info.out;
+  EXPECT_TRUE(has(info.out, "Size: 64x48, ")) << info.out;
+  EXPECT_TRUE(has(info.out, "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos")) << info.out;
+
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
+      {{"--hires-scale", "9"}, "--hires-scale 9"},
+      {{"--hires-scale", "2", "--hires-upscaler", "bilinear"}, "--hires-upscaler bilinear"},
+      {{"--hires-scale", "2", "--hires-upscaler", "esrgan"}, "--hires-upscaler-model"},
+      {{"--hires-scale", "2", "--hires-denoise", "1.5"}, "--hires-denoise"},
+      {{"--hires-steps", "5"}, "--hires-scale"},
+      {{"--hires-scale", "2", "-i", model}, "txt2img"},
+  };
+  for (const auto& [extra, want] : bad) {
+    args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    r = run(args);
+    EXPECT_EQ(r.exit_code, 1) << want << "\n" << r.err;
+    EXPECT_TRUE(has(r.err, want)) << r.err;
+  }
 }
