@@ -10,6 +10,7 @@
 #include "io/tensor_file.h"
 #include "models/name_map.h"
 #include "models/unet_blocks.h"
+#include "models/unet_impl.h"
 
 namespace diffuse {
 
@@ -125,15 +126,11 @@ ControlNetConfig ControlNetConfig::from_diffusers_config(const std::string& text
 // ---------------------------------------------------------------------------------------------
 // Model
 
-struct ControlNet::Impl {
-  ControlNetConfig cfg;
-  TimeEmbedding temb;
-  Conv2d conv_in;
+// The UNet's trunk (models/unet_impl.h) with the hint embedding and the zero convs.
+struct ControlNet::Impl : UNetTrunk {
+  ControlNetConfig ccfg;
   Conv2d emb_in, emb_out;
   std::vector<Conv2d> emb_blocks;
-  std::vector<Level> down;
-  Resnet mid_res0, mid_res1;
-  Transformer mid_attn;
   std::vector<Conv2d> zero_down;  // controlnet_down_blocks.N, one per skip
   Conv2d zero_mid;                // controlnet_mid_block
 };
@@ -145,7 +142,7 @@ ControlNet& ControlNet::operator=(ControlNet&&) noexcept = default;
 
 const ControlNetConfig& ControlNet::config() const {
   DF_CHECK(impl_ != nullptr, "ControlNet: not loaded");
-  return impl_->cfg;
+  return impl_->ccfg;
 }
 
 int ControlNet::num_skips() const { return int(config().unet.levels() * (config().unet.layers_per_block + 1)); }
@@ -161,12 +158,18 @@ void ControlNet::check_compatible(const UNetConfig& u) const {
 void ControlNet::load(Backend& be, WeightStore& w, const ControlNetConfig& cfg) {
   cfg.validate();
   auto m = std::make_unique<Impl>();
-  m->cfg = cfg;
+  m->ccfg = cfg;
   const UNetConfig& u = cfg.unet;
   const Binder root(w);
-  const int L = u.levels(), C0 = u.block_out_channels[0], T = u.time_embed_dim();
-  m->temb.bind(be, root, u);
-  m->conv_in.bind(be, root.sub("conv_in"), u.in_channels, C0, 3);
+  const int C0 = u.block_out_channels[0];
+  // The trunk as in the UNet, with a zero conv per skip connection and one after the mid block.
+  const std::vector<int> skip_ch = m->bind_trunk(be, root, u);
+  for (size_t i = 0; i < skip_ch.size(); ++i) {
+    m->zero_down.emplace_back();
+    m->zero_down.back().bind(be, root.sub("controlnet_down_blocks").sub(int(i)), skip_ch[i], skip_ch[i], 1);
+  }
+  const int ch = u.block_out_channels.back();
+  m->zero_mid.bind(be, root.sub("controlnet_mid_block"), ch, ch, 1);
 
   // Conditioning embedding: conv_in, then per level step a 3×3 conv and a stride-2 3×3 conv.
   const Binder e = root.sub("controlnet_cond_embedding");
@@ -179,39 +182,6 @@ void ControlNet::load(Backend& be, WeightStore& w, const ControlNetConfig& cfg) 
     m->emb_blocks.back().bind(be, e.sub("blocks").sub(int(2 * i + 1)), ec[i], ec[i + 1], 3, 2);
   }
   m->emb_out.bind(be, e.sub("conv_out"), ec.back(), C0, 3);
-
-  // Down path as in the UNet, with a zero conv per skip connection.
-  int ch = C0, skip = 0;
-  auto zero_conv = [&](int channels) {
-    m->zero_down.emplace_back();
-    m->zero_down.back().bind(be, root.sub("controlnet_down_blocks").sub(skip++), channels, channels, 1);
-  };
-  zero_conv(C0);
-  m->down.resize(size_t(L));
-  for (int l = 0; l < L; ++l) {
-    const Binder b = root.sub("down_blocks").sub(l);
-    const int out = u.block_out_channels[l];
-    Level& lv = m->down[size_t(l)];
-    lv.resnets.resize(size_t(u.layers_per_block));
-    if (u.cross_attn[l]) lv.attentions.resize(size_t(u.layers_per_block));
-    for (int j = 0; j < u.layers_per_block; ++j) {
-      lv.resnets[size_t(j)].bind(be, b.sub("resnets").sub(j), ch, out, T, u);
-      ch = out;
-      if (u.cross_attn[l])
-        lv.attentions[size_t(j)].bind(be, b.sub("attentions").sub(j), out, u.transformer_depth[l], u.heads_at(l), u);
-      zero_conv(out);
-    }
-    lv.resample = l + 1 < L;
-    if (lv.resample) {
-      lv.resampler.bind(be, b.sub("downsamplers").sub(0).sub("conv"), out, out, 3, 2);
-      zero_conv(out);
-    }
-  }
-  const Binder mid = root.sub("mid_block");
-  m->mid_res0.bind(be, mid.sub("resnets").sub(0), ch, ch, T, u);
-  m->mid_attn.bind(be, mid.sub("attentions").sub(0), ch, u.mid_transformer_depth(), u.heads_at(L - 1), u);
-  m->mid_res1.bind(be, mid.sub("resnets").sub(1), ch, ch, T, u);
-  m->zero_mid.bind(be, root.sub("controlnet_mid_block"), ch, ch, 1);
   try {
     w.finish();
   } catch (const Error& err) {
@@ -253,12 +223,12 @@ static Tensor silu(Ctx& c, const Tensor& x) {
 Tensor ControlNet::embed_hint(Ctx& c, const Tensor& hint_in) const {
   DF_CHECK(impl_ != nullptr, "ControlNet: embed_hint before load");
   const Impl& m = *impl_;
-  const int cc = m.cfg.conditioning_channels;
+  const int cc = m.ccfg.conditioning_channels;
   DF_CHECK(hint_in.rank() == 4 && hint_in.dim(3) == cc && hint_in.dim(0) >= 1 && hint_in.dim(1) >= 1 &&
                hint_in.dim(2) >= 1,
            "ControlNet: hint ", hint_in.str(), " should be [N, H, W, ", cc, "] (NHWC)");
   Tensor hint = as_f32(hint_in);
-  if (m.cfg.bgr) {  // the model was trained on BGR: flip the channel order
+  if (m.ccfg.bgr) {  // the model was trained on BGR: flip the channel order
     Tensor f = c.alloc(hint.shape());
     const int64_t px = hint.numel() / cc;
     for (int64_t i = 0; i < px; ++i)
@@ -275,14 +245,11 @@ ControlResiduals ControlNet::forward(Ctx& c, const Tensor& x_in, const std::vect
                                      const Tensor* text_embeds, const Tensor* time_ids) const {
   DF_CHECK(impl_ != nullptr, "ControlNet: forward before load");
   const Impl& m = *impl_;
-  const UNetConfig& cfg = m.cfg.unet;
-  DF_CHECK(x_in.rank() == 4 && x_in.dim(3) == cfg.in_channels && x_in.dim(0) >= 1,
-           "ControlNet: latent ", x_in.str(), " should be [B, h, w, ", cfg.in_channels, "] (NHWC)");
+  const UNetConfig& cfg = m.cfg;
+  m.check_inputs("ControlNet", x_in, t, context_in);
   const int64_t B = x_in.dim(0);
-  DF_CHECK(int64_t(t.size()) == B, "ControlNet: ", t.size(), " timesteps for a batch of ", B);
-  DF_CHECK(context_in.rank() == 3 && context_in.dim(0) == B && context_in.dim(2) == cfg.context_dim,
-           "ControlNet: context ", context_in.str(), " should be [", B, ", S, ", cfg.context_dim, "]");
   const Tensor x = as_f32(x_in), context = as_f32(context_in);
+  BlockRunner block(c, m, nullptr);  // block temporaries in scratch, as in the UNet
 
   // Time embedding (and SDXL's added embedding), as in the UNet.
   const int C0 = cfg.block_out_channels[0];
@@ -295,24 +262,12 @@ ControlResiduals ControlNet::forward(Ctx& c, const Tensor& x_in, const std::vect
   DF_CHECK(he.rank() == 4 && (he.dim(0) == 1 || he.dim(0) == B) && he.dim(1) == h.dim(1) && he.dim(2) == h.dim(2) &&
                he.dim(3) == h.dim(3),
            "ControlNet: hint embedding ", he.str(), " does not fit the latent ", x.str(), " (expected [1 or ", B,
-           ", ", h.dim(1), ", ", h.dim(2), ", ", h.dim(3), "]: the hint image must be ", m.cfg.hint_downscale(),
+           ", ", h.dim(1), ", ", h.dim(2), ", ", h.dim(3), "]: the hint image must be ", m.ccfg.hint_downscale(),
            "× the latent size, i.e. the output image size)");
   add_(c, h, he);
   std::vector<Tensor> skips = {h};
-  for (const Level& lv : m.down) {
-    for (size_t j = 0; j < lv.resnets.size(); ++j) {
-      h = lv.resnets[j](c, h, semb);
-      if (!lv.attentions.empty()) h = lv.attentions[j](c, h, context);
-      skips.push_back(h);
-    }
-    if (lv.resample) {
-      h = lv.resampler(c, h);
-      skips.push_back(h);
-    }
-  }
-  h = m.mid_res0(c, h, semb);
-  h = m.mid_attn(c, h, context);
-  h = m.mid_res1(c, h, semb);
+  h = block.down(m, h, semb, context, skips);
+  h = block.mid(m, h, semb, context);
 
   DF_ASSERT(skips.size() == m.zero_down.size());
   ControlResiduals r;

@@ -352,40 +352,11 @@ int UNet::num_skips() const {
 void UNet::load(Backend& be, WeightStore& w, const UNetConfig& cfg) {
   cfg.validate();
   auto m = std::make_unique<Impl>();
-  m->cfg = cfg;
   const Binder root(w);
-  const int L = cfg.levels(), C0 = cfg.block_out_channels[0], T = cfg.time_embed_dim();
-  m->temb.bind(be, root, cfg);
-  m->conv_in.bind(be, root.sub("conv_in"), cfg.in_channels, C0, 3);
-
-  // Down path; skip_ch tracks the channels of every skip connection the up path will consume.
-  std::vector<int> skip_ch = {C0};
-  int ch = C0;
-  m->down.resize(size_t(L));
-  for (int l = 0; l < L; ++l) {
-    const Binder b = root.sub("down_blocks").sub(l);
-    const int out = cfg.block_out_channels[l];
-    Level& lv = m->down[size_t(l)];
-    lv.resnets.resize(size_t(cfg.layers_per_block));
-    if (cfg.cross_attn[l]) lv.attentions.resize(size_t(cfg.layers_per_block));
-    for (int j = 0; j < cfg.layers_per_block; ++j) {
-      lv.resnets[size_t(j)].bind(be, b.sub("resnets").sub(j), ch, out, T, cfg);
-      ch = out;
-      if (cfg.cross_attn[l])
-        lv.attentions[size_t(j)].bind(be, b.sub("attentions").sub(j), out, cfg.transformer_depth[l], cfg.heads_at(l), cfg);
-      skip_ch.push_back(out);
-    }
-    lv.resample = l + 1 < L;
-    if (lv.resample) {
-      lv.resampler.bind(be, b.sub("downsamplers").sub(0).sub("conv"), out, out, 3, 2);
-      skip_ch.push_back(out);
-    }
-  }
-
-  const Binder mid = root.sub("mid_block");
-  m->mid_res0.bind(be, mid.sub("resnets").sub(0), ch, ch, T, cfg);
-  m->mid_attn.bind(be, mid.sub("attentions").sub(0), ch, cfg.mid_transformer_depth(), cfg.heads_at(L - 1), cfg);
-  m->mid_res1.bind(be, mid.sub("resnets").sub(1), ch, ch, T, cfg);
+  const int L = cfg.levels(), T = cfg.time_embed_dim();
+  // Down path and mid block; skip_ch: the channels of every skip connection the up path consumes.
+  std::vector<int> skip_ch = m->bind_trunk(be, root, cfg);
+  int ch = cfg.block_out_channels.back();
 
   m->up.resize(size_t(L));
   for (int i = 0; i < L; ++i) {
@@ -444,53 +415,11 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
   DF_CHECK(impl_ != nullptr, "UNet: forward before load");
   const Impl& m = *impl_;
   const UNetConfig& cfg = m.cfg;
-  DF_CHECK(x_in.rank() == 4 && x_in.dim(3) == cfg.in_channels && x_in.dim(0) >= 1 && x_in.dim(1) >= 1 &&
-               x_in.dim(2) >= 1,
-           "UNet: latent ", x_in.str(), " should be [B, H, W, ", cfg.in_channels, "] (NHWC)");
+  m.check_inputs("UNet", x_in, t, context_in);
   const int64_t B = x_in.dim(0);
-  DF_CHECK(int64_t(t.size()) == B, "UNet: ", t.size(), " timesteps for a batch of ", B);
-  DF_CHECK(context_in.rank() == 3 && context_in.dim(0) == B && context_in.dim(2) == cfg.context_dim,
-           "UNet: context ", context_in.str(), " should be [", B, ", S, ", cfg.context_dim, "]");
   const Tensor x = as_f32(x_in), context = as_f32(context_in);
-  // Scratch (the workspace's or the UNet's own): arena 0 holds block temporaries, 1 the
-  // transformer blocks' temporaries, 2 and 3 ping-pong the running activation.
-  ScratchLease sl(c, Workspace::kUNet, m.own, m.mu);
-  Arena& temp = sl->arenas[0];
-  Arena* inner = &sl->arenas[1];
-  Arena* ping[2] = {&sl->arenas[2], &sl->arenas[3]};
-
-  // Memory: each block (resnet, transformer, resampler) runs with its temporaries in `temp`, reset
-  // after the block; its output is copied either into the caller's arena (skip connections, read
-  // again by the up path) or into the ping-pong arena not holding the block's input. A pass so
-  // holds the skips, one running activation and one block's temporaries, not every intermediate.
-  Tensor h;  // the running activation (each block's input)
-  // A training pass (trace) keeps every block's input and output in the caller's arena.
-  int cur = -1;  // ping arena holding h; -1: h lives in the caller's arena
-  // Without checkpointing (trace->saved) blocks run in the caller's arena and keep their
-  // intermediates there.
-  UNetSavedBlocks* saved = trace ? trace->saved.get() : nullptr;
-  auto res_saved = [&]() { return saved ? UNetSavedBlocks::slot(saved->res, trace->inputs.size() - 1) : nullptr; };
-  auto attn_saved = [&]() { return saved ? UNetSavedBlocks::slot(saved->attn, trace->inputs.size() - 1) : nullptr; };
-  Arena* tf_scratch = saved ? nullptr : inner;
-  auto block = [&](bool keep, const auto& fn) {
-    Ctx tc{c.be, saved ? c.arena : temp, c.act, c.ws, c.grads};
-    if (trace) trace->inputs.push_back(h);
-    Tensor out = fn(tc);
-    if (saved) return out;
-    Tensor dst;
-    if (keep || trace) {
-      dst = c.alloc(out.shape(), out.dtype());
-      cur = -1;
-    } else {
-      const int next = cur == 0 ? 1 : 0;
-      ping[next]->reset();
-      dst = ping[next]->alloc(out.shape(), out.dtype());
-      cur = next;
-    }
-    std::memcpy(dst.data(), out.data(), out.bytes());
-    temp.reset();
-    return dst;
-  };
+  // Every block runs with its temporaries in scratch (models/unet_impl.h: BlockRunner).
+  BlockRunner block(c, m, trace);
 
   // Time embedding: sinusoidal (flip_sin_to_cos, shift 0) -> linear, SiLU, linear.
   const int C0 = cfg.block_out_channels[0];
@@ -505,20 +434,9 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
 
   // Down path.
   std::vector<Tensor> skips;
-  h = m.conv_in(c, x);
+  Tensor h = m.conv_in(c, x);
   skips.push_back(h);
-  for (const Level& lv : m.down) {
-    for (size_t j = 0; j < lv.resnets.size(); ++j) {
-      const bool attn = !lv.attentions.empty();
-      h = block(!attn, [&](Ctx& tc) { return lv.resnets[j](tc, h, semb, res_saved()); });
-      if (attn) h = block(true, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, tf_scratch, attn_saved()); });
-      skips.push_back(h);
-    }
-    if (lv.resample) {
-      h = block(true, [&](Ctx& tc) { return lv.resampler(tc, h); });
-      skips.push_back(h);
-    }
-  }
+  h = block.down(m, h, semb, context, skips);
   if (trace) trace->skips = skips;
   // ControlNet residuals: new tensors (the last skip is also the mid block's input, unchanged).
   if (down_residuals) {
@@ -535,9 +453,7 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
   }
 
   // Mid block.
-  h = block(false, [&](Ctx& tc) { return m.mid_res0(tc, h, semb, res_saved()); });
-  h = block(false, [&](Ctx& tc) { return m.mid_attn(tc, h, context, tf_scratch, attn_saved()); });
-  h = block(false, [&](Ctx& tc) { return m.mid_res1(tc, h, semb, res_saved()); });
+  h = block.mid(m, h, semb, context);
   if (mid_residual) {
     DF_CHECK(mid_residual->shape() == h.shape(), "UNet: mid residual ", mid_residual->str(), ", expected ",
              h.shape().str());
@@ -549,18 +465,20 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
     for (size_t j = 0; j < lv.resnets.size(); ++j) {
       const Tensor skip = skips.back();
       skips.pop_back();
-      h = block(false, [&](Ctx& tc) {
+      h = block(h, false, [&](Ctx& tc) {
         Tensor hc = tc.alloc({B, h.dim(1), h.dim(2), h.dim(3) + skip.dim(3)});
         tc.be.concat_last(h, skip, hc);
-        return lv.resnets[j](tc, hc, semb, res_saved());
+        return lv.resnets[j](tc, hc, semb, block.res_saved());
       });
       if (!lv.attentions.empty())
-        h = block(false, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, tf_scratch, attn_saved()); });
+        h = block(h, false, [&](Ctx& tc) {
+          return lv.attentions[j](tc, h, context, block.tf_scratch(), block.attn_saved());
+        });
     }
     if (lv.resample) {
       DF_ASSERT(!skips.empty());
       const Tensor& next = skips.back();
-      h = block(false, [&](Ctx& tc) {
+      h = block(h, false, [&](Ctx& tc) {
         Tensor u = tc.alloc({B, next.dim(1), next.dim(2), h.dim(3)});
         tc.be.upsample_nearest(h, u);
         return lv.resampler(tc, u);
@@ -568,7 +486,7 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
     }
   }
   DF_ASSERT(skips.empty());
-  return block(true, [&](Ctx& tc) { return m.conv_out(tc, m.norm_out(tc, h, true)); });
+  return block(h, true, [&](Ctx& tc) { return m.conv_out(tc, m.norm_out(tc, h, true)); });
 }
 
 }  // namespace diffuse
