@@ -38,6 +38,9 @@ Component component_of(const std::string& name, bool diffusers_layout) {
   }
   if (starts_with(name, "model.diffusion_model.")) return Component::UNet;
   if (starts_with(name, "first_stage_model.")) return Component::VAE;
+  // SDXL: embedders.0 is CLIP ViT-L (transformer.*), embedders.1 OpenCLIP ViT-bigG (model.*); the
+  // refiner has only the OpenCLIP one, as embedders.0.model.*: encoder 2 by what it is.
+  if (starts_with(name, "conditioner.embedders.0.model.")) return Component::TextEncoder2;
   if (starts_with(name, "cond_stage_model.") || starts_with(name, "conditioner.embedders.0."))
     return Component::TextEncoder;
   if (starts_with(name, "conditioner.embedders.1.")) return Component::TextEncoder2;
@@ -84,8 +87,11 @@ ModelSummary summarize_model(const TensorFile& f) {
   }
   bool has_add_embedding = diffusers ? shape_of("unet/add_embedding.linear_1.weight") != nullptr
                                      : shape_of("model.diffusion_model.label_emb.0.0.weight") != nullptr;
-  bool te2 = false, openclip = false, clip_l = false;
-  for (const ComponentSummary& c : s.components) te2 |= c.component == Component::TextEncoder2;
+  bool te1 = false, te2 = false, openclip = false, clip_l = false;
+  for (const ComponentSummary& c : s.components) {
+    te1 |= c.component == Component::TextEncoder;
+    te2 |= c.component == Component::TextEncoder2;
+  }
   for (const TensorEntry& e : f.tensors) {
     if (starts_with(e.name, "cond_stage_model.model.")) openclip = true;
     if (starts_with(e.name, "cond_stage_model.transformer.")) clip_l = true;
@@ -93,6 +99,8 @@ ModelSummary summarize_model(const TensorFile& f) {
 
   if (te2 || has_add_embedding) {
     s.family = Family::SDXL;
+    // The refiner: encoder 2 without encoder 1 (a UNet-only file cannot tell; it is a base).
+    s.refiner = te2 && !te1;
   } else if (openclip || proj_rank == 2) {
     s.family = Family::SD2;
   } else if (clip_l || proj_rank == 4) {
@@ -103,6 +111,10 @@ ModelSummary summarize_model(const TensorFile& f) {
   if (s.family == Family::SD1 && openclip) s.problems.push_back("SD 1.x UNet with an OpenCLIP text encoder");
   if (s.unet_in_channels == 0) s.problems.push_back("no UNet (conv_in) found");
   return s;
+}
+
+std::string model_kind_name(const ModelSummary& s) {
+  return s.refiner ? "sdxl-refiner" : family_name(s.family);
 }
 
 }  // namespace diffuse

@@ -365,7 +365,9 @@ std::vector<Source> ldm_sources(Component c, Family family) {
         case Family::Unknown: return {clip_sd, openclip_sd, clip_xl};
       }
       break;
-    case Component::TextEncoder2: return {{"conditioner.embedders.1.model.", Source::OpenCLIP_XL}};
+    // SDXL base: embedders.1; the refiner's only encoder: embedders.0.
+    case Component::TextEncoder2:
+      return {{"conditioner.embedders.1.model.", Source::OpenCLIP_XL}, {"conditioner.embedders.0.model.", Source::OpenCLIP_XL}};
     default: break;
   }
   return {};

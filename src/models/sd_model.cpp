@@ -21,6 +21,26 @@ float vae_scaling(const TensorFile& f, Family family) {
   return family == Family::SDXL ? 0.13025f : 0.18215f;
 }
 
+// An SDXL refiner's added embedding takes the pooled text (its encoder's projection width P) and 5
+// time ids (original size, crop, aesthetic score) of `addition_time_embed_dim` sinusoids each;
+// its cross-attention reads that encoder's hidden states (width W). Both are checked here.
+void set_refiner_time_ids(const TensorFile& f, UNetConfig& u) {
+  const WeightStore te = component_weights(f, Component::TextEncoder2, Family::SDXL);
+  const Tensor* proj = te.find("text_projection.weight");
+  const Tensor* tok = te.find("text_model.embeddings.token_embedding.weight");
+  DF_CHECK(proj && proj->rank() == 2 && tok && tok->rank() == 2, f.path,
+           ": an SDXL refiner's text encoder (OpenCLIP ViT-bigG) needs text_projection and token_embedding");
+  const int P = int(proj->dim(0)), W = int(tok->dim(1));
+  const int in = u.projection_class_embeddings_input_dim, n = 5;
+  DF_CHECK(u.text_time && in > P && (in - P) % n == 0, f.path, ": an SDXL refiner's UNet add_embedding takes ",
+           "the pooled text (", P, ") + 5 time ids x 256 (2560 in the published refiner), this one takes ", in);
+  DF_CHECK(u.context_dim == W, f.path, ": the refiner's UNet attends to a context of width ", u.context_dim,
+           ", its text encoder is ", W, " wide (1280 in the published refiner)");
+  u.num_time_ids = n;
+  u.addition_time_embed_dim = (in - P) / n;
+  u.validate();
+}
+
 }  // namespace
 
 void SDModel::release_text_encoders() {
@@ -38,7 +58,13 @@ std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, con
   DF_CHECK(m->family != Family::Unknown, path, ": not a Stable Diffusion checkpoint the engine knows (",
            m->summary.problems.empty() ? std::string("family unknown") : m->summary.problems.front(), ")");
 
-  if (opts.text_encoders) {
+  m->refiner = m->summary.refiner;
+  if (opts.text_encoders && m->refiner) {
+    WeightStore w2 = component_weights(f, Component::TextEncoder2, m->family);
+    m->te2_cfg = ClipTextConfig::from_weights(w2, ClipTextConfig::Gelu);
+    m->te2.load(be, w2, m->te2_cfg);
+    m->has_te2 = true;
+  } else if (opts.text_encoders) {
     // SD 1.x and SDXL's first encoder are OpenAI CLIP (quick GELU); SD 2.x's and SDXL's second
     // are OpenCLIP (exact GELU).
     auto act = m->family == Family::SD2 ? ClipTextConfig::Gelu : ClipTextConfig::QuickGelu;
@@ -55,6 +81,7 @@ std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, con
   if (opts.unet) {
     WeightStore w = component_weights(f, Component::UNet, m->family);
     m->unet_cfg = UNetConfig::from_weights(w);
+    if (m->refiner) set_refiner_time_ids(f, m->unet_cfg);
     m->unet.load(be, w, m->unet_cfg);
   }
   if (opts.vae_encoder || opts.vae_decoder) {

@@ -26,7 +26,8 @@ struct SDModel {
   std::string path;
   Family family = Family::Unknown;
   ModelSummary summary;
-  ClipTextConfig te_cfg, te2_cfg;  // te2: SDXL's OpenCLIP bigG encoder
+  ClipTextConfig te_cfg, te2_cfg;  // te2: SDXL's OpenCLIP bigG encoder (the refiner's only one: te unloaded)
+  bool refiner = false;            // an SDXL refiner (summary.refiner): te2 only, 5 time ids
   UNetConfig unet_cfg;
   VAEConfig vae_cfg;
   ClipTextModel te, te2;

@@ -49,9 +49,9 @@ class Encoder {
     DF_CHECK(model.family != Family::SDXL || model.has_te2, model.path,
              ": SDXL prompt encoding needs both text encoders, the second is not loaded");
     DF_CHECK(opts.clip_skip >= 0, "clip skip ", opts.clip_skip, " is negative: allowed 0 (default) to ",
-             model.te.config().layers);
+             te(first()).config().layers);
     const int k = std::max(opts.clip_skip, 1);
-    for (int e = 0; e < encoders(); ++e) {
+    for (int e = first(); e < encoders(); ++e) {
       const int L = te(e).config().layers;
       DF_CHECK(k <= L, "clip skip ", opts.clip_skip, " is outside 0..", L, " for ", model.path,
                " (its text encoder", e == 1 ? " 2" : "", " has ", L, " layers)");
@@ -62,6 +62,9 @@ class Encoder {
   bool xl() const { return m_.family == Family::SDXL; }
   const EmbeddingSet* embeddings() const { return embeddings_; }
   int encoders() const { return xl() ? 2 : 1; }
+  // The SDXL refiner has encoder 2 (OpenCLIP bigG) only: its context is that encoder's alone.
+  bool refiner() const { return m_.refiner; }
+  int first() const { return refiner() ? 1 : 0; }
   const ClipTextModel& te(int e) const { return e == 0 ? m_.te : m_.te2; }
 
   // The encoder's hidden state for one chunk's ids (and embeddings), before emphasis: [1, 77, C].
@@ -162,8 +165,14 @@ Tensor concat_tokens(const std::vector<Tensor>& parts) {
 
 Side encode_side(Encoder& enc, const std::vector<TokenChunk>& c1, const std::vector<TokenChunk>& c2,
                  const SDModel& model) {
-  DF_CHECK(!c1.empty(), "prompt encoding: no token chunks");
   Side s;
+  if (enc.refiner()) {
+    DF_CHECK(!c2.empty(), "prompt encoding: no token chunks");
+    for (const TokenChunk& ch : c2) s.chunks.push_back(enc.weighted(1, ch));
+    s.pooled = enc.pooled(c2[0]).clone();
+    return s;
+  }
+  DF_CHECK(!c1.empty(), "prompt encoding: no token chunks");
   if (!enc.xl()) {
     for (const TokenChunk& ch : c1) s.chunks.push_back(enc.weighted(0, ch));
     return s;
@@ -213,7 +222,7 @@ Conditioning encode_prompt(Ctx& ctx, const SDModel& model, const std::string& pr
 
 PromptPair encode_prompts(Ctx& ctx, const SDModel& model, const std::string& prompt, const std::string& negative,
                           const PromptOptions& opts) {
-  DF_CHECK(model.te.loaded() && (!model.has_te2 || model.te2.loaded()), model.path,
+  DF_CHECK((model.refiner || model.te.loaded()) && (!model.has_te2 || model.te2.loaded()), model.path,
            ": the text encoder is not loaded (released after an earlier run, or not loaded at all)");
   Encoder enc(ctx, model, opts);
   Side cond = encode_text(enc, model, prompt);

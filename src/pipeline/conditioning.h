@@ -21,6 +21,7 @@
 //   SDXL           context = concat(te1, te2 penultimate of the first (layers - k + 1) layers, no
 //                  final norm) on channels; k = 1: hidden_states[-2] (diffusers' clip_skip = k - 1);
 //                  pooled = te2 text_embeds of a full run on the first chunk (A1111/ComfyUI).
+//   SDXL refiner   (te2 only) context = te2's as above, alone (1280 wide); pooled the same.
 #pragma once
 #include <string>
 #include <vector>
@@ -33,7 +34,7 @@
 namespace diffuse {
 
 struct Conditioning {
-  Tensor context;  // [B, 77·chunks, C]: C = 768 (SD1), 1024 (SD2), 2048 (SDXL: both encoders' hidden_states[-2])
+  Tensor context;  // [B, 77·chunks, C]: C = 768 (SD1), 1024 (SD2), 2048 (SDXL: both encoders' hidden_states[-2]), 1280 (refiner)
   Tensor pooled;   // SDXL: [B, 1280] encoder 2's projected pooled output (text_embeds); else undefined
 };
 

@@ -69,7 +69,8 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
         pooled = concat_batch(sc, repeat_batch(sc, as_f32(g.uncond_pooled), B),
                               repeat_batch(sc, as_f32(g.cond_pooled), B));
         Tensor ti = repeat_batch(sc, as_f32(g.time_ids), B);
-        tids = concat_batch(sc, ti, ti);
+        Tensor tu = g.uncond_time_ids.defined() ? repeat_batch(sc, as_f32(g.uncond_time_ids), B) : ti;
+        tids = concat_batch(sc, tu, ti);
       }
       std::vector<float> tv(static_cast<size_t>(2 * B), static_cast<float>(t));
       ControlResiduals res;

@@ -12,6 +12,8 @@ namespace diffuse {
 struct Guidance {
   Tensor cond, uncond;                          // [B, T, C]; uncond undefined: no guidance pass (cfg 1)
   Tensor cond_pooled, uncond_pooled, time_ids;  // SDXL added conditioning ([B, 1280], [B, 6])
+  Tensor uncond_time_ids;                       // the unconditional half's when they differ (refiner: [B, 5],
+                                                // the negative aesthetic score); undefined: time_ids
   float cfg = 7.0f;
 };
 

@@ -63,6 +63,10 @@ struct GenerateParams {
   const ControlNet* control = nullptr;
   const Image* control_image = nullptr;
   float control_strength = 1.0f;
+  // SDXL refiner (pipeline/refiner.h): from the evaluation where switch_at of the schedule is done,
+  // the refiner (its own prompt encoding, 5 time ids) continues the latent; null: none.
+  const SDModel* refiner = nullptr;
+  double refiner_switch_at = 0.8;
   // VAE tiling for the decode and the init/masked-image encode (models/vae.h). Auto: tiled above
   // 1024² pixels (the untiled VAE needs ~4 GiB of activations at 1024², and 4× that at 2048²).
   VAETiling vae_tiling;

@@ -10,6 +10,8 @@
 #include "pipeline/conditioning.h"
 #include "pipeline/denoise.h"
 #include "pipeline/generate.h"
+#include "pipeline/refiner.h"
+#include "pipeline/schedule.h"
 
 namespace diffuse {
 
@@ -173,6 +175,16 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     g.time_ids = Tensor::empty({1, 6});
     float ids[6] = {float(p.height), float(p.width), 0.0f, 0.0f, float(p.height), float(p.width)};
     std::memcpy(g.time_ids.f32(), ids, sizeof ids);
+    if (model.refiner) {  // a refiner on its own
+      g.time_ids = refiner_time_ids(p.width, p.height, kRefinerAestheticScore);
+      g.uncond_time_ids = refiner_time_ids(p.width, p.height, kRefinerNegativeAestheticScore);
+    }
+  }
+  Guidance g_refiner;
+  if (p.refiner) {
+    check_refiner(model, *p.refiner, p);
+    g_refiner = refiner_guidance(ctx, *p.refiner, p);
+    arena.reset();
   }
   report(Stage::Encode, 1, 1);
   if (p.on_conditioned) p.on_conditioned();
@@ -290,7 +302,12 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   hooks.progress = [&](int done, int total) { report(Stage::Denoise, done, total); };
   hooks.stop = p.finish_early;
   NoiseFn draw = [&] { return rng.batch(h, w, C); };
-  Tensor lat = run.empty() ? x : denoise(ctx, model.unet, *sched, x, g, draw, hooks, first);
+  Tensor lat = run.empty()  ? x
+               : !p.refiner ? denoise(ctx, model.unet, *sched, x, g, draw, hooks, first)
+                            : denoise_refined(ctx, model.unet, g, p.refiner->unet, g_refiner,
+                                              refiner_switch_index(run, p.refiner_switch_at,
+                                                                   train_sigmas(NoiseSchedule::scaled_linear())),
+                                              *sched, x, draw, hooks, first);
   // The UNet's pass memory is not needed while decoding.
   ws.release(Workspace::kUNet);
   be.release_scratch();
