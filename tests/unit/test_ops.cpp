@@ -590,8 +590,10 @@ TEST(Unary, ReLU) {
   EXPECT_GT(zeros, x.numel() / 3);  // about half the inputs are negative
   Tensor z = x.clone();
   be->unary(Unary::ReLU, z, z);
-  for (int64_t i = 0; i < 64; ++i)
-    if (!std::isnan(x.f32()[i])) EXPECT_EQ(z.f32()[i], x.f32()[i] > 0.0f ? x.f32()[i] : 0.0f) << i;
+  for (int64_t i = 0; i < 64; ++i) {
+    if (std::isnan(x.f32()[i])) continue;
+    EXPECT_EQ(z.f32()[i], x.f32()[i] > 0.0f ? x.f32()[i] : 0.0f) << i;
+  }
   Tensor yb = Tensor::empty(x.shape(), DType::BF16);
   be->unary(Unary::ReLU, x, yb);
   const Tensor yf = yb.to(DType::F32);
