@@ -242,7 +242,7 @@ Tensor ControlNet::embed_hint(Ctx& c, const Tensor& hint_in) const {
 
 ControlResiduals ControlNet::forward(Ctx& c, const Tensor& x_in, const std::vector<float>& t,
                                      const Tensor& context_in, const Tensor& hint_embedding, float scale,
-                                     const Tensor* text_embeds, const Tensor* time_ids) const {
+                                     const Tensor* text_embeds, const Tensor* time_ids, bool guess_mode) const {
   DF_CHECK(impl_ != nullptr, "ControlNet: forward before load");
   const Impl& m = *impl_;
   const UNetConfig& cfg = m.cfg;
@@ -271,14 +271,21 @@ ControlResiduals ControlNet::forward(Ctx& c, const Tensor& x_in, const std::vect
 
   DF_ASSERT(skips.size() == m.zero_down.size());
   ControlResiduals r;
-  for (size_t i = 0; i < skips.size(); ++i) {
-    Tensor z = m.zero_down[i](c, skips[i]);
-    if (scale != 1.0f) c.be.scale(z, scale, z);
+  const int n = int(skips.size());
+  for (int i = 0; i < n; ++i) {
+    Tensor z = m.zero_down[size_t(i)](c, skips[size_t(i)]);
+    const float s = guess_mode ? scale * guess_mode_scale(i, n) : scale;
+    if (s != 1.0f) c.be.scale(z, s, z);
     r.down.push_back(z);
   }
   r.mid = m.zero_mid(c, h);
   if (scale != 1.0f) c.be.scale(r.mid, scale, r.mid);
   return r;
+}
+
+float ControlNet::guess_mode_scale(int i, int n) {
+  DF_CHECK(n >= 1 && i >= 0 && i <= n, "guess_mode_scale: entry ", i, " of ", n + 1);
+  return float(std::pow(10.0, -1.0 + double(i) / double(n)));
 }
 
 // ---------------------------------------------------------------------------------------------

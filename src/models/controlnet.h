@@ -75,10 +75,14 @@ class ControlNet {
   // concatenation); t: one timestep per row; context [B, S, context_dim]; hint_embedding from
   // embed_hint, with 1 row (shared by every batch row) or B rows, spatially equal to the conv_in
   // output [h, w]; SDXL ControlNets also take text_embeds and time_ids as the UNet does. Every
-  // residual is multiplied by `scale`.
+  // residual is multiplied by `scale`; in guess mode (diffusers' guess_mode) residual i of the n
+  // down residuals by scale · guess_mode_scale(i, n) and the mid residual by scale (the last of
+  // logspace(-1, 0, n + 1)).
   ControlResiduals forward(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
                            const Tensor& hint_embedding, float scale, const Tensor* text_embeds = nullptr,
-                           const Tensor* time_ids = nullptr) const;
+                           const Tensor* time_ids = nullptr, bool guess_mode = false) const;
+  // 10^(-1 + i/n): entry i of logspace(-1, 0, n + 1), from 0.1 (conv_in's skip) to 1 (the mid block).
+  static float guess_mode_scale(int i, int n);
 
   struct Impl;
 

@@ -77,7 +77,7 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
       if (hooks.control) {
         const Tensor cx = hooks.model_input ? concat_batch(sc, as_f32(scaled), as_f32(scaled)) : xin;
         res = hooks.control(sc, ControlInputs{cx, tv, context, pooled.defined() ? &pooled : nullptr,
-                                              tids.defined() ? &tids : nullptr, i, total});
+                                              tids.defined() ? &tids : nullptr, i, total, true});
       }
       Tensor out = as_f32(unet.forward(sc, xin, tv, context, pooled.defined() ? &pooled : nullptr,
                                        tids.defined() ? &tids : nullptr, res.empty() ? nullptr : &res.down,
@@ -124,12 +124,12 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
 }
 
 std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(const ControlNet& net, Tensor hint,
-                                                                         float scale) {
+                                                                         float scale, bool guess_mode) {
   DF_CHECK(net.loaded(), "control_hook: ControlNet not loaded");
   DF_CHECK(hint.rank() == 4, "control_hook: hint ", hint.str(), " should be [N, H, W, C] (NHWC)");
   auto embedding = std::make_shared<Tensor>();  // owned, computed on the first call
   Tensor h = hint.to(DType::F32);
-  return [&net, h, scale, embedding](Ctx& c, const ControlInputs& in) {
+  return [&net, h, scale, guess_mode, embedding](Ctx& c, const ControlInputs& in) {
     if (!embedding->defined()) *embedding = net.embed_hint(c, h).to(DType::F32);  // an owned copy
     Tensor e = *embedding;
     const int64_t rows = in.x.dim(0);
@@ -143,7 +143,7 @@ std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(const C
         std::memcpy(r.f32() + k * e.numel(), e.f32(), e.bytes());
       e = r;
     }
-    return net.forward(c, in.x, in.t, in.context, e, scale, in.text_embeds, in.time_ids);
+    return net.forward(c, in.x, in.t, in.context, e, scale, in.text_embeds, in.time_ids, guess_mode);
   };
 }
 

@@ -26,6 +26,7 @@ struct ControlInputs {
   const Tensor* text_embeds;        // SDXL added conditioning per row, else null
   const Tensor* time_ids;
   int step, steps;                  // evaluation index (0-based) and count
+  bool guided = false;              // rows are [uncond; cond] halves (classifier-free guidance)
 };
 
 struct DenoiseHooks {
@@ -56,11 +57,12 @@ struct DenoiseHooks {
 Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Guidance& g, const NoiseFn& draw_noise,
                const DenoiseHooks& hooks = {}, int first = 0);
 
-// A control hook running `net` with a hint [1 or B, H, W, 3] in [0, 1] (prepare_hint) at `scale`.
+// A control hook running `net` with a hint [1 or B, H, W, 3] in [0, 1] (prepare_hint) at `scale`
+// (guess_mode: ControlNet::forward's guess-mode scales; several units: pipeline/control.h).
 // The hint's conditioning embedding is computed on the first call and reused (it does not depend on
 // the step); a hint with one row serves every batch row and both guidance halves. The hook keeps
 // a reference to `net` (it must outlive the hook) and its own copy of `hint`.
 std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(const ControlNet& net, Tensor hint,
-                                                                         float scale);
+                                                                         float scale, bool guess_mode = false);
 
 }  // namespace diffuse
