@@ -345,6 +345,9 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
            "--control-strength ", r.control_strength, ": must be in [0, 10]");
   DF_CHECK(r.canny_low >= 0 && r.canny_low <= r.canny_high && r.canny_high <= 1020, "--canny-low ", r.canny_low,
            " / --canny-high ", r.canny_high, ": need 0 <= low <= high <= 1020");
+  for (size_t i = 0; i < r.controls.size(); ++i)
+    check_control_unit(r.controls[i], cat("ControlNet unit ", i + (r.control_net.empty() ? 0 : 1), " (",
+                                          r.controls[i].net, ")"));
   for (const LoraSpec& l : r.loras) {
     DF_CHECK(valid_utf8(l.path), "--lora: the file name is not valid UTF-8");
     check_input_file(l.path, "--lora");
@@ -719,38 +722,26 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   p.vae_tiling = req.vae_tiling;
   p.on_latent = cb.on_latent;
 
-  std::shared_ptr<ControlNet> control;
-  Image control_image;
-  std::string control_text;
-  if (!req.control_net.empty()) {
-    {
-      std::lock_guard<std::mutex> lk(impl_->mu);
-      auto& slot = impl_->nets[req.control_net];
-      if (!slot.net)
-        slot.net = as_file_error([&] { return std::make_shared<ControlNet>(ControlNet::load_file(req.control_net, *entry->be)); });
-      slot.last_used = ++impl_->clock;
-      control = slot.net;
-      while (impl_->nets.size() > 2) {
-        auto victim = std::min_element(impl_->nets.begin(), impl_->nets.end(),
-                                       [](const auto& a, const auto& b) { return a.second.last_used < b.second.last_used; });
-        impl_->nets.erase(victim);
-      }
+  // ControlNet units (api/control_units.h): the single-unit fields first, then req.controls.
+  std::vector<ControlUnitRequest> units;
+  if (!req.control_net.empty())
+    units.push_back({req.control_net, req.control_image, req.control_strength, 0.0, 1.0, false, req.canny,
+                     req.canny_low, req.canny_high});
+  units.insert(units.end(), req.controls.begin(), req.controls.end());
+  const ControlSetup controls = prepare_controls(units, p.width, p.height, model.unet_cfg, [&](const std::string& path) {
+    std::lock_guard<std::mutex> lk(impl_->mu);  // the cache keeps the most recently used (two, or one per unit)
+    auto& slot = impl_->nets[path];
+    if (!slot.net) slot.net = as_file_error([&] { return std::make_shared<ControlNet>(ControlNet::load_file(path, *entry->be)); });
+    slot.last_used = ++impl_->clock;
+    std::shared_ptr<ControlNet> net = slot.net;
+    while (impl_->nets.size() > std::max<size_t>(2, units.size())) {
+      auto victim = std::min_element(impl_->nets.begin(), impl_->nets.end(),
+                                     [](const auto& a, const auto& b) { return a.second.last_used < b.second.last_used; });
+      impl_->nets.erase(victim);
     }
-    control->check_compatible(model.unet_cfg);
-    control_image = to_rgb(req.control_image);
-    if (req.canny) {
-      // As the ControlNet canny annotator: resize to the output size first, then detect edges.
-      CannyOptions co;
-      co.low = float(req.canny_low);
-      co.high = float(req.canny_high);
-      control_image = canny(resize_lanczos(control_image, p.width, p.height), co);
-    }
-    p.control = control.get();
-    p.control_image = &control_image;
-    p.control_strength = float(req.control_strength);
-    control_text = "Module: " + std::string(req.canny ? "canny" : "none") + ", Model: " + display_name(req.control_net) +
-                   ", Weight: " + num(req.control_strength);
-  }
+    return net;
+  }, display_name);
+  p.controls = controls.params;
 
   Backend& be = *state->be;
   char line[512];
@@ -798,7 +789,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   ii.model_name = display_name(req.model);
   ii.lora_hashes = lora_hashes;
   ii.ti_hashes = ti_hashes;
-  ii.control = control_text;
+  ii.controls = controls.infotext;
   if (!vae.empty()) {
     ii.vae_name = fs::path(vae).stem().string();
     ii.vae_hash = impl_->hashes.sha256(vae).substr(0, 10);

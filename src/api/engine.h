@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "api/control_units.h"
 #include "io/image.h"
 #include "models/lora.h"
 #include "models/vae.h"
@@ -83,6 +84,9 @@ struct Request {
   double control_strength = 1.0;
   bool canny = false;
   int canny_low = 100, canny_high = 200;
+  // ControlNet units (api/control_units.h), after the unit above when control_net is set: each
+  // with its hint, strength, guidance start/end and guess mode; their residuals are summed.
+  std::vector<ControlUnitRequest> controls;
   VAETiling vae_tiling;
 };
 

@@ -46,7 +46,8 @@ std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t
   if (p.batch > 1) s += ", Batch size: " + std::to_string(p.batch) + ", Batch pos: " + std::to_string(pos);
   if (!in.lora_hashes.empty()) s += ", Lora hashes: " + format_lora_hashes(in.lora_hashes);
   if (!in.ti_hashes.empty()) s += ", TI hashes: " + format_lora_hashes(in.ti_hashes);  // A1111's same "name: hash12" list
-  if (!in.control.empty()) s += ", ControlNet 0: \"" + in.control + "\"";
+  for (size_t i = 0; i < in.controls.size(); ++i)
+    s += ", ControlNet " + std::to_string(i) + ": \"" + in.controls[i] + "\"";
   s += ", Version: diffuse " DIFFUSE_VERSION;
   return s;
 }

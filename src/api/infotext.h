@@ -14,7 +14,7 @@ struct InfotextInputs {
   std::string model_name;
   std::vector<std::pair<std::string, std::string>> lora_hashes;  // (name, hash)
   std::vector<std::pair<std::string, std::string>> ti_hashes;    // textual inversions used: (name, sha256)
-  std::string control;     // "Module: …, Model: …, Weight: …" ("" none)
+  std::vector<std::string> controls;  // per ControlNet unit: "Module: …, Model: …, Weight: …"
   double hires_denoise = -1;  // the hires pass's denoising strength (< 0: no hires fix)
   std::string hires;          // "Hires upscale: …, Hires steps: …, Hires upscaler: …" ("" none)
   std::string vae_name, vae_hash;  // a standalone VAE's file stem and short hash ("" the checkpoint's own)

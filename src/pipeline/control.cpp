@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "core/error.h"
+#include "pipeline/generate.h"
 
 namespace diffuse {
 
@@ -95,6 +96,21 @@ std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(std::ve
     }
     return sum;
   };
+}
+
+std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(const GenerateParams& p) {
+  std::vector<ControlUnit> units;
+  if (p.control) {
+    DF_CHECK(p.control_image, "ControlNet given without a control image");
+    units.push_back({p.control, prepare_hint(to_rgb(*p.control_image), p.width, p.height), p.control_strength});
+  }
+  for (size_t i = 0; i < p.controls.size(); ++i) {
+    const GenerateParams::ControlUnitParams& u = p.controls[i];
+    DF_CHECK(u.net && u.image, "ControlNet unit ", units.size(), ": ", u.net ? "no control image" : "no ControlNet");
+    units.push_back({u.net, prepare_hint(to_rgb(*u.image), p.width, p.height), u.strength, u.start, u.end,
+                     u.guess_mode});
+  }
+  return control_hook(std::move(units));
 }
 
 }  // namespace diffuse

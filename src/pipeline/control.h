@@ -31,4 +31,9 @@ bool control_active(double start, double end, int step, int steps);
 // (the UNet runs without control). Throws diffuse::Error on an empty list or bad start/end.
 std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(std::vector<ControlUnit> units);
 
+// The units of a generation: GenerateParams::control (if set) then GenerateParams::controls, each
+// hint prepared at the output size (prepare_hint).
+struct GenerateParams;
+std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(const GenerateParams& p);
+
 }  // namespace diffuse

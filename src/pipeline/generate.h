@@ -63,6 +63,18 @@ struct GenerateParams {
   const ControlNet* control = nullptr;
   const Image* control_image = nullptr;
   float control_strength = 1.0f;
+  // More ControlNet units (pipeline/control.h), after `control` when that is set; the residuals of
+  // the units active at a step are summed. Each has its hint (as control_image), strength, guidance
+  // start/end (active while start <= step/steps <= end, sd-webui-controlnet's rule) and guess mode
+  // (diffusers': the conditional half only, residuals scaled from 0.1 to 1).
+  struct ControlUnitParams {
+    const ControlNet* net = nullptr;
+    const Image* image = nullptr;
+    float strength = 1.0f;
+    double start = 0.0, end = 1.0;
+    bool guess_mode = false;
+  };
+  std::vector<ControlUnitParams> controls;
   // SDXL refiner (pipeline/refiner.h): from the evaluation where switch_at of the schedule is done,
   // the refiner (its own prompt encoding, 5 time ids) continues the latent; null: none.
   const SDModel* refiner = nullptr;

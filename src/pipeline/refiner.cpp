@@ -57,7 +57,7 @@ void check_refiner(const SDModel& base, const SDModel& refiner, const GeneratePa
   DF_CHECK(base.family == Family::SDXL, base.path, ": an SDXL refiner continues SDXL latents, this model is ",
            model_kind_name(base.summary));
   DF_CHECK(base.unet_cfg.in_channels == 4, base.path, ": a refiner cannot continue a 9-channel inpainting model");
-  DF_CHECK(!p.control, "--refiner with a ControlNet: the ControlNet does not fit the refiner's UNet");
+  DF_CHECK(!p.control && p.controls.empty(), "--refiner with a ControlNet: the ControlNet does not fit the refiner's UNet");
 }
 
 Guidance refiner_guidance(Ctx& ctx, const SDModel& refiner, const GenerateParams& p) {

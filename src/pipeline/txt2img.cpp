@@ -8,6 +8,7 @@
 #include "io/tensor_file.h"
 #include "models/name_map.h"
 #include "pipeline/conditioning.h"
+#include "pipeline/control.h"
 #include "pipeline/denoise.h"
 #include "pipeline/generate.h"
 #include "pipeline/refiner.h"
@@ -285,11 +286,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
           for (int64_t c = 0; c < C; ++c) d[q * C + c] = k[q * C + c];
     };
   }
-  if (p.control) {
-    DF_CHECK(p.control_image, "ControlNet given without a control image");
-    hooks.control = control_hook(*p.control, prepare_hint(to_rgb(*p.control_image), p.width, p.height),
-                                 p.control_strength);
-  }
+  if (p.control || !p.controls.empty()) hooks.control = control_hook(p);
   if (p.on_latent) {
     // After the kept-area blend above, so a preview shows the latent the next step starts from.
     auto blend = hooks.after_step;

@@ -48,8 +48,11 @@ struct GenOptions {
   double hires_scale = 0, hires_denoise = 0.7;  // --hires-*: A1111's hires fix (pipeline/hires.h)
   int hires_width = 0, hires_height = 0, hires_steps = 0;
   std::string hires_upscaler = "latent", hires_upscaler_model;
-  std::string control_net, control_image;
-  double control_strength = 1.0;
+  // ControlNet units: one --control-image per --control-net; strength/start/end: one value for
+  // every unit or one per unit.
+  std::vector<std::string> control_nets, control_images;
+  std::vector<double> control_strengths, control_starts, control_ends;
+  bool guess_mode = false;
   bool canny = false;
   bool vae_tiling = false, no_vae_tiling = false;  // neither: automatic (above 1024² pixels)
   int vae_tile_size = 0;                             // 0: VAETiling's default
@@ -76,6 +79,36 @@ api::LoraSpec split_lora_flag(const std::string& v) {
     DF_CHECK(!fs::is_regular_file(v.substr(0, colon), ec), "--lora ", v, ": multiplier '", tail, "' is not a number");
   }
   return {v, 1.0f};
+}
+
+// The ControlNet units of --control-net/--control-image/--control-strength/-start/-end (a per-unit
+// value: one for every unit or one per --control-net), --guess-mode and --canny; images are read later.
+std::vector<api::ControlUnitRequest> control_units(const GenOptions& o) {
+  const size_t n = o.control_nets.size();
+  DF_CHECK(o.control_images.size() == n, n ? "--control-net" : "--control-image", ": ", n, " --control-net and ",
+           o.control_images.size(), " --control-image: give one --control-image IMG per --control-net PATH");
+  DF_CHECK(n > 0 || (!o.canny && !o.guess_mode && o.control_strengths.empty() && o.control_starts.empty() &&
+                     o.control_ends.empty()),
+           o.canny ? "--canny" : o.guess_mode ? "--guess-mode" : "--control-strength/--control-start/--control-end",
+           " needs --control-net and --control-image");
+  auto per_unit = [&](const std::vector<double>& v, const char* flag, double def, size_t i) {
+    DF_CHECK(v.size() <= 1 || v.size() == n, flag, ": ", v.size(), " values for ", n,
+             " --control-net: give one for every unit or one per --control-net");
+    return v.empty() ? def : v.size() == 1 ? v[0] : v[i];
+  };
+  std::vector<api::ControlUnitRequest> units(n);
+  for (size_t i = 0; i < n; ++i) {
+    api::ControlUnitRequest& u = units[i];
+    u.net = o.control_nets[i];
+    u.strength = per_unit(o.control_strengths, "--control-strength", 1.0, i);
+    u.start = per_unit(o.control_starts, "--control-start", 0.0, i);
+    u.end = per_unit(o.control_ends, "--control-end", 1.0, i);
+    u.guess_mode = o.guess_mode;
+    u.canny = o.canny;
+    u.canny_low = o.canny_low;
+    u.canny_high = o.canny_high;
+  }
+  return units;
 }
 
 // -s as typed: a decimal integer in [0, 2^64 - 1] (torch seeds are uint64); empty or negative
@@ -240,14 +273,10 @@ int run_generate(const GenOptions& o) {
   r.hires_denoise = o.hires_denoise;
   r.hires_upscaler = o.hires_upscaler;
   r.hires_upscaler_model = o.hires_upscaler_model;
-  r.control_net = o.control_net;
-  r.control_strength = o.control_strength;
-  r.canny = o.canny;
-  r.canny_low = o.canny_low;
-  r.canny_high = o.canny_high;
+  r.controls = control_units(o);
   r.vae_tiling.mode = o.vae_tiling ? VAETiling::Mode::On : o.no_vae_tiling ? VAETiling::Mode::Off : VAETiling::Mode::Auto;
   if (o.vae_tile_size) r.vae_tiling.tile_px = o.vae_tile_size;
-  api::Engine::validate_settings(r, {!o.init.empty(), !o.mask.empty(), !o.control_image.empty()});
+  api::Engine::validate_settings(r, {!o.init.empty(), !o.mask.empty(), false});
   check_output(o.out, o.batch, o.save_latent);
   DF_CHECK(o.preview_file.empty() || o.preview_every > 0, "--preview-file ", o.preview_file,
            ": give --preview-every N too (steps between previews)");
@@ -266,7 +295,7 @@ int run_generate(const GenOptions& o) {
            o.strength, ": must be in [0, 1]");
   if (!o.init.empty()) check_input_file(o.init, "-i/--init");
   if (!o.mask.empty()) check_input_file(o.mask, "--mask");
-  if (!o.control_image.empty()) check_input_file(o.control_image, "--control-image");
+  for (const std::string& c : o.control_images) check_input_file(c, "--control-image");
 
   if (!o.init.empty()) {
     r.init = read_flag_image(o.init, true);
@@ -283,7 +312,7 @@ int run_generate(const GenOptions& o) {
              "x", r.mask.height, " but the init image is ", r.init.width, "x", r.init.height,
              ": they must be the same size");
   }
-  if (!o.control_image.empty()) r.control_image = read_flag_image(o.control_image, true);
+  for (size_t i = 0; i < o.control_images.size(); ++i) r.controls[i].image = read_flag_image(o.control_images[i], true);
 
   api::EngineOptions eo;
   eo.threads = o.threads;
@@ -394,10 +423,28 @@ Run add_generate_command(CLI::App& app) {
                   "(also embedding:NAME); default: an 'embeddings' folder beside the model, else the model's folder");
   cmd->add_option("--vae", o->vae, "standalone VAE file (ldm, first_stage_model. or diffusers names) instead of the "
                   "checkpoint's (default: MODEL.vae.safetensors beside the model, if any)");
-  cmd->add_option("--control-net", o->control_net, "ControlNet: diffusers folder or single .safetensors/.pth file");
-  cmd->add_option("--control-image", o->control_image, "ControlNet hint image (resized to the output size)");
-  cmd->add_option("--control-strength", o->control_strength, "ControlNet conditioning scale (default 1)");
-  cmd->add_flag("--canny", o->canny, "turn the control image into a Canny edge map first");
+  cmd->add_option("--control-net", o->control_nets,
+                  "ControlNet: diffusers folder or single .safetensors/.pth file; repeatable (several units, their "
+                  "residuals summed), each with its --control-image")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--control-image", o->control_images,
+                  "ControlNet hint image (resized to the output size), one per --control-net, in order")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--control-strength", o->control_strengths,
+                  "ControlNet conditioning scale (default 1): one for every unit or one per --control-net")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--control-start", o->control_starts,
+                  "share of the steps after which a unit starts (A1111's Guidance Start, default 0; active while "
+                  "start <= step/steps <= end): one for every unit or one per --control-net")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--control-end", o->control_ends,
+                  "share of the steps after which a unit stops (A1111's Guidance End, default 1): one for every "
+                  "unit or one per --control-net")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_flag("--guess-mode", o->guess_mode,
+                "ControlNet guess mode (diffusers'): only the conditional pass gets control, residuals scaled from "
+                "0.1 (first skip) to 1 (mid block)");
+  cmd->add_flag("--canny", o->canny, "turn the control images into Canny edge maps first");
   cmd->add_option("--canny-low", o->canny_low, "Canny low threshold (default 100, OpenCV scale)");
   cmd->add_option("--canny-high", o->canny_high, "Canny high threshold (default 200)");
   cmd->add_flag("--vae-tiling", o->vae_tiling, "decode/encode the VAE in overlapping tiles (default: above 1024x1024 pixels)");

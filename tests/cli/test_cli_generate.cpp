@@ -455,6 +455,43 @@ TEST(GenerateControlNet, DiffusersFolderReproducesDiffusers) {
   expect_flag_error(with(base_args(model, out), {"--canny"}), {"--canny"});
 }
 
+TEST(GenerateControlNet, UnitsAddUpAndStartEndChooseTheSteps) {
+  std::string model = sd1_model(), ref = data("sd1-controlnet/controlnet.safetensors"),
+              net = data("sd1-controlnet/model/diffusers-controlnet"), hint = data("sd1-controlnet/control.png"),
+              pipes = data("sd1/pipelines.safetensors");
+  if (model.empty() || ref.empty() || net.empty() || hint.empty() || pipes.empty())
+    GTEST_SKIP() << "needs sd1-controlnet fixtures and sd1/pipelines.safetensors";
+  // Two units of the same ControlNet and hint at 0.5 each add up to one at 1: diffusers' scale 1.
+  std::string out = tmp("controlnet_units");
+  Result r = run(with(base_args(model, out), {"--sampler", "euler", "--control-net", net, "--control-image", hint,
+                                              "--control-net", net, "--control-image", hint, "--control-strength",
+                                              "0.5", "--control-end", "1"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  expect_matches(out, ref, "controlnet.scale1.0");
+  std::string params = parameters_of(out + ".png");
+  EXPECT_NE(params.find("ControlNet 0: \"Module: none, Model: diffusers-controlnet, Weight: 0.5\", ControlNet 1: "
+                        "\"Module: none, Model: diffusers-controlnet, Weight: 0.5\""),
+            std::string::npos) << params;
+  // Guidance start 1 of 5 steps: step/steps never reaches 1, so no step gets control (the plain
+  // txt2img latent); the PNG says so in A1111's wording.
+  std::string late = tmp("controlnet_late");
+  Result l = run(with(base_args(model, late), {"--sampler", "euler", "--control-net", net, "--control-image", hint,
+                                               "--control-start", "1", "--control-end", "1"}));
+  ASSERT_EQ(l.exit_code, 0) << l.err;
+  expect_matches(late, pipes, "txt2img.euler");
+  EXPECT_NE(parameters_of(late + ".png").find("Weight: 1, Guidance Start: 1, Guidance End: 1\""), std::string::npos);
+  // Per-unit lists must have one value, or one per --control-net; start <= end.
+  expect_flag_error(with(base_args(model, out), {"--control-net", net, "--control-image", hint, "--control-net", net,
+                                                 "--control-image", hint, "--control-strength", "1", "0.5", "0.2"}),
+                    {"--control-strength", "3 values for 2"});
+  expect_flag_error(with(base_args(model, out), {"--control-net", net, "--control-image", hint, "--control-net", net}),
+                    {"--control-net", "--control-image"});
+  expect_flag_error(with(base_args(model, out), {"--control-net", net, "--control-image", hint, "--control-start",
+                                                 "0.7", "--control-end", "0.3"}),
+                    {"start 0.7", "end 0.3"});
+  expect_flag_error(with(base_args(model, out), {"--guess-mode"}), {"--guess-mode", "--control-net"});
+}
+
 // ---- --vae: a standalone VAE instead of the checkpoint's ----
 
 namespace {
