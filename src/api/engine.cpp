@@ -320,6 +320,8 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
   DF_CHECK(r.batch >= 1 && r.batch <= 64, "-b/--batch ", r.batch, ": must be in [1, 64]");
   DF_CHECK(r.clip_skip >= 0 && r.clip_skip <= 12, "--clip-skip ", r.clip_skip, ": must be in [0, 12]");
   DF_CHECK(std::isfinite(r.cfg) && r.cfg >= 0, "--cfg-scale ", r.cfg, ": must be a number >= 0");
+  DF_CHECK(std::isfinite(r.subseed_strength) && r.subseed_strength >= 0 && r.subseed_strength <= 1,
+           "--subseed-strength ", r.subseed_strength, ": must be in [0, 1]");
   DF_CHECK(std::isnan(r.strength) == false && (r.strength < 0 || r.strength <= 1.0), "--strength ", r.strength,
            ": must be in [0, 1]");
   const bool has_init = given.init, has_mask = given.mask;
@@ -706,6 +708,15 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   p.steps = req.steps;
   p.cfg = req.cfg;
   p.seed = seed;
+  p.subseed_strength = req.subseed_strength;
+  if (req.subseed_strength > 0) {
+    if (req.subseed) {
+      p.subseed = *req.subseed;
+    } else {
+      std::random_device rd;
+      p.subseed = rd() % 4294967294u;
+    }
+  }
   p.sampler = req.sampler;
   p.schedule = req.schedule;
   p.batch = req.batch;
@@ -752,6 +763,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
                 be.name().c_str(), num_threads());
   log(line);
   if (!memory_line.empty()) log(memory_line);
+  if (p.subseed_strength > 0) log("variation seed " + std::to_string(p.subseed) + " at strength " + num(p.subseed_strength));
   std::snprintf(line, sizeof line, "%s %dx%d, %d steps, %s%s, cfg %s, seed %llu (%s rng)%s",
                 p.mask ? "inpaint" : p.init ? "img2img" : "txt2img", p.width, p.height, p.steps, p.sampler.c_str(),
                 p.schedule == "default" ? "" : (" " + p.schedule).c_str(), num(p.cfg).c_str(),

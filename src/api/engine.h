@@ -56,6 +56,10 @@ struct Request {
   int steps = 20;
   double cfg = 7.0;
   std::optional<uint64_t> seed;     // the whole uint64 range (torch's); none: random (the result says which)
+  // A1111's variation seed: image i's noise slerped towards subseed + i's by subseed_strength
+  // (0: off; no subseed: random).
+  std::optional<uint64_t> subseed;
+  double subseed_strength = 0;
   std::string sampler = "euler_a";
   std::string schedule = "default"; // default | karras | trailing
   int batch = 1;

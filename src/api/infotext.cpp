@@ -38,6 +38,9 @@ std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t
   s += ", Model: " + in.model_name;
   if (!in.vae_hash.empty()) s += ", VAE hash: " + in.vae_hash;
   if (!in.vae_name.empty()) s += ", VAE: " + in.vae_name;
+  if (p.subseed_strength > 0)  // image pos uses subseed + pos - 1, as A1111's all_subseeds
+    s += ", Variation seed: " + std::to_string(p.subseed + uint64_t(pos - 1)) +
+         ", Variation seed strength: " + num(p.subseed_strength);
   if (p.init) s += ", Denoising strength: " + num(p.strength);
   if (in.hires_denoise >= 0) s += ", Denoising strength: " + num(in.hires_denoise);
   if (p.clip_skip > 1) s += ", Clip skip: " + std::to_string(p.clip_skip);

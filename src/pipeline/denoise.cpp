@@ -41,13 +41,13 @@ Tensor repeat_batch(Ctx& c, const Tensor& t, int64_t n) {
 
 }  // namespace
 
-Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Guidance& g, const NoiseFn& draw_noise,
+Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Guidance& g_all, const NoiseFn& draw_noise,
                const DenoiseHooks& hooks, int first) {
   DF_CHECK(x.rank() == 4, "denoise: latent ", x.str(), " should be [B, h, w, C] (NHWC)");
   x = x.to(DType::F32);  // an owned copy: the caller's tensor is left alone
   const int64_t B = x.dim(0);
-  const bool guided = g.uncond.defined();
-  DF_CHECK(g.cond.defined(), "denoise: no conditioning");
+  const bool guided = g_all.uncond.defined();
+  DF_CHECK(g_all.cond.defined(), "denoise: no conditioning");
 
   Arena step_arena;
   Ctx sc{ctx.be, step_arena, ctx.act, ctx.ws};
@@ -56,6 +56,9 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
   const int total = int(ts.size()) - first;
   for (int i = 0; i < total; ++i) {
     const double t = ts[size_t(first + i)];
+    const Guidance& g = hooks.guidance ? hooks.guidance(i) : g_all;  // prompt editing: per evaluation
+    DF_CHECK(g.uncond.defined() == guided && g.cond.defined(), "denoise: the guidance of step ", i + 1,
+             " does not match the first step's");
     step_arena.reset();
     Tensor scaled = sched.scale_model_input(x, t);
     Tensor in = hooks.model_input ? hooks.model_input(sc, scaled) : scaled;

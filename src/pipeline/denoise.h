@@ -41,6 +41,10 @@ struct DenoiseHooks {
   // ControlNet: residuals for the UNet batch (down: one per skip connection, mid), passed to
   // UNet::forward; return an empty ControlResiduals to add none at this step.
   std::function<ControlResiduals(Ctx&, const ControlInputs&)> control;
+  // The guidance for model evaluation i (0-based, counted from `first`) instead of `g` (A1111's
+  // prompt editing and alternation); each must guide (or not) as `g` does. The reference must stay
+  // valid for the step.
+  std::function<const Guidance&(int i)> guidance;
   // Polled after each step (after progress): true ends the loop there and returns the latent as
   // it is (an interrupt that still wants an image).
   std::function<bool()> stop;

@@ -37,6 +37,10 @@ struct GenerateParams {
   int steps = 20;
   double cfg = 7.0;  // guidance; <= 1: no unconditional pass (diffusers)
   uint64_t seed = 0;
+  // A1111's variation seed (pipeline/variation.h): image i's first noise is slerped towards the
+  // noise of subseed + i by subseed_strength (0: off).
+  uint64_t subseed = 0;
+  double subseed_strength = 0;
   std::string sampler = "euler_a";
   std::string schedule = "default";  // default | karras | trailing
   int batch = 1;

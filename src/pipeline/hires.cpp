@@ -213,6 +213,7 @@ std::vector<Result> generate_hires(const SDModel& model, Backend& be, const Gene
     GenerateParams p2 = p;
     p2.batch = 1;
     p2.seed = first[size_t(i)].seed;
+    p2.subseed = p.subseed + uint64_t(i);  // A1111's all_subseeds: subseed + i
     p2.width = tw;
     p2.height = th;
     p2.steps = steps2;
@@ -231,7 +232,10 @@ std::vector<Result> generate_hires(const SDModel& model, Backend& be, const Gene
       const Image& base = first[size_t(i)].image;
       if (h.upscaler == "lanczos") init = resize_lanczos(base, tw, th);
       else if (h.upscaler == "nearest") init = resize_nearest(base, tw, th);
-      else init = upscale_image_to(*h.esrgan, be, base, tw, th);
+      else {
+        init = upscale_image_to(*h.esrgan, be, base, tw, th);
+        h.esrgan->release_scratch();  // ~0.5 GB of tile activations, not needed by the second pass
+      }
       p2.init = &init;
     }
     ProgressFn prog2 = [&](Stage s, int done, int) {

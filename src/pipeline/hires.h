@@ -33,7 +33,7 @@ struct HiresParams {
   // "latent", "latent-antialiased", "latent-bicubic", "latent-bicubic-antialiased", "latent-nearest",
   // "latent-nearest-exact", "lanczos", "nearest", or "esrgan" (with `esrgan` set).
   std::string upscaler = "latent";
-  const RRDBNet* esrgan = nullptr;
+  RRDBNet* esrgan = nullptr;  // its scratch is released after each upscale (before the second pass)
 };
 
 // A1111's name of an upscaler ("Latent", "Latent (nearest-exact)", "Lanczos"); an ESRGAN model is

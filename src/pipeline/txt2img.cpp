@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 
 #include "core/error.h"
 #include "core/memory_stats.h"
@@ -11,8 +12,10 @@
 #include "pipeline/control.h"
 #include "pipeline/denoise.h"
 #include "pipeline/generate.h"
+#include "pipeline/prompt_schedule.h"
 #include "pipeline/refiner.h"
 #include "pipeline/schedule.h"
+#include "pipeline/variation.h"
 
 namespace diffuse {
 
@@ -164,7 +167,9 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   PromptOptions po;
   po.clip_skip = p.clip_skip;
   po.embeddings = p.embeddings;
-  PromptPair pp = encode_prompts(ctx, model, p.prompt, p.negative, po);
+  // A1111 prompt editing / alternation: the texts of each step (one entry for a plain prompt).
+  const std::vector<PromptStep> sched_c = prompt_schedule(p.prompt, p.steps), sched_u = prompt_schedule(p.negative, p.steps);
+  PromptPair pp = encode_prompts(ctx, model, sched_c[0].text, sched_u[0].text, po);
   arena.reset();
   Guidance g;
   g.cfg = float(p.cfg);
@@ -187,6 +192,31 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     g_refiner = refiner_guidance(ctx, *p.refiner, p);
     arena.reset();
   }
+  // Every other (prompt, negative) pair a step uses, encoded now (the text encoders may be freed
+  // after this): evaluation i uses the entries whose end_step >= i (evaluations past `steps`, as
+  // second-order samplers make, keep the last).
+  std::map<std::pair<size_t, size_t>, Guidance> step_guides;
+  std::vector<const Guidance*> guide_at;
+  if (sched_c.size() > 1 || sched_u.size() > 1) {
+    step_guides[{0, 0}] = g;
+    for (int i = 0; i <= p.steps; ++i) {
+      const std::pair<size_t, size_t> k{schedule_index(sched_c, i), schedule_index(sched_u, i)};
+      auto it = step_guides.find(k);
+      if (it == step_guides.end()) {
+        PromptPair q = encode_prompts(ctx, model, sched_c[k.first].text, sched_u[k.second].text, po);
+        arena.reset();
+        Guidance gi = g;
+        gi.cond = q.cond.context;
+        gi.uncond = p.cfg > 1.0 ? q.uncond.context : Tensor();
+        if (model.unet_cfg.text_time) {
+          gi.cond_pooled = q.cond.pooled;
+          gi.uncond_pooled = q.uncond.pooled;
+        }
+        it = step_guides.emplace(k, std::move(gi)).first;
+      }
+      guide_at.push_back(&it->second);
+    }
+  }
   report(Stage::Encode, 1, 1);
   if (p.on_conditioned) p.on_conditioned();
 
@@ -208,6 +238,14 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   }
 
   NoiseSource rng(p.rng, p.seed, p.batch);
+  DF_CHECK(std::isfinite(p.subseed_strength) && p.subseed_strength >= 0 && p.subseed_strength <= 1,
+           "--subseed-strength ", p.subseed_strength, ": must be in [0, 1]");
+  // The run's first noise (the initial latent, or img2img's noise), with any variation seed.
+  auto first_noise = [&] {
+    Tensor n = rng.batch(h, w, C);
+    apply_variation(n, p.rng, p.subseed, p.subseed_strength);
+    return n;
+  };
   Tensor x, init_latent, noise, mask_lat, masked_latent;
   auto encode_image = [&](const Tensor& img) {
     DF_CHECK(model.vae.has_encoder(), model.path, ": the VAE encoder is not loaded");
@@ -227,17 +265,17 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
     for (int64_t b = 0; b < B; ++b)
       std::memcpy(init_latent.f32() + b * h * w * C, il.f32() + (il.dim(0) == 1 ? 0 : b) * h * w * C,
                   size_t(h * w * C) * 4);
-    noise = rng.batch(h, w, C);
+    noise = first_noise();
     x = run.empty() ? init_latent.clone() : sched->add_noise(init_latent, noise, run.front());
   } else if (!p.init) {
-    x = rng.batch(h, w, C);
+    x = first_noise();
     scale_inplace(x, float(sched->init_noise_sigma()));
   } else {
     Tensor img = image_to_tensor(*p.init);
     const bool strength_max = p.strength >= 1.0;
     const bool need_init = !p.mask || !inpaint9 || !strength_max;
     if (need_init) init_latent = encode_image(img);
-    noise = rng.batch(h, w, C);
+    noise = first_noise();
     if (p.mask && strength_max) {
       x = noise.clone();
       scale_inplace(x, float(sched->init_noise_sigma()));
@@ -296,6 +334,8 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
       p.on_latent(lat, i + 1, steps_run);
     };
   }
+  if (!guide_at.empty())
+    hooks.guidance = [&guide_at](int i) -> const Guidance& { return *guide_at[size_t(std::min(i, int(guide_at.size()) - 1))]; };
   hooks.progress = [&](int done, int total) { report(Stage::Denoise, done, total); };
   hooks.stop = p.finish_early;
   NoiseFn draw = [&] { return rng.batch(h, w, C); };

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
 #include <string_view>
 
 #include "core/error.h"
@@ -184,9 +185,6 @@ void warn_ignored(const Fields& f, const Fields& overrides, JobSpec& spec) {
     warn("styles: prompt styles are not applied");
   if (auto s = f.str("script_name"); s && !name_key(*s).empty() && name_key(*s) != "none")
     warn(cat("script_name ", quote_name(*s), " is not available; ignored"));
-  const double inf = std::numeric_limits<double>::infinity();
-  if (f.number("subseed_strength", -inf, inf).value_or(0) > 0)
-    warn("subseed_strength: variation seeds are not available; ignored");
   if (auto s = f.str("infotext"); s && !s->empty()) warn("infotext: parameters text is not applied");
   if (auto s = f.str("refiner_checkpoint"); s && !name_key(*s).empty() && name_key(*s) != "none")
     warn(cat("refiner_checkpoint ", quote_name(*s), ": the refiner is not available; ignored"));
@@ -205,6 +203,12 @@ void parse_common(const json& body, const Limits& lim, JobSpec& spec) {
   r.prompt = f.str("prompt").value_or("");
   r.negative = f.str("negative_prompt").value_or("");
   r.seed = f.seed("seed");
+  // Variation seeds: a random subseed (-1) is drawn here so info can say which ran.
+  r.subseed_strength = f.number("subseed_strength", 0, 1).value_or(0);
+  if (r.subseed_strength > 0) {
+    r.subseed = f.seed("subseed");
+    if (!r.subseed) r.subseed = uint64_t(std::random_device()() % 4294967294u);
+  }
   // The schedules have 1000 training timesteps: the engine takes at most that many steps.
   r.steps = int(f.integer("steps", 1, std::clamp(lim.max_steps, 1, 1000)).value_or(50));
   r.cfg = f.number("cfg_scale", 0, std::numeric_limits<double>::max()).value_or(7.0);

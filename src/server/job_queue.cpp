@@ -297,6 +297,7 @@ void JobQueue::run_generate(Worker& w, Job& job, JobOutcome& out) {
     if (w.interrupt || job.cancel) break;
     w.skip = false;
     r.seed = base + uint64_t(it) * uint64_t(r.batch);  // A1111: batch `it` starts at seed + it·batch_size
+    if (s.req.subseed) r.subseed = *s.req.subseed + uint64_t(it) * uint64_t(r.batch);  // and so do subseeds
     api::Callbacks cb;
     cb.progress = [&](Stage st, int done, int total) {
       if (st == Stage::Denoise) {

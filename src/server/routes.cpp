@@ -84,6 +84,9 @@ json a1111_info(const JobSpec& s, const JobOutcome& o, const ModelInfo& m) {
   }
   json extra = json::object();
   if (o.schedule != "default") extra["Schedule type"] = schedule_label(o.schedule);
+  std::vector<uint64_t> subseeds = o.seeds;  // A1111 repeats the seeds when there is no variation
+  if (r.subseed_strength > 0 && r.subseed)
+    for (size_t k = 0; k < subseeds.size(); ++k) subseeds[k] = *r.subseed + k;
   return {
       {"prompt", r.prompt},
       {"all_prompts", json(std::vector<std::string>(std::max<size_t>(n, 1), r.prompt))},
@@ -91,9 +94,9 @@ json a1111_info(const JobSpec& s, const JobOutcome& o, const ModelInfo& m) {
       {"all_negative_prompts", json(std::vector<std::string>(std::max<size_t>(n, 1), r.negative))},
       {"seed", o.seed},
       {"all_seeds", o.seeds},
-      {"subseed", o.seed},
-      {"all_subseeds", o.seeds},
-      {"subseed_strength", 0},
+      {"subseed", r.subseed_strength > 0 && r.subseed ? *r.subseed : o.seed},
+      {"all_subseeds", subseeds},
+      {"subseed_strength", r.subseed_strength},
       {"width", o.width ? o.width : r.width},
       {"height", o.height ? o.height : r.height},
       {"sampler_name", sampler},

@@ -45,6 +45,8 @@ struct GenOptions {
   std::string lora_dir;            // --lora-model-dir: where <lora:NAME:MULT> prompt tags are looked up
   std::string vae;  // --vae: a standalone VAE instead of the checkpoint's
   std::string embeddings_dir;  // --embeddings-dir: textual inversions used by name in the prompts
+  std::string subseed = "-1";     // --subseed: A1111's variation seed (-1: random)
+  double subseed_strength = 0;    // --subseed-strength: 0 (off) to 1
   double hires_scale = 0, hires_denoise = 0.7;  // --hires-*: A1111's hires fix (pipeline/hires.h)
   int hires_width = 0, hires_height = 0, hires_steps = 0;
   std::string hires_upscaler = "latent", hires_upscaler_model;
@@ -113,20 +115,20 @@ std::vector<api::ControlUnitRequest> control_units(const GenOptions& o) {
 
 // -s as typed: a decimal integer in [0, 2^64 - 1] (torch seeds are uint64); empty or negative
 // (A1111's -1) means random.
-std::optional<uint64_t> parse_seed(const std::string& v) {
+std::optional<uint64_t> parse_seed(const std::string& v, const char* flag = "-s/--seed") {
   if (v.empty() || v[0] == '-') {
     if (v.empty()) return std::nullopt;
     char* end = nullptr;
     errno = 0;
     std::strtoll(v.c_str(), &end, 10);
-    DF_CHECK(end && *end == '\0' && errno == 0, "-s/--seed ", v, ": not an integer");
+    DF_CHECK(end && *end == '\0' && errno == 0, flag, " ", v, ": not an integer");
     return std::nullopt;
   }
-  DF_CHECK(v.find_first_not_of("0123456789") == std::string::npos, "-s/--seed ", v,
+  DF_CHECK(v.find_first_not_of("0123456789") == std::string::npos, flag, " ", v,
            ": not an integer (0 to 18446744073709551615, or -1 for random)");
   errno = 0;
   const unsigned long long s = std::strtoull(v.c_str(), nullptr, 10);
-  DF_CHECK(errno != ERANGE, "-s/--seed ", v, ": larger than 18446744073709551615 (2^64 - 1)");
+  DF_CHECK(errno != ERANGE, flag, " ", v, ": larger than 18446744073709551615 (2^64 - 1)");
   return uint64_t(s);
 }
 
@@ -256,6 +258,8 @@ int run_generate(const GenOptions& o) {
   r.steps = o.steps;
   r.cfg = o.cfg;
   r.seed = parse_seed(o.seed);
+  r.subseed = parse_seed(o.subseed, "--subseed");
+  r.subseed_strength = o.subseed_strength;
   r.sampler = o.sampler;
   r.schedule = o.schedule;
   r.batch = o.batch;
@@ -406,6 +410,11 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--lora", o->loras, "LoRA file[:multiplier], repeatable (kohya/A1111 or diffusers/PEFT)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--lora-model-dir", o->lora_dir, "folder where prompt tags <lora:NAME:MULT> find NAME.safetensors");
+  cmd->add_option("--subseed", o->subseed, "variation seed (A1111's): blend each image's noise towards this seed's "
+                  "(image i: SUBSEED + i); -1: random")
+      ->capture_default_str();
+  cmd->add_option("--subseed-strength", o->subseed_strength, "how far towards the variation seed, 0 (off) to 1")
+      ->capture_default_str();
   cmd->add_option("--hires-scale", o->hires_scale,
                   "hires fix (A1111's two passes): generate, upscale by S (1 to 8), then img2img at the larger size");
   cmd->add_option("--hires-width", o->hires_width, "hires fix to this width instead of a scale (0: from the height's ratio)");

@@ -136,6 +136,23 @@ TEST(ServerApi, HiresFixDoublesTheSizeAndSaysSo) {
       << text;
 }
 
+TEST(ServerApi, VariationSeedsAndPromptEditing) {
+  auto c = shared().srv.client();
+  json body = txt2img_body("a [red:blue:0.5] [cube|ball]", 8, 2);
+  body.update({{"subseed", 5}, {"subseed_strength", 0.3}, {"batch_size", 2}});
+  auto r = post(c, "/sdapi/v1/txt2img", body);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  json info = json::parse(json::parse(r->body)["info"].get<std::string>());
+  EXPECT_EQ(info["all_subseeds"], json::array({5, 6}));
+  EXPECT_EQ(info["subseed_strength"], 0.3);
+  EXPECT_TRUE(info["warnings"].empty()) << info["warnings"];
+  const std::string second = info["infotexts"][1].get<std::string>();
+  EXPECT_NE(second.find("Seed: 9, Size: 64x64"), std::string::npos) << second;
+  EXPECT_NE(second.find("Variation seed: 6, Variation seed strength: 0.3"), std::string::npos) << second;
+  EXPECT_EQ(second.rfind("a [red:blue:0.5] [cube|ball]\n", 0), 0u) << second;  // the prompt as written
+}
+
 TEST(ServerApi, LoraTagsAreResolvedSkippedOrRefused) {
   auto c = shared().srv.client();
   auto r = post(c, "/sdapi/v1/txt2img", txt2img_body("a cat <lora:style:0.8>", 5, 2));

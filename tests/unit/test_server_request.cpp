@@ -637,6 +637,19 @@ TEST(ServerRequest, HiresFix) {
   EXPECT_REFUSED(txt2img({{"enable_hr", true}, {"denoising_strength", 0}}), 422, "denoising_strength");
 }
 
+// Variation seeds: subseed and subseed_strength reach the request; a random subseed is drawn here.
+TEST(ServerRequest, VariationSeeds) {
+  JobSpec s = txt2img({{"subseed", 1234}, {"subseed_strength", 0.25}});
+  EXPECT_TRUE(s.warnings.empty()) << all_warnings(s);
+  ASSERT_TRUE(s.req.subseed);
+  EXPECT_EQ(*s.req.subseed, 1234u);
+  EXPECT_EQ(s.req.subseed_strength, 0.25);
+  s = txt2img({{"subseed", -1}, {"subseed_strength", 0.5}});
+  EXPECT_TRUE(s.req.subseed.has_value());
+  EXPECT_EQ(txt2img({{"subseed", 77}}).req.subseed_strength, 0.0);
+  EXPECT_REFUSED(txt2img({{"subseed_strength", 1.5}}), 422, "subseed_strength");
+}
+
 TEST(ServerRequest, IgnoredFieldsWarnOnlyWhenTheyMatter) {
   const json harmless = {{"enable_hr", false},
                          {"restore_faces", false},
@@ -655,7 +668,6 @@ TEST(ServerRequest, IgnoredFieldsWarnOnlyWhenTheyMatter) {
       {{{"tiling", true}}, "tiling"},
       {{{"styles", json::array({"cinematic"})}}, "styles"},
       {{{"script_name", "X/Y/Z plot"}}, "script_name"},
-      {{{"subseed_strength", 0.5}}, "subseed_strength"},
       {{{"infotext", "a cat\nSteps: 20"}}, "infotext"},
       {{{"refiner_checkpoint", "sdxl_refiner"}}, "refiner_checkpoint"},
   };
