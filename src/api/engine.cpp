@@ -25,6 +25,7 @@
 #include "models/name_map.h"
 #include "pipeline/conditioning.h"
 #include "pipeline/hires.h"
+#include "pipeline/refiner.h"
 #include "pipeline/upscale.h"
 
 namespace diffuse::api {
@@ -313,6 +314,10 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
       fail("--sampler ", r.sampler, ": unknown; allowed: ", join(names));
     fail("--sampler ", r.sampler, " --scheduler ", r.schedule, ": ", e.what());
   }
+  if (!r.refiner.empty()) check_input_file(r.refiner, "--refiner", true);
+  DF_CHECK(r.refiner.empty() || !r.hires(), "--refiner with the hires fix (--hires-*) is not supported");
+  DF_CHECK(std::isfinite(r.refiner_switch) && r.refiner_switch >= 0 && r.refiner_switch <= 1, "--refiner-switch ",
+           r.refiner_switch, ": must be in [0, 1]");
   // The schedules have 1000 training timesteps; more sampling steps than that cannot be spaced.
   DF_CHECK(r.steps >= 1 && r.steps <= 1000, "--steps ", r.steps, ": must be in [1, 1000]");
   check_prompt(r.prompt, "-p/--prompt");
@@ -732,6 +737,19 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   p.mask = has_mask ? &req.mask : nullptr;
   p.vae_tiling = req.vae_tiling;
   p.on_latent = cb.on_latent;
+  std::shared_ptr<ModelEntry> refiner;  // the refiner runs without LoRAs
+  RunGuard refiner_guard;
+  if (!req.refiner.empty()) {
+    double rs = 0;
+    refiner = acquire_model(req.refiner, false, cb, &rs, "");
+    begin_run(*refiner, lora_key({}), [&] { apply_set(*refiner->model, *refiner->be, {}); });
+    refiner_guard.e = refiner.get();
+    out.load_s += rs;
+    p.refiner = refiner->model.get();
+    p.refiner_switch_at = req.refiner_switch;
+    check_refiner(model, *p.refiner, p);
+    log("refiner " + req.refiner + ": from " + num(req.refiner_switch) + " of the schedule");
+  }
 
   // ControlNet units (api/control_units.h): the single-unit fields first, then req.controls.
   std::vector<ControlUnitRequest> units;
@@ -802,6 +820,11 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   ii.lora_hashes = lora_hashes;
   ii.ti_hashes = ti_hashes;
   ii.controls = controls.infotext;
+  if (refiner) {  // A1111's short_title: "NAME [hash10]"
+    const std::string rh = model_hash(req.refiner, cb);
+    ii.refiner = "Refiner: " + display_name(req.refiner) + (rh.empty() ? "" : " [" + rh + "]") +
+                 ", Refiner switch at: " + num(req.refiner_switch);
+  }
   if (!vae.empty()) {
     ii.vae_name = fs::path(vae).stem().string();
     ii.vae_hash = impl_->hashes.sha256(vae).substr(0, 10);

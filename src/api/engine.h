@@ -73,6 +73,10 @@ struct Request {
   // else EngineOptions::embeddings_dir, else "embeddings" beside a single-file model if there is
   // one, else the model's own folder.
   std::string embeddings_dir;
+  // SDXL refiner (pipeline/refiner.h): continues the latent once refiner_switch of the schedule is
+  // done (A1111's "Refiner" / "Switch at"); "" none.
+  std::string refiner;
+  double refiner_switch = 0.8;
   std::string vae;                  // a standalone VAE file instead of the checkpoint's ("" = MODEL.vae.safetensors
                                     // beside a single-file model if there is one, else the checkpoint's own)
   // Hires fix (pipeline/hires.h, txt2img only): on when hires_scale > 0 or a hires size is given.

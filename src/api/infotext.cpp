@@ -45,6 +45,7 @@ std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t
   if (in.hires_denoise >= 0) s += ", Denoising strength: " + num(in.hires_denoise);
   if (p.clip_skip > 1) s += ", Clip skip: " + std::to_string(p.clip_skip);
   if (!in.hires.empty()) s += ", " + in.hires;
+  if (!in.refiner.empty()) s += ", " + in.refiner;
   if (p.rng == RngKind::Cpu) s += ", RNG: CPU";
   if (p.batch > 1) s += ", Batch size: " + std::to_string(p.batch) + ", Batch pos: " + std::to_string(pos);
   if (!in.lora_hashes.empty()) s += ", Lora hashes: " + format_lora_hashes(in.lora_hashes);

@@ -18,6 +18,7 @@ struct InfotextInputs {
   double hires_denoise = -1;  // the hires pass's denoising strength (< 0: no hires fix)
   std::string hires;          // "Hires upscale: …, Hires steps: …, Hires upscaler: …" ("" none)
   std::string vae_name, vae_hash;  // a standalone VAE's file stem and short hash ("" the checkpoint's own)
+  std::string refiner;             // "Refiner: NAME [hash], Refiner switch at: S" ("" none)
 };
 
 // The text for image `pos` (1-based) of a run with settings `p`; `seed` is the image's.

@@ -44,6 +44,8 @@ struct GenOptions {
   std::vector<std::string> loras;  // --lora PATH[:MULT], repeatable
   std::string lora_dir;            // --lora-model-dir: where <lora:NAME:MULT> prompt tags are looked up
   std::string vae;  // --vae: a standalone VAE instead of the checkpoint's
+  std::string refiner;          // --refiner: an SDXL refiner continuing the latent
+  double refiner_switch = 0.8;  // --refiner-switch
   std::string embeddings_dir;  // --embeddings-dir: textual inversions used by name in the prompts
   std::string subseed = "-1";     // --subseed: A1111's variation seed (-1: random)
   double subseed_strength = 0;    // --subseed-strength: 0 (off) to 1
@@ -269,6 +271,8 @@ int run_generate(const GenOptions& o) {
   r.strength = o.strength_given ? o.strength : -1.0;
   for (const std::string& v : o.loras) r.loras.push_back(split_lora_flag(v));
   r.vae = o.vae;
+  r.refiner = o.refiner;
+  r.refiner_switch = o.refiner_switch;
   r.embeddings_dir = o.embeddings_dir;
   r.hires_scale = o.hires_scale;
   r.hires_width = o.hires_width;
@@ -432,6 +436,12 @@ Run add_generate_command(CLI::App& app) {
                   "(also embedding:NAME); default: an 'embeddings' folder beside the model, else the model's folder");
   cmd->add_option("--vae", o->vae, "standalone VAE file (ldm, first_stage_model. or diffusers names) instead of the "
                   "checkpoint's (default: MODEL.vae.safetensors beside the model, if any)");
+  cmd->add_option("--refiner", o->refiner,
+                  "SDXL refiner checkpoint (e.g. sd_xl_refiner_1.0.safetensors): from --refiner-switch of the schedule "
+                  "it continues the base model's latent with its own text encoder, as A1111's Refiner");
+  cmd->add_option("--refiner-switch", o->refiner_switch,
+                  "share of the schedule (by timestep, A1111's 'Switch at') after which the refiner takes over "
+                  "(default 0.8; 1: never)");
   cmd->add_option("--control-net", o->control_nets,
                   "ControlNet: diffusers folder or single .safetensors/.pth file; repeatable (several units, their "
                   "residuals summed), each with its --control-image")

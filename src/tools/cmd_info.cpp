@@ -160,7 +160,7 @@ int model_info(const InfoOptions& o) {
 
   if (o.json) {
     nlohmann::json j = {{"file", o.path}, {"kind", "model"}, {"format", f.format},
-                        {"family", family_name(s.family)}, {"layout", s.layout},
+                        {"family", model_kind_name(s)}, {"layout", s.layout},
                         {"unet_in_channels", s.unet_in_channels}, {"context_dim", s.context_dim},
                         {"tensors", f.size()}, {"dtypes", dtypes}, {"problems", problems}};
     nlohmann::json comps = nlohmann::json::object();
@@ -172,7 +172,7 @@ int model_info(const InfoOptions& o) {
     return 0;
   }
   std::printf("file:       %s\nformat:     %s\n", o.path.c_str(), f.format.c_str());
-  std::printf("family:     %s (layout %s", family_name(s.family), s.layout.c_str());
+  std::printf("family:     %s (layout %s", model_kind_name(s).c_str(), s.layout.c_str());
   if (s.unet_in_channels) std::printf(", UNet in_channels %d", s.unet_in_channels);
   if (s.context_dim) std::printf(", context %d", s.context_dim);
   std::printf(")\ntensors:    %s\ncomponents:\n", tensor_counts(f, dtypes).c_str());

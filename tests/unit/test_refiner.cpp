@@ -3,22 +3,20 @@
 // sigma rule = diffusers' denoising_end cutoff) and the hand-over itself, checked against a
 // sampling loop written here that swaps the models at that step.
 //
-// The tiny refiner is written by the test in the published ldm layout of sd_xl_refiner_1.0: its
-// one text encoder, OpenCLIP ViT-bigG, under conditioner.embedders.0.model.* (here the tiny SDXL
-// fixture's encoder 2, copied, so the refiner's text conditioning must equal the base's encoder-2
-// half), model.diffusion_model.* with cross-attention to that encoder's width and label_emb
-// taking pooled + 5 x 256 time-id sinusoids, and first_stage_model.*.
+// The tiny refiner is written by the test in the published ldm layout of sd_xl_refiner_1.0
+// (tests/common/refiner_files.h), from the tiny SDXL fixture: its encoder is the base's encoder 2,
+// so the refiner's text conditioning must equal the base's encoder-2 half.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
+#include "../common/refiner_files.h"
 #include "core/error.h"
 #include "core/layout.h"
 #include "io/tensor_file.h"
@@ -42,50 +40,12 @@ const std::string kSD1 = kFix + "/sd1/model/tiny-sd1.safetensors";
 #define SKIP_UNLESS(path) \
   if (!fs::exists(path)) GTEST_SKIP() << "fixture " << (path) << " not found"
 
-bool ends_with(const std::string& s, const std::string& e) {
-  return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
-}
+using refiner_files::RefinerShape;
 
-Tensor randn_tensor(const Shape& s, uint32_t seed) {
-  Tensor t = Tensor::empty(s);
-  std::mt19937 g(seed);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  const float scale = 1.0f / std::sqrt(float(s.numel() / s[0]));
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(g) * scale;
-  return t;
-}
-
-struct RefinerShape {
-  int time_ids = 5, time_dim = 256;  // label_emb input = pooled + time_ids · time_dim
-  bool context_from_encoder = true;  // false: keep the base's (te1 + te2) context width
-};
-
-// Writes a tiny refiner made from the tiny SDXL base (see the file comment). Returns its path.
+// Writes a tiny refiner (tests/common/refiner_files.h) into the test's temporary folder.
 std::string write_refiner(const std::string& name, const RefinerShape& rs = {}) {
   const std::string out = ::testing::TempDir() + name;
-  TensorFile f = open_model_file(kBase);
-  const Tensor* proj = f.find("conditioner.embedders.1.model.text_projection");  // [W, P]
-  const Tensor* tok = f.find("conditioner.embedders.1.model.token_embedding.weight");
-  EXPECT_TRUE(proj && tok);
-  const int64_t P = proj->dim(1), W = tok->dim(1);
-  std::vector<std::pair<std::string, Tensor>> ts;
-  uint32_t seed = 1;
-  const std::string unet = "model.diffusion_model.", te2 = "conditioner.embedders.1.model.";
-  for (const TensorEntry& e : f.tensors) {
-    const std::string& n = e.name;
-    if (n.rfind("conditioner.embedders.0.", 0) == 0) continue;  // CLIP ViT-L: not in a refiner
-    if (n.rfind(te2, 0) == 0) {
-      ts.emplace_back("conditioner.embedders.0.model." + n.substr(te2.size()), e.tensor);
-    } else if (n.rfind(unet, 0) == 0 && rs.context_from_encoder &&
-               (ends_with(n, "attn2.to_k.weight") || ends_with(n, "attn2.to_v.weight"))) {
-      ts.emplace_back(n, randn_tensor({e.tensor.dim(0), W}, seed++));
-    } else if (n == unet + "label_emb.0.0.weight") {
-      ts.emplace_back(n, randn_tensor({e.tensor.dim(0), P + rs.time_ids * rs.time_dim}, seed++));
-    } else {
-      ts.emplace_back(n, e.tensor);
-    }
-  }
-  save_safetensors(out, ts);
+  refiner_files::write_refiner(kBase, out, rs);
   return out;
 }
 
