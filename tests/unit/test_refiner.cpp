@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -21,6 +22,7 @@
 #include "core/layout.h"
 #include "io/tensor_file.h"
 #include "models/family.h"
+#include "models/name_map.h"
 #include "models/sd_model.h"
 #include "pipeline/conditioning.h"
 #include "pipeline/generate.h"
@@ -332,4 +334,67 @@ TEST(Refiner, HandOverEqualsTheLoopWithTheModelsSwapped) {
   EXPECT_LE(max_diff(all_ref, generate(*ref, *be, alone)[0].latent), 1e-5f);
   p.refiner_switch_at = 1;
   EXPECT_LE(max_diff(generate(*base, *be, p)[0].latent, generate(*base, *be, alone)[0].latent), 0.0f);
+}
+
+namespace {
+
+// The tiny refiner as a diffusers StableDiffusionXLImg2ImgPipeline folder (the layout of
+// stabilityai/stable-diffusion-xl-refiner-1.0: text_encoder_2 and tokenizer_2 only, no
+// text_encoder), its tensors the ldm file's under diffusers names.
+std::string write_diffusers_refiner() {
+  const std::string dir = ::testing::TempDir() + "tiny-refiner-diffusers";
+  const std::string base = kFix + "/sdxl/model/diffusers";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const char* c : {"tokenizer_2", "scheduler", "vae"})
+    fs::copy(base + "/" + c, dir + "/" + c, fs::copy_options::recursive);
+  const TensorFile f = open_model_file(refiner_path());
+  auto write = [&](Component c, const std::string& folder, const std::string& file) {
+    fs::create_directories(dir + "/" + folder);
+    const WeightStore w = component_weights(f, c, Family::SDXL);
+    std::vector<std::pair<std::string, Tensor>> ts;
+    for (const std::string& n : w.names()) ts.emplace_back(n, w.find(n)->clone());
+    save_safetensors(dir + "/" + folder + "/" + file, ts);
+  };
+  write(Component::UNet, "unet", "diffusion_pytorch_model.safetensors");
+  write(Component::TextEncoder2, "text_encoder_2", "model.safetensors");
+  fs::copy(base + "/text_encoder_2/config.json", dir + "/text_encoder_2/config.json");
+  fs::copy(base + "/unet/config.json", dir + "/unet/config.json");  // not read: shapes configure the UNet
+  std::FILE* mi = std::fopen((dir + "/model_index.json").c_str(), "w");
+  std::fputs(R"({"_class_name": "StableDiffusionXLImg2ImgPipeline", "force_zeros_for_empty_prompt": false,
+  "requires_aesthetics_score": true, "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+  "text_encoder": [null, null], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+  "tokenizer": [null, null], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})",
+             mi);
+  std::fclose(mi);
+  return dir;
+}
+
+}  // namespace
+
+TEST(Refiner, DiffusersFolderIsARefinerToo) {
+  SKIP_UNLESS(kBase);
+  SKIP_UNLESS(kFix + "/sdxl/model/diffusers");
+  const std::string dir = write_diffusers_refiner();
+  ModelSummary s = summarize_model(open_model_file(dir));
+  EXPECT_TRUE(s.refiner);
+  EXPECT_EQ(model_kind_name(s), "sdxl-refiner");
+  auto be = make_cpu_backend(Precision::F32);
+  auto base = SDModel::load(kBase, *be);
+  auto ldm = SDModel::load(refiner_path(), *be);
+  auto dif = SDModel::load(dir, *be);
+  EXPECT_EQ(dif->unet_cfg.num_time_ids, 5);
+  GenerateParams p;
+  p.prompt = "a lighthouse at dusk";
+  p.width = p.height = 64;
+  p.steps = 4;
+  p.seed = 5;
+  p.sampler = "euler";
+  p.decode = false;
+  p.refiner_switch_at = 0.5;
+  p.refiner = ldm.get();
+  const Tensor a = generate(*base, *be, p)[0].latent;
+  p.refiner = dif.get();
+  EXPECT_EQ(max_diff(a, generate(*base, *be, p)[0].latent), 0.0f);
 }
