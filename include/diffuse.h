@@ -127,6 +127,18 @@ struct diffuse_params {
 
     diffuse_progress_callback progress_callback;
     void *progress_callback_user_data;
+
+    /* A1111's extras (appended after the fields above; diffuse_default_params() sets them). */
+    const char *vae;              /* standalone VAE file; NULL: the checkpoint's (or MODEL.vae.safetensors beside it) */
+    const char *embeddings_dir;   /* textual inversions used by name in prompts; NULL: "embeddings" beside the model */
+    int64_t subseed;              /* variation seed (image i: subseed + i); < 0: random */
+    float subseed_strength;       /* 0 (off) to 1 */
+    float hires_scale;            /* > 0 (or hires_width/height > 0): the hires fix (txt2img); 0: off */
+    int hires_width, hires_height;  /* the hires size instead of a scale (one of them: the other keeps the ratio) */
+    int hires_steps;              /* 0: the same as steps */
+    float hires_denoise;          /* default 0.7 */
+    const char *hires_upscaler;   /* "latent" (default), "latent-bicubic", "latent-nearest", ..., "lanczos", "nearest", "esrgan" */
+    const char *hires_upscaler_model; /* ESRGAN / Real-ESRGAN file for "esrgan" */
 };
 
 DIFFUSE_API const char *diffuse_version(void);

@@ -109,6 +109,17 @@ api::Request to_request(const diffuse_context& ctx, const diffuse_params& p) {
   r.canny = p.canny != 0;
   DF_CHECK(p.vae_tiling >= -1 && p.vae_tiling <= 1, "vae_tiling ", p.vae_tiling, ": -1 (auto), 0 (off) or 1 (on)");
   r.vae_tiling.mode = p.vae_tiling < 0 ? VAETiling::Mode::Auto : p.vae_tiling ? VAETiling::Mode::On : VAETiling::Mode::Off;
+  r.vae = str(p.vae);
+  r.embeddings_dir = str(p.embeddings_dir);
+  if (p.subseed >= 0) r.subseed = uint64_t(p.subseed);
+  r.subseed_strength = p.subseed_strength;
+  r.hires_scale = p.hires_scale;
+  r.hires_width = p.hires_width;
+  r.hires_height = p.hires_height;
+  r.hires_steps = p.hires_steps;
+  r.hires_denoise = p.hires_denoise;
+  r.hires_upscaler = str(p.hires_upscaler, "latent");
+  r.hires_upscaler_model = str(p.hires_upscaler_model);
   return r;
 }
 
@@ -189,6 +200,9 @@ struct diffuse_params diffuse_default_params(void) {
   p.strength = -1.0f;
   p.control_strength = 1.0f;
   p.vae_tiling = -1;
+  p.subseed = -1;
+  p.hires_denoise = 0.7f;
+  p.hires_upscaler = "latent";
   return p;
 }
 

@@ -498,6 +498,35 @@ int main(int argc, char **argv) {
         }
     }
 
+    /* A1111's extras through the C API: the hires fix and a variation seed, as the PNG text says. */
+    {
+        struct diffuse_params hp = base_params();
+        struct diffuse_result *hr = NULL;
+        const char *text;
+        int hw = 0, hh = 0;
+        hp.hires_scale = 2.0f;
+        hp.hires_steps = 1;
+        hp.hires_denoise = 0.5f;
+        hp.subseed = 7;
+        hp.subseed_strength = 0.25f;
+        st = diffuse_generate(ctx, NULL, &hp, &hr);
+        CHECK(st == DIFFUSE_OK && hr, "hires + variation seed: %s: %s", diffuse_status_string(st), diffuse_last_error());
+        if (hr) {
+            CHECK(diffuse_result_image(hr, 0, &hw, &hh) != NULL && hw == 128 && hh == 128, "hires image %dx%d, expected 128x128",
+                  hw, hh);
+            text = diffuse_result_parameters(hr, 0);
+            CHECK(text && strstr(text, "Variation seed: 7, Variation seed strength: 0.25") &&
+                      strstr(text, "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 1, Hires upscaler: Latent"),
+                  "hires parameters: %s", text ? text : "(none)");
+            diffuse_result_free(hr);
+        }
+        hp.hires_upscaler = "no-such-upscaler";
+        hr = NULL;
+        st = diffuse_generate(ctx, NULL, &hp, &hr);
+        CHECK(st == DIFFUSE_ERR_INVALID_ARGUMENT && strstr(diffuse_last_error(), "--hires-upscaler no-such-upscaler"),
+              "unknown hires upscaler: status %d, error '%s'", (int)st, diffuse_last_error());
+    }
+
     diffuse_result_free(res);
     diffuse_free(ctx);
 
