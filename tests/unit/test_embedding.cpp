@@ -315,6 +315,59 @@ TEST_F(EmbeddingTest, ConditioningEqualsPlainEncodingWithTheVectorsAsTokenRows) 
   expect_error([&] { encode_prompt(ctx, *plain, "a wide photo", with); }, "wide.safetensors", "needs [n, ");
 }
 
+// SDXL: clip_l vectors in encoder 1's table, clip_g in encoder 2's (OpenCLIP layout), the pooled
+// output included.
+TEST_F(EmbeddingTest, SdxlConditioningUsesClipLAndClipG) {
+  const std::string xl = data("sdxl/model/tiny-sdxl.safetensors");
+  if (xl.empty()) GTEST_SKIP() << "needs sdxl/model/tiny-sdxl.safetensors (../shared/fixtures)";
+  const char* tables[2] = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                           "conditioner.embedders.1.model.token_embedding.weight"};
+  TensorFile f = open_model_file(xl);
+  const int64_t W1 = f.find(tables[0])->dim(1), W2 = f.find(tables[1])->dim(1);
+  const Tensor l = f16_exact_vectors(2, W1, 8), g = f16_exact_vectors(2, W2, 9);
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (const TensorEntry& e : f.tensors) {
+    Tensor t = e.tensor;
+    for (int k = 0; k < 2; ++k) {
+      if (e.name != tables[k]) continue;
+      t = e.tensor.to(DType::F32);
+      const Tensor& v = k == 0 ? l : g;
+      for (int64_t j = 0; j < 2; ++j)
+        for (int64_t c = 0; c < v.dim(1); ++c) t.f32()[(kSlot + j) * v.dim(1) + c] = v.f32()[j * v.dim(1) + c];
+      t = t.to(e.tensor.dtype());
+    }
+    ts.emplace_back(e.name, t);
+  }
+  const std::string ref_path = (dir_ / "reference-xl.safetensors").string();
+  save_safetensors(ref_path, ts);
+  std::unique_ptr<SDModel> plain = load_te(xl), ref = load_te(ref_path);
+  Arena arena;
+  Ctx ctx{*be_, arena};
+  EmbeddingSet set;
+  Embedding e;
+  e.name = "xlemb";
+  e.path = "xlemb.safetensors";
+  e.vec[0] = l;
+  e.vec[1] = g;
+  set.add(e);
+  PromptOptions with;
+  with.embeddings = &set;
+  Conditioning got = encode_prompt(ctx, *plain, "a xlemb dog", with);
+  const std::vector<int> content = cat_ids({tok().tokenize("a"), {kSlot, kSlot + 1}, tok().tokenize("dog")});
+  TokenChunk c2 = chunk(content);
+  std::fill(c2.ids.begin() + long(content.size()) + 2, c2.ids.end(), tok().bang_id());  // encoder 2 pads with "!"
+  Conditioning want = encode_chunks(ctx, *ref, {chunk(content)}, {c2}, {});
+  EXPECT_LT(max_diff(got.context, want.context), 1e-6);
+  EXPECT_LT(max_diff(got.pooled, want.pooled), 1e-6);
+  // A one-encoder embedding in an SDXL prompt: an error naming the file.
+  Embedding one;
+  one.name = "oneenc";
+  one.path = "oneenc.safetensors";
+  one.vec[0] = l;
+  set.add(one);
+  expect_error([&] { encode_prompt(ctx, *plain, "oneenc", with); }, "oneenc.safetensors", "clip_g [n, 1280]");
+}
+
 // ---- the engine: a folder of embeddings, the infotext, warnings ----
 
 TEST_F(EmbeddingTest, EngineUsesTheFolderAndWritesTiHashes) {
