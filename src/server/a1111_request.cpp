@@ -245,12 +245,14 @@ void parse_common(const json& body, const Limits& lim, JobSpec& spec) {
   warn_ignored(f, o, spec);
 }
 
-// ControlNet (Mikubill/sd-webui-controlnet) through alwayson_scripts: the first enabled unit.
-// `enabled` defaults to false as in the extension's current ControlNetUnit. Without an image of
-// its own, an img2img unit uses the init image (the extension does the same).
+// ControlNet (Mikubill/sd-webui-controlnet) through alwayson_scripts: every enabled unit, in
+// order (api::Request::controls). `enabled` defaults to false as in the extension's current
+// ControlNetUnit. Without an image of its own, an img2img unit uses the init image (the extension
+// does the same).
 void parse_controlnet_unit(const Fields& u, const std::string& unit_name, const Limits& lim, JobSpec& spec,
                            bool img2img) {
-  api::Request& r = spec.req;
+  const api::Request& req = spec.req;
+  api::ControlUnitRequest r;
   auto warn = [&](std::string s) { spec.warnings.push_back(std::move(s)); };
   const std::string model = u.str("model").value_or("");
   if (name_key(model).empty() || name_key(model) == "none") {
@@ -267,7 +269,7 @@ void parse_controlnet_unit(const Fields& u, const std::string& unit_name, const 
   } else {
     image_b64 = u.str(image_key).value_or("");
   }
-  r.control_strength = u.number("weight", 0, 10).value_or(1.0);
+  r.strength = u.number("weight", 0, 10).value_or(1.0);
 
   const std::string module = name_key(u.str("module").value_or("none"));
   if (module == "canny") {
@@ -287,28 +289,32 @@ void parse_controlnet_unit(const Fields& u, const std::string& unit_name, const 
   } else if (!module.empty() && module != "none") {
     warn(cat(unit_name, ".module ", quote_name(module), " is not available; the image is used as the control map"));
   }
-  const double inf = std::numeric_limits<double>::infinity();
-  if (u.number("guidance_start", -inf, inf).value_or(0) > 0 || u.number("guidance_end", -inf, inf).value_or(1) < 1)
-    warn(cat(unit_name, ": guidance_start / guidance_end are not applied; the unit guides every step"));
+  r.start = u.number("guidance_start", 0, 1).value_or(0.0);
+  r.end = u.number("guidance_end", 0, 1).value_or(1.0);
+  if (r.start > r.end) {
+    const std::string field = u.name("guidance_start") + ", guidance_end";
+    throw RequestError(422, field, cat(field, ": guidance_start ", r.start, " is after guidance_end ", r.end));
+  }
   if (const json* m = u.get("control_mode"); m && !(m->is_number() && m->get<double>() == 0) &&
                                              !(m->is_string() && name_key(m->get<std::string>()) == "balanced"))
     warn(cat(unit_name, ".control_mode is not applied; ran Balanced"));
 
   if (!image_b64.empty()) {
-    r.control_image = decode_request_image(image_b64, image_field, lim);
+    r.image = decode_request_image(image_b64, image_field, lim);
   } else if (img2img) {
-    r.control_image = r.init;
+    r.image = req.init;
   } else {
     throw RequestError(422, u.name("image"), cat(u.name("image"), ": an enabled ControlNet unit needs an image"));
   }
-  spec.control_model = model;
+  spec.req.controls.push_back(std::move(r));
+  spec.control_models.push_back(model);
 }
+
+constexpr size_t kMaxControlUnits = 8;  // each holds a ControlNet and its residuals during a run
 
 void parse_controlnet(const Fields& f, const Limits& lim, JobSpec& spec, bool img2img) {
   const json* scripts = f.object("alwayson_scripts");
   if (!scripts) return;
-  int enabled = 0;
-  std::string used;
   for (const auto& [key, script] : scripts->items()) {
     const std::string base = f.name("alwayson_scripts.") + key;
     if (!script.is_object() && !script.is_null())
@@ -327,15 +333,11 @@ void parse_controlnet(const Fields& f, const Limits& lim, JobSpec& spec, bool im
         throw RequestError(422, unit_name, cat(unit_name, ": expected an object (a ControlNet unit)"));
       const Fields u(unit, unit_name + ".");
       if (!u.boolean("enabled").value_or(false)) continue;
-      if (enabled++ == 0) {
-        used = unit_name;
-        parse_controlnet_unit(u, unit_name, lim, spec, img2img);
-      }
+      if (spec.req.controls.size() >= kMaxControlUnits)
+        throw RequestError(422, unit_name, cat(unit_name, ": at most ", kMaxControlUnits, " enabled ControlNet units"));
+      parse_controlnet_unit(u, unit_name, lim, spec, img2img);
     }
   }
-  if (enabled > 1)
-    spec.warnings.push_back(
-        cat("alwayson_scripts: ", enabled, " enabled ControlNet units; only the first (", used, ") is used"));
 }
 
 // A1111's mask: an RGBA mask that is not fully opaque is its alpha channel, anything else its

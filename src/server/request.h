@@ -57,10 +57,10 @@ struct JobSpec {
   int resize_mode = 0;
   bool inpaint_full_res = true;
   int inpaint_full_res_padding = 0;
-  // alwayson_scripts.controlnet: the first enabled unit's model name as sent (resolved by the
-  // registry when the job runs; req.control_image, control_strength, canny and thresholds are
-  // set from the unit). Empty: no ControlNet.
-  std::string control_model;
+  // alwayson_scripts.controlnet: each enabled unit's model name as sent, one per req.controls entry
+  // (whose image, weight, canny thresholds and guidance start/end are set from the unit); the
+  // registry resolves them into req.controls[i].net when the job is prepared.
+  std::vector<std::string> control_models;
   std::vector<std::string> warnings;  // fields accepted but ignored, fallbacks (reported in `info`)
   nlohmann::json echo;            // A1111 `parameters`: the request with defaults filled, images nulled
 };

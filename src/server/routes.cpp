@@ -187,18 +187,19 @@ std::shared_ptr<Job> prepare_generation(ServerState& st, JobSpec spec, const std
     const int cs = st.options.value("CLIP_stop_at_last_layers", 1);
     if (cs > 1) spec.req.clip_skip = cs;
   }
-  if (!spec.control_model.empty()) {
-    auto c = st.registry.find_controlnet(spec.control_model, "alwayson_scripts.controlnet.args.model");
+  for (size_t i = 0; i < spec.control_models.size() && i < spec.req.controls.size(); ++i) {
+    const std::string& name = spec.control_models[i];
+    auto c = st.registry.find_controlnet(name, "alwayson_scripts.controlnet.args.model");
     if (!c)
       throw RequestError(422, "alwayson_scripts.controlnet.args.model",
-                         "alwayson_scripts.controlnet.args.model: ControlNet '" + spec.control_model +
+                         "alwayson_scripts.controlnet.args.model: ControlNet '" + name +
                              "' not found (GET /controlnet/model_list lists them)");
-    job->control_path = c->filename;
-    if (spec.req.control_image.pixels.empty()) {
+    spec.req.controls[i].net = c->filename;
+    if (spec.req.controls[i].image.pixels.empty()) {
       if (spec.req.init.pixels.empty())
         throw RequestError(422, "alwayson_scripts.controlnet.args.image",
                            "alwayson_scripts.controlnet.args.image: the ControlNet unit has no image");
-      spec.req.control_image = spec.req.init;  // A1111's ControlNet uses the img2img input then
+      spec.req.controls[i].image = spec.req.init;  // A1111's ControlNet uses the img2img input then
     }
   }
   api::Engine::ImagesGiven given;

@@ -283,6 +283,50 @@ TEST(ServerApi, ControlNetUnitsFromAlwaysonScripts) {
   EXPECT_NE(r->body.find("control_nope"), std::string::npos);
 }
 
+TEST(ServerApi, SeveralControlNetUnitsWithGuidanceStartEnd) {
+  Shared& s = shared();
+  auto c = s.srv.client();
+  json list = parse(c.Get("/controlnet/model_list"));
+  ASSERT_EQ(list["model_list"].size(), 1u) << list;
+  const std::string hint_path = std::string(DIFFUSE_TEST_DATA) + "/sd1-controlnet/control.png";
+  const diffuse::Image hint = diffuse::read_image(hint_path);
+  json body = txt2img_body("a statue", 11, 3);
+  json unit = {{"enabled", true}, {"module", "none"}, {"model", list["model_list"][0]}, {"weight", 0.5},
+               {"image", png_b64(hint)}, {"guidance_start", 0.0}, {"guidance_end", 0.6}};
+  json second = unit;
+  second["weight"] = 0.25;
+  second["guidance_start"] = 0.3;
+  second["guidance_end"] = 1.0;
+  body["alwayson_scripts"] = {{"ControlNet", {{"args", {unit, {{"enabled", false}}, second}}}}};
+  auto r = post(c, "/sdapi/v1/txt2img", body);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const diffuse::Image im = decode_b64_png(json::parse(r->body)["images"][0]);
+  const std::string params = text_of(im, "parameters");
+  EXPECT_NE(params.find("ControlNet 0: \"Module: none, Model: diffusers-controlnet, Weight: 0.5, Guidance Start: 0, "
+                        "Guidance End: 0.6\", ControlNet 1: \"Module: none, Model: diffusers-controlnet, Weight: 0.25, "
+                        "Guidance Start: 0.3, Guidance End: 1\""),
+            std::string::npos)
+      << params;
+  // The CLI with the same two units draws the same pixels.
+  const std::string net = s.dirs.models + "/ControlNet/diffusers-controlnet";
+  const std::string out = s.dirs.root + "/cli_cn_units.png";
+  const std::string cmd = std::string(DIFFUSE_BIN) + " generate -q -m " + s.dirs.models + "/sub/other.safetensors" +
+                          " -p 'a statue' -n blurry -W 64 -H 64 --steps 3 --cfg-scale 5 -s 11 --sampler euler_a" +
+                          " --control-net " + net + " --control-image " + hint_path + " --control-net " + net +
+                          " --control-image " + hint_path + " --control-strength 0.5 0.25 --control-start 0 0.3" +
+                          " --control-end 0.6 1 -o " + out;
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  EXPECT_EQ(diffuse::read_image(out).pixels, im.pixels);
+  // A start after its end is refused, naming the field.
+  body["alwayson_scripts"]["ControlNet"]["args"][2]["guidance_start"] = 0.9;
+  body["alwayson_scripts"]["ControlNet"]["args"][2]["guidance_end"] = 0.2;
+  r = post(c, "/sdapi/v1/txt2img", body);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 422) << r->body;
+  EXPECT_NE(r->body.find("guidance_start"), std::string::npos) << r->body;
+}
+
 TEST(ServerApi, PngInfoReadsTheParametersBack) {
   auto c = shared().srv.client();
   auto r = post(c, "/sdapi/v1/txt2img", txt2img_body("a blue ball", 77, 2));
