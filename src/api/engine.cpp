@@ -12,6 +12,7 @@
 #include <random>
 
 #include "api/infotext.h"
+#include "api/inpaint_request.h"
 #include "api/model_hash.h"
 #include "core/error.h"
 #include "core/memory_stats.h"
@@ -348,6 +349,7 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
   }
   if (!r.control_net.empty()) check_input_file(r.control_net, "--control-net", true);
   check_hires(r, given);
+  check_inpaint_settings(r, given);
   DF_CHECK(std::isfinite(r.control_strength) && r.control_strength >= 0 && r.control_strength <= 10,
            "--control-strength ", r.control_strength, ": must be in [0, 10]");
   DF_CHECK(r.canny_low >= 0 && r.canny_low <= r.canny_high && r.canny_high <= 1020, "--canny-low ", r.canny_low,
@@ -366,7 +368,9 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
 void Engine::validate(const Request& r) {
   const bool has_init = !r.init.pixels.empty(), has_mask = !r.mask.pixels.empty();
   validate_settings(r, {has_init, has_mask, !r.control_image.pixels.empty()});
-  if (has_init) {
+  if (has_init && inpaint_resizes(r)) {
+    check_inpaint_images(r);  // only masked / outpainting: the init image is cropped or padded
+  } else if (has_init) {
     const int w = r.width ? r.width : r.init.width, h = r.height ? r.height : r.init.height;
     DF_CHECK(r.init.width == w && r.init.height == h, "-i/--init image is ", r.init.width, "x", r.init.height,
              " but the output size is ", w, "x", h,
@@ -603,8 +607,8 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   validate(req);
   std::string memory_line;
   {  // sizes whose memory cannot fit are refused with the estimate, before anything loads
-    int w = req.width ? req.width : !req.init.pixels.empty() ? req.init.width : 0;
-    int h = req.height ? req.height : !req.init.pixels.empty() ? req.init.height : 0;
+    int w = req.width, h = req.height;
+    if (!req.init.pixels.empty()) inpaint_output_size(req, &w, &h);
     if (req.hires() && w > 0 && h > 0) hires_target(hires_params(req), w, h, &w, &h);  // the larger pass
     const size_t avail = available_memory_bytes();
     if (w > 0 && h > 0 && avail > 0) {
@@ -678,7 +682,15 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     seed = rd() % 4294967294u;
   }
 
-  const bool has_init = !req.init.pixels.empty(), has_mask = !req.mask.pixels.empty();
+  // A1111's inpainting controls and outpainting: the images the pipeline gets.
+  const bool planned = uses_inpaint_plan(req);
+  InpaintPlan plan;
+  if (planned) {
+    int ow = 0, oh = 0;
+    inpaint_output_size(req, &ow, &oh);
+    plan = prepare_inpaint(req.init, req.outpaint() ? nullptr : &req.mask, ow, oh, inpaint_settings(req));
+  }
+  const bool has_init = !req.init.pixels.empty(), has_mask = !req.mask.pixels.empty() || planned;
   RunResult out;
   out.seed = seed;
   const std::string vae = req.vae.empty() ? paired_vae(req.model) : req.vae;
@@ -708,8 +720,8 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   p.prompt = prompt_text;
   p.negative = negative_text;
   p.embeddings = embeddings.get();
-  p.width = req.width ? req.width : has_init ? req.init.width : native;
-  p.height = req.height ? req.height : has_init ? req.init.height : native;
+  p.width = planned ? plan.width : req.width ? req.width : has_init ? req.init.width : native;
+  p.height = planned ? plan.height : req.height ? req.height : has_init ? req.init.height : native;
   p.steps = req.steps;
   p.cfg = req.cfg;
   p.seed = seed;
@@ -735,6 +747,14 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     p.init = &init_rgb;
   }
   p.mask = has_mask ? &req.mask : nullptr;
+  if (planned) {
+    p.init = &plan.init;
+    p.mask = &plan.mask;
+    const MaskedContent mc = masked_content(req);
+    p.latent_fill = mc == MaskedContent::LatentNoise     ? GenerateParams::LatentFill::Noise
+                    : mc == MaskedContent::LatentNothing ? GenerateParams::LatentFill::Zero
+                                                         : GenerateParams::LatentFill::Keep;
+  }
   p.vae_tiling = req.vae_tiling;
   p.on_latent = cb.on_latent;
   std::shared_ptr<ModelEntry> refiner;  // the refiner runs without LoRAs
@@ -820,6 +840,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   ii.lora_hashes = lora_hashes;
   ii.ti_hashes = ti_hashes;
   ii.controls = controls.infotext;
+  if (planned) ii.inpaint = inpaint_infotext(req, plan);
   if (refiner) {  // A1111's short_title: "NAME [hash10]"
     const std::string rh = model_hash(req.refiner, cb);
     ii.refiner = "Refiner: " + display_name(req.refiner) + (rh.empty() ? "" : " [" + rh + "]") +
@@ -832,6 +853,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   p.on_result = [&](const Result& r, int i) {
     GeneratedImage g;
     g.image = r.image;
+    if (planned) plan.finish(g.image);  // paste back / composite over the init image
     g.seed = r.seed;
     g.latent = r.latent;
     g.parameters = infotext(p, ii, g.seed, i + 1);

@@ -68,6 +68,17 @@ struct Request {
   std::string prediction;           // "" (from the model) | eps | v
   double strength = -1.0;           // img2img/inpaint; < 0: 0.75 (1 for 9-channel inpainting models)
   Image init, mask;                 // empty pixels: none
+  // A1111's inpainting controls and outpainting (pipeline/inpaint_prep.h, api/inpaint_request.h).
+  // With any of them but a masked content of "original", the result is composited over the init
+  // image through the (blurred) mask, as A1111 does; only masked pastes the crop back.
+  int mask_blur = -1;               // Gaussian sigma, pixels; -1: 0, or 4 with outpainting (A1111's)
+  int mask_blur_y = -1;             // the vertical sigma if it differs (A1111's mask_blur_y); -1: mask_blur
+  bool invert_mask = false;         // repaint what the mask leaves black
+  std::string masked_content;       // fill | original | latent noise | latent nothing ("": original; fill outpainting)
+  bool only_masked = false;         // inpaint the mask's box (grown by the padding) at the output size, pasted back
+  int only_masked_padding = 32;
+  int outpaint_left = 0, outpaint_right = 0, outpaint_top = 0, outpaint_bottom = 0;  // pixels added to -i
+  bool outpaint() const { return outpaint_left > 0 || outpaint_right > 0 || outpaint_top > 0 || outpaint_bottom > 0; }
   std::vector<LoraSpec> loras;      // besides the prompt's tags
   // Textual-inversion embeddings used by name in the prompts (models/embedding.h): this folder,
   // else EngineOptions::embeddings_dir, else "embeddings" beside a single-file model if there is

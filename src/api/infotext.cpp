@@ -44,6 +44,7 @@ std::string infotext(const GenerateParams& p, const InfotextInputs& in, uint64_t
   if (p.init) s += ", Denoising strength: " + num(p.strength);
   if (in.hires_denoise >= 0) s += ", Denoising strength: " + num(in.hires_denoise);
   if (p.clip_skip > 1) s += ", Clip skip: " + std::to_string(p.clip_skip);
+  s += in.inpaint;  // A1111's extra_generation_params come after the fixed entries
   if (!in.hires.empty()) s += ", " + in.hires;
   if (!in.refiner.empty()) s += ", " + in.refiner;
   if (p.rng == RngKind::Cpu) s += ", RNG: CPU";

@@ -17,6 +17,7 @@ struct InfotextInputs {
   std::vector<std::string> controls;  // per ControlNet unit: "Module: …, Model: …, Weight: …"
   double hires_denoise = -1;  // the hires pass's denoising strength (< 0: no hires fix)
   std::string hires;          // "Hires upscale: …, Hires steps: …, Hires upscaler: …" ("" none)
+  std::string inpaint;         // ", Mask blur: …, Inpaint area: …" (api/inpaint_request.h; "" none)
   std::string vae_name, vae_hash;  // a standalone VAE's file stem and short hash ("" the checkpoint's own)
   std::string refiner;             // "Refiner: NAME [hash], Refiner switch at: S" ("" none)
 };

@@ -53,6 +53,10 @@ struct GenerateParams {
   double strength = 0.75;
   const Image* init = nullptr;  // 8-bit, width × height (converted to RGB)
   const Image* mask = nullptr;  // 8-bit, width × height; white (>= 128 after grey conversion) = repaint
+  // Inpainting: what the init latent holds under the mask before sampling: the encoded image
+  // (Keep), the run's first noise draw (A1111's masked content "latent noise": A1111 draws it from
+  // the image's seed, as the sampling noise) or zeros ("latent nothing").
+  enum class LatentFill { Keep, Noise, Zero } latent_fill = LatentFill::Keep;
   // img2img from a latent instead of an image (hires fix's latent upscale): f32 [1 or batch, h, w, 4]
   // NHWC in the model's latent space (as Result::latent, after the VAE scaling factor: not divided
   // by it), h, w = height / 8, width / 8. No VAE encode, no posterior draw; no mask.

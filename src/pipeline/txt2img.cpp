@@ -299,6 +299,14 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
             int64_t sy = y * p.height / h, sx = xx * p.width / w;
             mask_lat.f32()[(b * h + y) * w + xx] = float(m[size_t(sy * p.width + sx)]);
           }
+      if (need_init && p.latent_fill != GenerateParams::LatentFill::Keep) {
+        // A1111's "latent noise" / "latent nothing": the init latent replaced under the mask.
+        const bool fill_noise = p.latent_fill == GenerateParams::LatentFill::Noise;
+        for (int64_t q = 0; q < B * h * w; ++q)
+          if (mask_lat.f32()[q] != 0.0f)
+            for (int64_t c = 0; c < C; ++c) init_latent.f32()[q * C + c] = fill_noise ? noise.f32()[q * C + c] : 0.0f;
+        if (!strength_max) x = run.empty() ? init_latent.clone() : sched->add_noise(init_latent, noise, run.front());
+      }
     }
   }
 

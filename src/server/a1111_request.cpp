@@ -477,12 +477,24 @@ JobSpec parse_a1111_img2img(const json& body, const Limits& lim) {
   spec.inpaint_full_res = f.boolean("inpaint_full_res").value_or(true);
   spec.inpaint_full_res_padding = int(f.integer("inpaint_full_res_padding", 0, kMaxImageSide).value_or(0));
   spec.mask_invert = f.boolean("inpainting_mask_invert").value_or(false);
+  // A1111's mask blur (mask_blur sets both axes) and masked content, for a request with a mask:
+  // the engine blurs, fills and composites as A1111 does (api/inpaint_request.h).
+  const int64_t blur = f.integer("mask_blur", 0, 64).value_or(-1);
+  const int blur_x = int(blur >= 0 ? blur : f.integer("mask_blur_x", 0, 64).value_or(4));
+  const int blur_y = int(blur >= 0 ? blur : f.integer("mask_blur_y", 0, 64).value_or(4));
+  static const char* const kMaskedContent[] = {"fill", "original", "latent noise", "latent nothing"};
+  const char* content = kMaskedContent[f.integer("inpainting_fill", 0, 3).value_or(0)];
 
   // Images last: every cheaper check has passed before anything is decoded.
   const std::string init = first_init_image(f, spec);
   const std::string mask = mask_image(f);
   r.init = decode_request_image(init, "init_images", lim);
-  if (!mask.empty()) r.mask = a1111_mask(decode_request_image(mask, "mask", lim), spec.mask_invert);
+  if (!mask.empty()) {
+    r.mask = a1111_mask(decode_request_image(mask, "mask", lim), spec.mask_invert);
+    r.mask_blur = blur_x;
+    r.mask_blur_y = blur_y;
+    r.masked_content = content;
+  }
   parse_controlnet(f, lim, spec, true);
   spec.echo = make_echo(body, img2img_defaults());
   return spec;

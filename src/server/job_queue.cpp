@@ -264,7 +264,7 @@ void JobQueue::worker_loop(Worker& w) {
 
 void JobQueue::run_generate(Worker& w, Job& job, JobOutcome& out) {
   JobSpec& s = job.spec;
-  std::function<void(Image&)> paste_back = fit_request_images(s);
+  fit_request_images(s);
   api::Request r = s.req;
   r.control_net = job.control_path;
   uint64_t base = 0;
@@ -319,7 +319,6 @@ void JobQueue::run_generate(Worker& w, Job& job, JobOutcome& out) {
     };
     cb.on_image = [&](const api::GeneratedImage& g, int) {
       api::GeneratedImage img = g;
-      if (paste_back) paste_back(img.image);
       out.width = img.image.width;
       out.height = img.image.height;
       out.seeds.push_back(img.seed);

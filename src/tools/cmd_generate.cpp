@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "api/engine.h"
+#include "api/inpaint_request.h"
 #include "core/error.h"
 #include "io/image.h"
 #include "io/output_file.h"
@@ -38,6 +39,10 @@ struct GenOptions {
   std::string weights = "native";  // --weights native|int8
   std::string init, mask;
   double strength = -1.0;  // < 0: not given
+  // A1111's inpainting controls and outpainting (api/inpaint_request.h).
+  std::string outpaint, masked_content;  // --outpaint L,R,T,B; --masked-content
+  int mask_blur = -1, only_masked_padding = 32;
+  bool invert_mask = false, only_masked = false;
   std::string out = "out.png", save_latent;
   bool quiet = false;
   bool width_given = false, height_given = false, strength_given = false;
@@ -239,6 +244,26 @@ class Progress {
   std::chrono::steady_clock::time_point start_{}, first_{};
 };
 
+// --outpaint L,R,T,B: four pixel counts into the request.
+void parse_outpaint(const std::string& v, api::Request& r) {
+  int* sides[] = {&r.outpaint_left, &r.outpaint_right, &r.outpaint_top, &r.outpaint_bottom};
+  size_t pos = 0;
+  for (int i = 0; i < 4; ++i) {
+    const size_t end = i < 3 ? v.find(',', pos) : v.size();
+    const std::string part = end == std::string::npos ? "" : v.substr(pos, end - pos);
+    char* stop = nullptr;
+    errno = 0;
+    const long n = part.empty() ? 0 : std::strtol(part.c_str(), &stop, 10);
+    DF_CHECK(!part.empty() && *stop == 0 && errno == 0 && std::abs(n) <= kMaxImageSide, "--outpaint ", v,
+             ": expected L,R,T,B, four pixel counts (e.g. 128,128,0,0)");
+    *sides[i] = int(n);
+    pos = end + 1;
+  }
+  DF_CHECK(r.outpaint_left >= 0 && r.outpaint_right >= 0 && r.outpaint_top >= 0 && r.outpaint_bottom >= 0,
+           "--outpaint ", v, ": padding must be >= 0 pixels");
+  DF_CHECK(r.outpaint(), "--outpaint ", v, ": give some padding (all four are 0)");
+}
+
 // Reads an image flag's file as RGB (masks keep their channels: the pipeline takes their grey).
 Image read_flag_image(const std::string& path, bool rgb) {
   Image im = read_image(path);
@@ -269,6 +294,12 @@ int run_generate(const GenOptions& o) {
   r.rng = o.rng;
   r.prediction = o.prediction;
   r.strength = o.strength_given ? o.strength : -1.0;
+  if (!o.outpaint.empty()) parse_outpaint(o.outpaint, r);
+  r.mask_blur = o.mask_blur;
+  r.invert_mask = o.invert_mask;
+  r.masked_content = o.masked_content;
+  r.only_masked = o.only_masked;
+  r.only_masked_padding = o.only_masked_padding;
   for (const std::string& v : o.loras) r.loras.push_back(split_lora_flag(v));
   r.vae = o.vae;
   r.refiner = o.refiner;
@@ -307,6 +338,10 @@ int run_generate(const GenOptions& o) {
 
   if (!o.init.empty()) {
     r.init = read_flag_image(o.init, true);
+  }
+  if (!o.init.empty() && api::inpaint_resizes(r)) {
+    api::check_inpaint_images(r);  // cropped (only masked) or padded (outpainting): any size
+  } else if (!o.init.empty()) {
     if (!o.width_given) DF_CHECK(r.init.width % 8 == 0 && r.init.height % 8 == 0, "-i/--init ", o.init, " is ",
                                  r.init.width, "x", r.init.height, ": width and height must be multiples of 8");
     const int w = o.width_given ? o.width : r.init.width, h = o.height_given ? o.height : r.init.height;
@@ -408,6 +443,21 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("-i,--init", o->init, "init image for img2img/inpainting (PNG/JPEG, the output size)");
   auto* sopt = cmd->add_option("--strength", o->strength, "img2img strength in [0, 1] (default 0.75; 1 for inpainting models)");
   cmd->add_option("--mask", o->mask, "inpainting mask, white = repaint (the init image's size)");
+  cmd->add_option("--mask-blur", o->mask_blur,
+                  "Gaussian blur of the mask in pixels, 0-64 (A1111's mask blur; default 0, 4 with --outpaint); "
+                  "the result is composited over the init image through the blurred mask");
+  cmd->add_flag("--invert-mask", o->invert_mask, "repaint what the mask leaves black (A1111's \"inpaint not masked\")");
+  cmd->add_option("--masked-content", o->masked_content,
+                  "what the masked area starts from: original (default), fill (colours of the surroundings, "
+                  "default with --outpaint), latent-noise, latent-nothing");
+  cmd->add_flag("--inpaint-only-masked", o->only_masked,
+                "inpaint only the mask's box (grown by --only-masked-padding, then to the output's aspect) at the "
+                "output size (-W/-H, default the init's), pasted back into the init image at its own size");
+  cmd->add_option("--only-masked-padding", o->only_masked_padding,
+                  "pixels around the mask's box for --inpaint-only-masked, 0-256 (default 32)");
+  cmd->add_option("--outpaint", o->outpaint,
+                  "outpainting with -i: L,R,T,B pixels added on each side (the output is the init's size plus "
+                  "these; -W/-H do not apply); the padding is inpainted through a feathered mask");
   cmd->add_option("--prediction", o->prediction, "eps or v (default: from the model)");
   cmd->add_option("-o,--output", o->out, "output .png or .jpg (batches: out.png, out_1.png, ...; - : PNG to standard output)");
   cmd->add_option("--save-latent", o->save_latent, "also save the final latents (safetensors, 'latent' [B,4,h,w])");

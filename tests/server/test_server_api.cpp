@@ -223,6 +223,7 @@ TEST(ServerApi, Img2ImgInpaintsOnlyTheMaskedAreaAtTheInitSize) {
   body["init_images"] = {png_b64(init)};
   body["mask"] = "data:image/png;base64," + png_b64(mask);
   body["denoising_strength"] = 0.9;
+  body["mask_blur"] = 0;  // a hard edge; A1111's default 4 feathers it (below)
   auto r = post(c, "/sdapi/v1/img2img", body);
   ASSERT_TRUE(r);
   ASSERT_EQ(r->status, 200) << r->body;
@@ -240,6 +241,27 @@ TEST(ServerApi, Img2ImgInpaintsOnlyTheMaskedAreaAtTheInitSize) {
     }
   EXPECT_EQ(same_outside, outside);
   EXPECT_GT(changed_inside, 300u);
+  // The default mask blur (4: cv2's 21 taps) composites through the blurred mask: pixels more
+  // than 10 px from the mask keep the init image, the edge is blended.
+  body.erase("mask_blur");
+  r = post(c, "/sdapi/v1/img2img", body);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const diffuse::Image soft = decode_b64_png(json::parse(r->body)["images"][0]);
+  ASSERT_EQ(soft.width, 96);
+  size_t far_changed = 0, near_changed = 0;
+  for (int y = 0; y < 80; ++y)
+    for (int x = 0; x < 96; ++x) {
+      const bool far = x < 30 - 10 || x >= 50 + 10 || y < 20 - 10 || y >= 40 + 10;
+      const bool near = !far && (x < 30 || x >= 50 || y < 20 || y >= 40);
+      const size_t i = (size_t(y) * 96 + x) * 3;
+      const bool same = soft.pixels[i] == init.pixels[i] && soft.pixels[i + 1] == init.pixels[i + 1];
+      far_changed += far && !same;
+      near_changed += near && !same;
+    }
+  EXPECT_EQ(far_changed, 0u);
+  EXPECT_GT(near_changed, 0u);
+  EXPECT_NE(json::parse(r->body)["info"].get<std::string>().find("Mask blur: 4"), std::string::npos);
 
   // No init image: A1111's 4xx naming the field.
   json bad = txt2img_body("x", 9, 3);

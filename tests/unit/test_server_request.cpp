@@ -786,6 +786,24 @@ TEST(ServerRequest, Img2ImgMasks) {
   const JobSpec inv = img2img({{"init_images", {init}}, {"mask", rgb}, {"inpainting_mask_invert", 1}});
   EXPECT_TRUE(inv.mask_invert);
   EXPECT_EQ(inv.req.mask.pixels[0], 0);
+  // Mask blur and masked content (A1111's API defaults: blur 4 on both axes, inpainting_fill 0 =
+  // "fill"); mask_blur sets both axes; none of them without a mask.
+  const JobSpec d = img2img({{"init_images", {init}}, {"mask", rgb}});
+  EXPECT_EQ(d.req.mask_blur, 4);
+  EXPECT_EQ(d.req.mask_blur_y, 4);
+  EXPECT_EQ(d.req.masked_content, "fill");
+  const JobSpec b = img2img({{"init_images", {init}}, {"mask", rgb}, {"mask_blur_x", 2}, {"inpainting_fill", 2}});
+  EXPECT_EQ(b.req.mask_blur, 2);
+  EXPECT_EQ(b.req.mask_blur_y, 4);
+  EXPECT_EQ(b.req.masked_content, "latent noise");
+  const JobSpec both = img2img({{"init_images", {init}}, {"mask", rgb}, {"mask_blur", 7}, {"mask_blur_y", 1}});
+  EXPECT_EQ(both.req.mask_blur, 7);
+  EXPECT_EQ(both.req.mask_blur_y, 7);
+  const JobSpec plain = img2img({{"init_images", {init}}, {"mask_blur", 7}});
+  EXPECT_EQ(plain.req.mask_blur, -1);
+  EXPECT_TRUE(plain.req.masked_content.empty());
+  EXPECT_REFUSED(img2img({{"init_images", {init}}, {"mask_blur", 65}}), 422, "mask_blur");
+  EXPECT_REFUSED(img2img({{"init_images", {init}}, {"inpainting_fill", 4}}), 422, "inpainting_fill");
   EXPECT_EQ(inv.req.mask.pixels[7], 255);
   // An RGBA mask that is not fully opaque is its alpha (A1111's create_binary_mask).
   const std::string rgba = b64(diffuse::encode_png(make_image(8, 4, 4, [](int x, int, int k) {
