@@ -150,6 +150,22 @@ class SdxlControlNetTest : public ::testing::Test {
     return in;
   }
 
+  // The ControlNet's residuals at scale 1 and the UNet's own pass (every skip and block input
+  // kept) on the same inputs.
+  struct Run {
+    Arena arena;
+    Ctx c{*be_, arena};
+    Inputs in = inputs();
+    Tensor emb;
+    ControlResiduals r;
+    UNetTrace trace;
+    explicit Run(const ControlNet& cn) {
+      emb = cn.embed_hint(c, in.hint);
+      r = cn.forward(c, in.x, in.t, in.context, emb, 1.0f, &in.text_embeds, &in.time_ids);
+      model_->unet.forward_train(c, in.x, in.t, in.context, &in.text_embeds, &in.time_ids, trace);
+    }
+  };
+
   static inline std::unique_ptr<Backend> be_;
   static inline std::unique_ptr<SDModel> model_;
   static inline std::vector<std::pair<std::string, Tensor>> trunk_;
@@ -165,14 +181,12 @@ TEST_F(SdxlControlNetTest, TrunkResidualsAreTheUNetsSkipsAndMidOutput) {
   EXPECT_NO_THROW(cn.check_compatible(u));
   ASSERT_EQ(cn.num_skips(), model_->unet.num_skips());
 
-  Arena arena;
-  Ctx c{*be_, arena};
-  const Inputs in = inputs();
-  const Tensor emb = cn.embed_hint(c, in.hint);
-  const ControlResiduals r = cn.forward(c, in.x, in.t, in.context, emb, 1.0f, &in.text_embeds, &in.time_ids);
-  // The UNet's own pass, keeping every skip and block input.
-  UNetTrace trace;
-  model_->unet.forward_train(c, in.x, in.t, in.context, &in.text_embeds, &in.time_ids, trace);
+  Run run(cn);
+  Ctx& c = run.c;
+  const Inputs& in = run.in;
+  const Tensor& emb = run.emb;
+  const ControlResiduals& r = run.r;
+  const UNetTrace& trace = run.trace;
   ASSERT_EQ(r.down.size(), trace.skips.size());
   double worst = 0;
   for (size_t i = 0; i < r.down.size(); ++i) worst = std::max(worst, rel_diff(r.down[i], trace.skips[i]));
@@ -198,13 +212,10 @@ TEST_F(SdxlControlNetTest, TrunkResidualsAreTheUNetsSkipsAndMidOutput) {
 
 TEST_F(SdxlControlNetTest, TheHintEmbeddingAddsToTheFirstSkip) {
   ControlNet cn = ControlNet::load_file(write_controlnet("sdxl_cn_live.safetensors", true), *be_);
-  Arena arena;
-  Ctx c{*be_, arena};
-  const Inputs in = inputs();
-  const Tensor emb = cn.embed_hint(c, in.hint);
-  const ControlResiduals r = cn.forward(c, in.x, in.t, in.context, emb, 1.0f, &in.text_embeds, &in.time_ids);
-  UNetTrace trace;
-  model_->unet.forward_train(c, in.x, in.t, in.context, &in.text_embeds, &in.time_ids, trace);
+  const Run run(cn);
+  const Tensor& emb = run.emb;
+  const ControlResiduals& r = run.r;
+  const UNetTrace& trace = run.trace;
   // residual 0 = conv_in(x) + embedding (identity zero conv), the embedding shared by both rows.
   Tensor want = trace.skips[0].to(DType::F32).clone();
   const Tensor e = emb.to(DType::F32);
