@@ -186,8 +186,6 @@ void warn_ignored(const Fields& f, const Fields& overrides, JobSpec& spec) {
   if (auto s = f.str("script_name"); s && !name_key(*s).empty() && name_key(*s) != "none")
     warn(cat("script_name ", quote_name(*s), " is not available; ignored"));
   if (auto s = f.str("infotext"); s && !s->empty()) warn("infotext: parameters text is not applied");
-  if (auto s = f.str("refiner_checkpoint"); s && !name_key(*s).empty() && name_key(*s) != "none")
-    warn(cat("refiner_checkpoint ", quote_name(*s), ": the refiner is not available; ignored"));
   if (auto v = overrides.str("sd_vae")) {
     const std::string l = name_key(*v);
     if (!l.empty() && l != "automatic" && l != "none")
@@ -237,6 +235,9 @@ void parse_common(const json& body, const Limits& lim, JobSpec& spec) {
   if (!clip_skip) clip_skip = f.integer("clip_skip", 0, 12);
   r.clip_skip = int(clip_skip.value_or(0));
   spec.model_alias = o.str("sd_model_checkpoint").value_or("");
+  // The SDXL refiner (pipeline/refiner.h); A1111's UI default switch point 0.8 when none is sent.
+  if (auto s = f.str("refiner_checkpoint"); s && !name_key(*s).empty() && name_key(*s) != "none") spec.refiner_alias = *s;
+  r.refiner_switch = f.number("refiner_switch_at", 0, 1).value_or(0.8);
   // A1111: 0 turns live previews off, -1 shows only the finished image; neither previews steps.
   if (auto n = o.integer("show_progress_every_n_steps", -1, 1000000)) spec.preview_every = *n > 0 ? int(*n) : -1;
 

@@ -44,6 +44,7 @@ struct JobSpec {
   api::Request req;               // req.model empty: the server fills in the model (below)
   std::string model_alias;        // override_settings.sd_model_checkpoint / OpenAI `model` ("" none);
                                   // a generation falls back to the current model when it is unknown
+  std::string refiner_alias;      // A1111 refiner_checkpoint ("" none): an unknown one is refused (as A1111)
   int n_iter = 1;                 // A1111: batches run one after another (req.batch each)
   bool send_images = true;
   std::string sampler_requested;  // the name as sent ("" none)

@@ -181,6 +181,13 @@ std::shared_ptr<Job> prepare_generation(ServerState& st, JobSpec spec, const std
   auto job = std::make_shared<Job>();
   job->model = choose_model(st, spec, model_field);
   spec.req.model = job->model.filename;
+  if (!spec.refiner_alias.empty()) {
+    auto m = st.registry.find_model(spec.refiner_alias, "refiner_checkpoint");
+    if (!m)
+      throw RequestError(422, "refiner_checkpoint", "refiner_checkpoint: checkpoint '" + spec.refiner_alias +
+                                                        "' not found (GET /sdapi/v1/sd-models lists them)");
+    spec.req.refiner = m->filename;
+  }
   resolve_lora_tags(st, spec);
   if (spec.req.clip_skip == 0) {
     std::lock_guard<std::mutex> lk(st.options_mu);

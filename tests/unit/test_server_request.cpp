@@ -669,7 +669,6 @@ TEST(ServerRequest, IgnoredFieldsWarnOnlyWhenTheyMatter) {
       {{{"styles", json::array({"cinematic"})}}, "styles"},
       {{{"script_name", "X/Y/Z plot"}}, "script_name"},
       {{{"infotext", "a cat\nSteps: 20"}}, "infotext"},
-      {{{"refiner_checkpoint", "sdxl_refiner"}}, "refiner_checkpoint"},
   };
   for (const auto& [body, name] : cases) {
     const JobSpec s = txt2img(body);
@@ -678,6 +677,18 @@ TEST(ServerRequest, IgnoredFieldsWarnOnlyWhenTheyMatter) {
   }
   EXPECT_REFUSED(txt2img({{"restore_faces", "abc"}}), 422, "restore_faces");
   EXPECT_REFUSED(txt2img({{"enable_hr", json::object()}}), 422, "enable_hr");
+}
+
+TEST(ServerRequest, Refiner) {
+  const JobSpec none = txt2img({{"refiner_checkpoint", "None"}});
+  EXPECT_TRUE(none.refiner_alias.empty());
+  EXPECT_TRUE(none.warnings.empty()) << all_warnings(none);
+  const JobSpec s = txt2img({{"refiner_checkpoint", "sd_xl_refiner_1.0.safetensors [7440042bbd]"}, {"refiner_switch_at", 0.7}});
+  EXPECT_EQ(s.refiner_alias, "sd_xl_refiner_1.0.safetensors [7440042bbd]");  // resolved by the registry
+  EXPECT_DOUBLE_EQ(s.req.refiner_switch, 0.7);
+  EXPECT_TRUE(s.warnings.empty()) << all_warnings(s);
+  EXPECT_DOUBLE_EQ(txt2img({{"refiner_checkpoint", "r"}}).req.refiner_switch, 0.8);
+  EXPECT_REFUSED(txt2img({{"refiner_switch_at", 1.5}}), 422, "refiner_switch_at");
 }
 
 // SillyTavern's proxy sends its own `url` and `auth` keys inside the body (notes §4.2).
