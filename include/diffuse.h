@@ -93,6 +93,18 @@ struct diffuse_lora {
     float multiplier;
 };
 
+/* One ControlNet unit (diffuse_params.control_units); start from diffuse_default_control_unit(). */
+struct diffuse_control_unit {
+    const char *control_net;      /* ControlNet file or diffusers folder */
+    const unsigned char *image;   /* 8-bit RGB hint, width*height*3 bytes (resized to the output size) */
+    int width, height;
+    float strength;               /* conditioning scale, default 1 */
+    float guidance_start;         /* A1111's Guidance Start/End: the unit runs at step i of n while */
+    float guidance_end;           /* start <= i/n <= end; defaults 0 and 1 (every step) */
+    int guess_mode;               /* nonzero: diffusers' guess mode (conditional pass only, scales 0.1 to 1) */
+    int canny;                    /* nonzero: turn the hint into Canny edges first */
+};
+
 struct diffuse_params {
     const char *prompt;           /* A1111 syntax: (word:1.3), [word], BREAK, <lora:NAME:W> */
     const char *negative_prompt;
@@ -139,6 +151,9 @@ struct diffuse_params {
     float hires_denoise;          /* default 0.7 */
     const char *hires_upscaler;   /* "latent" (default), "latent-bicubic", "latent-nearest", ..., "lanczos", "nearest", "esrgan" */
     const char *hires_upscaler_model; /* ESRGAN / Real-ESRGAN file for "esrgan" */
+    /* More ControlNet units, after control_net when that is set; their residuals are summed. */
+    const struct diffuse_control_unit *control_units;
+    int n_control_units;
 };
 
 DIFFUSE_API const char *diffuse_version(void);
@@ -156,6 +171,7 @@ DIFFUSE_API diffuse_status diffuse_state_new(struct diffuse_context *ctx, struct
 DIFFUSE_API void diffuse_state_free(struct diffuse_state *state);
 
 DIFFUSE_API struct diffuse_params diffuse_default_params(void);
+DIFFUSE_API struct diffuse_control_unit diffuse_default_control_unit(void);
 /* Runs one generation with the context's model. state may be NULL. On success *out holds the
  * result (free it with diffuse_result_free). */
 DIFFUSE_API diffuse_status diffuse_generate(struct diffuse_context *ctx, struct diffuse_state *state,

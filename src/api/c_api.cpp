@@ -120,6 +120,23 @@ api::Request to_request(const diffuse_context& ctx, const diffuse_params& p) {
   r.hires_denoise = p.hires_denoise;
   r.hires_upscaler = str(p.hires_upscaler, "latent");
   r.hires_upscaler_model = str(p.hires_upscaler_model);
+  DF_CHECK(p.n_control_units >= 0 && (p.n_control_units == 0 || p.control_units), "control_units: ",
+           p.n_control_units, " entries but no array");
+  for (int i = 0; i < p.n_control_units; ++i) {
+    const diffuse_control_unit& u = p.control_units[i];
+    const std::string what = "control_units[" + std::to_string(i) + "]";
+    DF_CHECK(u.control_net, what, ".control_net is NULL");
+    DF_CHECK(u.image, what, ".image is NULL");
+    api::ControlUnitRequest cu;
+    cu.net = u.control_net;
+    cu.image = rgb_image(u.image, u.width, u.height, 3, (what + ".image").c_str());
+    cu.strength = u.strength;
+    cu.start = u.guidance_start;
+    cu.end = u.guidance_end;
+    cu.guess_mode = u.guess_mode != 0;
+    cu.canny = u.canny != 0;
+    r.controls.push_back(std::move(cu));
+  }
   return r;
 }
 
@@ -204,6 +221,14 @@ struct diffuse_params diffuse_default_params(void) {
   p.hires_denoise = 0.7f;
   p.hires_upscaler = "latent";
   return p;
+}
+
+struct diffuse_control_unit diffuse_default_control_unit(void) {
+  diffuse_control_unit u;
+  std::memset(&u, 0, sizeof u);
+  u.strength = 1.0f;
+  u.guidance_end = 1.0f;
+  return u;
 }
 
 diffuse_status diffuse_generate(struct diffuse_context* ctx, struct diffuse_state* state,

@@ -527,6 +527,97 @@ int main(int argc, char **argv) {
               "unknown hires upscaler: status %d, error '%s'", (int)st, diffuse_last_error());
     }
 
+    /* Two ControlNet units (the sd1-controlnet fixture beside the model's folder) through
+     * control_units, against the CLI with the same units. */
+    {
+        char net[4096], hint_path[4096], cli_png[4200];
+        const char *at = strstr(model, "/sd1/model/");
+        size_t size = 0;
+        unsigned char *bytes = NULL;
+        struct png_decoded hint;
+        memset(&hint, 0, sizeof hint);
+        if (at) {
+            snprintf(net, sizeof net, "%.*s/sd1-controlnet/model/diffusers-controlnet", (int)(at - model), model);
+            snprintf(hint_path, sizeof hint_path, "%.*s/sd1-controlnet/control.png", (int)(at - model), model);
+            bytes = read_file(hint_path, &size);
+        }
+        if (bytes && decode_png(bytes, size, &hint) == 0 && hint.channels == 3) {
+            struct diffuse_control_unit units[2];
+            struct diffuse_params cp = base_params();
+            struct diffuse_result *cr = NULL;
+            char *cli_argv[48];
+            int k = 0, rc;
+            units[0] = diffuse_default_control_unit();
+            units[0].control_net = net;
+            units[0].image = hint.pixels;
+            units[0].width = hint.width;
+            units[0].height = hint.height;
+            units[0].strength = 0.5f;
+            units[0].guidance_end = 0.5f;
+            units[1] = units[0];
+            units[1].strength = 0.75f;
+            units[1].guidance_start = 0.5f;
+            units[1].guidance_end = 1.0f;
+            CHECK(diffuse_default_control_unit().strength == 1.0f && diffuse_default_control_unit().guidance_end == 1.0f,
+                  "diffuse_default_control_unit: strength %g, end %g", diffuse_default_control_unit().strength,
+                  diffuse_default_control_unit().guidance_end);
+            cp.control_units = units;
+            cp.n_control_units = 2;
+            st = diffuse_generate(ctx, NULL, &cp, &cr);
+            CHECK(st == DIFFUSE_OK && cr, "control units: %s: %s", diffuse_status_string(st), diffuse_last_error());
+            snprintf(cli_png, sizeof cli_png, "%s/cli_units.png", tmp);
+            snprintf(log_path, sizeof log_path, "%s/cli_units.log", tmp);
+            {
+                const char *args[] = {bin, "generate", "-m", model, "-p", kPrompt, "-n", kNegative, "-W", "64", "-H",
+                                      "64", "--steps", "2", "-s", "1", "--sampler", "euler", "--cfg-scale", "7",
+                                      "--control-net", net, "--control-image", hint_path, "--control-net", net,
+                                      "--control-image", hint_path, "--control-strength", "0.5", "0.75",
+                                      "--control-start", "0", "0.5", "--control-end", "0.5", "1", "-o", cli_png};
+                for (k = 0; k < (int)(sizeof args / sizeof args[0]); ++k) cli_argv[k] = (char *)args[k];
+                cli_argv[k] = NULL;
+            }
+            rc = run_process(cli_argv, log_path);
+            CHECK(rc == 0, "the CLI with two ControlNet units exited with %d", rc);
+            if (rc != 0) print_file(log_path);
+            if (rc == 0 && st == DIFFUSE_OK && cr) {
+                size_t csize = 0;
+                unsigned char *cbytes = read_file(cli_png, &csize);
+                struct png_decoded d;
+                int w = 0, h = 0;
+                const unsigned char *rgb = diffuse_result_image(cr, 0, &w, &h);
+                const char *text = diffuse_result_parameters(cr, 0);
+                if (cbytes && decode_png(cbytes, csize, &d) == 0) {
+                    CHECK(rgb && d.width == w && d.height == h && d.channels == 3 &&
+                              memcmp(d.pixels, rgb, (size_t)w * (size_t)h * 3) == 0,
+                          "control units: the C API's pixels differ from the CLI's");
+                    CHECK(d.parameters && text && strcmp(d.parameters, text) == 0, "control units: parameters '%s' vs '%s'",
+                          text ? text : "(none)", d.parameters ? d.parameters : "(none)");
+                    printf("test_c_api: two ControlNet units through control_units vs the CLI: pixels %s\n",
+                           rgb && memcmp(d.pixels, rgb, (size_t)w * (size_t)h * 3) == 0 ? "equal" : "differ");
+                    png_decoded_free(&d);
+                } else {
+                    CHECK(0, "cannot decode the CLI's %s", cli_png);
+                }
+                CHECK(text && strstr(text, "ControlNet 1: \"Module: none, Model: diffusers-controlnet, Weight: 0.75, "
+                                           "Guidance Start: 0.5, Guidance End: 1\""),
+                      "control units: parameters '%s'", text ? text : "(none)");
+                free(cbytes);
+            }
+            diffuse_result_free(cr);
+            cp.n_control_units = 1;
+            units[0].guidance_start = 0.9f;
+            cr = NULL;
+            st = diffuse_generate(ctx, NULL, &cp, &cr);
+            CHECK(st == DIFFUSE_ERR_INVALID_ARGUMENT && strstr(diffuse_last_error(), "start 0.9"),
+                  "control unit with start after end: status %d, error '%s'", (int)st, diffuse_last_error());
+            diffuse_result_free(cr);
+        } else {
+            printf("test_c_api: ControlNet units not checked (no %s)\n", at ? hint_path : "sd1-controlnet fixture");
+        }
+        png_decoded_free(&hint);
+        free(bytes);
+    }
+
     diffuse_result_free(res);
     diffuse_free(ctx);
 
