@@ -271,5 +271,24 @@ TEST_F(ControlUnitsTest, GuessModeControlsTheConditionalHalfWithLogspaceScales) 
   EXPECT_LE(rel_diff(single.down[0], {{strength * 0.1, ref.down[0]}}), 1e-5);
 }
 
+TEST_F(ControlUnitsTest, ForwardKeepsOnlySkipsAndResidualsInTheCallersArena) {
+  // The ControlNet runs on the UNet's trunk code: block temporaries live in scratch, so the
+  // caller's arena holds the time embedding, the kept skips and the residuals, nothing else.
+  Arena hint_arena, arena;
+  Ctx hc{*be_, hint_arena}, c{*be_, arena};
+  const Inputs in = inputs();
+  const Tensor emb = a_->embed_hint(hc, hint1_);
+  const ControlResiduals r = a_->forward(c, in.x, in.t, in.context, emb, 1.0f);
+  size_t skips = 0;
+  for (const Tensor& d : r.down) skips += size_t(d.numel()) * sizeof(float);
+  const size_t mid = size_t(r.mid.numel()) * sizeof(float);
+  const size_t temb = 2 * size_t(in.x.dim(0)) * size_t(a_->config().unet.time_embed_dim()) * sizeof(float);
+  // skips (kept) + their residuals + the mid residual + emb and SiLU(emb), 4 KiB of slack a tensor.
+  const size_t bound = 2 * skips + mid + temb + 4096 * (2 * r.down.size() + 4);
+  std::printf("  ControlNet forward: caller's arena peak %zu bytes, skips + residuals bound %zu\n", arena.peak(),
+              bound);
+  EXPECT_LE(arena.peak(), bound);
+}
+
 }  // namespace
 }  // namespace diffuse
