@@ -154,6 +154,13 @@ struct diffuse_params {
     /* More ControlNet units, after control_net when that is set; their residuals are summed. */
     const struct diffuse_control_unit *control_units;
     int n_control_units;
+    /* A1111's inpainting controls and outpainting (the CLI's --mask-blur ... --outpaint). */
+    int mask_blur;                /* Gaussian sigma in pixels, 0-64; -1 (default): 0, or 4 when outpainting */
+    int invert_mask;              /* nonzero: repaint what the mask leaves black */
+    const char *masked_content;   /* "original" (NULL; "fill" when outpainting), "fill", "latent noise", "latent nothing" */
+    int inpaint_only_masked;      /* nonzero: inpaint the mask's box at width x height, pasted back at the init's size */
+    int only_masked_padding;      /* default 32 */
+    int outpaint_left, outpaint_right, outpaint_top, outpaint_bottom; /* pixels added to init_image (width, height 0) */
 };
 
 DIFFUSE_API const char *diffuse_version(void);

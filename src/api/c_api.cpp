@@ -120,6 +120,15 @@ api::Request to_request(const diffuse_context& ctx, const diffuse_params& p) {
   r.hires_denoise = p.hires_denoise;
   r.hires_upscaler = str(p.hires_upscaler, "latent");
   r.hires_upscaler_model = str(p.hires_upscaler_model);
+  r.mask_blur = p.mask_blur;
+  r.invert_mask = p.invert_mask != 0;
+  r.masked_content = str(p.masked_content);
+  r.only_masked = p.inpaint_only_masked != 0;
+  r.only_masked_padding = p.only_masked_padding;
+  r.outpaint_left = p.outpaint_left;
+  r.outpaint_right = p.outpaint_right;
+  r.outpaint_top = p.outpaint_top;
+  r.outpaint_bottom = p.outpaint_bottom;
   DF_CHECK(p.n_control_units >= 0 && (p.n_control_units == 0 || p.control_units), "control_units: ",
            p.n_control_units, " entries but no array");
   for (int i = 0; i < p.n_control_units; ++i) {
@@ -220,6 +229,8 @@ struct diffuse_params diffuse_default_params(void) {
   p.subseed = -1;
   p.hires_denoise = 0.7f;
   p.hires_upscaler = "latent";
+  p.mask_blur = -1;
+  p.only_masked_padding = 32;
   return p;
 }
 

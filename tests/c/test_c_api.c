@@ -436,6 +436,30 @@ int main(int argc, char **argv) {
         }
     }
 
+    /* Outpainting the first image by 16 rows at the bottom: 64x80, A1111's entries in the text. */
+    {
+        struct diffuse_result *op = NULL;
+        int ow = 0, oh = 0;
+        p = base_params();
+        p.width = p.height = 0;
+        p.init_image = rgb;
+        p.init_width = p.init_height = 64;
+        p.outpaint_bottom = 16;
+        st = diffuse_generate(ctx, NULL, &p, &op);
+        CHECK(st == DIFFUSE_OK, "outpaint: %s: %s", diffuse_status_string(st), diffuse_last_error());
+        if (st == DIFFUSE_OK) {
+            CHECK(diffuse_result_image(op, 0, &ow, &oh) != NULL && ow == 64 && oh == 80, "outpaint: %dx%d, expected 64x80",
+                  ow, oh);
+            CHECK(strstr(diffuse_result_parameters(op, 0), "Mask blur: 4, Masked content: fill") != NULL,
+                  "outpaint: parameters '%s'", diffuse_result_parameters(op, 0));
+            diffuse_result_free(op);
+        }
+        p.outpaint_bottom = -8;
+        st = diffuse_generate(ctx, NULL, &p, &op);
+        CHECK(st == DIFFUSE_ERR_INVALID_ARGUMENT && strstr(diffuse_last_error(), "--outpaint") != NULL,
+              "outpaint -8: status %d, error '%s'", (int)st, diffuse_last_error());
+    }
+
     /* Cancelling from the callback at the first denoise step. */
     {
         struct diffuse_result *cancelled = NULL;
