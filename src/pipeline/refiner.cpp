@@ -2,10 +2,12 @@
 // run in two parts on one scheduler.
 #include "pipeline/refiner.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
 #include "pipeline/conditioning.h"
+#include "pipeline/prompt_schedule.h"
 
 namespace diffuse {
 
@@ -61,11 +63,16 @@ void check_refiner(const SDModel& base, const SDModel& refiner, const GeneratePa
 }
 
 Guidance refiner_guidance(Ctx& ctx, const SDModel& refiner, const GenerateParams& p) {
+  return refiner_guidance(ctx, refiner, p, p.prompt, p.negative);
+}
+
+Guidance refiner_guidance(Ctx& ctx, const SDModel& refiner, const GenerateParams& p, const std::string& prompt,
+                          const std::string& negative) {
   DF_CHECK(refiner.refiner, refiner.path, ": not an SDXL refiner");
   PromptOptions po;
   po.clip_skip = p.clip_skip;
   po.embeddings = p.embeddings;
-  PromptPair pp = encode_prompts(ctx, refiner, p.prompt, p.negative, po);
+  PromptPair pp = encode_prompts(ctx, refiner, prompt, negative, po);
   Guidance g;
   g.cfg = float(p.cfg);
   g.cond = pp.cond.context;
@@ -77,7 +84,27 @@ Guidance refiner_guidance(Ctx& ctx, const SDModel& refiner, const GenerateParams
   return g;
 }
 
-Tensor denoise_refined(Ctx& ctx, const UNet& base, const Guidance& gb, const UNet& refiner, const Guidance& gr,
+const Guidance& RefinerGuides::at(int i) const {
+  DF_CHECK(!keys.empty(), "refiner: no guidance");
+  return by_texts.at(keys[size_t(std::clamp(i, 0, int(keys.size()) - 1))]);
+}
+
+RefinerGuides refiner_guides(Ctx& ctx, const SDModel& refiner, const GenerateParams& p) {
+  const std::vector<PromptStep> c = prompt_schedule(p.prompt, p.steps), u = prompt_schedule(p.negative, p.steps);
+  RefinerGuides g;
+  for (int i = 0; i <= p.steps; ++i) {
+    const std::pair<size_t, size_t> k{schedule_index(c, i), schedule_index(u, i)};
+    if (!g.by_texts.count(k)) {
+      g.by_texts.emplace(k, refiner_guidance(ctx, refiner, p, c[k.first].text, u[k.second].text));
+      ctx.arena.reset();
+    }
+    g.keys.push_back(k);
+  }
+  return g;
+}
+
+Tensor denoise_refined(Ctx& ctx, const UNet& base, const Guidance& gb, const UNet& refiner,
+                       const std::function<const Guidance&(int)>& gr,
                        int switch_index, Scheduler& sched, Tensor x, const NoiseFn& draw_noise,
                        const DenoiseHooks& hooks, int first) {
   const int total = int(sched.timesteps().size()) - first;
@@ -100,7 +127,8 @@ Tensor denoise_refined(Ctx& ctx, const UNet& base, const Guidance& gb, const UNe
   if (hooks.after_step) h.after_step = [&](Tensor& lat, int i) { hooks.after_step(lat, i + k); };
   if (hooks.progress) h.progress = [&](int done, int) { hooks.progress(done + k, total); };
   h.stop = hooks.stop;
-  return denoise(ctx, refiner, sched, x, gr, draw_noise, h, first + k);
+  h.guidance = [&](int i) -> const Guidance& { return gr(i + k); };
+  return denoise(ctx, refiner, sched, x, gr(k), draw_noise, h, first + k);
 }
 
 }  // namespace diffuse

@@ -186,11 +186,10 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
       g.uncond_time_ids = refiner_time_ids(p.width, p.height, kRefinerNegativeAestheticScore);
     }
   }
-  Guidance g_refiner;
+  RefinerGuides g_refiner;  // the refiner's encodings of the texts each step uses
   if (p.refiner) {
     check_refiner(model, *p.refiner, p);
-    g_refiner = refiner_guidance(ctx, *p.refiner, p);
-    arena.reset();
+    g_refiner = refiner_guides(ctx, *p.refiner, p);
   }
   // Every other (prompt, negative) pair a step uses, encoded now (the text encoders may be freed
   // after this): evaluation i uses the entries whose end_step >= i (evaluations past `steps`, as
@@ -349,7 +348,8 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   NoiseFn draw = [&] { return rng.batch(h, w, C); };
   Tensor lat = run.empty()  ? x
                : !p.refiner ? denoise(ctx, model.unet, *sched, x, g, draw, hooks, first)
-                            : denoise_refined(ctx, model.unet, g, p.refiner->unet, g_refiner,
+                            : denoise_refined(ctx, model.unet, g, p.refiner->unet,
+                                              [&](int i) -> const Guidance& { return g_refiner.at(i); },
                                               refiner_switch_index(run, p.refiner_switch_at,
                                                                    train_sigmas(NoiseSchedule::scaled_linear())),
                                               *sched, x, draw, hooks, first);

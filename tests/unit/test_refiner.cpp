@@ -26,6 +26,7 @@
 #include "models/sd_model.h"
 #include "pipeline/conditioning.h"
 #include "pipeline/generate.h"
+#include "pipeline/prompt_schedule.h"
 #include "pipeline/refiner.h"
 #include "pipeline/rng.h"
 #include "pipeline/scheduler.h"
@@ -247,7 +248,8 @@ Tensor ids_of(std::vector<float> v) {
 }
 
 // Euler from the CPU generator's noise, guided, model `base` before evaluation k and `ref` from
-// there, each with its own prompt encoding and time ids: the loop written out.
+// there, each with its own prompt encoding and time ids: the loop written out. The texts of
+// evaluation i come from A1111's prompt editing (prompt_schedule), encoded at every evaluation.
 Tensor swapped_loop(const SDModel& base, const SDModel& ref, const GenerateParams& p, int k) {
   auto be = make_cpu_backend(Precision::F32);
   Arena arena;
@@ -256,14 +258,14 @@ Tensor swapped_loop(const SDModel& base, const SDModel& ref, const GenerateParam
   struct Side {
     Tensor ctx, pooled, ids;
   };
+  const std::vector<PromptStep> sc = prompt_schedule(p.prompt, p.steps), su = prompt_schedule(p.negative, p.steps);
+  int at = 0;  // the evaluation being encoded for
   auto sides = [&](const SDModel& m, const Tensor& cids, const Tensor& uids) {
-    PromptPair pp = encode_prompts(ctx, m, p.prompt, p.negative, {});
+    PromptPair pp = encode_prompts(ctx, m, sc[schedule_index(sc, at)].text, su[schedule_index(su, at)].text, {});
     return Side{cat0(pp.uncond.context, pp.cond.context), cat0(pp.uncond.pooled, pp.cond.pooled), cat0(uids, cids)};
   };
   const float H = float(p.height), W = float(p.width);
   const Tensor bid = ids_of({H, W, 0, 0, H, W});
-  const Side sb = sides(base, bid, bid);
-  const Side sr = sides(ref, ids_of({H, W, 0, 0, 6.0f}), ids_of({H, W, 0, 0, 2.5f}));
   auto sched = make_scheduler(p.sampler, p.schedule, Prediction::Epsilon);
   sched->set_timesteps(p.steps);
   Tensor noise = Tensor::empty({1, 4, h, w});
@@ -272,10 +274,11 @@ Tensor swapped_loop(const SDModel& base, const SDModel& ref, const GenerateParam
   for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] *= float(sched->init_noise_sigma());
   const std::vector<double> ts = sched->timesteps();
   for (size_t i = 0; i < ts.size(); ++i) {
-    arena.reset();
     const bool refined = int(i) >= k;
     const SDModel& m = refined ? ref : base;
-    const Side& s = refined ? sr : sb;
+    at = int(i);
+    const Side s = refined ? sides(ref, ids_of({H, W, 0, 0, 6.0f}), ids_of({H, W, 0, 0, 2.5f})) : sides(base, bid, bid);
+    arena.reset();
     Tensor in = sched->scale_model_input(x, ts[i]);
     Tensor out = m.unet.forward(ctx, cat0(in, in), {float(ts[i]), float(ts[i])}, s.ctx, &s.pooled, &s.ids).to(DType::F32);
     Tensor eps = Tensor::empty(x.shape());
@@ -397,4 +400,35 @@ TEST(Refiner, DiffusersFolderIsARefinerToo) {
   const Tensor a = generate(*base, *be, p)[0].latent;
   p.refiner = dif.get();
   EXPECT_EQ(max_diff(a, generate(*base, *be, p)[0].latent), 0.0f);
+}
+
+TEST(Refiner, PromptEditingReachesTheRefiner) {
+  SKIP_UNLESS(kBase);
+  auto be = make_cpu_backend(Precision::F32);
+  auto base = SDModel::load(kBase, *be);
+  auto ref = SDModel::load(refiner_path(), *be);
+  GenerateParams p;
+  p.prompt = "a [lighthouse:windmill:0.75] at dusk";  // changes inside the refiner's part
+  p.negative = "[fog|rain]";                          // alternates every evaluation
+  p.width = p.height = 64;
+  p.steps = 8;
+  p.cfg = 5;
+  p.seed = 99;
+  p.rng = RngKind::Cpu;
+  p.sampler = "euler";
+  p.decode = false;
+  p.refiner = ref.get();
+  p.refiner_switch_at = 0.5;
+  auto sched = make_scheduler(p.sampler, p.schedule, Prediction::Epsilon);
+  sched->set_timesteps(p.steps);
+  const int k = a1111_switch(sched->timesteps(), p.refiner_switch_at);
+  const std::vector<PromptStep> sc = prompt_schedule(p.prompt, p.steps);
+  ASSERT_EQ(sc.size(), 2u);
+  ASSERT_GT(int(sc[0].end_step), k);  // the edit happens while the refiner runs
+  const Tensor got = generate(*base, *be, p)[0].latent;
+  EXPECT_LE(max_diff(got, swapped_loop(*base, *ref, p, k)), 1e-5f);
+  GenerateParams plain = p;
+  plain.prompt = "a lighthouse at dusk";
+  plain.negative = "fog";
+  EXPECT_GT(max_diff(got, generate(*base, *be, plain)[0].latent), 1e-3f);
 }
