@@ -289,6 +289,31 @@ Tensor swapped_loop(const SDModel& base, const SDModel& ref, const GenerateParam
   return nhwc_to_nchw(x);
 }
 
+// Euler, 8 steps at 64², cfg 5, the CPU generator, latents only, handing over to `ref` at 0.5.
+GenerateParams handover_params(const SDModel& ref, const std::string& prompt, const std::string& negative,
+                               uint64_t seed) {
+  GenerateParams p;
+  p.prompt = prompt;
+  p.negative = negative;
+  p.width = p.height = 64;
+  p.steps = 8;
+  p.cfg = 5;
+  p.seed = seed;
+  p.rng = RngKind::Cpu;
+  p.sampler = "euler";
+  p.decode = false;
+  p.refiner = &ref;
+  p.refiner_switch_at = 0.5;
+  return p;
+}
+
+// The hand-over evaluation of p's schedule by A1111's rule as written here.
+int handover_index(const GenerateParams& p) {
+  auto sched = make_scheduler(p.sampler, p.schedule, Prediction::Epsilon);
+  sched->set_timesteps(p.steps);
+  return a1111_switch(sched->timesteps(), p.refiner_switch_at);
+}
+
 float max_diff(const Tensor& a, const Tensor& b) {
   EXPECT_EQ(a.shape(), b.shape());
   float d = 0;
@@ -303,21 +328,8 @@ TEST(Refiner, HandOverEqualsTheLoopWithTheModelsSwapped) {
   auto be = make_cpu_backend(Precision::F32);
   auto base = SDModel::load(kBase, *be);
   auto ref = SDModel::load(refiner_path(), *be);
-  GenerateParams p;
-  p.prompt = "a lighthouse at dusk";
-  p.negative = "fog";
-  p.width = p.height = 64;
-  p.steps = 8;
-  p.cfg = 5;
-  p.seed = 1234;
-  p.rng = RngKind::Cpu;
-  p.sampler = "euler";
-  p.decode = false;
-  p.refiner = ref.get();
-  p.refiner_switch_at = 0.5;
-  auto sched = make_scheduler(p.sampler, p.schedule, Prediction::Epsilon);
-  sched->set_timesteps(p.steps);
-  const int k = a1111_switch(sched->timesteps(), p.refiner_switch_at);
+  GenerateParams p = handover_params(*ref, "a lighthouse at dusk", "fog", 1234);
+  const int k = handover_index(p);
   ASSERT_GT(k, 0);
   ASSERT_LT(k, p.steps);  // both models run
   const Tensor got = generate(*base, *be, p)[0].latent;
@@ -407,21 +419,9 @@ TEST(Refiner, PromptEditingReachesTheRefiner) {
   auto be = make_cpu_backend(Precision::F32);
   auto base = SDModel::load(kBase, *be);
   auto ref = SDModel::load(refiner_path(), *be);
-  GenerateParams p;
-  p.prompt = "a [lighthouse:windmill:0.75] at dusk";  // changes inside the refiner's part
-  p.negative = "[fog|rain]";                          // alternates every evaluation
-  p.width = p.height = 64;
-  p.steps = 8;
-  p.cfg = 5;
-  p.seed = 99;
-  p.rng = RngKind::Cpu;
-  p.sampler = "euler";
-  p.decode = false;
-  p.refiner = ref.get();
-  p.refiner_switch_at = 0.5;
-  auto sched = make_scheduler(p.sampler, p.schedule, Prediction::Epsilon);
-  sched->set_timesteps(p.steps);
-  const int k = a1111_switch(sched->timesteps(), p.refiner_switch_at);
+  // The prompt changes inside the refiner's part; the negative alternates every evaluation.
+  GenerateParams p = handover_params(*ref, "a [lighthouse:windmill:0.75] at dusk", "[fog|rain]", 99);
+  const int k = handover_index(p);
   const std::vector<PromptStep> sc = prompt_schedule(p.prompt, p.steps);
   ASSERT_EQ(sc.size(), 2u);
   ASSERT_GT(int(sc[0].end_step), k);  // the edit happens while the refiner runs
