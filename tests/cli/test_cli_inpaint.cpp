@@ -1,6 +1,6 @@
 // Outpainting and A1111's inpainting controls through the binary, on the tiny SD1 model:
 // --outpaint makes the init's size plus the padding and keeps the original where the feathered
-// mask leaves it; --inpaint-only-masked pastes back into the init image's size, the rest untouched;
+// mask leaves it (masked img2img, and a 9-channel inpainting model); --inpaint-only-masked pastes back into the init image's size, the rest untouched;
 // --masked-content latent-nothing changes only what the mask covers; the PNG parameters carry
 // A1111's entries and `diffuse info` reads them back; bad settings exit 1 naming the flag.
 #include <gtest/gtest.h>
@@ -83,6 +83,30 @@ TEST(CliInpaint, OutpaintSizeKeptAreaAndParameters) {
   EXPECT_EQ(o2.width, 64);
   EXPECT_EQ(o2.height, 56);
   EXPECT_TRUE(has(params_of(o2), "Mask blur: 2, Masked content: latent noise")) << params_of(o2);
+}
+
+TEST(CliInpaint, OutpaintWithAnInpaintingModel) {
+  // A 9-channel UNet gets the padded image, its mask and the masked image (strength 1 by default).
+  const std::string model = first_existing(
+      {std::string(DIFFUSE_SHARED_DIR) + "/fixtures/sd1-inpaint/model/tiny-sd1-inpaint.safetensors"});
+  if (model.empty()) GTEST_SKIP() << "needs fixtures/sd1-inpaint/model/tiny-sd1-inpaint.safetensors";
+  const fs::path dir = fs::path(temp_dir()) / "outpaint9";
+  fs::create_directories(dir);
+  const diffuse::Image init = make_image(48, 32, 3, 5);
+  diffuse::write_png((dir / "init.png").string(), init);
+  const std::string out = (dir / "out.png").string();
+  Result r = run({"generate", "-m", model, "-p", "a cat", "-i", (dir / "init.png").string(), "--outpaint", "16,16,8,8",
+                  "--mask-blur", "1", "--steps", "2", "-s", "4", "-o", out, "-q"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const diffuse::Image o = diffuse::read_image(out);
+  ASSERT_EQ(o.width, 80);
+  ASSERT_EQ(o.height, 48);
+  // Mask black over x [18, 62), y [10, 38) (shrunk by 2); blur 1 (7 taps) reaches 3 pixels: the
+  // init image exactly over x [21, 59), y [13, 35).
+  for (int y = 13; y < 35; ++y)
+    for (int x = 21; x < 59; ++x)
+      for (int c = 0; c < 3; ++c) ASSERT_EQ(px(o, x, y, c), px(init, x - 16, y - 8, c)) << x << "," << y;
+  EXPECT_TRUE(has(params_of(o), "Denoising strength: 1, Mask blur: 1, Masked content: fill")) << params_of(o);
 }
 
 TEST(CliInpaint, OnlyMaskedPastesBackAndLatentNothing) {
