@@ -137,8 +137,8 @@ CropBox only_masked_box(const Image& mask, int padding, int proc_w, int proc_h) 
   // before), then shifted back inside [0, size).
   const double ratio_box = double(b.width()) / b.height(), ratio_proc = double(proc_w) / proc_h;
   auto expand = [](int& lo, int& hi, double want, int size) {
-    const int diff = int(want - (hi - lo));  // truncation toward zero, as Python's int()
-    const int half = diff >= 0 ? diff / 2 : -((-diff + 1) / 2);  // Python's floor division
+    // The short axis grows: want >= hi - lo, so diff >= 0 (Python's int() and // agree with C's).
+    const int diff = int(want - (hi - lo)), half = diff / 2;
     lo -= half;
     hi += diff - half;
     if (hi >= size) {
