@@ -316,7 +316,6 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
     fail("--sampler ", r.sampler, " --scheduler ", r.schedule, ": ", e.what());
   }
   if (!r.refiner.empty()) check_input_file(r.refiner, "--refiner", true);
-  DF_CHECK(r.refiner.empty() || !r.hires(), "--refiner with the hires fix (--hires-*) is not supported");
   DF_CHECK(std::isfinite(r.refiner_switch) && r.refiner_switch >= 0 && r.refiner_switch <= 1, "--refiner-switch ",
            r.refiner_switch, ": must be in [0, 1]");
   // The schedules have 1000 training timesteps; more sampling steps than that cannot be spaced.

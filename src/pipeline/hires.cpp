@@ -202,6 +202,7 @@ std::vector<Result> generate_hires(const SDModel& model, Backend& be, const Gene
   p1.decode = !latent;
   p1.on_result = nullptr;
   p1.on_conditioned = nullptr;  // pass 2 encodes the prompts again
+  p1.refiner = nullptr;         // A1111's hires_fix_refiner_pass default: the refiner in the second pass
   ProgressFn prog1 = [&](Stage s, int done, int) {
     if (s == Stage::Encode && progress) progress(s, done, 1);
     if (s == Stage::Denoise && progress) progress(s, done, total);

@@ -26,6 +26,7 @@
 #include "models/sd_model.h"
 #include "pipeline/conditioning.h"
 #include "pipeline/generate.h"
+#include "pipeline/hires.h"
 #include "pipeline/prompt_schedule.h"
 #include "pipeline/refiner.h"
 #include "pipeline/rng.h"
@@ -431,4 +432,33 @@ TEST(Refiner, PromptEditingReachesTheRefiner) {
   plain.prompt = "a lighthouse at dusk";
   plain.negative = "fog";
   EXPECT_GT(max_diff(got, generate(*base, *be, plain)[0].latent), 1e-3f);
+}
+
+// The hires fix hands over in its second pass only (A1111's hires_fix_refiner_pass default):
+// at scale 1 with the Latent upscaler (bilinear at the same size: the latent itself), the fix is
+// txt2img without the refiner, then img2img of that latent (A1111's step rule) with it.
+TEST(Refiner, HiresFixRefinesTheSecondPass) {
+  SKIP_UNLESS(kBase);
+  auto be = make_cpu_backend(Precision::F32);
+  auto base = SDModel::load(kBase, *be);
+  auto ref = SDModel::load(refiner_path(), *be);
+  GenerateParams p = handover_params(*ref, "a lighthouse at dusk", "fog", 7);
+  p.refiner_switch_at = 0.8;
+  HiresParams h;
+  h.scale = 1;
+  h.steps = 4;
+  h.denoise = 0.5;
+  const Tensor got = generate_hires(*base, *be, p, h)[0].latent;
+
+  GenerateParams p1 = p;
+  p1.refiner = nullptr;
+  const Tensor first = nchw_to_nhwc(generate(*base, *be, p1)[0].latent);
+  GenerateParams p2 = p;
+  p2.init_latent = &first;
+  p2.steps = 8;  // int(4 / 0.5)
+  p2.img2img_steps = 4;
+  p2.strength = 0.5;
+  EXPECT_LE(max_diff(got, generate(*base, *be, p2)[0].latent), 1e-5f);
+  p2.refiner = nullptr;
+  EXPECT_GT(max_diff(got, generate(*base, *be, p2)[0].latent), 1e-3f);  // the refiner ran
 }
