@@ -384,7 +384,8 @@ TEST(NameMap, MissingComponentNamesPrefix) {
   expect_error([&] { component_weights(unet_only, Component::TextEncoder, Family::SD1); }, "unet-only.safetensors",
                "no text_encoder tensors found (expected names starting with cond_stage_model.transformer.");
   expect_error([&] { component_weights(f, Component::TextEncoder2, Family::SD1); }, path,
-               "no text_encoder_2 tensors found (expected names starting with conditioner.embedders.1.model.)");
+               "no text_encoder_2 tensors found (expected names starting with conditioner.embedders.1.model. or "
+               "conditioner.embedders.0.model.)");  // SDXL base, or the refiner's only encoder
   expect_error([&] { component_weights(f, Component::EMA, Family::SD1); }, path, "ema");
 }
 
