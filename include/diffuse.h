@@ -161,6 +161,7 @@ struct diffuse_params {
     int inpaint_only_masked;      /* nonzero: inpaint the mask's box at width x height, pasted back at the init's size */
     int only_masked_padding;      /* default 32 */
     int outpaint_left, outpaint_right, outpaint_top, outpaint_bottom; /* pixels added to init_image (width, height 0) */
+    const char *unet;             /* UNet-only file instead of the checkpoint's UNet; NULL: the checkpoint's */
 };
 
 DIFFUSE_API const char *diffuse_version(void);

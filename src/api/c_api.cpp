@@ -120,6 +120,7 @@ api::Request to_request(const diffuse_context& ctx, const diffuse_params& p) {
   r.hires_denoise = p.hires_denoise;
   r.hires_upscaler = str(p.hires_upscaler, "latent");
   r.hires_upscaler_model = str(p.hires_upscaler_model);
+  r.unet = str(p.unet);
   r.mask_blur = p.mask_blur;
   r.invert_mask = p.invert_mask != 0;
   r.masked_content = str(p.masked_content);

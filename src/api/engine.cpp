@@ -346,6 +346,10 @@ void Engine::validate_settings(const Request& r, ImagesGiven given) {
     DF_CHECK(valid_utf8(r.vae), "--vae: the file name is not valid UTF-8");
     check_input_file(r.vae, "--vae");
   }
+  if (!r.unet.empty()) {
+    DF_CHECK(valid_utf8(r.unet), "--unet: the file name is not valid UTF-8");
+    check_input_file(r.unet, "--unet", true);
+  }
   if (!r.control_net.empty()) check_input_file(r.control_net, "--control-net", true);
   check_hires(r, given);
   check_inpaint_settings(r, given);
@@ -404,11 +408,12 @@ void Engine::evict_locked(const ModelEntry* keep) {
 }
 
 std::shared_ptr<Engine::ModelEntry> Engine::acquire_model(const std::string& path, bool vae_encoder,
-                                                          const Callbacks& cb, double* load_s, const std::string& vae) {
+                                                          const Callbacks& cb, double* load_s, const std::string& vae,
+                                                          const std::string& unet) {
   std::lock_guard<std::mutex> lk(impl_->mu);
   *load_s = 0;
-  // A model with another VAE is another entry (the plain model keeps its path as its key).
-  const std::string key = vae.empty() ? path : path + "|" + vae;
+  // A model with another VAE or UNet is another entry (the plain model keeps its path as its key).
+  const std::string key = path + (vae.empty() ? "" : "|" + vae) + (unet.empty() ? "" : "|unet:" + unet);
   auto it = impl_->models.find(key);
   if (it != impl_->models.end()) {
     std::shared_ptr<ModelEntry> e = it->second;
@@ -431,13 +436,16 @@ std::shared_ptr<Engine::ModelEntry> Engine::acquire_model(const std::string& pat
   SDLoadOptions lo;
   lo.vae_encoder = vae_encoder || !opts_.one_shot;
   lo.vae_path = vae;
+  lo.unet_path = unet;
   e->model = as_file_error([&] {
-    if (vae.empty()) return SDModel::load(path, *e->be, lo);
+    if (vae.empty() && unet.empty()) return SDModel::load(path, *e->be, lo);
     try {
       return SDModel::load(path, *e->be, lo);
     } catch (const Error& err) {
-      // Say which flag gave the file (the message names it and the tensor) when the VAE is at fault.
-      if (std::string(err.what()).find(vae) != std::string::npos) throw FileError(cat("--vae ", err.what()));
+      // Say which flag gave the file (the message names it and the tensor) when it is at fault.
+      const std::string what = err.what();
+      if (!vae.empty() && what.find(vae) != std::string::npos) throw FileError(cat("--vae ", what));
+      if (!unet.empty() && what.find(unet) != std::string::npos) throw FileError(cat("--unet ", what));
       throw;
     }
   });
@@ -697,7 +705,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     log("using the VAE " + vae + " beside the model (as A1111 pairs MODEL.vae.safetensors)");
   // The VAE encoder: img2img / inpainting, and a hires fix whose upscale works on images.
   const bool encodes = has_init || (req.hires() && req.hires_upscaler.rfind("latent", 0) != 0);
-  std::shared_ptr<ModelEntry> entry = acquire_model(req.model, encodes, cb, &out.load_s, vae);
+  std::shared_ptr<ModelEntry> entry = acquire_model(req.model, encodes, cb, &out.load_s, vae, req.unet);
   SDModel& model = *entry->model;
   const bool inpaint9 = model.unet_cfg.in_channels == 9;
   DF_CHECK(!inpaint9 || has_mask, "-m/--model ", req.model,

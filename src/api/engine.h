@@ -88,6 +88,7 @@ struct Request {
   // done (A1111's "Refiner" / "Switch at"); "" none.
   std::string refiner;
   double refiner_switch = 0.8;
+  std::string unet;                 // a UNet-only file (ComfyUI's unet files) instead of the checkpoint's ("" none)
   std::string vae;                  // a standalone VAE file instead of the checkpoint's ("" = MODEL.vae.safetensors
                                     // beside a single-file model if there is one, else the checkpoint's own)
   // Hires fix (pipeline/hires.h, txt2img only): on when hires_scale > 0 or a hires size is given.
@@ -213,7 +214,7 @@ class Engine {
   // `vae`: a standalone VAE file bound instead of the model's ("" none); the cache keeps a model with
   // another VAE as a separate entry.
   std::shared_ptr<ModelEntry> acquire_model(const std::string& path, bool vae_encoder, const Callbacks& cb,
-                                            double* load_s, const std::string& vae = "");
+                                            double* load_s, const std::string& vae = "", const std::string& unet = "");
   void evict_locked(const ModelEntry* keep);
 
   EngineOptions opts_;

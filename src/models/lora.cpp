@@ -358,7 +358,7 @@ LoraApplyReport merge_each(const SDModel& model, const std::vector<std::pair<con
     if (on_names) on_names(names);
     return report;
   }
-  TensorFile f = open_model_file(model.path);
+  std::map<std::string, TensorFile> files;
   const ComponentSlot slots[] = {
       {LoraTarget::UNet, Component::UNet, model.unet.loaded()},
       {LoraTarget::TextEncoder, Component::TextEncoder, model.te.loaded()},
@@ -384,7 +384,7 @@ LoraApplyReport merge_each(const SDModel& model, const std::vector<std::pair<con
       }
       auto st = stores.find(e.target);
       if (st == stores.end()) {
-        st = stores.emplace(e.target, component_weights(f, slot.comp, model.family)).first;
+        st = stores.emplace(e.target, base_component_weights(model, slot.comp, files)).first;
         index.emplace(e.target, ModuleIndex(st->second));
       }
       const ModuleIndex& idx = index.at(e.target);

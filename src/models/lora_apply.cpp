@@ -106,13 +106,12 @@ LoraApplyReport apply_loras(SDModel& model, Backend& be, const std::vector<std::
     return t == LoraTarget::UNet ? model.unet.loaded() : t == LoraTarget::TextEncoder ? model.te.loaded()
                                                                                       : model.has_te2 && model.te2.loaded();
   };
-  std::optional<TensorFile> f;
+  std::map<std::string, TensorFile> files;
   std::map<LoraTarget, WeightStore> bases;  // the file's base weights (restores, biases)
   auto base_of = [&](LoraTarget t) -> const WeightStore& {
     auto it = bases.find(t);
     if (it != bases.end()) return it->second;
-    if (!f) f.emplace(open_model_file(model.path));
-    return bases.emplace(t, component_weights(*f, component_of(t), model.family)).first->second;
+    return bases.emplace(t, base_component_weights(model, component_of(t), files)).first->second;
   };
 
   // Build every replacement first; nothing in the model changes until all of them exist. Merged

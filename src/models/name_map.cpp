@@ -477,6 +477,27 @@ WeightStore component_weights(const TensorFile& f, Component c, Family family) {
   return out;
 }
 
+WeightStore unet_file_weights(const TensorFile& f) {
+  if (f.format == "diffusers") return from_diffusers(f, Component::UNet);
+  if (has_prefix(f, "model.diffusion_model.")) return component_weights(f, Component::UNet, Family::Unknown);
+  WeightStore out(f.path, component_name(Component::UNet));
+  const bool ldm = has_prefix(f, "input_blocks.") && has_prefix(f, "time_embed.");
+  const bool diffusers = has_prefix(f, "down_blocks.") && has_prefix(f, "conv_in.");
+  DF_CHECK(ldm != diffusers, f.path, ": ",
+           ldm ? "mixes ldm (input_blocks.*) and diffusers (down_blocks.*) UNet names"
+               : "no UNet tensors found (expected ldm names input_blocks.*/time_embed.* as ComfyUI's unet files have, "
+                 "model.diffusion_model.*, or diffusers UNet2DConditionModel names conv_in.*/down_blocks.*)");
+  if (diffusers) {
+    for (const TensorEntry& e : f.tensors) out.add(e.name, e.tensor);
+    return out;
+  }
+  // Bare ldm names: the checkpoint's rule without its prefix.
+  map_ldm(f, "", unet_rule(unet_layout(f, "")), component_name(Component::UNet), [&](const TensorEntry&, Mapped& m) {
+    for (auto& [name, t] : m.out) out.add(name, std::move(t));
+  });
+  return out;
+}
+
 WeightStore vae_file_weights(const TensorFile& f) {
   if (f.format == "diffusers") return from_diffusers(f, Component::VAE);
   WeightStore out(f.path, component_name(Component::VAE));

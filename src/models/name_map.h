@@ -26,6 +26,13 @@ WeightStore component_weights(const TensorFile& f, Component c, Family family);
 // naming the file when it holds no VAE tensors or tensors it cannot name.
 WeightStore vae_file_weights(const TensorFile& f);
 
+// The tensors of a UNet-only file (--unet, ComfyUI's "unet" / "diffusion_models" files) under
+// diffusers names: bare ldm names (input_blocks.0.0.weight, time_embed.0.weight), a checkpoint's
+// model.diffusion_model.* names, diffusers UNet2DConditionModel names in one file (conv_in.weight,
+// down_blocks.*) or a diffusers unet folder. Throws diffuse::Error naming the file when it holds no
+// UNet tensors or tensors it cannot name.
+WeightStore unet_file_weights(const TensorFile& f);
+
 // The inverse of component_weights for an ldm single file (writing a trained model back in the
 // original layout): for each tensor of the file that component `c`'s mapping reads, in file order,
 // the diffusers tensor(s) made from it. One diffusers tensor holds the same values, possibly

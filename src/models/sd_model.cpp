@@ -41,7 +41,27 @@ void set_refiner_time_ids(const TensorFile& f, UNetConfig& u) {
   u.validate();
 }
 
+// A --unet file must take the checkpoint's text conditioning: the same context width and, for
+// SDXL, the added (pooled + time ids) embedding.
+void check_unet_fits(const std::string& unet_path, const UNetConfig& u, const SDModel& m) {
+  const int ctx = m.summary.context_dim;
+  DF_CHECK(ctx == 0 || u.context_dim == ctx, unet_path, ": a UNet for a text context of width ", u.context_dim,
+           ", but ", m.path, " (", family_name(m.family), ") gives ", ctx, " (a UNet for another model family)");
+  DF_CHECK((u.projection_class_embeddings_input_dim > 0) == (m.family == Family::SDXL), unet_path,
+           u.projection_class_embeddings_input_dim > 0 ? ": an SDXL UNet (added pooled/time-id embedding), but "
+                                                       : ": a UNet without SDXL's added embedding, but ",
+           m.path, " is ", family_name(m.family));
+}
+
 }  // namespace
+
+WeightStore base_component_weights(const SDModel& m, Component c, std::map<std::string, TensorFile>& files) {
+  const std::string& path = c == Component::UNet && !m.unet_path.empty() ? m.unet_path : m.path;
+  auto it = files.find(path);
+  if (it == files.end()) it = files.emplace(path, open_model_file(path)).first;
+  if (c == Component::UNet && !m.unet_path.empty()) return unet_file_weights(it->second);
+  return component_weights(it->second, c, m.family);
+}
 
 void SDModel::release_text_encoders() {
   te.unload();
@@ -79,8 +99,13 @@ std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, con
     }
   }
   if (opts.unet) {
-    WeightStore w = component_weights(f, Component::UNet, m->family);
+    TensorFile uf = opts.unet_path.empty() ? TensorFile{} : open_model_file(opts.unet_path);
+    WeightStore w = opts.unet_path.empty() ? component_weights(f, Component::UNet, m->family) : unet_file_weights(uf);
     m->unet_cfg = UNetConfig::from_weights(w);
+    if (!opts.unet_path.empty()) {
+      m->unet_path = opts.unet_path;
+      check_unet_fits(opts.unet_path, m->unet_cfg, *m);
+    }
     if (m->refiner) set_refiner_time_ids(f, m->unet_cfg);
     m->unet.load(be, w, m->unet_cfg);
   }

@@ -1,6 +1,7 @@
 // A whole Stable Diffusion checkpoint: family detection, the layout's name mapping, configs from
 // the tensors (single files carry none), and the text encoder(s), UNet and VAE bound strictly.
 #pragma once
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -20,10 +21,18 @@ struct SDLoadOptions {
   // A standalone VAE file (models/name_map.h vae_file_weights) bound instead of the checkpoint's
   // ("" = the checkpoint's own).
   std::string vae_path;
+  // A UNet-only file (models/name_map.h unet_file_weights) bound instead of the checkpoint's; it
+  // must fit the checkpoint's text encoders (context width, SDXL's added embedding).
+  std::string unet_path;
 };
+
+// The base (file) weights of component `c` as the model bound them: the checkpoint's, or for the
+// UNet the --unet file's (LoRA merges read them again). `files` keeps the opened files by path.
+WeightStore base_component_weights(const struct SDModel& m, Component c, std::map<std::string, TensorFile>& files);
 
 struct SDModel {
   std::string path;
+  std::string unet_path;  // the UNet's own file when it came from SDLoadOptions::unet_path ("" = path)
   Family family = Family::Unknown;
   ModelSummary summary;
   ClipTextConfig te_cfg, te2_cfg;  // te2: SDXL's OpenCLIP bigG encoder (the refiner's only one: te unloaded)

@@ -48,6 +48,7 @@ struct GenOptions {
   bool width_given = false, height_given = false, strength_given = false;
   std::vector<std::string> loras;  // --lora PATH[:MULT], repeatable
   std::string lora_dir;            // --lora-model-dir: where <lora:NAME:MULT> prompt tags are looked up
+  std::string unet;  // --unet: a UNet-only file instead of the checkpoint's UNet
   std::string vae;  // --vae: a standalone VAE instead of the checkpoint's
   std::string refiner;          // --refiner: an SDXL refiner continuing the latent
   double refiner_switch = 0.8;  // --refiner-switch
@@ -302,6 +303,7 @@ int run_generate(const GenOptions& o) {
   r.only_masked_padding = o.only_masked_padding;
   for (const std::string& v : o.loras) r.loras.push_back(split_lora_flag(v));
   r.vae = o.vae;
+  r.unet = o.unet;
   r.refiner = o.refiner;
   r.refiner_switch = o.refiner_switch;
   r.embeddings_dir = o.embeddings_dir;
@@ -484,6 +486,9 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--embeddings-dir", o->embeddings_dir,
                   "textual-inversion embeddings (.pt, .safetensors, .bin) used by file name in the prompts, as A1111 "
                   "(also embedding:NAME); default: an 'embeddings' folder beside the model, else the model's folder");
+  cmd->add_option("--unet", o->unet,
+                  "UNet-only file (ComfyUI's unet / diffusion_models files: bare ldm names, model.diffusion_model.*, "
+                  "or diffusers names) instead of the checkpoint's UNet; the checkpoint gives the text encoders and VAE");
   cmd->add_option("--vae", o->vae, "standalone VAE file (ldm, first_stage_model. or diffusers names) instead of the "
                   "checkpoint's (default: MODEL.vae.safetensors beside the model, if any)");
   cmd->add_option("--refiner", o->refiner,

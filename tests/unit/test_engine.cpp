@@ -309,3 +309,70 @@ TEST_F(EngineTest, VaeSwitchesDoNotReuseTheOtherVae) {
   Engine fresh(options());
   EXPECT_EQ(pixels(fresh.generate(with_vae)), other);
 }
+
+// --unet: a UNet-only file with bare ldm names (ComfyUI's unet files) replaces the checkpoint's.
+// Its weights are changed here, so the reference is the whole checkpoint with that UNet written
+// in: the same pixels, with and without a LoRA (whose base weights must come from the UNet file).
+TEST_F(EngineTest, UnetOnlyFileReplacesTheCheckpointsUnet) {
+  TensorFile f = open_model_file(model_);
+  const std::string pre = "model.diffusion_model.";
+  std::vector<std::pair<std::string, Tensor>> unet, whole, diffusers_names;
+  for (const TensorEntry& e : f.tensors) {
+    Tensor t = e.tensor;
+    if (e.name.rfind(pre, 0) == 0) {
+      t = e.tensor.to(DType::F32);
+      // conv_in, the output bias, every self-attention query and proj_in (what the LoRA merges into)
+      if (e.name == pre + "out.2.bias" || e.name == pre + "input_blocks.0.0.weight" ||
+          e.name.find("attn1.to_q.weight") != std::string::npos || e.name.find("proj_in.weight") != std::string::npos)
+        for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] *= 1.25f;
+      unet.emplace_back(e.name.substr(pre.size()), t);
+    }
+    whole.emplace_back(e.name, t);
+  }
+  const std::string unet_file = (dir_ / "unet-only.safetensors").string(), whole_file = (dir_ / "whole.safetensors").string();
+  save_safetensors(unet_file, unet);
+  save_safetensors(whole_file, whole);
+  Engine e(options());
+  Request with_unet = request();
+  with_unet.unet = unet_file;
+  Request reference = request();
+  reference.model = whole_file;
+  const std::vector<uint8_t> got = pixels(e.generate(with_unet));
+  EXPECT_EQ(got, pixels(e.generate(reference)));
+  EXPECT_NE(got, pixels(e.generate(request())));
+  if (!kohya_.empty()) {
+    with_unet.loras = reference.loras = {{kohya_, 0.8f}};
+    EXPECT_EQ(pixels(e.generate(with_unet)), pixels(e.generate(reference)));
+  }
+
+  // Wrong files: a LoRA, and a UNet for another family, are errors naming the flag and the file.
+  Request bad = request();
+  if (!kohya_.empty()) {
+    bad.unet = kohya_;
+    try {
+      e.generate(bad);
+      ADD_FAILURE() << "a LoRA as --unet was accepted";
+    } catch (const Error& err) {
+      EXPECT_EQ(std::string(err.what()).rfind("--unet " + kohya_ + ": no UNet tensors", 0), 0u) << err.what();
+    }
+  }
+  // (The tiny SD 2.x UNet attends to the same width as the tiny SD 1.x one; SDXL's adds an embedding.)
+  const std::string xl = std::string(DIFFUSE_SHARED_DIR) + "/fixtures/sdxl/model/tiny-sdxl.safetensors";
+  if (fs::exists(xl)) {
+    TensorFile f2 = open_model_file(xl);
+    std::vector<std::pair<std::string, Tensor>> u2;
+    for (const TensorEntry& t : f2.tensors)
+      if (t.name.rfind(pre, 0) == 0) u2.emplace_back(t.name.substr(pre.size()), t.tensor);
+    const std::string other = (dir_ / "sdxl-unet.safetensors").string();
+    save_safetensors(other, u2);
+    bad.unet = other;
+    try {
+      e.generate(bad);
+      ADD_FAILURE() << "an SDXL UNet on an SD 1.x checkpoint was accepted";
+    } catch (const Error& err) {
+      EXPECT_EQ(std::string(err.what()).rfind("--unet " + other + ": a", 0),
+                0u)
+          << err.what();
+    }
+  }
+}
