@@ -33,14 +33,27 @@ void check_control_unit(const ControlUnitRequest& u, const std::string& what) {
 ControlSetup prepare_controls(const std::vector<ControlUnitRequest>& units, int width, int height,
                               const UNetConfig& unet,
                               const std::function<std::shared_ptr<ControlNet>(const std::string&)>& load,
+                              const std::function<std::shared_ptr<T2IAdapter>(const std::string&)>& load_adapter,
                               const std::function<std::string(const std::string&)>& name) {
   ControlSetup s;
   s.images.reserve(units.size());  // params point into it
   for (size_t i = 0; i < units.size(); ++i) {
     const ControlUnitRequest& u = units[i];
     DF_CHECK(!u.image.pixels.empty(), "ControlNet unit ", i, " (", u.net, "): no control image");
-    std::shared_ptr<ControlNet> net = load(u.net);
-    net->check_compatible(unet);
+    std::shared_ptr<ControlNet> net;
+    std::shared_ptr<T2IAdapter> adapter;
+    if (T2IAdapter::is_adapter_file(u.net)) {
+      adapter = load_adapter(u.net);
+      DF_CHECK(!u.guess_mode, u.net, ": guess mode applies to ControlNets, not T2I-Adapters");
+      try {
+        adapter->check_compatible(unet);
+      } catch (const Error& e) {
+        fail(u.net, ": ", e.what());
+      }
+    } else {
+      net = load(u.net);
+      net->check_compatible(unet);
+    }
     Image im = to_rgb(u.image);
     if (u.canny) {
       // As the ControlNet canny annotator: resize to the output size first, then detect edges.
@@ -51,7 +64,8 @@ ControlSetup prepare_controls(const std::vector<ControlUnitRequest>& units, int 
     }
     s.images.push_back(std::move(im));
     s.nets.push_back(net);
-    s.params.push_back({net.get(), &s.images.back(), float(u.strength), u.start, u.end, u.guess_mode});
+    s.adapters.push_back(adapter);
+    s.params.push_back({net.get(), &s.images.back(), float(u.strength), u.start, u.end, u.guess_mode, adapter.get()});
     std::string text = "Module: " + std::string(u.canny ? "canny" : "none") + ", Model: " + name(u.net) +
                        ", Weight: " + num(u.strength);
     if (u.canny) text += ", Threshold A: " + std::to_string(u.canny_low) + ", Threshold B: " + std::to_string(u.canny_high);

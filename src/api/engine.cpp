@@ -796,6 +796,8 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
       impl_->nets.erase(victim);
     }
     return net;
+  }, [&](const std::string& path) {
+    return as_file_error([&] { return std::make_shared<T2IAdapter>(T2IAdapter::load_file(path, *entry->be)); });
   }, display_name);
   p.controls = controls.params;
 

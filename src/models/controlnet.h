@@ -40,10 +40,12 @@ struct ControlNetConfig {
 
 // One ControlNet evaluation: a residual for each UNet skip connection (UNet::num_skips(), in the
 // UNet's order) and one for the mid block; arena-backed, already multiplied by the scale.
+// T2I-Adapter features (intrablock: one per UNet level, UNet::forward's intrablock) travel with them.
 struct ControlResiduals {
   std::vector<Tensor> down;
   Tensor mid;
-  bool empty() const { return down.empty(); }
+  std::vector<Tensor> intrablock;
+  bool empty() const { return down.empty() && intrablock.empty(); }
 };
 
 class ControlNet {

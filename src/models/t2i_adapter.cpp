@@ -73,6 +73,17 @@ bool T2IAdapter::is_adapter(const WeightStore& w) {
          (w.has("conv_in.weight") && w.has("body.0.block1.weight"));
 }
 
+bool T2IAdapter::is_adapter_file(const std::string& path) {
+  try {
+    const TensorFile f = open_model_file(path);
+    WeightStore w(path, "T2I-Adapter");
+    for (const TensorEntry& e : f.tensors) w.add(e.name, e.tensor);
+    return is_adapter(w);
+  } catch (const Error&) {
+    return false;
+  }
+}
+
 void T2IAdapter::load(Backend& be, WeightStore& w) {
   const std::string where = w.origin();
   const char* expected =
@@ -118,11 +129,23 @@ void T2IAdapter::load(Backend& be, WeightStore& w) {
   } else {
     int total = 0;
     while (w.has(cat("body.", total, ".block1.weight"))) ++total;
-    int nrb = 0;
-    for (int k = 1; k < total && nrb == 0; ++k)
-      if (w.has(cat("body.", k, ".in_conv.weight"))) nrb = k;
-    DF_CHECK(nrb > 0 && total % nrb == 0, where, ": ", total, " blocks body.K and the first in_conv at ", nrb,
-             ": no whole number of levels; ", expected);
+    // The file does not say where a level that keeps its width starts: nums_rb must put every
+    // in_conv at a level's first block and keep the width within a level. The original's
+    // published configs have 4 levels (channels [320, 640, 1280, 1280], nums_rb 2): preferred.
+    auto fits = [&](int n) {
+      if (n <= 0 || total % n != 0) return false;
+      for (int k = 0; k < total; ++k) {
+        if (w.has(cat("body.", k, ".in_conv.weight")) && k % n != 0) return false;
+        if (k % n != 0 && shape(cat("body.", k, ".block1.weight"))[0] != shape(cat("body.", k - 1, ".block1.weight"))[0])
+          return false;
+      }
+      return true;
+    };
+    int nrb = total % 4 == 0 && fits(total / 4) ? total / 4 : 0;
+    for (int n = 1; n <= total && nrb == 0; ++n)
+      if (fits(n)) nrb = n;
+    DF_CHECK(nrb > 0, where, ": ", total, " blocks body.K whose in_convs and widths split into no whole levels; ",
+             expected);
     cfg.nums_rb = nrb;
     for (int i = 0; i < total / nrb; ++i) {
       blocks.emplace_back();

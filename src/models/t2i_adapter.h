@@ -13,7 +13,8 @@
 //   diffusers (T2IAdapter folders / safetensors): adapter.conv_in, adapter.body.I.in_conv,
 //     adapter.body.I.resnets.J.block1, adapter.body.I.resnets.J.block2;
 //   TencentARC's original (t2iadapter_*_sd14v1.pth, Adapter(ksize=1, sk=True, use_conv=False)):
-//     conv_in, body.K.in_conv, body.K.block1, body.K.block2 with K = I·nums_rb + J.
+//     conv_in, body.K.in_conv, body.K.block1, body.K.block2 with K = I·nums_rb + J (the file does
+//     not mark levels that keep their width: 4 levels, as every published config, when they fit).
 // Other adapter kinds (the light adapter, SDXL's full_adapter_xl, sk=False / use_conv=True
 // variants with skep / down_opt.op tensors) are errors naming the file and what was expected.
 #pragma once
@@ -43,6 +44,8 @@ class T2IAdapter {
 
   // Whether `w` holds a T2I-Adapter (either layout), from its names alone.
   static bool is_adapter(const WeightStore& w);
+  // The same for a file or folder (its tensor names; unreadable files: false, the loader reports).
+  static bool is_adapter_file(const std::string& path);
   // Detects the layout and configuration and binds strictly (errors name w.origin()).
   void load(Backend& be, WeightStore& w);
   static T2IAdapter load_file(const std::string& path, Backend& be);

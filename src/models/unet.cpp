@@ -396,8 +396,9 @@ static Tensor as_f32(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.t
 
 Tensor UNet::forward(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
                      const Tensor* text_embeds, const Tensor* time_ids,
-                     const std::vector<Tensor>* down_residuals, const Tensor* mid_residual) const {
-  return run(c, x, t, context, text_embeds, time_ids, down_residuals, mid_residual, nullptr);
+                     const std::vector<Tensor>* down_residuals, const Tensor* mid_residual,
+                     const std::vector<Tensor>* intrablock) const {
+  return run(c, x, t, context, text_embeds, time_ids, down_residuals, mid_residual, nullptr, intrablock);
 }
 
 Tensor UNet::forward_train(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
@@ -411,7 +412,7 @@ Tensor UNet::forward_train(Ctx& c, const Tensor& x, const std::vector<float>& t,
 
 Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const Tensor& context_in,
                  const Tensor* text_embeds, const Tensor* time_ids, const std::vector<Tensor>* down_residuals,
-                 const Tensor* mid_residual, UNetTrace* trace) const {
+                 const Tensor* mid_residual, UNetTrace* trace, const std::vector<Tensor>* intrablock) const {
   DF_CHECK(impl_ != nullptr, "UNet: forward before load");
   const Impl& m = *impl_;
   const UNetConfig& cfg = m.cfg;
@@ -436,7 +437,7 @@ Tensor UNet::run(Ctx& c, const Tensor& x_in, const std::vector<float>& t, const 
   std::vector<Tensor> skips;
   Tensor h = m.conv_in(c, x);
   skips.push_back(h);
-  h = block.down(m, h, semb, context, skips);
+  h = block.down(m, h, semb, context, skips, intrablock);
   if (trace) trace->skips = skips;
   // ControlNet residuals: new tensors (the last skip is also the mid block's input, unchanged).
   if (down_residuals) {

@@ -91,12 +91,15 @@ class UNet {
   // ControlNet (optional): down_residuals, one per skip connection in order (conv_in output, then
   // each down resnet/attention output and downsampler output: [B, h, w, c] each), added to the
   // skips; mid_residual [B, h, w, c] added to the mid-block output.
+  // T2I-Adapter (optional): intrablock, one feature per level [B, h_l, w_l, c_l], added to the down
+  // path at the end of level l (after its last resnet/attention, before its downsampler: the
+  // level's last skip carries it and the following blocks see it).
   // Returns [B, H, W, out_channels] (epsilon or v, whatever the model predicts), arena-backed.
   // Any H, W >= 1 works: upsamplers resize to their skip connection's size.
   Tensor forward(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
                  const Tensor* text_embeds = nullptr, const Tensor* time_ids = nullptr,
                  const std::vector<Tensor>* down_residuals = nullptr,
-                 const Tensor* mid_residual = nullptr) const;
+                 const Tensor* mid_residual = nullptr, const std::vector<Tensor>* intrablock = nullptr) const;
 
   // Training (c.grads set: its LoRA adapters apply; models/unet_backward.cpp). forward_train runs
   // forward() keeping what backward() needs in `trace` (tensors of c.arena, which must outlive
@@ -132,7 +135,7 @@ class UNet {
  private:
   Tensor run(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context, const Tensor* text_embeds,
              const Tensor* time_ids, const std::vector<Tensor>* down_residuals, const Tensor* mid_residual,
-             UNetTrace* trace) const;
+             UNetTrace* trace, const std::vector<Tensor>* intrablock = nullptr) const;
   std::unique_ptr<Impl> impl_;
 };
 

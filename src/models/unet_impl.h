@@ -64,8 +64,10 @@ class BlockRunner {
 
   // The trunk's blocks. down(): the down path from h (conv_in's output, already the first skip),
   // pushing each resnet/attention/downsampler output to `skips` (kept); mid(): the mid block.
-  // semb: SiLU(time embedding) [B, 4·C0]; context [B, S, context_dim].
-  Tensor down(const UNetTrunk& m, Tensor h, const Tensor& semb, const Tensor& context, std::vector<Tensor>& skips);
+  // semb: SiLU(time embedding) [B, 4·C0]; context [B, S, context_dim]. intrablock (T2I-Adapter):
+  // one feature per level, added after the level's last resnet/attention (before its skip is kept).
+  Tensor down(const UNetTrunk& m, Tensor h, const Tensor& semb, const Tensor& context, std::vector<Tensor>& skips,
+              const std::vector<Tensor>* intrablock = nullptr);
   Tensor mid(const UNetTrunk& m, Tensor h, const Tensor& semb, const Tensor& context);
 
  private:

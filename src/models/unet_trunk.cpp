@@ -90,14 +90,24 @@ Transformer::Saved* BlockRunner::attn_saved() const {
 }
 
 Tensor BlockRunner::down(const UNetTrunk& m, Tensor h, const Tensor& semb, const Tensor& context,
-                         std::vector<Tensor>& skips) {
+                         std::vector<Tensor>& skips, const std::vector<Tensor>* intrablock) {
   BlockRunner& block = *this;
-  for (const UNetTrunk::Level& lv : m.down) {
+  DF_CHECK(!intrablock || intrablock->size() == m.down.size(), "UNet: ", intrablock ? intrablock->size() : 0,
+           " T2I-Adapter features for ", m.down.size(), " levels");
+  DF_CHECK(!intrablock || !trace_, "UNet: training with T2I-Adapter features is not supported");
+  for (size_t l = 0; l < m.down.size(); ++l) {
+    const UNetTrunk::Level& lv = m.down[l];
     for (size_t j = 0; j < lv.resnets.size(); ++j) {
       const bool attn = !lv.attentions.empty();
       h = block(h, !attn, [&](Ctx& tc) { return lv.resnets[j](tc, h, semb, res_saved()); });
       if (attn)
         h = block(h, true, [&](Ctx& tc) { return lv.attentions[j](tc, h, context, tf_scratch(), attn_saved()); });
+      if (intrablock && j + 1 == lv.resnets.size()) {  // h is kept (the caller's arena): add in place
+        const Tensor& f = (*intrablock)[l];
+        DF_CHECK(f.shape() == h.shape(), "UNet: T2I-Adapter feature ", l, " is ", f.str(), ", expected ",
+                 h.shape().str(), " (the hint must be the output image's size)");
+        c_.be.binary(Binary::Add, h, f.dtype() == h.dtype() ? f : f.to(h.dtype()), h);
+      }
       skips.push_back(h);
     }
     if (lv.resample) {

@@ -35,20 +35,56 @@ Tensor zeros_then(Ctx& c, const Tensor& r) {
 }
 
 void add_into(Ctx& c, ControlResiduals& sum, const ControlResiduals& r) {
-  if (sum.empty()) {
-    sum = r;
-    return;
-  }
-  DF_CHECK(sum.down.size() == r.down.size(), "ControlNet units: ", sum.down.size(), " and ", r.down.size(),
-           " residuals: the units' ControlNets do not fit the same UNet");
   auto add = [&](Tensor& a, const Tensor& b) {
     DF_CHECK(a.shape() == b.shape(), "ControlNet units: residual ", b.str(), " does not match ", a.str());
     Tensor s = c.alloc(a.shape(), DType::F32);
     c.be.binary(Binary::Add, as_f32(a), as_f32(b), s);
     a = s;
   };
-  for (size_t i = 0; i < r.down.size(); ++i) add(sum.down[i], r.down[i]);
-  add(sum.mid, r.mid);
+  if (sum.down.empty()) {
+    sum.down = r.down;
+    sum.mid = r.mid;
+  } else if (!r.down.empty()) {
+    DF_CHECK(sum.down.size() == r.down.size(), "ControlNet units: ", sum.down.size(), " and ", r.down.size(),
+             " residuals: the units' ControlNets do not fit the same UNet");
+    for (size_t i = 0; i < r.down.size(); ++i) add(sum.down[i], r.down[i]);
+    add(sum.mid, r.mid);
+  }
+  if (sum.intrablock.empty()) {
+    sum.intrablock = r.intrablock;
+  } else if (!r.intrablock.empty()) {
+    DF_CHECK(sum.intrablock.size() == r.intrablock.size(), "T2I-Adapter units: ", sum.intrablock.size(), " and ",
+             r.intrablock.size(), " features: the adapters do not fit the same UNet");
+    for (size_t i = 0; i < r.intrablock.size(); ++i) add(sum.intrablock[i], r.intrablock[i]);
+  }
+}
+
+// A T2I-Adapter unit's hook: strength · features, computed on the first call (owned copies), each
+// repeated to the batch's rows.
+std::function<ControlResiduals(Ctx&, const ControlInputs&)> adapter_hook(const T2IAdapter& a, Tensor hint,
+                                                                         float strength) {
+  DF_CHECK(a.loaded(), "control_hook: T2I-Adapter not loaded");
+  auto features = std::make_shared<std::vector<Tensor>>();
+  Tensor h = hint.to(DType::F32);
+  return [&a, h, strength, features](Ctx& c, const ControlInputs& in) {
+    if (features->empty())
+      for (const Tensor& f : a.forward(c, h)) {
+        Tensor o = f.to(DType::F32);  // an owned copy
+        if (strength != 1.0f) c.be.scale(o, strength, o);
+        features->push_back(o);
+      }
+    ControlResiduals r;
+    const int64_t rows = in.x.dim(0);
+    for (const Tensor& f : *features) {
+      DF_CHECK(rows % f.dim(0) == 0, "T2I-Adapter: hint has ", f.dim(0), " rows for a batch of ", rows);
+      Shape s = f.shape();
+      s[0] = rows;
+      Tensor t = c.alloc(s, DType::F32);
+      for (int64_t k = 0; k < rows / f.dim(0); ++k) std::memcpy(t.f32() + k * f.numel(), f.f32(), f.bytes());
+      r.intrablock.push_back(t);
+    }
+    return r;
+  };
 }
 
 }  // namespace
@@ -67,10 +103,12 @@ std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(std::ve
   auto list = std::make_shared<std::vector<Unit>>();
   for (size_t i = 0; i < units.size(); ++i) {
     const ControlUnit& u = units[i];
-    DF_CHECK(u.net, "ControlNet unit ", i, ": no ControlNet");
+    DF_CHECK(u.net || u.adapter, "ControlNet unit ", i, ": no ControlNet or T2I-Adapter");
     DF_CHECK(u.start >= 0 && u.start <= u.end && u.end <= 1, "ControlNet unit ", i, ": guidance start ", u.start,
              " / end ", u.end, ": need 0 <= start <= end <= 1");
-    list->push_back({u, control_hook(*u.net, u.hint, u.strength, u.guess_mode)});
+    DF_CHECK(!u.adapter || !u.guess_mode, "ControlNet unit ", i, ": guess mode applies to ControlNets, not T2I-Adapters");
+    list->push_back({u, u.adapter ? adapter_hook(*u.adapter, u.hint, u.strength)
+                                  : control_hook(*u.net, u.hint, u.strength, u.guess_mode)});
   }
   return [list](Ctx& c, const ControlInputs& in) {
     ControlResiduals sum;
@@ -106,9 +144,10 @@ std::function<ControlResiduals(Ctx&, const ControlInputs&)> control_hook(const G
   }
   for (size_t i = 0; i < p.controls.size(); ++i) {
     const GenerateParams::ControlUnitParams& u = p.controls[i];
-    DF_CHECK(u.net && u.image, "ControlNet unit ", units.size(), ": ", u.net ? "no control image" : "no ControlNet");
+    DF_CHECK((u.net || u.adapter) && u.image, "ControlNet unit ", units.size(), ": ",
+             u.image ? "no ControlNet or T2I-Adapter" : "no control image");
     units.push_back({u.net, prepare_hint(to_rgb(*u.image), p.width, p.height), u.strength, u.start, u.end,
-                     u.guess_mode});
+                     u.guess_mode, u.adapter});
   }
   return control_hook(std::move(units));
 }

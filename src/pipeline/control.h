@@ -6,12 +6,16 @@
 #include <vector>
 
 #include "models/controlnet.h"
+#include "models/t2i_adapter.h"
 #include "pipeline/denoise.h"
 
 namespace diffuse {
 
+// A unit runs a ControlNet (residuals for the skips and mid block) or a T2I-Adapter (features
+// added inside the down path, UNet::forward's intrablock; computed once, they do not depend on
+// the step).
 struct ControlUnit {
-  const ControlNet* net = nullptr;  // must outlive the hook
+  const ControlNet* net = nullptr;  // must outlive the hook (or null with `adapter`)
   Tensor hint;                      // [1 or B, H, W, 3] in [0, 1] (prepare_hint)
   float strength = 1.0f;
   // The share of the sampling steps the unit is active for (sd-webui-controlnet's guidance start
@@ -20,7 +24,8 @@ struct ControlUnit {
   // diffusers' guess_mode: with classifier-free guidance only the conditional half gets control
   // (the unconditional half's residuals are zero), and the residuals are scaled from 0.1 at the
   // first skip to 1 at the mid block (ControlNet::guess_mode_scale).
-  bool guess_mode = false;
+  bool guess_mode = false;  // ControlNets only
+  const T2IAdapter* adapter = nullptr;  // instead of net; must outlive the hook
 };
 
 // Whether a unit with guidance start/end is active at evaluation `step` (0-based) of `steps`.

@@ -83,8 +83,9 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
                                               tids.defined() ? &tids : nullptr, i, total, true});
       }
       Tensor out = as_f32(unet.forward(sc, xin, tv, context, pooled.defined() ? &pooled : nullptr,
-                                       tids.defined() ? &tids : nullptr, res.empty() ? nullptr : &res.down,
-                                       res.empty() ? nullptr : &res.mid));
+                                       tids.defined() ? &tids : nullptr, res.down.empty() ? nullptr : &res.down,
+                                       res.down.empty() ? nullptr : &res.mid,
+                                       res.intrablock.empty() ? nullptr : &res.intrablock));
       const int64_t half = out.numel() / 2;
       eps = Tensor::empty(x.shape());
       DF_CHECK(eps.numel() == half, "denoise: UNet output ", out.str(), " does not match the latent ", x.str());
@@ -107,8 +108,9 @@ Tensor denoise(Ctx& ctx, const UNet& unet, Scheduler& sched, Tensor x, const Gui
         res = hooks.control(sc, ControlInputs{as_f32(scaled), tv, context, pooled.defined() ? &pooled : nullptr,
                                               tids.defined() ? &tids : nullptr, i, total});
       Tensor out = unet.forward(sc, as_f32(in), tv, context, pooled.defined() ? &pooled : nullptr,
-                                tids.defined() ? &tids : nullptr, res.empty() ? nullptr : &res.down,
-                                res.empty() ? nullptr : &res.mid);
+                                tids.defined() ? &tids : nullptr, res.down.empty() ? nullptr : &res.down,
+                                res.down.empty() ? nullptr : &res.mid,
+                                res.intrablock.empty() ? nullptr : &res.intrablock);
       DF_CHECK(out.numel() == x.numel(), "denoise: UNet output ", out.str(), " does not match the latent ", x.str());
       eps = out.to(DType::F32).reshape(x.shape());  // owned: survives the arena reset inside step()
     }

@@ -24,6 +24,7 @@
 #include "core/layout.h"
 #include "io/image.h"
 #include "models/controlnet.h"
+#include "models/t2i_adapter.h"
 #include "models/embedding.h"
 #include "models/sd_model.h"
 #include "pipeline/rng.h"
@@ -81,6 +82,7 @@ struct GenerateParams {
     float strength = 1.0f;
     double start = 0.0, end = 1.0;
     bool guess_mode = false;
+    const T2IAdapter* adapter = nullptr;  // a T2I-Adapter unit instead of a ControlNet
   };
   std::vector<ControlUnitParams> controls;
   // SDXL refiner (pipeline/refiner.h): from the evaluation where switch_at of the schedule is done,

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <memory>
 #include <numeric>
+#include <random>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "pipeline/denoise.h"
 #include "pipeline/rng.h"
 #include "pipeline/scheduler.h"
+#include "models/t2i_adapter.h"
 
 namespace diffuse {
 namespace {
@@ -288,6 +290,81 @@ TEST_F(ControlUnitsTest, ForwardKeepsOnlySkipsAndResidualsInTheCallersArena) {
   std::printf("  ControlNet forward: caller's arena peak %zu bytes, skips + residuals bound %zu\n", arena.peak(),
               bound);
   EXPECT_LE(arena.peak(), bound);
+}
+
+TEST_F(ControlUnitsTest, T2IAdapterUnitsAddStrengthTimesTheirFeaturesInsideTheDownPath) {
+  // A T2I-Adapter for the tiny UNet, written here in TencentARC's layout (conv_in, body.K.block1 3×3,
+  // block2 1×1, in_conv 1×1 where the width changes), 2 blocks a level.
+  const UNetConfig& u = model_->unet_cfg;
+  std::mt19937 g(5);
+  std::vector<std::pair<std::string, Tensor>> t;
+  auto conv = [&](const std::string& name, int64_t o, int64_t i, int64_t k) {
+    Tensor w = Tensor::empty({o, i, k, k}), b = Tensor::empty({o});
+    std::normal_distribution<float> n(0.0f, 1.0f / std::sqrt(float(i * k * k)));
+    for (int64_t q = 0; q < w.numel(); ++q) w.f32()[q] = n(g);
+    for (int64_t q = 0; q < o; ++q) b.f32()[q] = 0.1f * n(g);
+    t.emplace_back(name + ".weight", w);
+    t.emplace_back(name + ".bias", b);
+  };
+  conv("conv_in", u.block_out_channels[0], 192, 3);
+  for (int l = 0; l < u.levels(); ++l) {
+    const int ch = u.block_out_channels[size_t(l)], prev = l ? u.block_out_channels[size_t(l - 1)] : ch;
+    if (prev != ch) conv("body." + std::to_string(2 * l) + ".in_conv", ch, prev, 1);
+    for (int j = 0; j < 2; ++j) {
+      conv("body." + std::to_string(2 * l + j) + ".block1", ch, ch, 3);
+      conv("body." + std::to_string(2 * l + j) + ".block2", ch, ch, 1);
+    }
+  }
+  const std::string path = (tmp_ / "adapter.safetensors").string();
+  save_safetensors(path, t);
+  ASSERT_TRUE(T2IAdapter::is_adapter_file(path));
+  EXPECT_FALSE(T2IAdapter::is_adapter_file((tmp_ / "second.safetensors").string()));  // a ControlNet
+  const T2IAdapter adapter = T2IAdapter::load_file(path, *be_);
+  EXPECT_NO_THROW(adapter.check_compatible(u));
+
+  Arena arena;
+  Ctx c{*be_, arena};
+  const Inputs in = inputs();
+  const std::vector<Tensor> feats = adapter.forward(c, hint1_);
+  ASSERT_EQ(int(feats.size()), u.levels());
+  ControlUnit unit;
+  unit.adapter = &adapter;
+  unit.hint = hint1_;
+  unit.strength = 0.6f;
+  unit.end = 0.5;
+  auto hook = control_hook({unit, {a_.get(), hint2_, 0.4f}});  // with a ControlNet unit beside it
+  const ControlResiduals r = hook(c, ControlInputs{in.x, in.t, in.context, nullptr, nullptr, 0, 10, false});
+  const ControlResiduals rb = alone(c, *a_, hint2_, in.x, in.t, in.context);
+  ASSERT_EQ(r.intrablock.size(), feats.size());
+  double worst = 0;
+  for (size_t l = 0; l < feats.size(); ++l) {
+    ASSERT_EQ(r.intrablock[l].dim(0), 2);
+    for (int64_t row = 0; row < 2; ++row) worst = std::max(worst, rel_diff(rows(r.intrablock[l], row, 1), {{0.6, feats[l]}}));
+  }
+  EXPECT_LE(worst, 1e-6);
+  EXPECT_LE(rel_diff(r.mid, {{0.4, rb.mid}}), 1e-5);  // the ControlNet unit's residuals are there too
+  // Past its guidance end only the ControlNet unit is active.
+  const ControlResiduals late = hook(c, ControlInputs{in.x, in.t, in.context, nullptr, nullptr, 6, 10, false});
+  EXPECT_TRUE(late.intrablock.empty());
+  EXPECT_FALSE(late.down.empty());
+  // In the UNet: zero features change nothing (bitwise); the features change the prediction.
+  const Tensor plain = model_->unet.forward(c, in.x, in.t, in.context).to(DType::F32);
+  std::vector<Tensor> zero;
+  for (const Tensor& f : r.intrablock) zero.push_back(Tensor::zeros(f.shape()));
+  const Tensor with_zero = model_->unet.forward(c, in.x, in.t, in.context, nullptr, nullptr, nullptr, nullptr, &zero);
+  const Tensor with = model_->unet.forward(c, in.x, in.t, in.context, nullptr, nullptr, nullptr, nullptr, &r.intrablock);
+  const double d0 = rel_diff(with_zero, {{1.0, plain}}), d1 = rel_diff(with, {{1.0, plain}});
+  std::printf("  T2I-Adapter unit: intrablock vs 0.6·features max relative |Δ| %.3g; UNet with zero features %.3g, "
+              "with the features %.3g from the plain prediction\n", worst, d0, d1);
+  EXPECT_EQ(d0, 0.0);
+  EXPECT_GT(d1, 1e-3);
+  // A feature of the wrong size is refused with the expected size.
+  std::vector<Tensor> bad = r.intrablock;
+  bad[1] = Tensor::zeros({2, 3, 3, bad[1].dim(3)});
+  EXPECT_THROW(model_->unet.forward(c, in.x, in.t, in.context, nullptr, nullptr, nullptr, nullptr, &bad), Error);
+  // Guess mode is for ControlNets.
+  unit.guess_mode = true;
+  EXPECT_THROW(control_hook({unit}), Error);
 }
 
 }  // namespace

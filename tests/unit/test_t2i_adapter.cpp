@@ -80,7 +80,7 @@ Img pool(const Img& x) {
 
 struct Model {
   int cin = 3;  // hint channels
-  std::vector<int> ch = {32, 64, 64};
+  std::vector<int> ch = {32, 64, 64, 64};  // 4 levels, as the published configs
   int nrb = 2;
   Conv conv_in;
   std::vector<Conv> in_conv;               // per level (empty tensors where the width is kept)
@@ -191,7 +191,7 @@ class T2IAdapterTest : public ::testing::Test {
 TEST_F(T2IAdapterTest, BothLayoutsMatchTheDoubleReference) {
   for (int cin : {3, 1}) {
     const Model m = make_model(7 + uint32_t(cin), cin);
-    // A 2-image hint of 40×24 pixels: 5×3 after the unshuffle, then 3×2 and 2×1 (pools round up).
+    // A 2-image hint of 40×24 pixels: 5×3 after the unshuffle, then 3×2, 2×1, 1×1 (pools round up).
     Tensor hint = Tensor::empty({2, 40, 24, 3});
     for (int64_t i = 0; i < hint.numel(); ++i) hint.f32()[i] = float((i * 7919) % 1000) / 999.0f;
     const std::vector<Img> ref = reference(m, hint);
@@ -252,11 +252,11 @@ TEST_F(T2IAdapterTest, WrongFilesNameTheFileAndWhatWasExpected) {
   t = tensors(m, false);
   t.emplace_back("body.0.skep.weight", Tensor::zeros({m.ch[0], m.ch[0], 1, 1}));
   expect_error(write("skep.safetensors", t), {"body.0.skep.weight", "not supported"});
-  // A 3-level adapter does not fit an SD 1.5 UNet.
+  // An adapter of other widths does not fit an SD 1.5 UNet.
   T2IAdapter a = T2IAdapter::load_file(write("ok.safetensors", tensors(m, true)), *be_);
   try {
     a.check_compatible(UNetConfig::sd15());
-    ADD_FAILURE() << "a 3-level adapter was accepted for SD 1.5";
+    ADD_FAILURE() << "a [32, 64, 64, 64] adapter was accepted for SD 1.5";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("does not fit"), std::string::npos) << e.what();
   }
