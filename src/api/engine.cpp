@@ -681,13 +681,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
     own_state = new_state();
     state = own_state.get();
   }
-  uint64_t seed;
-  if (req.seed) {
-    seed = *req.seed;
-  } else {
-    std::random_device rd;
-    seed = rd() % 4294967294u;
-  }
+  const uint64_t seed = req.seed ? *req.seed : random_seed();
 
   // A1111's inpainting controls and outpainting: the images the pipeline gets.
   const bool planned = uses_inpaint_plan(req);
@@ -733,14 +727,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   p.cfg = req.cfg;
   p.seed = seed;
   p.subseed_strength = req.subseed_strength;
-  if (req.subseed_strength > 0) {
-    if (req.subseed) {
-      p.subseed = *req.subseed;
-    } else {
-      std::random_device rd;
-      p.subseed = rd() % 4294967294u;
-    }
-  }
+  if (req.subseed_strength > 0) p.subseed = req.subseed ? *req.subseed : random_seed();
   p.sampler = req.sampler;
   p.schedule = req.schedule;
   p.batch = req.batch;

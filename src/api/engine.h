@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -223,6 +224,13 @@ class Engine {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// A random seed as A1111 draws one for -1 (below 2^32 - 2, so it fits every client's integers);
+// the one place the engine, the server and the CLI get random seeds and subseeds from.
+inline uint64_t random_seed() {
+  std::random_device rd;
+  return rd() % 4294967294u;
+}
 
 // $DIFFUSE_CACHE_DIR, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse.
 std::string default_cache_dir();

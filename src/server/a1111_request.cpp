@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <random>
 #include <string_view>
 
 #include "core/error.h"
@@ -205,7 +204,7 @@ void parse_common(const json& body, const Limits& lim, JobSpec& spec) {
   r.subseed_strength = f.number("subseed_strength", 0, 1).value_or(0);
   if (r.subseed_strength > 0) {
     r.subseed = f.seed("subseed");
-    if (!r.subseed) r.subseed = uint64_t(std::random_device()() % 4294967294u);
+    if (!r.subseed) r.subseed = api::random_seed();
   }
   // The schedules have 1000 training timesteps: the engine takes at most that many steps.
   r.steps = int(f.integer("steps", 1, std::clamp(lim.max_steps, 1, 1000)).value_or(50));

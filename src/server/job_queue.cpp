@@ -267,13 +267,7 @@ void JobQueue::run_generate(Worker& w, Job& job, JobOutcome& out) {
   fit_request_images(s);
   api::Request r = s.req;
   r.control_net = job.control_path;
-  uint64_t base = 0;
-  if (r.seed) {
-    base = *r.seed;
-  } else {
-    std::random_device rd;
-    base = rd() % 4294967294u;
-  }
+  const uint64_t base = r.seed ? *r.seed : api::random_seed();
   out.seed = base;
   {
     std::lock_guard<std::mutex> lk(mu_);

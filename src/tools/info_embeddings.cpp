@@ -37,7 +37,9 @@ bool is_embedding_file(const std::string& path) {
 
 bool is_embeddings_dir(const std::string& path) {
   std::error_code ec;
-  return fs::is_directory(path, ec) && !is_diffusers_dir(path);
+  // A folder holding embedding-sized .pt/.bin/.safetensors files (an empty one is no model either:
+  // `info` says so as it does for any other folder).
+  return fs::is_directory(path, ec) && !is_diffusers_dir(path) && !EmbeddingSet::from_dir(path)->empty();
 }
 
 int embedding_file_info(const std::string& path, bool json) {
