@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -490,6 +491,75 @@ TEST(GenerateControlNet, UnitsAddUpAndStartEndChooseTheSteps) {
                                                  "0.7", "--control-end", "0.3"}),
                     {"start 0.7", "end 0.3"});
   expect_flag_error(with(base_args(model, out), {"--guess-mode"}), {"--guess-mode", "--control-net"});
+}
+
+// A T2I-Adapter in TencentARC's layout for the tiny sd1 UNet (widths 32, 32, 64, 64; 2 blocks a
+// level), written here as safetensors: conv_in, body.K.block1 (3×3), block2 (1×1), in_conv (1×1).
+void write_adapter(const std::string& path, const std::vector<int>& ch) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> t;
+  auto conv = [&](const std::string& n, int64_t o, int64_t i, int64_t k) {
+    t.push_back({n + ".weight", {o, i, k, k}});
+    t.push_back({n + ".bias", {o}});
+  };
+  conv("conv_in", ch[0], 192, 3);
+  for (size_t l = 0; l < ch.size(); ++l) {
+    if (l && ch[l] != ch[l - 1]) conv("body." + std::to_string(2 * l) + ".in_conv", ch[l], ch[l - 1], 1);
+    for (size_t j = 0; j < 2; ++j) {
+      conv("body." + std::to_string(2 * l + j) + ".block1", ch[l], ch[l], 3);
+      conv("body." + std::to_string(2 * l + j) + ".block2", ch[l], ch[l], 1);
+    }
+  }
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  uint32_t state = 12345;
+  for (const auto& [name, shape] : t) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const size_t begin = data.size();
+    for (int64_t i = 0; i < n; ++i) {
+      state = state * 1664525u + 1013904223u;
+      const float v = (float(state >> 8) / 16777216.0f - 0.5f) * 0.2f;
+      data.append(reinterpret_cast<const char*>(&v), 4);
+    }
+    header[name] = {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
+  }
+  const std::string h = header.dump();
+  const uint64_t len = h.size();
+  std::ofstream f(path, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(&len), 8);
+  f << h << data;
+}
+
+TEST(GenerateControlNet, T2IAdapterFilesRunAsUnits) {
+  std::string model = sd1_model(), hint = data("sd1-controlnet/control.png"), pipes = data("sd1/pipelines.safetensors");
+  if (model.empty() || hint.empty() || pipes.empty()) GTEST_SKIP() << "needs sd1 and sd1-controlnet fixtures";
+  const std::string adapter = tmp("t2i_adapter.safetensors");
+  write_adapter(adapter, {32, 32, 64, 64});
+  // Strength 0: the features are added as zeros, the plain txt2img latent; the PNG names the unit.
+  std::string out = tmp("adapter0");
+  Result r = run(with(base_args(model, out), {"--sampler", "euler", "--control-net", adapter, "--control-image", hint,
+                                              "--control-strength", "0"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  expect_matches(out, pipes, "txt2img.euler");
+  const std::string params = parameters_of(out + ".png");
+  EXPECT_NE(params.find("ControlNet 0: \"Module: none, Model: t2i_adapter, Weight: 0\""), std::string::npos) << params;
+  // Strength 1 changes the image.
+  std::string out1 = tmp("adapter1");
+  Result r1 = run(with(base_args(model, out1), {"--sampler", "euler", "--control-net", adapter, "--control-image", hint}));
+  ASSERT_EQ(r1.exit_code, 0) << r1.err;
+  auto bytes = [](const std::string& f) {
+    std::ifstream in(f, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  EXPECT_NE(bytes(out1 + ".safetensors"), bytes(out + ".safetensors"));
+  // An adapter of other widths is refused, naming the file and what the UNet needs.
+  const std::string wide = tmp("t2i_wide.safetensors");
+  write_adapter(wide, {64, 64, 128, 128});
+  expect_flag_error(with(base_args(model, out), {"--control-net", wide, "--control-image", hint}),
+                    {wide, "does not fit", "32,32,64,64"});
+  // Guess mode is for ControlNets.
+  expect_flag_error(with(base_args(model, out), {"--control-net", adapter, "--control-image", hint, "--guess-mode"}),
+                    {"guess mode", "T2I-Adapter"});
 }
 
 // ---- --vae: a standalone VAE instead of the checkpoint's ----
