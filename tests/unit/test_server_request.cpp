@@ -437,7 +437,7 @@ TEST(ServerRequest, Txt2ImgDefaults) {
   EXPECT_TRUE(s.send_images);
   EXPECT_EQ(s.preview_every, 0);
   EXPECT_EQ(s.model_alias, "");
-  EXPECT_TRUE(s.control_model.empty());
+  EXPECT_TRUE(s.control_models.empty() && s.req.controls.empty());
   EXPECT_TRUE(s.req.init.pixels.empty());
   EXPECT_TRUE(s.warnings.empty()) << all_warnings(s);
   EXPECT_EQ(s.echo["steps"], 50);
@@ -838,54 +838,64 @@ TEST(ServerRequest, ControlNetUnits) {
                      {"weight", 0.8},     {"threshold_a", 50},
                      {"threshold_b", 150}};
   const JobSpec s = txt2img({{"alwayson_scripts", {{"ControlNet", {{"args", {unit}}}}}}});
-  EXPECT_EQ(s.control_model, "control_v11p_sd15_canny [d14c016b]");
-  EXPECT_TRUE(s.req.canny);
-  EXPECT_EQ(s.req.canny_low, 50);
-  EXPECT_EQ(s.req.canny_high, 150);
-  EXPECT_DOUBLE_EQ(s.req.control_strength, 0.8);
-  EXPECT_EQ(s.req.control_image.width, 32);
+  ASSERT_EQ(s.control_models, std::vector<std::string>{"control_v11p_sd15_canny [d14c016b]"});
+  ASSERT_EQ(s.req.controls.size(), 1u);
+  const diffuse::api::ControlUnitRequest& u0 = s.req.controls[0];
+  EXPECT_TRUE(u0.canny);
+  EXPECT_EQ(u0.canny_low, 50);
+  EXPECT_EQ(u0.canny_high, 150);
+  EXPECT_DOUBLE_EQ(u0.strength, 0.8);
+  EXPECT_EQ(u0.image.width, 32);
+  EXPECT_EQ(u0.start, 0.0);
+  EXPECT_EQ(u0.end, 1.0);
   EXPECT_TRUE(s.warnings.empty()) << all_warnings(s);
   // The echo keeps the unit without its image.
   EXPECT_TRUE(s.echo["alwayson_scripts"]["ControlNet"]["args"][0]["image"].is_null());
   EXPECT_EQ(s.echo["alwayson_scripts"]["ControlNet"]["args"][0]["model"], unit["model"]);
 
-  // Disabled (or not marked enabled) units are skipped; the first enabled one is used; more warn.
+  // Disabled (or not marked enabled) units are skipped; every enabled one is used, in order, with
+  // its guidance start/end.
   json off = unit, later = unit, depth = unit;
   off["enabled"] = false;
   off["model"] = "off";
   later["model"] = "later";
   json unmarked = unit;
   unmarked.erase("enabled");
+  later["guidance_start"] = 0.25;
+  later["guidance_end"] = 0.75;
   const JobSpec two = txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {off, unmarked, unit, later}}}}}}});
-  EXPECT_EQ(two.control_model, unit["model"]);
-  EXPECT_TRUE(has_warning(two, "only the first")) << all_warnings(two);
+  EXPECT_EQ(two.control_models, (std::vector<std::string>{unit["model"], "later"}));
+  ASSERT_EQ(two.req.controls.size(), 2u);
+  EXPECT_EQ(two.req.controls[1].start, 0.25);
+  EXPECT_EQ(two.req.controls[1].end, 0.75);
+  EXPECT_TRUE(two.warnings.empty()) << all_warnings(two);
   // Thresholds -1 (the extension's "default"): 100 / 200.
   json dflt = unit;
   dflt["threshold_a"] = -1;
   dflt.erase("threshold_b");
   const JobSpec d = txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {dflt}}}}}}});
-  EXPECT_EQ(d.req.canny_low, 100);
-  EXPECT_EQ(d.req.canny_high, 200);
+  EXPECT_EQ(d.req.controls.at(0).canny_low, 100);
+  EXPECT_EQ(d.req.controls.at(0).canny_high, 200);
   // Other preprocessors: a warning, the image used as the map.
   depth["module"] = "depth_midas";
   const JobSpec dm = txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {depth}}}}}}});
-  EXPECT_FALSE(dm.req.canny);
+  EXPECT_FALSE(dm.req.controls.at(0).canny);
   EXPECT_TRUE(has_warning(dm, "depth_midas"));
   json none = unit;
   none["module"] = nullptr;
-  EXPECT_FALSE(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {none}}}}}}}).req.canny);
+  EXPECT_FALSE(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {none}}}}}}}).req.controls.at(0).canny);
   // {image, mask} and the legacy input_image.
   json nested = unit, legacy = unit;
   nested["image"] = {{"image", control}, {"mask", nullptr}};
   legacy.erase("image");
   legacy["input_image"] = control;
-  EXPECT_EQ(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {nested}}}}}}}).req.control_image.height, 24);
-  EXPECT_EQ(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {legacy}}}}}}}).req.control_image.height, 24);
+  EXPECT_EQ(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {nested}}}}}}}).req.controls.at(0).image.height, 24);
+  EXPECT_EQ(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {legacy}}}}}}}).req.controls.at(0).image.height, 24);
   // No model: ignored with a warning.
   json nomodel = unit;
   nomodel["model"] = "None";
   const JobSpec nm = txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {nomodel}}}}}}});
-  EXPECT_TRUE(nm.control_model.empty());
+  EXPECT_TRUE(nm.control_models.empty() && nm.req.controls.empty());
   EXPECT_TRUE(has_warning(nm, "no model"));
   // Other scripts: a warning when they have arguments (webuiapi sends empty ControlNet args).
   EXPECT_TRUE(has_warning(txt2img({{"alwayson_scripts", {{"ADetailer", {{"args", {true}}}}}}}), "ADetailer"));
@@ -901,8 +911,8 @@ TEST(ServerRequest, ControlNetImagesAndRefusals) {
   EXPECT_REFUSED(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {unit}}}}}}}), 422, field);
   const JobSpec s =
       img2img({{"init_images", {png_b64(40, 16)}}, {"alwayson_scripts", {{"controlnet", {{"args", {unit}}}}}}});
-  EXPECT_EQ(s.req.control_image.width, 40);
-  EXPECT_EQ(s.control_model, "canny");
+  EXPECT_EQ(s.req.controls.at(0).image.width, 40);
+  EXPECT_EQ(s.control_models, std::vector<std::string>{"canny"});
   json bad = unit;
   bad["image"] = "!!";
   EXPECT_REFUSED(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {bad}}}}}}}), 400, field);
@@ -920,6 +930,12 @@ TEST(ServerRequest, ControlNetImagesAndRefusals) {
   thresholds["threshold_b"] = 100;
   EXPECT_REFUSED(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {thresholds}}}}}}}), 422,
                  "alwayson_scripts.controlnet.args[0].threshold_a, threshold_b");
+  json late = thresholds;
+  late["module"] = "none";
+  late["guidance_start"] = 0.8;
+  late["guidance_end"] = 0.2;
+  EXPECT_REFUSED(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", {late}}}}}}}), 422,
+                 "alwayson_scripts.controlnet.args[0].guidance_start, guidance_end");
   EXPECT_REFUSED(txt2img({{"alwayson_scripts", "x"}}), 422, "alwayson_scripts");
   EXPECT_REFUSED(txt2img({{"alwayson_scripts", {{"controlnet", 5}}}}), 422, "alwayson_scripts.controlnet");
   EXPECT_REFUSED(txt2img({{"alwayson_scripts", {{"controlnet", {{"args", 5}}}}}}), 422,
