@@ -266,7 +266,6 @@ void JobQueue::run_generate(Worker& w, Job& job, JobOutcome& out) {
   JobSpec& s = job.spec;
   fit_request_images(s);
   api::Request r = s.req;
-  r.control_net = job.control_path;
   const uint64_t base = r.seed ? *r.seed : api::random_seed();
   out.seed = base;
   {

@@ -46,7 +46,6 @@ class Job {
   Kind kind = Kind::Generate;
   JobSpec spec;      // Generate: spec.req.model is the checkpoint's path
   ModelInfo model;   // the checkpoint it runs on (LoadModel: the one to make current)
-  std::string control_path;  // the resolved ControlNet ("" none)
 
   std::atomic<bool> cancel{false};  // the client went away
   bool done() const;

@@ -212,9 +212,8 @@ std::shared_ptr<Job> prepare_generation(ServerState& st, JobSpec spec, const std
   api::Engine::ImagesGiven given;
   given.init = !spec.req.init.pixels.empty();
   given.mask = !spec.req.mask.pixels.empty();
-  given.control_image = !job->control_path.empty();
+  given.control_image = !spec.req.control_image.pixels.empty();
   api::Request check = spec.req;
-  check.control_net = job->control_path;
   if (given.init && check.width == 0) check.width = check.init.width, check.height = check.init.height;
   try {
     api::Engine::validate_settings(check, given);

@@ -22,6 +22,7 @@
 #include "io/tensor_file.h"
 #include "pipeline/preview.h"
 #include "tools/commands.h"
+#include "tools/image_output.h"
 
 namespace diffuse::tools {
 namespace {
@@ -154,11 +155,6 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-std::string lower(std::string s) {
-  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
 // -o before the run: a folder, an unwritable place, or (for a regular or new file) an extension
 // other than .png/.jpg/.jpeg is an error now rather than after the work.
 void check_output(const std::string& out, int batch, const std::string& save_latent) {
@@ -173,12 +169,7 @@ void check_output(const std::string& out, int batch, const std::string& save_lat
            (fs::path(out) / "out.png").string());
   for (int i = 0; i < batch; ++i) {
     const std::string path = batch_path(out, i);
-    if (!is_special_output(path)) {
-      const std::string ext = lower(fs::path(path).extension().string());
-      DF_CHECK(ext == ".png" || ext == ".jpg" || ext == ".jpeg", "-o/--output ", path, ": unknown image type '", ext,
-               "'; use .png (with the A1111 parameters) or .jpg");
-    }
-    check_output_writable(path, "-o/--output");
+    check_image_output(path, ".png (with the A1111 parameters) or .jpg");
     if (!save_latent.empty()) {
       const bool same = fs::exists(path, ec) && fs::exists(save_latent, ec) ? fs::equivalent(path, save_latent, ec)
                                                                             : fs::weakly_canonical(path, ec) ==
@@ -187,18 +178,6 @@ void check_output(const std::string& out, int batch, const std::string& save_lat
                "); give the latents their own file");
     }
   }
-}
-
-void write_image(const std::string& path, const Image& im) {
-  if (path == "-") {
-    const std::vector<uint8_t> png = encode_png(im);
-    DF_CHECK(std::fwrite(png.data(), 1, png.size(), stdout) == png.size() && std::fflush(stdout) == 0,
-             "-o -: cannot write to standard output: ", std::strerror(errno));
-    return;
-  }
-  const std::string ext = lower(fs::path(path).extension().string());
-  if (ext == ".jpg" || ext == ".jpeg") write_jpeg(path, im);
-  else write_png(path, im);
 }
 
 // Progress on stderr: a \r-updated line on a terminal, plain lines otherwise.
@@ -378,7 +357,7 @@ int run_generate(const GenOptions& o) {
   // Each image is written as soon as it is decoded: a later failure in the batch loses nothing.
   cb.on_image = [&](const api::GeneratedImage& g, int i) {
     const std::string path = batch_path(o.out, i);
-    write_image(path, g.image);
+    write_image_output(path, g.image);
     // With -o - standard output is the PNG: the note goes to stderr.
     std::fprintf(path == "-" ? stderr : stdout, "wrote %s (seed %llu)\n", path == "-" ? "standard output" : path.c_str(),
                  static_cast<unsigned long long>(g.seed));

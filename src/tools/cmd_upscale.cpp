@@ -20,6 +20,7 @@
 #include "io/output_file.h"
 #include "pipeline/upscale.h"
 #include "tools/commands.h"
+#include "tools/image_output.h"
 
 namespace diffuse::tools {
 namespace {
@@ -35,12 +36,6 @@ struct UpscaleFlags {
   bool quiet = false;
 };
 
-std::string lower_ext(const std::string& path) {
-  std::string e = fs::path(path).extension().string();
-  for (char& c : e) c = char(std::tolower(static_cast<unsigned char>(c)));
-  return e;
-}
-
 // -o before the work: a folder, an unwritable place or an unknown extension fails now.
 void check_output(const std::string& out) {
   DF_CHECK(!out.empty(), "-o/--output: empty path");
@@ -48,24 +43,7 @@ void check_output(const std::string& out) {
   std::error_code ec;
   DF_CHECK(!fs::is_directory(out, ec), "-o/--output ", out, ": is a folder; give a file name such as ",
            (fs::path(out) / "out.png").string());
-  if (!is_special_output(out)) {
-    const std::string ext = lower_ext(out);
-    DF_CHECK(ext == ".png" || ext == ".jpg" || ext == ".jpeg", "-o/--output ", out, ": unknown image type '", ext,
-             "'; use .png or .jpg");
-  }
-  check_output_writable(out, "-o/--output");
-}
-
-void write_output(const std::string& path, const Image& im) {
-  if (path == "-") {
-    const std::vector<uint8_t> png = encode_png(im);
-    DF_CHECK(std::fwrite(png.data(), 1, png.size(), stdout) == png.size() && std::fflush(stdout) == 0,
-             "-o -: cannot write to standard output: ", std::strerror(errno));
-    return;
-  }
-  const std::string ext = lower_ext(path);
-  if (ext == ".jpg" || ext == ".jpeg") write_jpeg(path, im);
-  else write_png(path, im);
+  check_image_output(out, ".png or .jpg");
 }
 
 // A1111's extras tag ("Postprocess upscale by: 4, Postprocess upscaler: NAME") after any earlier one.
@@ -126,7 +104,7 @@ int run_upscale(const UpscaleFlags& f) {
     };
   Image out = upscale_image_to(net, *be, in, int(tw), int(th), o);
   tag_output(out, by, f.model);
-  write_output(f.out, out);
+  write_image_output(f.out, out);
   if (!f.quiet) {
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "%dx%d -> %dx%d in %.1f s, peak RSS %.0f MiB -> %s\n", in.width, in.height, out.width,
