@@ -2,7 +2,12 @@
 // errors for paths and methods no route takes, and an orderly stop (server.h).
 #include "server/server.h"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <cstdio>
+#include <filesystem>
+#include <string>
 
 #include "core/error.h"
 #include "server/routes.h"
@@ -20,6 +25,35 @@ struct Server::Impl {
 };
 
 namespace {
+
+// cpp-httplib listens with a backlog of 5, fixed when Debian compiled libcpp-httplib. A burst of
+// clients arriving while the accept loop is busy or starved of CPU then has its SYNs dropped past
+// the sixth and waits 1, 3, 7 s for retransmits (past a client's 10 s connect timeout on a loaded
+// machine). listen() on a listening socket sets a new backlog (capped by net.core.somaxconn), so
+// find the socket httplib bound, among this process's descriptors, and widen it. False when no
+// listening socket on `port` was found.
+bool widen_listen_backlog(int port, int backlog) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd", ec)) {
+    int fd = -1;
+    try {
+      fd = std::stoi(e.path().filename().string());
+    } catch (const std::exception&) {
+      continue;
+    }
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
+    sockaddr_storage a{};
+    len = sizeof a;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) continue;
+    int p = -1;
+    if (a.ss_family == AF_INET) p = ntohs(reinterpret_cast<sockaddr_in*>(&a)->sin_port);
+    if (a.ss_family == AF_INET6) p = ntohs(reinterpret_cast<sockaddr_in6*>(&a)->sin6_port);
+    if (p == port && ::listen(fd, backlog) == 0) return true;
+  }
+  return false;
+}
 
 // Comparison whose time does not depend on where the strings differ.
 bool same_secret(const std::string& a, const std::string& b) {
@@ -182,6 +216,8 @@ int Server::bind() {
   const ServerOptions& o = im.st.opts;
   im.port = o.port == 0 ? im.svr.bind_to_any_port(o.host) : (im.svr.bind_to_port(o.host, o.port) ? o.port : -1);
   DF_CHECK(im.port > 0, "--host ", o.host, " --port ", o.port, ": cannot listen there (in use, or not an address of this machine)");
+  if (!widen_listen_backlog(im.port, 1024))
+    std::fprintf(stderr, "warning: could not widen the listen backlog; bursts of connections may wait\n");
   return im.port;
 }
 

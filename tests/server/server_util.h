@@ -159,6 +159,7 @@ struct Reply {
   bool ok = false;
   int status = 0;
   std::string body;
+  std::string error;  // why there was no answer (httplib's words), when ok is false
   explicit operator bool() const { return ok; }
   const Reply* operator->() const { return this; }
 };
@@ -169,6 +170,8 @@ inline Reply reply(const httplib::Result& r) {
     out.ok = true;
     out.status = r->status;
     out.body = r->body;
+  } else {
+    out.error = httplib::to_string(r.error());
   }
   return out;
 }
