@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <mutex>
 #include <set>
@@ -32,6 +33,24 @@ int physical_cores() {
     return cores.empty() ? 1 : int(cores.size());
   }();
   return cached;
+}
+
+void reexec_with_short_omp_spin(char** argv) {
+  if (std::getenv("GOMP_SPINCOUNT") || std::getenv("OMP_WAIT_POLICY")) return;
+  if (setenv("GOMP_SPINCOUNT", "1000", 0) != 0) return;
+  execv("/proc/self/exe", argv);  // returns only on failure: go on with the default spin
+}
+
+std::string omp_wait_setting() {
+  for (const char* name : {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"}) {
+    if (const char* v = std::getenv(name)) {
+      std::string out = name;
+      out += '=';
+      out += v;
+      return out;
+    }
+  }
+  return "libgomp default";
 }
 
 static int g_threads = 0;

@@ -283,6 +283,7 @@ int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::st
                         {"precision", precision_name(be->effective_precision())},
                         {"weights", o.weights},
                         {"threads", num_threads()},
+                        {"omp_wait", omp_wait_setting()},
                         {"cpu", cpu_features().str()},
                         {"load_s", r3(load_s)},
                         {"rss_after_load_gb", gb(rss_loaded)}};

@@ -151,8 +151,8 @@ int bench_ops(const BenchOptions& o) {
                    c.shape.c_str(), ms, c.flop > 0 ? c.flop / (ms * 1e6) : 0.0, impl.c_str());
     }
   }
-  nlohmann::json out = {{"threads", num_threads()}, {"cpu", cpu_features().str()}, {"repeats", o.repeats},
-                        {"ops", ops}};
+  nlohmann::json out = {{"threads", num_threads()}, {"omp_wait", omp_wait_setting()}, {"cpu", cpu_features().str()},
+                        {"repeats", o.repeats}, {"ops", ops}};
   std::printf("%s\n", out.dump(2).c_str());
   return 0;
 }

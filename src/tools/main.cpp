@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/memory_stats.h"
+#include "core/threads.h"
 #include "io/output_file.h"
 #include "tools/commands.h"
 
@@ -13,6 +14,7 @@
 #endif
 
 int main(int argc, char** argv) {
+  diffuse::reexec_with_short_omp_spin(argv);  // before any thread starts (core/threads.h)
   diffuse::tune_allocator();
   diffuse::install_output_cleanup();  // Ctrl-C while writing leaves no temporary file behind
   CLI::App app{"diffuse: Stable Diffusion in one native binary (SD 1.x, 2.x, XL)"};

@@ -226,3 +226,25 @@ TEST_F(Reliability, InfoEscapesControlCharacters) {
 }
 
 }  // namespace
+
+// The CLI starts itself again with short OpenMP spins unless the user chose a wait policy
+// (core/threads.h): `bench` reports what its process ran with.
+TEST(OmpWait, TheCliRunsWithShortSpinsUnlessTheUserChose) {
+  auto omp_wait = [](const std::string& env) {
+    const std::string cmd = "env -u GOMP_SPINCOUNT -u OMP_WAIT_POLICY " + env + " " + std::string(DIFFUSE_BIN) +
+                            " bench ops --op group_norm --precision fp32 --repeats 1 -t 1 2>/dev/null";
+    std::FILE* f = popen(cmd.c_str(), "r");
+    std::string text;
+    char buf[4096];
+    size_t got;
+    while (f && (got = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, got);
+    EXPECT_EQ(f ? pclose(f) : -1, 0) << cmd;
+    const size_t at = text.find("\"omp_wait\": \"");
+    if (at == std::string::npos) return std::string("(no omp_wait in: ") + text + ")";
+    const size_t from = at + 13;
+    return text.substr(from, text.find('"', from) - from);
+  };
+  EXPECT_EQ(omp_wait(""), "GOMP_SPINCOUNT=1000");
+  EXPECT_EQ(omp_wait("GOMP_SPINCOUNT=20000"), "GOMP_SPINCOUNT=20000");
+  EXPECT_EQ(omp_wait("OMP_WAIT_POLICY=active"), "OMP_WAIT_POLICY=active");
+}
