@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -367,14 +368,118 @@ TEST(AttentionBf16, AmxKernelAgreesWithAvx512Bf16Kernel) {
   }
 }
 
-TEST(AttentionBf16, FallsBackWhereUnavailable) {
-  // attention_with refuses an implementation the CPU lacks, with a clear error.
-  for (AttnImpl impl : {AttnImpl::Avx512, AttnImpl::Avx512Bf16, AttnImpl::Amx}) {
-    if (attn_impl_available(impl)) continue;
-    Tensor q = random_tensor(1, 2, 4, 1), o = Tensor::empty({1, 2, 4});
-    EXPECT_THROW(attention_with(impl, q, q, q, 1, 1.f, o), Error) << attn_impl_name(impl);
+namespace {
+
+// Sets the mask of implementations treated as unavailable; restores the previous one on exit.
+struct DisabledImpls {
+  const unsigned saved = attn_impls_disabled();
+  explicit DisabledImpls(unsigned mask) { set_attn_impls_disabled(mask); }
+  ~DisabledImpls() { set_attn_impls_disabled(saved); }
+  DisabledImpls(const DisabledImpls&) = delete;
+  DisabledImpls& operator=(const DisabledImpls&) = delete;
+};
+
+unsigned impl_bit(AttnImpl impl) { return 1u << unsigned(impl); }
+
+// The automatic choice, fastest first: attention_bf16 tries amx, then avx512bf16, then hands over
+// to attention_f32, which tries avx512, then portable (every CPU has it).
+const AttnImpl kChain[] = {AttnImpl::Amx, AttnImpl::Avx512Bf16, AttnImpl::Avx512, AttnImpl::Portable};
+constexpr size_t kF32Start = 2;  // attention_f32 enters the chain here
+
+// First implementation of kChain[from..] available now (under the current mask).
+AttnImpl first_available(size_t from) {
+  for (size_t i = from; i < std::size(kChain); ++i)
+    if (attn_impl_available(kChain[i])) return kChain[i];
+  ADD_FAILURE() << "no attention implementation available";
+  return AttnImpl::Portable;
+}
+
+bool is_bf16_impl(AttnImpl impl) { return impl != AttnImpl::Portable && impl != AttnImpl::Avx512; }
+
+// Runs `entry` (attention_bf16 or attention_f32, the automatic choice) and checks that it ran
+// `expected`: the reported path, bitwise the same output as attention_with(expected), and the
+// double reference within that kernel's bound (f32: 1e-5 relative; bf16: EveryImplIsWithinBf16Bound's).
+void check_auto_choice(bool bf16_entry, AttnImpl expected, const Shape5& s, const std::string& what) {
+  const int64_t C = s.H * s.D;
+  Tensor q = random_tensor(s.B, s.Nq, C, 51), k = random_tensor(s.B, s.Nk, C, 52), v = random_tensor(s.B, s.Nk, C, 53);
+  const float scale = 1.f / std::sqrt(float(s.D));
+  Tensor o = Tensor::full({s.B, s.Nq, C}, NAN), direct = Tensor::full({s.B, s.Nq, C}, NAN);
+  const std::string ctx = cat(what, ", ", bf16_entry ? "attention_bf16" : "attention_f32", ", ", str(s));
+  if (bf16_entry) {
+    attention_bf16(q, k, v, int(s.H), scale, o);
+    if (is_bf16_impl(expected)) {
+      EXPECT_STREQ(attention_bf16_path(), attn_impl_name(expected)) << ctx;
+    } else {
+      EXPECT_STREQ(attention_bf16_path(), "f32-fallback") << ctx;
+      EXPECT_STREQ(attention_f32_path(), attn_impl_name(expected)) << ctx;
+    }
+  } else {
+    attention_f32(q, k, v, int(s.H), scale, o);
+    EXPECT_STREQ(attention_f32_path(), attn_impl_name(expected)) << ctx;
   }
-  SUCCEED();
+  attention_with(expected, q, k, v, int(s.H), scale, direct);
+  EXPECT_EQ(std::memcmp(o.data(), direct.data(), o.bytes()), 0) << ctx << ": output differs from " << attn_impl_name(expected);
+  Diff d = compare(o, reference(q, k, v, int(s.H), scale));
+  if (is_bf16_impl(expected)) {
+    EXPECT_LE(d.max_abs, 2e-2) << ctx;
+    EXPECT_GE(d.cosine, 0.999) << ctx;
+  } else {
+    EXPECT_LE(d.max_abs, 1e-5 * std::max(1.0, d.max_ref)) << ctx;
+  }
+}
+
+}  // namespace
+
+// Every step of the fallback chain, on every CPU: with an implementation (and the ones above it)
+// disabled through the mask, attention_with refuses it naming it, and the automatic choice runs
+// the next available one down the chain, which matches the reference. The last step runs the
+// portable kernel, so this checks something even where the CPU has every kernel.
+TEST(AttentionBf16, FallsBackWhereUnavailable) {
+  const unsigned before = attn_impls_disabled();
+  const std::vector<Shape5> shapes = {{2, 3, 37, 77, 40}, {1, 2, 129, 45, 40}, {1, 1, 5, 2, 1}};
+  unsigned mask = 0;
+  for (size_t i = 0; i + 1 < std::size(kChain); ++i) {
+    const AttnImpl off = kChain[i];
+    mask |= impl_bit(off);
+    DisabledImpls guard(mask);
+    const std::string what = cat("disabled up to ", attn_impl_name(off));
+    EXPECT_FALSE(attn_impl_available(off)) << what;
+    Tensor q = random_tensor(1, 3, 8, 1), o = Tensor::empty({1, 3, 8});
+    try {
+      attention_with(off, q, q, q, 2, 1.f, o);
+      ADD_FAILURE() << what << ": attention_with(" << attn_impl_name(off) << ") did not throw";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(cat("implementation ", attn_impl_name(off), " ")), std::string::npos)
+          << e.what();
+    }
+    const AttnImpl next = first_available(i + 1);
+    for (const auto& s : shapes) {
+      check_auto_choice(true, next, s, what);
+      check_auto_choice(false, first_available(std::max(i + 1, kF32Start)), s, what);
+    }
+  }
+  EXPECT_EQ(attn_impls_disabled(), before);
+  // Nothing disabled: the same chain from the top, as on a plain run.
+  check_auto_choice(true, first_available(0), shapes[0], "nothing disabled");
+  check_auto_choice(false, first_available(kF32Start), shapes[0], "nothing disabled");
+}
+
+TEST(AttentionBf16, DisableMaskIsCheckedAndRestored) {
+  const unsigned before = attn_impls_disabled();
+  {
+    DisabledImpls guard(impl_bit(AttnImpl::AmxEmulated));
+    EXPECT_FALSE(attn_impl_available(AttnImpl::AmxEmulated));
+    EXPECT_TRUE(attn_impl_available(AttnImpl::Portable));
+    Tensor q = random_tensor(1, 3, 8, 1), o = Tensor::empty({1, 3, 8});
+    EXPECT_THROW(attention_with(AttnImpl::AmxEmulated, q, q, q, 2, 1.f, o), Error);
+    EXPECT_NO_THROW(attention_with(AttnImpl::Portable, q, q, q, 2, 1.f, o));
+    // The portable kernel ends the chain and cannot be disabled; unknown bits are refused.
+    // Either way the mask in force stays as it was.
+    EXPECT_THROW(set_attn_impls_disabled(impl_bit(AttnImpl::Portable)), Error);
+    EXPECT_THROW(set_attn_impls_disabled(impl_bit(AttnImpl::AmxEmulated) << 1), Error);
+    EXPECT_EQ(attn_impls_disabled(), impl_bit(AttnImpl::AmxEmulated));
+  }
+  EXPECT_EQ(attn_impls_disabled(), before);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -592,16 +591,15 @@ TEST_F(ImageTest, ZeroSizedPng) {
   }
 }
 
-TEST_F(ImageTest, HugeDeclaredPngFailsFastWithoutAllocating) {
+// The header's size is checked before any pixel buffer exists: the exact message below is the
+// header check's (decoding 200000² pixels would need 120 GB first).
+TEST_F(ImageTest, HugeDeclaredPngRefusedBeforeAllocating) {
   Bytes b = crafted_png(200000, 200000);
   EXPECT_LT(b.size(), 100u);
   std::string p = path("bomb.png");
   write_bytes(p, b);
-  auto t0 = std::chrono::steady_clock::now();
   std::string e = error_of([&] { diffuse::read_image(p); });
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(e, p + ": PNG declares 200000x200000 pixels; the limit is 16384 per side");
-  EXPECT_LT(secs, 0.5);
 
   e = decode_error(crafted_png(16385, 1), "wide.png");
   EXPECT_NE(e.find("wide.png: PNG declares 16385x1 pixels"), std::string::npos) << e;
@@ -705,11 +703,8 @@ Bytes crafted_jpeg(uint16_t w, uint16_t h) {
 }  // namespace
 
 TEST_F(ImageTest, HugeDeclaredJpegIsRefused) {
-  auto t0 = std::chrono::steady_clock::now();
   std::string e = decode_error(crafted_jpeg(65000, 65000), "bomb.jpg");
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(e, "bomb.jpg: JPEG declares 65000x65000 pixels; the limit is 16384 per side");
-  EXPECT_LT(secs, 0.5);
   e = decode_error(crafted_jpeg(16385, 8), "wide.jpg");
   EXPECT_NE(e.find("16385x8"), std::string::npos) << e;
   // The same crafted header at a sane size gets past the size check and fails later (it has

@@ -1,7 +1,6 @@
 // CLIP BPE tokenizer: reference ids from tokens.json, diffusers tokenizer folders, and the pieces.
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -292,14 +291,13 @@ TEST(Tokenizer, DecodeRoundTrip) {
   EXPECT_THROW(t.decode({-5}), diffuse::Error);
 }
 
-TEST(Tokenizer, LongWordIsFast) {
+// A 20000-letter word (one BPE piece; a naive merge loop is quadratic in it) is merged and
+// round-trips. Its speed is a benchmark figure, not asserted here.
+TEST(Tokenizer, LongWordMergesAndRoundTrips) {
   const auto& t = tok();
   std::string word;
   for (int i = 0; i < 20000; ++i) word += static_cast<char>('a' + (i * 7 + i / 13) % 26);
-  auto t0 = std::chrono::steady_clock::now();
   std::vector<int> ids = t.tokenize(word);
-  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_LT(s, 5.0);
   EXPECT_LT(ids.size(), word.size());
   EXPECT_EQ(t.decode(ids), word);
 }

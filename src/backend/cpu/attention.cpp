@@ -19,6 +19,8 @@ namespace {
 
 std::atomic<const char*> g_bf16_path{"none"};
 std::atomic<const char*> g_f32_path{"none"};
+std::atomic<unsigned> g_disabled{0};
+constexpr unsigned bit(AttnImpl impl) { return 1u << unsigned(impl); }
 
 bool is_f32_or_bf16(DType t) { return t == DType::F32 || t == DType::BF16; }
 
@@ -115,6 +117,18 @@ inline float exp2_poly(float x) {
 
 inline float load_elem(const void* base, DType t, int64_t i) {
   return t == DType::F32 ? static_cast<const float*>(base)[i] : bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+}
+
+// Runs `impl` (already checked available) on a validated problem.
+void run_impl(AttnImpl impl, const detail::AttnProblem& p) {
+  if (empty(p)) return;
+  switch (impl) {
+    case AttnImpl::Portable: detail::attn_f32_portable(p); break;
+    case AttnImpl::Avx512: run_simd(p, detail::AttnKernel::F32Avx512); break;
+    case AttnImpl::Avx512Bf16: run_simd(p, detail::AttnKernel::Bf16Avx512); break;
+    case AttnImpl::Amx: run_simd(p, detail::AttnKernel::Bf16Amx); break;
+    case AttnImpl::AmxEmulated: run_simd(p, detail::AttnKernel::Bf16AmxEmulated); break;
+  }
 }
 
 }  // namespace
@@ -216,7 +230,18 @@ const char* attn_impl_name(AttnImpl impl) {
   return "?";
 }
 
+void set_attn_impls_disabled(unsigned mask) {
+  constexpr unsigned all = bit(AttnImpl::AmxEmulated) * 2 - 1;
+  DF_CHECK((mask & ~all) == 0, "attention: implementation mask ", mask, " has bits beyond the ",
+           std::bit_width(all), " implementations");
+  DF_CHECK(!(mask & bit(AttnImpl::Portable)), "attention: the portable implementation cannot be disabled");
+  g_disabled = mask;
+}
+
+unsigned attn_impls_disabled() { return g_disabled.load(); }
+
 bool attn_impl_available(AttnImpl impl) {
+  if (g_disabled.load() & bit(impl)) return false;
   switch (impl) {
     case AttnImpl::Portable: return true;
     case AttnImpl::Avx512: return has_avx512();
@@ -230,39 +255,30 @@ bool attn_impl_available(AttnImpl impl) {
 void attention_with(AttnImpl impl, const Tensor& q, const Tensor& k, const Tensor& v, int heads,
                     float scale, Tensor& o) {
   auto p = make_problem("attention_with", q, k, v, heads, scale, o);
+  DF_CHECK(!(attn_impls_disabled() & bit(impl)), "attention: implementation ", attn_impl_name(impl),
+           " is disabled (set_attn_impls_disabled mask ", attn_impls_disabled(), ")");
   DF_CHECK(attn_impl_available(impl), "attention: implementation ", attn_impl_name(impl),
            " is not available on this CPU (", cpu_features().str(), ")");
-  if (empty(p)) return;
-  switch (impl) {
-    case AttnImpl::Portable: detail::attn_f32_portable(p); break;
-    case AttnImpl::Avx512: run_simd(p, detail::AttnKernel::F32Avx512); break;
-    case AttnImpl::Avx512Bf16: run_simd(p, detail::AttnKernel::Bf16Avx512); break;
-    case AttnImpl::Amx: run_simd(p, detail::AttnKernel::Bf16Amx); break;
-    case AttnImpl::AmxEmulated: run_simd(p, detail::AttnKernel::Bf16AmxEmulated); break;
-  }
+  run_impl(impl, p);
 }
 
 void attention_f32(const Tensor& q, const Tensor& k, const Tensor& v, int heads, float scale, Tensor& o) {
   auto p = make_problem("attention_f32", q, k, v, heads, scale, o);
-  const bool fast = has_avx512();
-  g_f32_path = fast ? "avx512" : "portable";
-  if (empty(p)) return;
-  if (fast) run_simd(p, detail::AttnKernel::F32Avx512);
-  else detail::attn_f32_portable(p);
+  const AttnImpl impl = attn_impl_available(AttnImpl::Avx512) ? AttnImpl::Avx512 : AttnImpl::Portable;
+  g_f32_path = attn_impl_name(impl);
+  run_impl(impl, p);
 }
 
 void attention_bf16(const Tensor& q, const Tensor& k, const Tensor& v, int heads, float scale, Tensor& o) {
   auto p = make_problem("attention_bf16", q, k, v, heads, scale, o);
-  if (has_amx()) {
-    g_bf16_path = "amx";
-    if (!empty(p)) run_simd(p, detail::AttnKernel::Bf16Amx);
-  } else if (has_avx512bf16()) {
-    g_bf16_path = "avx512bf16";
-    if (!empty(p)) run_simd(p, detail::AttnKernel::Bf16Avx512);
-  } else {
-    g_bf16_path = "f32-fallback";
-    attention_f32(q, k, v, heads, scale, o);
+  for (AttnImpl impl : {AttnImpl::Amx, AttnImpl::Avx512Bf16}) {
+    if (!attn_impl_available(impl)) continue;
+    g_bf16_path = attn_impl_name(impl);
+    run_impl(impl, p);
+    return;
   }
+  g_bf16_path = "f32-fallback";
+  attention_f32(q, k, v, heads, scale, o);
 }
 
 const char* attention_bf16_path() { return g_bf16_path.load(); }

@@ -34,6 +34,14 @@ const char* attention_f32_path();
 enum class AttnImpl { Portable, Avx512, Avx512Bf16, Amx, AmxEmulated };
 const char* attn_impl_name(AttnImpl impl);
 bool attn_impl_available(AttnImpl impl);
+// Implementations treated as unavailable although the CPU has them: bit (1u << int(impl)) set
+// means attn_impl_available(impl) is false, attention_with(impl) throws, and the automatic
+// choices skip it (attention_bf16: amx, else avx512bf16, else attention_f32; attention_f32:
+// avx512, else portable). For tests of the fallback chain on any CPU, and for forcing a slower
+// path. Process-wide; 0 (the default) disables nothing. Portable cannot be disabled (its bit
+// throws diffuse::Error), so the chain always ends at a kernel.
+void set_attn_impls_disabled(unsigned mask);
+unsigned attn_impls_disabled();
 // Validates like attention_f32; throws diffuse::Error when `impl` is not available here.
 void attention_with(AttnImpl impl, const Tensor& q, const Tensor& k, const Tensor& v, int heads,
                     float scale, Tensor& o);
