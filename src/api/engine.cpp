@@ -219,6 +219,7 @@ Engine::~Engine() = default;
 std::unique_ptr<RunState> Engine::new_state() const {
   std::unique_ptr<RunState> s(new RunState());
   s->be = make_cpu_backend(precision_, format_);
+  if (opts_.wrap_run_backend) s->be = opts_.wrap_run_backend(std::move(s->be));
   return s;
 }
 

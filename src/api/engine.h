@@ -41,6 +41,9 @@ struct EngineOptions {
   // One-shot runs (the CLI): free the text encoders once the prompts are encoded, and drop the
   // model after the run (a later run loads it again).
   bool one_shot = false;
+  // For profilers (`diffuse bench --profile`): wraps the backend of every run state new_state()
+  // makes, e.g. in a ProfilingBackend (backend/profiling.h). Empty: the plain backend.
+  std::function<std::unique_ptr<Backend>(std::unique_ptr<Backend>)> wrap_run_backend;
 };
 
 struct LoraSpec {

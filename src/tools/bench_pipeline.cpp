@@ -15,6 +15,8 @@
 #include <random>
 #include <vector>
 
+#include "api/engine.h"
+#include "backend/profiling.h"
 #include "core/error.h"
 #include "core/memory_stats.h"
 #include "core/threads.h"
@@ -73,6 +75,12 @@ std::string resolve_model(const PipelineBenchOptions& o, bool& synthetic) {
 
 namespace {
 
+VAETiling vae_tiling(const PipelineBenchOptions& o) {
+  VAETiling tiling;
+  tiling.mode = o.vae_tiling == "on" ? VAETiling::Mode::On : o.vae_tiling == "off" ? VAETiling::Mode::Off : VAETiling::Mode::Auto;
+  return tiling;
+}
+
 // The benchmark's generation: txt2img with guidance, a fixed prompt and seed, diffusers' CPU noise.
 GenerateParams bench_params(const PipelineBenchOptions& o, const SDModel& model, int size) {
   GenerateParams p;
@@ -88,24 +96,58 @@ GenerateParams bench_params(const PipelineBenchOptions& o, const SDModel& model,
 }
 
 struct RunTimes {
-  double text_encode_s = 0, vae_decode_s = 0, generate_s = 0;
+  double load_s = 0, text_encode_s = 0, vae_decode_s = 0, generate_s = 0;
+  size_t rss_loaded = 0;          // RSS when the text encoding starts (the model loaded)
   size_t peak_before_decode = 0;  // VmHWM when the VAE decode starts
   std::vector<double> steps;
+  int size = 0;
+  OpProfile profile;              // --profile: the op calls of steps 2..N (all steps when there is one)
+  OpProfile first_step;           // --profile: step 1's
+  int profiled_steps = 0;
 };
 
-// One txt2img generation with stage timestamps taken from the progress callback.
-RunTimes run_once(const SDModel& model, Backend& be, const GenerateParams& p) {
+// The request `diffuse generate` would make for the benchmark: txt2img with guidance, a fixed
+// prompt and seed, diffusers' CPU noise; size 0: the model's native size.
+api::Request bench_request(const PipelineBenchOptions& o, const std::string& path) {
+  api::Request r;
+  r.model = path;
+  r.prompt = "a photograph of an astronaut riding a horse";
+  r.width = r.height = o.size;
+  r.steps = o.steps;
+  r.cfg = o.cfg;
+  r.sampler = o.sampler;
+  r.seed = 0;
+  r.rng = "cpu";
+  r.vae_tiling = vae_tiling(o);
+  return r;
+}
+
+// One generation through the engine (the library call `diffuse generate` makes), with stage
+// timestamps taken from the progress callback.
+RunTimes run_once(api::Engine& engine, const api::Request& req, api::RunState* state, ProfilingBackend* const* prof) {
   RunTimes r;
   Clock::time_point stage_start = Clock::now(), last = stage_start;
-  auto progress = [&](Stage s, int done, int total) {
+  api::Callbacks cb;
+  cb.progress = [&](Stage s, int done, int total) {
     const Clock::time_point now = Clock::now();
     const double dt = std::chrono::duration<double>(now - last).count();
-    if (s == Stage::Encode && done == 0) stage_start = now;
+    if (s == Stage::Encode && done == 0) {
+      stage_start = now;
+      r.rss_loaded = rss_bytes();
+    }
     if (s == Stage::Encode && done == 1) r.text_encode_s = std::chrono::duration<double>(now - stage_start).count();
     if (s == Stage::Denoise) {
       r.steps.push_back(dt);
       std::fprintf(stderr, "\r  step %d/%d  %.2f s  ", done, total, dt);
       if (done == total) std::fprintf(stderr, "\n");
+      if (prof && *prof && done == 1 && total > 1) {  // step 1 (primitive creation) on its own
+        r.first_step = (*prof)->profile();
+        (*prof)->reset();
+      }
+      if (prof && *prof && done == total) {
+        r.profile = (*prof)->profile();
+        r.profiled_steps = total > 1 ? total - 1 : 1;
+      }
     }
     if (s == Stage::Decode && done == 0) {
       stage_start = now;
@@ -113,10 +155,16 @@ RunTimes run_once(const SDModel& model, Backend& be, const GenerateParams& p) {
     }
     if (s == Stage::Decode && done == total) r.vae_decode_s = std::chrono::duration<double>(now - stage_start).count();
     last = now;
+    return true;
   };
-  const Clock::time_point t0 = Clock::now();
-  generate(model, be, p, progress);
-  r.generate_s = secs_since(t0);
+  cb.log = [](const std::string& line, bool warning) {
+    if (warning) std::fprintf(stderr, "  %s\n", line.c_str());
+  };
+  if (prof && *prof) (*prof)->reset();
+  const api::RunResult res = engine.generate(req, cb, state);
+  r.load_s = res.load_s;
+  r.generate_s = res.generate_s;
+  r.size = res.images.empty() ? 0 : res.images[0].image.width;
   return r;
 }
 
@@ -137,6 +185,9 @@ void add_pipeline_bench_options(CLI::App* cmd, PipelineBenchOptions& o) {
       ->check(CLI::IsMember({"native", "int8"}));
   cmd->add_option("--vae-tiling", o.vae_tiling, "auto (default), on or off")->check(CLI::IsMember({"auto", "on", "off"}));
   cmd->add_flag("--decode-only", o.decode_only, "time only the VAE decode of a random latent of --size");
+  cmd->add_flag("--profile", o.profile,
+                "add per-step time by op class (profile), and each convolution/matmul shape of the step timed alone "
+                "(profile_shapes); keeps the model loaded, so RSS is not a user's");
 }
 
 namespace {
@@ -160,6 +211,7 @@ int run_processes(const PipelineBenchOptions& o, int threads, const std::string&
          shell_quote(o.weights) + " --vae-tiling " + shell_quote(o.vae_tiling);
   if (!o.cache_dir.empty()) cmd += " --cache-dir " + shell_quote(o.cache_dir);
   if (o.decode_only) cmd += " --decode-only";
+  if (o.profile) cmd += " --profile";
   std::vector<nlohmann::json> runs;
   for (int r = 0; r < o.runs; ++r) {
     std::fprintf(stderr, "diffuse bench: process %d/%d\n", r + 1, o.runs);
@@ -174,8 +226,8 @@ int run_processes(const PipelineBenchOptions& o, int threads, const std::string&
     runs.push_back(nlohmann::json::parse(text));
   }
   nlohmann::json out = runs[0];
-  for (const char* key : {"load_s", "rss_after_load_gb", "text_encode_s", "step_s_median", "vae_decode_s", "generate_s",
-                          "total_s", "peak_rss_gb"}) {
+  for (const char* key : {"load_s", "rss_after_load_gb", "text_encode_s", "step_s_median", "first_step_over_median",
+                          "vae_decode_s", "generate_s", "total_s", "peak_rss_gb"}) {
     if (!out.contains(key)) continue;
     std::vector<double> v;
     for (const nlohmann::json& j : runs) v.push_back(j.at(key).get<double>());
@@ -253,101 +305,175 @@ int run_quality_bench(const PipelineBenchOptions& o, int threads) {
   return 0;
 }
 
-int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::string& precision) {
-  if (o.runs > 1) return run_processes(o, threads, precision);
-  set_num_threads(threads);
-  DF_CHECK(o.size % 8 == 0, "--size ", o.size, ": must be a multiple of 8");
+namespace {
+
+// --decode-only: the VAE decode of a random latent, loaded and run without the engine.
+int run_decode_bench(const PipelineBenchOptions& o, int threads, const std::string& precision) {
   Precision prec = Precision::F32;
   if (precision == "bf16" || ((precision == "auto" || precision == "both") && cpu_features().bf16_fast()))
     prec = Precision::BF16;
   bool synthetic = false;
   const std::string path = resolve_model(o, synthetic);
   auto be = make_cpu_backend(prec, o.weights == "int8" ? WeightFormat::Int8 : WeightFormat::Native);
-  std::fprintf(stderr, "diffuse bench: %s, %s on %s, %d threads, cpu: %s\n", path.c_str(),
-               precision_name(be->effective_precision()), be->name().c_str(), num_threads(), cpu_features().str().c_str());
-
   Clock::time_point t0 = Clock::now();
   SDLoadOptions lo;
   lo.vae_encoder = false;
-  lo.text_encoders = lo.unet = !o.decode_only;
+  lo.text_encoders = lo.unet = false;
   auto model = SDModel::load(path, *be, lo);
   const double load_s = secs_since(t0);
-  const size_t rss_loaded = rss_bytes();
   const int size = o.size > 0 ? o.size : model->family == Family::SDXL ? 1024 : model->family == Family::SD2 ? 768 : 512;
-  std::fprintf(stderr, "  loaded %s in %.2f s, RSS %.2f GB\n", family_name(model->family), load_s, gb(rss_loaded));
+  const VAETiling tiling = vae_tiling(o);
+  nlohmann::json out = {{"model", o.model}, {"checkpoint", path}, {"synthetic", synthetic}, {"size", size},
+                        {"precision", precision_name(be->effective_precision())}, {"weights", o.weights},
+                        {"threads", num_threads()}, {"omp_wait", omp_wait_setting()}, {"cpu", cpu_features().str()},
+                        {"load_s", r3(load_s)}, {"rss_after_load_gb", gb(rss_bytes())},
+                        {"vae_tiled", tiling.active(size, size)}};
+  const int64_t h = size / 8;
+  Tensor z = Tensor::empty({1, h, h, model->vae_cfg.latent_channels});
+  std::mt19937 rng(0);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int64_t i = 0; i < z.numel(); ++i) z.f32()[i] = nd(rng);
+  std::vector<double> times;
+  for (int r = 0; r < o.runs; ++r) {
+    Arena arena;
+    Ctx ctx{*be, arena};
+    Clock::time_point td = Clock::now();
+    Tensor img = model->vae.decode(ctx, z, tiling);
+    times.push_back(secs_since(td));
+    std::fprintf(stderr, "  VAE decode %dx%d: %.2f s\n", size, size, times.back());
+  }
+  out["vae_decode_s"] = r3(median(times));
+  out["vae_decode_runs_s"] = times;
+  out["peak_rss_gb"] = gb(peak_rss_bytes());
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
 
+// --profile: time per step by op class (steps 2..N), the share of the step they cover, and each
+// conv/matmul shape of the step timed alone on `be` (the run's backend, its weights still loaded).
+nlohmann::json profile_json(const RunTimes& t, Backend& be, nlohmann::json* shapes_out) {
+  const double n = std::max(1, t.profiled_steps);
+  std::vector<double> tail(t.steps.end() - std::min<ptrdiff_t>(ptrdiff_t(n), ptrdiff_t(t.steps.size())), t.steps.end());
+  double step = 0;
+  for (double s : tail) step += s;
+  step /= std::max<size_t>(1, tail.size());
+  nlohmann::json cls = nlohmann::json::object(), calls = nlohmann::json::object();
+  for (int c = 0; c < kOpClasses; ++c) {
+    cls[op_class_name(OpClass(c))] = r3(t.profile.secs[size_t(c)] / n);
+    calls[op_class_name(OpClass(c))] = std::llround(double(t.profile.calls[size_t(c)]) / n);
+  }
+  auto per_step = [&](OpClass c) { return t.profile.secs[size_t(c)] / n; };
+  const double measured = t.profile.total() / n;
+  const double compute = per_step(OpClass::Conv) + per_step(OpClass::Matmul) + per_step(OpClass::Attention);
+  const double small = per_step(OpClass::Norm) + per_step(OpClass::Elementwise) + per_step(OpClass::Layout);
+
+  const DType act = be.effective_precision() == Precision::BF16 ? DType::BF16 : DType::F32;
+  std::vector<const OpShape*> order;
+  for (const auto& [key, sh] : t.profile.shapes) order.push_back(&sh);
+  std::sort(order.begin(), order.end(), [](const OpShape* a, const OpShape* b) { return a->secs > b->secs; });
+  double isolated = 0;
+  nlohmann::json shapes = nlohmann::json::array();
+  std::fprintf(stderr, "  timing %zu conv/matmul shapes alone\n", order.size());
+  for (const OpShape* sh : order) {
+    const double alone = time_shape_alone(be, *sh, act, 3);
+    const double calls_per_step = double(sh->calls) / n, pipeline = sh->secs / n;
+    isolated += alone * calls_per_step;
+    shapes.push_back({{"op", sh->op}, {"shape", sh->shape}, {"calls_per_step", r3(calls_per_step)},
+                      {"pipeline_s", r3(pipeline)}, {"alone_s", r3(alone * calls_per_step)},
+                      {"pipeline_gflops", std::round(sh->flop * double(sh->calls) / sh->secs / 1e8) / 10},
+                      {"alone_gflops", std::round(sh->flop / alone / 1e8) / 10}});
+  }
+  *shapes_out = shapes;
+  return {{"step_s", r3(step)},
+          {"profiled_steps", t.profiled_steps},
+          {"classes_s", cls},
+          {"calls_per_step", calls},
+          {"measured_s", r3(measured)},
+          {"measured_share", r3(measured / step)},
+          {"conv_matmul_attention_share", r3(compute / step)},
+          {"norm_elementwise_layout_share", r3(small / step)},
+          {"conv_matmul_alone_s", r3(isolated)},
+          {"step_over_alone_plus_attention_norm",
+           r3(step / (isolated + per_step(OpClass::Attention) + per_step(OpClass::Norm)))}};
+}
+
+}  // namespace
+
+int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::string& precision) {
+  if (o.runs > 1) return run_processes(o, threads, precision);
+  set_num_threads(threads);
+  DF_CHECK(o.size % 8 == 0, "--size ", o.size, ": must be a multiple of 8");
+  if (o.decode_only) return run_decode_bench(o, threads, precision);
+  bool synthetic = false;
+  const std::string path = resolve_model(o, synthetic);
+
+  // The engine `diffuse generate` runs, set as it sets it (one-shot: the text encoders are freed
+  // after encoding, the model dropped after the run). --profile keeps the model loaded to time the
+  // shapes alone afterwards, so its RSS figures are not a user's.
+  api::EngineOptions eo;
+  eo.threads = threads;
+  eo.precision = precision == "both" ? "auto" : precision;
+  eo.weights = o.weights;
+  eo.one_shot = !o.profile;
+  ProfilingBackend* prof = nullptr;
+  if (o.profile)
+    eo.wrap_run_backend = [&prof](std::unique_ptr<Backend> b) -> std::unique_ptr<Backend> {
+      auto p = std::make_unique<ProfilingBackend>(std::move(b));
+      prof = p.get();
+      return p;
+    };
+  api::Engine engine(eo);
+  api::Request req = bench_request(o, path);
+  std::fprintf(stderr, "diffuse bench: %s, %d threads, cpu: %s; txt2img %d steps, %s, cfg %g\n", path.c_str(),
+               num_threads(), cpu_features().str().c_str(), o.steps, o.sampler.c_str(), o.cfg);
+  // The run state outlives the run: --profile reads its backend afterwards.
+  std::unique_ptr<api::RunState> state = engine.new_state();
+  const RunTimes t = run_once(engine, req, state.get(), &prof);
+  std::fprintf(stderr, "  load %.2f s, text encode %.2f s, step median %.2f s, VAE decode %.2f s, peak RSS %.2f GB\n",
+               t.load_s, t.text_encode_s, median(t.steps), t.vae_decode_s, gb(peak_rss_bytes()));
+
+  std::vector<double> st;
+  for (double s : t.steps) st.push_back(r3(s));
+  const double step_median = median(t.steps);
   nlohmann::json out = {{"model", o.model},
                         {"checkpoint", path},
                         {"synthetic", synthetic},
-                        {"size", size},
-                        {"precision", precision_name(be->effective_precision())},
+                        {"size", t.size},
+                        {"precision", eo.precision != "fp32" && cpu_features().bf16_fast() ? "bf16" : "fp32"},
                         {"weights", o.weights},
                         {"threads", num_threads()},
                         {"omp_wait", omp_wait_setting()},
                         {"cpu", cpu_features().str()},
-                        {"load_s", r3(load_s)},
-                        {"rss_after_load_gb", gb(rss_loaded)}};
-
-  VAETiling tiling;
-  tiling.mode = o.vae_tiling == "on" ? VAETiling::Mode::On : o.vae_tiling == "off" ? VAETiling::Mode::Off : VAETiling::Mode::Auto;
-  out["vae_tiled"] = tiling.active(size, size);
-  if (o.decode_only) {
-    const int64_t h = size / 8;
-    Tensor z = Tensor::empty({1, h, h, model->vae_cfg.latent_channels});
-    std::mt19937 rng(0);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    for (int64_t i = 0; i < z.numel(); ++i) z.f32()[i] = nd(rng);
-    std::vector<double> times;
-    for (int r = 0; r < o.runs; ++r) {
-      Arena arena;
-      Ctx ctx{*be, arena};
-      Clock::time_point td = Clock::now();
-      Tensor img = model->vae.decode(ctx, z, tiling);
-      times.push_back(secs_since(td));
-      std::fprintf(stderr, "  VAE decode %dx%d: %.2f s\n", size, size, times.back());
-    }
-    out["vae_decode_s"] = r3(median(times));
-    out["vae_decode_runs_s"] = times;
-    out["peak_rss_gb"] = gb(peak_rss_bytes());
-    std::printf("%s\n", out.dump(2).c_str());
-    return 0;
+                        {"load_s", r3(t.load_s)},
+                        {"rss_after_load_gb", gb(t.rss_loaded)},
+                        {"vae_tiled", req.vae_tiling.active(t.size, t.size)},
+                        {"steps", o.steps},
+                        {"cfg", o.cfg},
+                        {"sampler", o.sampler},
+                        {"text_encode_s", r3(t.text_encode_s)},
+                        {"step_s_median", r3(step_median)},
+                        {"first_step_over_median", t.steps.empty() ? 0.0 : r3(t.steps[0] / step_median)},
+                        {"vae_decode_s", r3(t.vae_decode_s)},
+                        {"generate_s", r3(t.generate_s)},
+                        {"total_s", r3(t.load_s + t.generate_s)},  // load + encode + steps + decode
+                        {"peak_rss_gb", gb(peak_rss_bytes())}};
+  out["runs"] = nlohmann::json::array({{{"text_encode_s", r3(t.text_encode_s)},
+                                        {"step_s", st},
+                                        {"vae_decode_s", r3(t.vae_decode_s)},
+                                        {"generate_s", r3(t.generate_s)},
+                                        {"peak_rss_before_decode_gb", gb(t.peak_before_decode)}}});
+  if (o.profile && prof) {
+    nlohmann::json shapes;
+    nlohmann::json summary = profile_json(t, prof->inner(), &shapes);
+    out["profile"] = summary["classes_s"];
+    summary.erase("classes_s");
+    out["profile_summary"] = summary;
+    out["profile_shapes"] = shapes;
+    nlohmann::json first = nlohmann::json::object();
+    for (int c = 0; c < kOpClasses; ++c) first[op_class_name(OpClass(c))] = r3(t.first_step.secs[size_t(c)]);
+    out["profile_first_step"] = first;
+    std::fprintf(stderr, "  profile per step: %s\n  %s\n", out["profile"].dump().c_str(), summary.dump().c_str());
   }
-
-  GenerateParams p = bench_params(o, *model, size);
-  p.on_conditioned = [&] { model->release_text_encoders(); };  // as `diffuse generate` does
-  p.vae_tiling = tiling;
-
-  std::vector<RunTimes> runs;
-  for (int r = 0; r < o.runs; ++r) {
-    std::fprintf(stderr, "  run %d/%d: txt2img %dx%d, %d steps, %s, cfg %g\n", r + 1, o.runs, size, size, o.steps,
-                 o.sampler.c_str(), o.cfg);
-    runs.push_back(run_once(*model, *be, p));
-    const RunTimes& t = runs.back();
-    std::fprintf(stderr, "  text encode %.2f s, step median %.2f s, VAE decode %.2f s, generate %.2f s, peak RSS %.2f GB\n",
-                 t.text_encode_s, median(t.steps), t.vae_decode_s, t.generate_s, gb(peak_rss_bytes()));
-  }
-  std::vector<double> enc, step, dec, gen, all_steps;
-  nlohmann::json detail = nlohmann::json::array();
-  for (const RunTimes& t : runs) {
-    enc.push_back(t.text_encode_s);
-    step.push_back(median(t.steps));
-    dec.push_back(t.vae_decode_s);
-    gen.push_back(t.generate_s);
-    std::vector<double> st;
-    for (double s : t.steps) st.push_back(r3(s));
-    detail.push_back({{"text_encode_s", r3(t.text_encode_s)}, {"step_s", st}, {"vae_decode_s", r3(t.vae_decode_s)},
-                      {"generate_s", r3(t.generate_s)}, {"peak_rss_before_decode_gb", gb(t.peak_before_decode)}});
-  }
-  out["steps"] = o.steps;
-  out["cfg"] = o.cfg;
-  out["sampler"] = o.sampler;
-  out["text_encode_s"] = r3(median(enc));
-  out["step_s_median"] = r3(median(step));
-  out["vae_decode_s"] = r3(median(dec));
-  out["generate_s"] = r3(median(gen));
-  out["total_s"] = r3(load_s + median(gen));  // what a user waits for: load + encode + steps + decode
-  out["peak_rss_gb"] = gb(peak_rss_bytes());
-  out["runs"] = detail;
   std::printf("%s\n", out.dump(2).c_str());
   return 0;
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/profiling.h"
 #include "core/error.h"
 #include "core/threads.h"
 #include "tools/bench_pipeline.h"
@@ -28,13 +29,7 @@ struct BenchOptions {
   std::string checkpointing = "both";  // train
 };
 
-Tensor random_tensor(const Shape& s, DType dt, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  Tensor t = Tensor::empty(s, DType::F32);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = nd(rng);
-  return dt == DType::F32 ? t : t.to(dt);
-}
+Tensor random_tensor(const Shape& s, DType dt, uint32_t seed) { return random_normal(s, dt, seed); }
 
 double median_ms(const std::function<void()>& fn, int repeats) {
   fn();  // warm-up: primitive creation, weight reorder, page faults

@@ -6,11 +6,13 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <thread>
 
 #include "api/engine.h"
+#include "backend/profiling.h"
 #include "core/error.h"
 #include "io/tensor_file.h"
 
@@ -374,5 +376,71 @@ TEST_F(EngineTest, UnetOnlyFileReplacesTheCheckpointsUnet) {
                 0u)
           << err.what();
     }
+  }
+}
+
+// `diffuse bench --profile`'s wrapper: a run through a ProfilingBackend draws what the plain
+// backend draws; each denoising step makes the same op calls, one conv2d call per UNet conv layer
+// (counted from the file's rank-4 UNet weights) and per step; every conv/linear/matmul call has
+// its shape record, and each recorded shape runs again alone on the run's backend.
+TEST_F(EngineTest, ProfilingBackendMeasuresWithoutChangingTheRun) {
+  Engine plain(options());
+  const api::RunResult want = plain.generate(request());
+
+  EngineOptions o = options();
+  diffuse::ProfilingBackend* prof = nullptr;
+  o.wrap_run_backend = [&prof](std::unique_ptr<diffuse::Backend> b) -> std::unique_ptr<diffuse::Backend> {
+    auto p = std::make_unique<diffuse::ProfilingBackend>(std::move(b));
+    prof = p.get();
+    return p;
+  };
+  Engine engine(o);
+  std::unique_ptr<api::RunState> state = engine.new_state();
+  ASSERT_NE(prof, nullptr);
+  std::vector<diffuse::OpProfile> steps;  // each denoising step's op calls
+  api::Callbacks cb;
+  cb.progress = [&](diffuse::Stage s, int done, int) {
+    if (s == diffuse::Stage::Encode && done == 1) prof->reset();
+    if (s == diffuse::Stage::Denoise) {
+      steps.push_back(prof->profile());
+      prof->reset();
+    }
+    return true;
+  };
+  const auto t0 = std::chrono::steady_clock::now();
+  const api::RunResult got = engine.generate(request(), cb, state.get());
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(pixels(got), pixels(want));
+  ASSERT_EQ(steps.size(), 2u);
+
+  int64_t unet_convs = 0;
+  // (SD 1.x stores a transformer's proj_in/proj_out as 1x1 convs; they run as linear layers.)
+  auto ends_with = [](const std::string& s, const std::string& e) {
+    return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
+  };
+  for (const diffuse::TensorEntry& e : diffuse::open_model_file(model_).tensors)
+    if (e.name.rfind("model.diffusion_model.", 0) == 0 && e.tensor.rank() == 4 &&
+        !ends_with(e.name, "proj_in.weight") && !ends_with(e.name, "proj_out.weight"))
+      ++unet_convs;
+  ASSERT_GT(unet_convs, 0);
+  using diffuse::OpClass;
+  for (const diffuse::OpProfile& p : steps) {
+    for (int c = 0; c < diffuse::kOpClasses; ++c)
+      EXPECT_EQ(p.calls[size_t(c)], steps[0].calls[size_t(c)]) << diffuse::op_class_name(OpClass(c));
+    EXPECT_EQ(p.calls[size_t(OpClass::Conv)], unet_convs) << "one batched (CFG) UNet pass a step";
+    EXPECT_GT(p.calls[size_t(OpClass::Matmul)], 0);
+    EXPECT_GT(p.calls[size_t(OpClass::Attention)], 0);
+    EXPECT_GT(p.calls[size_t(OpClass::Norm)], 0);
+    EXPECT_LE(p.total(), wall);
+    int64_t shape_calls = 0;
+    double conv_secs = 0;
+    for (const auto& [key, sh] : p.shapes) {
+      shape_calls += sh.calls;
+      if (sh.op == "conv2d") conv_secs += sh.secs;
+      EXPECT_GT(sh.flop, 0) << key;
+      EXPECT_GT(diffuse::time_shape_alone(prof->inner(), sh, diffuse::DType::F32, 1), 0) << key;
+    }
+    EXPECT_EQ(shape_calls, p.calls[size_t(OpClass::Conv)] + p.calls[size_t(OpClass::Matmul)]);
+    EXPECT_LE(conv_secs, p.secs[size_t(OpClass::Conv)] * 1.01 + 1e-4);
   }
 }
