@@ -118,32 +118,54 @@ struct Geo {
 //  bf16: K as [NkP/16 groups][Dp32/2 pairs][16 keys][2] bf16 (the VNNI B-operand of Q·Kᵀ: one
 //        16×64-byte AMX tile per group and k-step of 32 dims; one zmm per group and pair),
 //        V as [NkP/2 key pairs][Dp16][2] bf16 (VNNI B-operand of P·V along keys).
+// Columns [d, d + 16) of row `src` of a k/v tensor (zero past D, or all zero for a padding key)
+// rounded to bf16 (to nearest even).
+inline __m256i bf16_cols(const void* base, DType t, i64 src, i64 d, i64 D, bool valid) {
+  if (!valid || d >= D) return _mm256_setzero_si256();
+  const __mmask16 k = tail_mask(D - d);
+  if (t == DType::BF16) return _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(base) + src + d);
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, static_cast<const float*>(base) + src + d));
+}
+
 template <bool BF>
 void pack_kv(const AttnProblem& p, const Geo& g, void* kp, void* vp, int tid, int nth) {
   const i64 nchunks = g.NkP / 32, tasks = g.B * g.H * nchunks;
+  // Interleaves two rows of 16 bf16 (a, b) into pairs a0 b0 a1 b1 ...
+  const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (i64 t = tasks * tid / nth; t < tasks * (tid + 1) / nth; ++t) {
     const i64 bh = t / nchunks, chunk = t % nchunks, b = bh / g.H, h = bh % g.H;
-    for (i64 j = chunk * 32; j < chunk * 32 + 32; ++j) {
-      const bool valid = j < g.Nk;
-      const i64 src = (b * g.Nk + (valid ? j : 0)) * g.C + h * g.D;
-      const i64 grp = j / 16, lane = j % 16;
-      if (!BF) {
+    if (!BF) {
+      for (i64 j = chunk * 32; j < chunk * 32 + 32; ++j) {
+        const bool valid = j < g.Nk;
+        const i64 src = (b * g.Nk + (valid ? j : 0)) * g.C + h * g.D;
+        const i64 grp = j / 16, lane = j % 16;
         float* K = static_cast<float*>(kp) + bh * g.kbh + grp * g.D * 16 + lane;
         float* V = static_cast<float*>(vp) + bh * g.vbh + j * g.Dp16;
         for (i64 d = 0; d < g.D; ++d) K[d * 16] = valid ? getf(p.k, p.kt, src + d) : 0.f;
         for (i64 d = 0; d < g.Dp16; ++d) V[d] = valid && d < g.D ? getf(p.v, p.vt, src + d) : 0.f;
-      } else {
-        const i64 npair = g.Dp32 / 2;
-        uint16_t* K = static_cast<uint16_t*>(kp) + bh * g.kbh + grp * npair * 32 + lane * 2;
-        for (i64 d = 0; d < g.Dp32; ++d) {
-          float x = valid && d < g.D ? getf(p.k, p.kt, src + d) : 0.f;
-          K[(d / 2) * 32 + (d & 1)] = f2bf(x);
+      }
+      continue;
+    }
+    const i64 npair = g.Dp32 / 2;
+    for (i64 j = chunk * 32; j < chunk * 32 + 32; j += 2) {  // a key pair: V interleaves them
+      const bool va = j < g.Nk, vb = j + 1 < g.Nk;
+      const i64 sa = (b * g.Nk + (va ? j : 0)) * g.C + h * g.D, sb = (b * g.Nk + (vb ? j + 1 : 0)) * g.C + h * g.D;
+      for (int e = 0; e < 2; ++e) {  // K: each key's pairs go 16 keys apart ([group][pair][16][2])
+        const i64 jj = j + e, src = e ? sb : sa;
+        const bool valid = e ? vb : va;
+        uint32_t* K = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(kp) + bh * g.kbh + (jj / 16) * npair * 32) + jj % 16;
+        for (i64 d = 0; d < g.Dp32; d += 16) {
+          alignas(32) uint32_t pairs[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), bf16_cols(p.k, p.kt, src, d, g.D, valid));
+          for (int q = 0; q < 8; ++q) K[(d / 2 + q) * 16] = pairs[q];
         }
-        uint16_t* V = static_cast<uint16_t*>(vp) + bh * g.vbh + (j / 2) * g.Dp16 * 2 + (j & 1);
-        for (i64 d = 0; d < g.Dp16; ++d) {
-          float x = valid && d < g.D ? getf(p.v, p.vt, src + d) : 0.f;
-          V[d * 2] = f2bf(x);
-        }
+      }
+      uint16_t* V = static_cast<uint16_t*>(vp) + bh * g.vbh + (j / 2) * g.Dp16 * 2;
+      for (i64 d = 0; d < g.Dp16; d += 16) {
+        const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_cols(p.v, p.vt, sa, d, g.D, va)),
+                                              bf16_cols(p.v, p.vt, sb, d, g.D, vb), 1);
+        _mm512_storeu_si512(V + d * 2, _mm512_permutexvar_epi16(inter, ab));
       }
     }
   }
@@ -420,6 +442,57 @@ void softmax_block(const float* S, i64 ldS, i64 rows, i64 nvalid, i64 W, float* 
 }
 
 // ---------------------------------------------------------------------------------------------
+// The Q block of queries [q0, q0 + mq) of (b, h), scaled by c2 (log2 units) into MQ rows of ldQ
+// elements (bf16 for the BF kernels, else f32); rows past mq and columns past D are zero. Vector
+// loads and conversions (16 columns at a time): this runs once per block of 32 queries, which for
+// cross-attention (77 keys) is as much work as the block's products.
+template <bool BF>
+void load_q_block(const AttnProblem& p, const Geo& g, i64 b, i64 h, i64 q0, i64 mq, float c2, i64 ldQ, void* Qb) {
+  const __m512 vc = _mm512_set1_ps(c2);
+  for (i64 i = 0; i < MQ; ++i) {
+    const i64 src = (b * g.Nq + q0 + i) * g.C + h * g.D;
+    for (i64 d = 0; d < ldQ; d += 16) {
+      __m512 x = _mm512_setzero_ps();
+      if (i < mq && d < g.D) {
+        const __mmask16 k = tail_mask(g.D - d);
+        if (p.qt == DType::F32) {
+          x = _mm512_maskz_loadu_ps(k, static_cast<const float*>(p.q) + src + d);
+        } else {
+          const __m256i raw = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p.q) + src + d);
+          x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        }
+        x = _mm512_mul_ps(x, vc);
+      }
+      const __mmask16 st = tail_mask(ldQ - d);
+      if (BF)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(Qb) + i * ldQ + d, st, (__m256i)_mm512_cvtneps_pbh(x));
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(Qb) + i * ldQ + d, st, x);
+    }
+  }
+}
+
+// One output row: o[dst .. dst + D) = O · inv, in the output's dtype. The f32 kernel may run on a
+// CPU without AVX512-BF16: it rounds a bf16 output with the scalar f2bf.
+template <bool BF>
+void store_o_row(const AttnProblem& p, const Geo& g, const float* O, float inv, i64 dst) {
+  const __m512 vi = _mm512_set1_ps(inv);
+  if (p.ot == DType::F32) {
+    float* out = static_cast<float*>(p.o) + dst;
+    for (i64 d = 0; d < g.D; d += 16)
+      _mm512_mask_storeu_ps(out + d, tail_mask(g.D - d), _mm512_mul_ps(_mm512_load_ps(O + d), vi));
+    return;
+  }
+  uint16_t* out = static_cast<uint16_t*>(p.o) + dst;
+  if (!BF) {
+    for (i64 d = 0; d < g.D; ++d) out[d] = f2bf(O[d] * inv);
+    return;
+  }
+  for (i64 d = 0; d < g.D; d += 16)
+    _mm256_mask_storeu_epi16(out + d, tail_mask(g.D - d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(O + d), vi)));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Everything one call needs, shared by its threads (threads come from attention.cpp, which owns
 // all OpenMP use: this file may be built without -fopenmp).
 struct State {
@@ -487,14 +560,8 @@ void run_thread(const State& st, int tid, int nth) {
       const i64 bh = t / nqb, b = bh / g.H, h = bh % g.H;
       const i64 q0 = (t % nqb) * MQ, mq = imin(MQ, g.Nq - q0);
       const i64 rows4 = rup(mq, 4);
-      // Q block (scaled into log2 units), zero rows/columns beyond the problem.
+      load_q_block<BF>(p, g, b, h, q0, mq, c2, ldQ, Qb);
       for (i64 i = 0; i < MQ; ++i) {
-        const i64 src = (b * g.Nq + q0 + i) * g.C + h * g.D;
-        for (i64 d = 0; d < ldQ; ++d) {
-          float x = i < mq && d < g.D ? getf(p.q, p.qt, src + d) * c2 : 0.f;
-          if (BF) static_cast<uint16_t*>(Qb)[i * ldQ + d] = f2bf(x);
-          else static_cast<float*>(Qb)[i * ldQ + d] = x;
-        }
         m[i] = -INFINITY;
         l[i] = 0.f;
         corr[i] = 0.f;
@@ -563,18 +630,7 @@ void run_thread(const State& st, int tid, int nth) {
         }
       }
       // --- o = O / l
-      for (i64 i = 0; i < mq; ++i) {
-        const float inv = 1.f / l[i];
-        const i64 dst = (b * g.Nq + q0 + i) * g.C + h * g.D;
-        const float* o = O + i * g.Dp16;
-        if (p.ot == DType::F32) {
-          float* out = static_cast<float*>(p.o) + dst;
-          for (i64 d = 0; d < g.D; ++d) out[d] = o[d] * inv;
-        } else {
-          uint16_t* out = static_cast<uint16_t*>(p.o) + dst;
-          for (i64 d = 0; d < g.D; ++d) out[d] = f2bf(o[d] * inv);
-        }
-      }
+      for (i64 i = 0; i < mq; ++i) store_o_row<BF>(p, g, O + i * g.Dp16, 1.f / l[i], (b * g.Nq + q0 + i) * g.C + h * g.D);
     }
     if constexpr (M == kAmx) hw.end();
   }
