@@ -185,6 +185,8 @@ void add_pipeline_bench_options(CLI::App* cmd, PipelineBenchOptions& o) {
       ->check(CLI::IsMember({"native", "int8"}));
   cmd->add_option("--vae-tiling", o.vae_tiling, "auto (default), on or off")->check(CLI::IsMember({"auto", "on", "off"}));
   cmd->add_flag("--decode-only", o.decode_only, "time only the VAE decode of a random latent of --size");
+  cmd->add_flag("--contention", o.contention,
+                "run one process alone, then two at once, and report how much slower a step gets (2x is a fair share)");
   cmd->add_flag("--profile", o.profile,
                 "add per-step time by op class (profile), and each convolution/matmul shape of the step timed alone "
                 "(profile_shapes); keeps the model loaded, so RSS is not a user's");
@@ -198,9 +200,8 @@ std::string shell_quote(const std::string& s) {
   return q + "'";
 }
 
-// --runs N > 1: N separate processes (this binary with --runs 1), each a cold start as a user
-// sees it (load, encode, steps, decode, its own peak RSS); the medians of their figures.
-int run_processes(const PipelineBenchOptions& o, int threads, const std::string& precision) {
+// This binary's `bench --runs 1` command line with o's settings (for child processes).
+std::string child_command(const PipelineBenchOptions& o, int threads, const std::string& precision) {
   std::string cmd = shell_quote("/proc/self/exe");
   char self[4096];
   ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
@@ -212,18 +213,62 @@ int run_processes(const PipelineBenchOptions& o, int threads, const std::string&
   if (!o.cache_dir.empty()) cmd += " --cache-dir " + shell_quote(o.cache_dir);
   if (o.decode_only) cmd += " --decode-only";
   if (o.profile) cmd += " --profile";
+  return cmd;
+}
+
+// Runs `count` copies of cmd at the same time; their JSON outputs.
+std::vector<nlohmann::json> run_at_once(const std::string& cmd, int count) {
+  std::vector<std::FILE*> pipes;
+  for (int i = 0; i < count; ++i) {
+    std::FILE* f = popen(cmd.c_str(), "r");
+    DF_CHECK(f, "bench: cannot run ", cmd);
+    pipes.push_back(f);
+  }
+  std::vector<nlohmann::json> out;
+  std::vector<std::string> texts(static_cast<size_t>(count));
+  for (int i = 0; i < count; ++i) {
+    char buf[4096];
+    size_t got;
+    while ((got = std::fread(buf, 1, sizeof buf, pipes[size_t(i)])) > 0) texts[size_t(i)].append(buf, got);
+  }
+  for (int i = 0; i < count; ++i) {
+    const int status = pclose(pipes[size_t(i)]);
+    DF_CHECK(status == 0, "bench: process ", i + 1, " failed (exit status ", status, "): ", cmd);
+    out.push_back(nlohmann::json::parse(texts[size_t(i)]));
+  }
+  return out;
+}
+
+// --contention: one process alone, then two at once (as `ctest -j2` or a busy server runs them);
+// how much slower a step gets when two runs share the cores (2x is a fair share).
+int run_contention(const PipelineBenchOptions& o, int threads, const std::string& precision) {
+  const std::string cmd = child_command(o, threads, precision);
+  std::fprintf(stderr, "diffuse bench --contention: one process alone\n");
+  const nlohmann::json solo = run_at_once(cmd, 1)[0];
+  std::fprintf(stderr, "diffuse bench --contention: two processes at once\n");
+  const std::vector<nlohmann::json> pair = run_at_once(cmd, 2);
+  const double s1 = solo.at("step_s_median").get<double>();
+  std::vector<double> s2;
+  for (const nlohmann::json& j : pair) s2.push_back(j.at("step_s_median").get<double>());
+  nlohmann::json out = {{"model", o.model}, {"size", solo.at("size")}, {"steps", o.steps}, {"threads", solo.at("threads")},
+                        {"omp_wait", solo.at("omp_wait")}, {"cpu", solo.at("cpu")}, {"solo_step_s", s1},
+                        {"together_step_s", s2},
+                        {"slowdown", r3(*std::max_element(s2.begin(), s2.end()) / s1)},
+                        {"solo", solo}, {"together", pair}};
+  std::fprintf(stderr, "  step %.2f s alone, %.2f / %.2f s two at once: %.2fx\n", s1, s2[0], s2[1],
+               out["slowdown"].get<double>());
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
+
+// --runs N > 1: N separate processes (this binary with --runs 1), each a cold start as a user
+// sees it (load, encode, steps, decode, its own peak RSS); the medians of their figures.
+int run_processes(const PipelineBenchOptions& o, int threads, const std::string& precision) {
+  const std::string cmd = child_command(o, threads, precision);
   std::vector<nlohmann::json> runs;
   for (int r = 0; r < o.runs; ++r) {
     std::fprintf(stderr, "diffuse bench: process %d/%d\n", r + 1, o.runs);
-    std::FILE* f = popen(cmd.c_str(), "r");
-    DF_CHECK(f, "bench: cannot run ", cmd);
-    std::string text;
-    char buf[4096];
-    size_t got;
-    while ((got = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, got);
-    const int status = pclose(f);
-    DF_CHECK(status == 0, "bench: run ", r + 1, " failed (exit status ", status, "): ", cmd);
-    runs.push_back(nlohmann::json::parse(text));
+    runs.push_back(run_at_once(cmd, 1)[0]);
   }
   nlohmann::json out = runs[0];
   for (const char* key : {"load_s", "rss_after_load_gb", "text_encode_s", "step_s_median", "first_step_over_median",
@@ -400,6 +445,7 @@ nlohmann::json profile_json(const RunTimes& t, Backend& be, nlohmann::json* shap
 }  // namespace
 
 int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::string& precision) {
+  if (o.contention) return run_contention(o, threads, precision);
   if (o.runs > 1) return run_processes(o, threads, precision);
   set_num_threads(threads);
   DF_CHECK(o.size % 8 == 0, "--size ", o.size, ": must be a multiple of 8");

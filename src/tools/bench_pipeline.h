@@ -19,6 +19,7 @@ struct PipelineBenchOptions {
   bool quality = false;       // compare final latents of fp32, bf16 and int8 runs (same seed)
   std::string cache_dir;      // where synthetic checkpoints are kept
   bool profile = false;       // time every op call by class, and each conv/matmul shape alone
+  bool contention = false;    // one process alone, then two at once: the step's slowdown
 };
 
 // The checkpoint `o.model` names: a path as it is, or sd15/sd21/sdxl's synthetic checkpoint (written
