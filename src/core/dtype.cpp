@@ -2,6 +2,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -152,6 +153,22 @@ void convert(const void* src, DType s, void* dst, DType d, size_t n) {
     }
 #pragma omp parallel for if (n > (1 << 16))
     for (size_t i = 0; i < n; ++i) out[i] = f16_to_f32(in[i]);
+    return;
+  }
+  if (d == DType::BF16 && s == DType::F16) {  // via f32 (exact), rounded to nearest even once
+    auto* in = static_cast<const uint16_t*>(src);
+    auto* out = static_cast<uint16_t*>(dst);
+    static const bool f16c = cpu_features().f16c && cpu_features().avx2;
+    const int64_t blocks = int64_t((n + 1023) / 1024);
+#pragma omp parallel for if (n > (1 << 16))
+    for (int64_t b = 0; b < blocks; ++b) {
+      float buf[1024];
+      const size_t from = size_t(b) * 1024, len = std::min<size_t>(1024, n - from);
+      if (f16c) f16_to_f32_f16c(in + from, buf, len);
+      else
+        for (size_t i = 0; i < len; ++i) buf[i] = f16_to_f32(in[from + i]);
+      for (size_t i = 0; i < len; ++i) out[from + i] = f32_to_bf16(buf[i]);
+    }
     return;
   }
   if (d == DType::F32 && s == DType::BF16) {

@@ -70,6 +70,11 @@ void SDModel::release_text_encoders() {
 }
 
 std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, const SDLoadOptions& opts) {
+  // The backend's conversion buffers grow to the largest weight while binding: freed when done.
+  struct ReleaseScratch {
+    Backend& be;
+    ~ReleaseScratch() { be.release_scratch(); }
+  } release{be};
   auto m = std::make_unique<SDModel>();
   m->path = path;
   TensorFile f = open_model_file(path);

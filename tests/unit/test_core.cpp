@@ -44,6 +44,30 @@ TEST(DType, Bf16Rounding) {
   EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(std::numeric_limits<float>::quiet_NaN()))));
 }
 
+// The f16 -> bf16 fast path (weights of f16 checkpoints on their way into bf16 layouts) rounds
+// each value once, to nearest even, from its exact f32 value: every f16 bit pattern, in a buffer
+// large enough for the parallel blocked path and with a tail past the last full block.
+TEST(DType, ConvertF16ToBf16AllValues) {
+  const size_t n = 3 * 65536 + 77;
+  std::vector<uint16_t> in(n), out(n);
+  for (size_t i = 0; i < n; ++i) in[i] = uint16_t((i * 40503u) & 0xffffu);
+  convert(in.data(), DType::F16, out.data(), DType::BF16, n);
+  for (size_t i = 0; i < n; ++i) {
+    const float f = f16_to_f32(in[i]);
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(bf16_to_f32(out[i]))) << std::hex << in[i];
+      continue;
+    }
+    // The reference: round f to the nearest bf16 by the value (ties to the even mantissa).
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint32_t trunc = u & 0xffff0000u, rest = u & 0xffffu;
+    uint32_t r = trunc;
+    if (rest > 0x8000u || (rest == 0x8000u && (trunc & 0x10000u))) r += 0x10000u;
+    ASSERT_EQ(out[i], uint16_t(r >> 16)) << "f16 0x" << std::hex << in[i] << " = " << f;
+  }
+}
+
 TEST(DType, ConvertIntegersAndFloats) {
   int64_t src[4] = {-3, 0, 7, 49407};
   float dst[4];

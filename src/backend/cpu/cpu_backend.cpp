@@ -77,6 +77,7 @@ CpuBackend::CpuBackend(Precision p, WeightFormat wf) : requested_(p), effective_
 void CpuBackend::release_scratch() {
   for (cpu::Scratch& s : scratch_) s = cpu::Scratch();
   dequant_ = cpu::Scratch();
+  cpu::release_weight_scratch();
 }
 
 std::unique_ptr<Backend> make_cpu_backend(Precision p, WeightFormat wf) {

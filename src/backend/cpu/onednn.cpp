@@ -55,6 +55,13 @@ static void add_scratchpad(std::unordered_map<int, memory>& args, const memory::
   if (md.get_size() > 0) args[DNNL_ARG_SCRATCHPAD] = memory(md, dnnl_engine(), thread_scratchpad(md.get_size()));
 }
 
+Scratch& weight_scratch() {
+  static thread_local Scratch pad;
+  return pad;
+}
+
+void release_weight_scratch() { weight_scratch() = Scratch(); }
+
 void reorder_now(const memory& from, const memory& to) {
   dnnl::reorder::primitive_desc pd(dnnl_engine(), from.get_desc(), dnnl_engine(), to.get_desc(), user_scratchpad());
   std::unordered_map<int, memory> args = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
@@ -140,7 +147,7 @@ DnnlWeight::DnnlWeight(Kind kind, const Tensor& w, const Tensor& bias, const Con
   // Plain f32 weights, reordered once into the layout the primitive prefers for a nominal input
   // shape.
   Tensor keep;
-  memory plain = plain_f32(w, keep);
+  memory plain = plain_source(w, keep);
   std::vector<int64_t> nominal;
   if (kind == Kind::Conv2d) {
     int64_t h = std::max<int64_t>(32, std::max(kh(), kw()));
@@ -177,7 +184,7 @@ DnnlWeight::DnnlWeight(const DnnlWeight& like, const Tensor& w, const Tensor& bi
       for (const memory& m : like.weights_) layouts.push_back(m.get_desc());
   }
   Tensor keep;
-  memory plain = plain_f32(w, keep);
+  memory plain = plain_source(w, keep);
   for (const memory::desc& md : layouts) {
     memory target = new_weight_memory(md, true);
     reorder_now(plain, target);
@@ -196,13 +203,24 @@ void DnnlWeight::set_bias(const char* op, const Tensor& w, const Tensor& bias) {
   bias2d_ = memory(memory::desc({1, O}, dt::f32, tag::ab), dnnl_engine(), bias_.get_data_handle());
 }
 
-// The weights as a plain f32 memory ([O, I, kh, kw] oihw; linear: logical [I, O] over [O, I]
-// row-major storage): w's own data when it is f32 already, else a converted copy kept in `keep`.
-memory DnnlWeight::plain_f32(const Tensor& w, Tensor& keep) const {
+// The weights as a plain memory ([O, I, kh, kw] oihw; linear: logical [I, O] over [O, I] row-major
+// storage) for the reorder into a primitive's layout: w's own data when it is f32, or bf16 with a
+// bf16 compute type; else a conversion (f16 -> bf16 for bf16 compute: the rounding the f32 route
+// made, in half the bytes) in this thread's reused weight_scratch(), described by `keep`. A fresh
+// f32 copy per weight had the kernel map and zero ~3.4 GB of pages while an SD 1.5 UNet loaded.
+memory DnnlWeight::plain_source(const Tensor& w, Tensor& keep) const {
   const int64_t O = shape_[0];
-  memory::desc md = kind_ == Kind::Conv2d ? memory::desc({O, shape_[1], shape_[2], shape_[3]}, dt::f32, tag::oihw)
-                                          : memory::desc({shape_[1], O}, dt::f32, tag::ba);
-  keep = w.dtype() == DType::F32 ? w : w.to(DType::F32);
+  const bool bf = cdt_ == dt::bf16 && (w.dtype() == DType::BF16 || w.dtype() == DType::F16);
+  const dt t = bf ? dt::bf16 : dt::f32;
+  const DType want = bf ? DType::BF16 : DType::F32;
+  memory::desc md = kind_ == Kind::Conv2d ? memory::desc({O, shape_[1], shape_[2], shape_[3]}, t, tag::oihw)
+                                          : memory::desc({shape_[1], O}, t, tag::ba);
+  if (w.dtype() == want) {
+    keep = w;
+  } else {
+    keep = Tensor::borrow(weight_scratch().get(size_t(w.numel()) * dtype_size(want)), w.shape(), want);
+    keep.copy_from(w);
+  }
   return memory(md, dnnl_engine(), const_cast<void*>(keep.data()));
 }
 

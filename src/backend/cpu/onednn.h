@@ -44,6 +44,12 @@ class Scratch {
   std::shared_ptr<Storage> storage_;
 };
 
+// The calling thread's buffer for weights converted to f32 before their reorder into a
+// primitive's layout (prepare_conv2d / prepare_linear / prepare_like); reused from weight to
+// weight, freed by release_weight_scratch() (CpuBackend::release_scratch, e.g. after a model load).
+Scratch& weight_scratch();
+void release_weight_scratch();
+
 // One cached primitive with the memory objects of its fixed arguments. src, dst (and weights for
 // matmul and int8 weights) only describe their argument: every call binds its own memory object
 // to its data (run_primitive), so concurrent calls never share a handle.
@@ -129,7 +135,7 @@ class DnnlWeight : public PreparedWeight {
                                dnnl::memory::data_type dst_dt) const;
   void prepare_int8(const char* op, const Tensor& w);
   void set_bias(const char* op, const Tensor& w, const Tensor& bias);
-  dnnl::memory plain_f32(const Tensor& w, Tensor& keep) const;
+  dnnl::memory plain_source(const Tensor& w, Tensor& keep) const;
   void rebind_cache();  // cached primitives' weight/bias arguments -> the current weights_/bias_
   dnnl::memory new_weight_memory(const dnnl::memory::desc& md, bool recycled) const;
   // Weights in layout `md`, reordered from the first prepared copy once per distinct layout.
