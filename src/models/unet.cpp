@@ -398,7 +398,10 @@ Tensor UNet::forward(Ctx& c, const Tensor& x, const std::vector<float>& t, const
                      const Tensor* text_embeds, const Tensor* time_ids,
                      const std::vector<Tensor>* down_residuals, const Tensor* mid_residual,
                      const std::vector<Tensor>* intrablock) const {
-  return run(c, x, t, context, text_embeds, time_ids, down_residuals, mid_residual, nullptr, intrablock);
+  // With bf16 compute the activations are stored in bf16 too (as the VAE's): every conv, linear
+  // and attention writes bf16 and the norms and elementwise ops read it, half the bytes moved.
+  Ctx cc{c.be, c.arena, c.be.effective_precision() == Precision::BF16 ? DType::BF16 : c.act, c.ws, c.grads};
+  return run(cc, x, t, context, text_embeds, time_ids, down_residuals, mid_residual, nullptr, intrablock);
 }
 
 Tensor UNet::forward_train(Ctx& c, const Tensor& x, const std::vector<float>& t, const Tensor& context,
