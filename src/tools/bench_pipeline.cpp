@@ -352,6 +352,9 @@ int run_quality_bench(const PipelineBenchOptions& o, int threads) {
 
 namespace {
 
+nlohmann::json profile_json(const OpProfile& prof, const char* unit, int units, double unit_s, Backend& be,
+                            nlohmann::json* shapes_out);
+
 // --decode-only: the VAE decode of a random latent, loaded and run without the engine.
 int run_decode_bench(const PipelineBenchOptions& o, int threads, const std::string& precision) {
   Precision prec = Precision::F32;
@@ -378,10 +381,19 @@ int run_decode_bench(const PipelineBenchOptions& o, int threads, const std::stri
   std::mt19937 rng(0);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (int64_t i = 0; i < z.numel(); ++i) z.f32()[i] = nd(rng);
+  // --profile: the decodes after the first (primitive creation) go through a ProfilingBackend.
+  ProfilingBackend* prof = nullptr;
+  std::unique_ptr<Backend> run_be = std::move(be);
   std::vector<double> times;
-  for (int r = 0; r < o.runs; ++r) {
+  const int decodes = o.profile ? std::max(2, o.runs) : o.runs;
+  for (int r = 0; r < decodes; ++r) {
+    if (o.profile && r == 1) {
+      auto p = std::make_unique<ProfilingBackend>(std::move(run_be));
+      prof = p.get();
+      run_be = std::move(p);
+    }
     Arena arena;
-    Ctx ctx{*be, arena};
+    Ctx ctx{*run_be, arena};
     Clock::time_point td = Clock::now();
     Tensor img = model->vae.decode(ctx, z, tiling);
     times.push_back(secs_since(td));
@@ -389,32 +401,42 @@ int run_decode_bench(const PipelineBenchOptions& o, int threads, const std::stri
   }
   out["vae_decode_s"] = r3(median(times));
   out["vae_decode_runs_s"] = times;
+  if (prof) {
+    double later = 0;
+    for (size_t i = 1; i < times.size(); ++i) later += times[i];
+    nlohmann::json shapes;
+    nlohmann::json summary = profile_json(prof->profile(), "VAE decode", decodes - 1, later / (decodes - 1), prof->inner(), &shapes);
+    out["profile"] = summary["classes_s"];
+    summary.erase("classes_s");
+    out["profile_summary"] = summary;
+    out["profile_shapes"] = shapes;
+    std::fprintf(stderr, "  profile per decode: %s\n  %s\n", out["profile"].dump().c_str(), summary.dump().c_str());
+  }
   out["peak_rss_gb"] = gb(peak_rss_bytes());
   std::printf("%s\n", out.dump(2).c_str());
   return 0;
 }
 
-// --profile: time per step by op class (steps 2..N), the share of the step they cover, and each
-// conv/matmul shape of the step timed alone on `be` (the run's backend, its weights still loaded).
-nlohmann::json profile_json(const RunTimes& t, Backend& be, nlohmann::json* shapes_out) {
-  const double n = std::max(1, t.profiled_steps);
-  std::vector<double> tail(t.steps.end() - std::min<ptrdiff_t>(ptrdiff_t(n), ptrdiff_t(t.steps.size())), t.steps.end());
-  double step = 0;
-  for (double s : tail) step += s;
-  step /= std::max<size_t>(1, tail.size());
+// --profile: time per unit (a denoising step, or a VAE decode) by op class over `units` of them
+// taking `unit_s` each on average, the share of the unit they cover, and each conv/matmul shape
+// timed alone on `be` (the backend that ran them, its weights still loaded).
+nlohmann::json profile_json(const OpProfile& prof, const char* unit, int units, double unit_s, Backend& be,
+                            nlohmann::json* shapes_out) {
+  const double n = std::max(1, units), step = unit_s;
+  const OpProfile& profile = prof;
   nlohmann::json cls = nlohmann::json::object(), calls = nlohmann::json::object();
   for (int c = 0; c < kOpClasses; ++c) {
-    cls[op_class_name(OpClass(c))] = r3(t.profile.secs[size_t(c)] / n);
-    calls[op_class_name(OpClass(c))] = std::llround(double(t.profile.calls[size_t(c)]) / n);
+    cls[op_class_name(OpClass(c))] = r3(profile.secs[size_t(c)] / n);
+    calls[op_class_name(OpClass(c))] = std::llround(double(profile.calls[size_t(c)]) / n);
   }
-  auto per_step = [&](OpClass c) { return t.profile.secs[size_t(c)] / n; };
-  const double measured = t.profile.total() / n;
+  auto per_step = [&](OpClass c) { return profile.secs[size_t(c)] / n; };
+  const double measured = profile.total() / n;
   const double compute = per_step(OpClass::Conv) + per_step(OpClass::Matmul) + per_step(OpClass::Attention);
   const double small = per_step(OpClass::Norm) + per_step(OpClass::Elementwise) + per_step(OpClass::Layout);
 
   const DType act = be.effective_precision() == Precision::BF16 ? DType::BF16 : DType::F32;
   std::vector<const OpShape*> order;
-  for (const auto& [key, sh] : t.profile.shapes) order.push_back(&sh);
+  for (const auto& [key, sh] : profile.shapes) order.push_back(&sh);
   std::sort(order.begin(), order.end(), [](const OpShape* a, const OpShape* b) { return a->secs > b->secs; });
   double isolated = 0;
   nlohmann::json shapes = nlohmann::json::array();
@@ -423,22 +445,23 @@ nlohmann::json profile_json(const RunTimes& t, Backend& be, nlohmann::json* shap
     const double alone = time_shape_alone(be, *sh, act, 3);
     const double calls_per_step = double(sh->calls) / n, pipeline = sh->secs / n;
     isolated += alone * calls_per_step;
-    shapes.push_back({{"op", sh->op}, {"shape", sh->shape}, {"calls_per_step", r3(calls_per_step)},
+    shapes.push_back({{"op", sh->op}, {"shape", sh->shape}, {"calls_per_unit", r3(calls_per_step)},
                       {"pipeline_s", r3(pipeline)}, {"alone_s", r3(alone * calls_per_step)},
                       {"pipeline_gflops", std::round(sh->flop * double(sh->calls) / sh->secs / 1e8) / 10},
                       {"alone_gflops", std::round(sh->flop / alone / 1e8) / 10}});
   }
   *shapes_out = shapes;
-  return {{"step_s", r3(step)},
-          {"profiled_steps", t.profiled_steps},
+  return {{"unit", unit},
+          {"unit_s", r3(step)},
+          {"profiled_units", units},
           {"classes_s", cls},
-          {"calls_per_step", calls},
+          {"calls_per_unit", calls},
           {"measured_s", r3(measured)},
           {"measured_share", r3(measured / step)},
           {"conv_matmul_attention_share", r3(compute / step)},
           {"norm_elementwise_layout_share", r3(small / step)},
           {"conv_matmul_alone_s", r3(isolated)},
-          {"step_over_alone_plus_attention_norm",
+          {"unit_over_alone_plus_attention_norm",
            r3(step / (isolated + per_step(OpClass::Attention) + per_step(OpClass::Norm)))}};
 }
 
@@ -510,7 +533,10 @@ int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::st
                                         {"peak_rss_before_decode_gb", gb(t.peak_before_decode)}}});
   if (o.profile && prof) {
     nlohmann::json shapes;
-    nlohmann::json summary = profile_json(t, prof->inner(), &shapes);
+    const int n = std::max(1, t.profiled_steps);
+    double step = 0;  // the mean of the profiled steps (the last n)
+    for (size_t i = t.steps.size() - std::min<size_t>(size_t(n), t.steps.size()); i < t.steps.size(); ++i) step += t.steps[i];
+    nlohmann::json summary = profile_json(t.profile, "denoising step", n, step / n, prof->inner(), &shapes);
     out["profile"] = summary["classes_s"];
     summary.erase("classes_s");
     out["profile_summary"] = summary;
