@@ -35,6 +35,11 @@
  * be used by two runs at the same time. diffuse_free() must not overlap any other call on the
  * context.
  *
+ * Sharing cores with other busy processes: the library computes with OpenMP (libgomp), whose idle
+ * workers spin before they sleep; start the program with GOMP_SPINCOUNT=1000 in its environment
+ * (the diffuse CLI sets it for itself) or two busy processes on the same cores run several times
+ * slower than their fair share. libgomp reads it once, when it is loaded.
+ *
  * Strings are UTF-8 and copied by the call that receives them; NULL string fields mean "not set".
  */
 #ifndef DIFFUSE_H
