@@ -5,7 +5,7 @@ set -euo pipefail
 bin=$1; secs=${2:-20}
 root=$(cd "$(dirname "$0")/.." && pwd)
 status=0
-for t in fuzz_safetensors fuzz_pickle fuzz_zip fuzz_image fuzz_request; do
+for t in fuzz_safetensors fuzz_pickle fuzz_zip fuzz_image fuzz_request fuzz_prompt; do
   work=$(mktemp -d)
   [ -d "$root/fuzz/corpus/$t" ] && cp -r "$root/fuzz/corpus/$t/." "$work/"
   echo "fuzz: $t for ${secs}s"
