@@ -79,10 +79,7 @@ int write_synthetic_lora(const std::string& model_path, Family family, const std
 int run_lora_bench(const PipelineBenchOptions& o, int threads, const std::string& precision, int rank, int repeats) {
   bool synthetic = false;
   const std::string path = resolve_model(o, synthetic);
-  api::EngineOptions eo;
-  eo.threads = threads;
-  eo.precision = precision == "both" ? "auto" : precision;
-  eo.weights = o.weights;
+  api::EngineOptions eo = bench_engine_options(o, threads, precision);
 
   // The LoRA files, beside the synthetic checkpoints (or in the temp folder for a real one).
   Family family;

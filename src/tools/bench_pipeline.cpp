@@ -75,6 +75,18 @@ std::string resolve_model(const PipelineBenchOptions& o, bool& synthetic) {
 
 namespace {
 
+}  // namespace
+
+api::EngineOptions bench_engine_options(const PipelineBenchOptions& o, int threads, const std::string& precision) {
+  api::EngineOptions eo;
+  eo.threads = threads;
+  eo.precision = precision == "both" ? "auto" : precision;
+  eo.weights = o.weights;
+  return eo;
+}
+
+namespace {
+
 VAETiling vae_tiling(const PipelineBenchOptions& o) {
   VAETiling tiling;
   tiling.mode = o.vae_tiling == "on" ? VAETiling::Mode::On : o.vae_tiling == "off" ? VAETiling::Mode::Off : VAETiling::Mode::Auto;
@@ -352,8 +364,8 @@ int run_quality_bench(const PipelineBenchOptions& o, int threads) {
 
 namespace {
 
-nlohmann::json profile_json(const OpProfile& prof, const char* unit, int units, double unit_s, Backend& be,
-                            nlohmann::json* shapes_out);
+void add_profile(nlohmann::json& out, const OpProfile& profile, const char* unit, int units, double unit_s,
+                 Backend& be);
 
 // --decode-only: the VAE decode of a random latent, loaded and run without the engine.
 int run_decode_bench(const PipelineBenchOptions& o, int threads, const std::string& precision) {
@@ -404,13 +416,7 @@ int run_decode_bench(const PipelineBenchOptions& o, int threads, const std::stri
   if (prof) {
     double later = 0;
     for (size_t i = 1; i < times.size(); ++i) later += times[i];
-    nlohmann::json shapes;
-    nlohmann::json summary = profile_json(prof->profile(), "VAE decode", decodes - 1, later / (decodes - 1), prof->inner(), &shapes);
-    out["profile"] = summary["classes_s"];
-    summary.erase("classes_s");
-    out["profile_summary"] = summary;
-    out["profile_shapes"] = shapes;
-    std::fprintf(stderr, "  profile per decode: %s\n  %s\n", out["profile"].dump().c_str(), summary.dump().c_str());
+    add_profile(out, prof->profile(), "VAE decode", decodes - 1, later / (decodes - 1), prof->inner());
   }
   out["peak_rss_gb"] = gb(peak_rss_bytes());
   std::printf("%s\n", out.dump(2).c_str());
@@ -420,10 +426,10 @@ int run_decode_bench(const PipelineBenchOptions& o, int threads, const std::stri
 // --profile: time per unit (a denoising step, or a VAE decode) by op class over `units` of them
 // taking `unit_s` each on average, the share of the unit they cover, and each conv/matmul shape
 // timed alone on `be` (the backend that ran them, its weights still loaded).
-nlohmann::json profile_json(const OpProfile& prof, const char* unit, int units, double unit_s, Backend& be,
-                            nlohmann::json* shapes_out) {
+// Sets out's "profile" (the classes' seconds per unit), "profile_summary" and "profile_shapes".
+void add_profile(nlohmann::json& out, const OpProfile& profile, const char* unit, int units, double unit_s,
+                 Backend& be) {
   const double n = std::max(1, units), step = unit_s;
-  const OpProfile& profile = prof;
   nlohmann::json cls = nlohmann::json::object(), calls = nlohmann::json::object();
   for (int c = 0; c < kOpClasses; ++c) {
     cls[op_class_name(OpClass(c))] = r3(profile.secs[size_t(c)] / n);
@@ -443,18 +449,18 @@ nlohmann::json profile_json(const OpProfile& prof, const char* unit, int units, 
   std::fprintf(stderr, "  timing %zu conv/matmul shapes alone\n", order.size());
   for (const OpShape* sh : order) {
     const double alone = time_shape_alone(be, *sh, act, 3);
-    const double calls_per_step = double(sh->calls) / n, pipeline = sh->secs / n;
-    isolated += alone * calls_per_step;
-    shapes.push_back({{"op", sh->op}, {"shape", sh->shape}, {"calls_per_unit", r3(calls_per_step)},
-                      {"pipeline_s", r3(pipeline)}, {"alone_s", r3(alone * calls_per_step)},
+    const double calls_per_unit = double(sh->calls) / n, pipeline = sh->secs / n;
+    isolated += alone * calls_per_unit;
+    shapes.push_back({{"op", sh->op}, {"shape", sh->shape}, {"calls_per_unit", r3(calls_per_unit)},
+                      {"pipeline_s", r3(pipeline)}, {"alone_s", r3(alone * calls_per_unit)},
                       {"pipeline_gflops", std::round(sh->flop * double(sh->calls) / sh->secs / 1e8) / 10},
                       {"alone_gflops", std::round(sh->flop / alone / 1e8) / 10}});
   }
-  *shapes_out = shapes;
-  return {{"unit", unit},
+  out["profile"] = cls;
+  out["profile_shapes"] = shapes;
+  out["profile_summary"] = {{"unit", unit},
           {"unit_s", r3(step)},
           {"profiled_units", units},
-          {"classes_s", cls},
           {"calls_per_unit", calls},
           {"measured_s", r3(measured)},
           {"measured_share", r3(measured / step)},
@@ -463,6 +469,8 @@ nlohmann::json profile_json(const OpProfile& prof, const char* unit, int units, 
           {"conv_matmul_alone_s", r3(isolated)},
           {"unit_over_alone_plus_attention_norm",
            r3(step / (isolated + per_step(OpClass::Attention) + per_step(OpClass::Norm)))}};
+  std::fprintf(stderr, "  profile per %s: %s\n  %s\n", unit, out["profile"].dump().c_str(),
+               out["profile_summary"].dump().c_str());
 }
 
 }  // namespace
@@ -479,10 +487,7 @@ int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::st
   // The engine `diffuse generate` runs, set as it sets it (one-shot: the text encoders are freed
   // after encoding, the model dropped after the run). --profile keeps the model loaded to time the
   // shapes alone afterwards, so its RSS figures are not a user's.
-  api::EngineOptions eo;
-  eo.threads = threads;
-  eo.precision = precision == "both" ? "auto" : precision;
-  eo.weights = o.weights;
+  api::EngineOptions eo = bench_engine_options(o, threads, precision);
   eo.one_shot = !o.profile;
   ProfilingBackend* prof = nullptr;
   if (o.profile)
@@ -532,19 +537,13 @@ int run_pipeline_bench(const PipelineBenchOptions& o, int threads, const std::st
                                         {"generate_s", r3(t.generate_s)},
                                         {"peak_rss_before_decode_gb", gb(t.peak_before_decode)}}});
   if (o.profile && prof) {
-    nlohmann::json shapes;
     const int n = std::max(1, t.profiled_steps);
     double step = 0;  // the mean of the profiled steps (the last n)
     for (size_t i = t.steps.size() - std::min<size_t>(size_t(n), t.steps.size()); i < t.steps.size(); ++i) step += t.steps[i];
-    nlohmann::json summary = profile_json(t.profile, "denoising step", n, step / n, prof->inner(), &shapes);
-    out["profile"] = summary["classes_s"];
-    summary.erase("classes_s");
-    out["profile_summary"] = summary;
-    out["profile_shapes"] = shapes;
+    add_profile(out, t.profile, "denoising step", n, step / n, prof->inner());
     nlohmann::json first = nlohmann::json::object();
     for (int c = 0; c < kOpClasses; ++c) first[op_class_name(OpClass(c))] = r3(t.first_step.secs[size_t(c)]);
     out["profile_first_step"] = first;
-    std::fprintf(stderr, "  profile per step: %s\n  %s\n", out["profile"].dump().c_str(), summary.dump().c_str());
   }
   std::printf("%s\n", out.dump(2).c_str());
   return 0;

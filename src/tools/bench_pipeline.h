@@ -4,6 +4,8 @@
 #include <CLI/CLI.hpp>
 #include <string>
 
+#include "api/engine.h"
+
 namespace diffuse::tools {
 
 struct PipelineBenchOptions {
@@ -25,6 +27,8 @@ struct PipelineBenchOptions {
 // The checkpoint `o.model` names: a path as it is, or sd15/sd21/sdxl's synthetic checkpoint (written
 // into the cache folder on first use; `synthetic` says so).
 std::string resolve_model(const PipelineBenchOptions& o, bool& synthetic);
+// The engine settings `bench` and `bench lora` run with (threads, precision, weight format).
+api::EngineOptions bench_engine_options(const PipelineBenchOptions& o, int threads, const std::string& precision);
 // `diffuse bench lora`: model load vs LoRA switches in the loaded model (engine), as JSON.
 int run_lora_bench(const PipelineBenchOptions& o, int threads, const std::string& precision, int rank, int repeats);
 
