@@ -6,7 +6,7 @@ CMAKE_FLAGS ?=
 # under PREFIX (e.g. `make install PREFIX=~/.local`; lib may be lib/<multiarch> per GNUInstallDirs).
 PREFIX ?= /usr/local
 
-.PHONY: all deps build install test test-fast test-asan fuzz demo clean cuda
+.PHONY: all deps build install test test-fast test-asan fuzz demo demo-model clean cuda
 
 all: build
 
@@ -46,6 +46,11 @@ install: build
 
 demo: build
 	@./scripts/demo.sh
+
+# Retrains the bundled demo model (data/models/) from scratch: dataset, VAE, text encoder + UNet.
+# Resumable: run it again after an interruption. See the README's model card.
+demo-model: build
+	@./scripts/demo-model.sh
 
 clean:
 	rm -rf $(BUILD) build-asan build-fuzz build-cuda

@@ -113,7 +113,8 @@ struct diffuse_control_unit {
 struct diffuse_params {
     const char *prompt;           /* A1111 syntax: (word:1.3), [word], BREAK, <lora:NAME:W> */
     const char *negative_prompt;
-    int width, height;            /* multiples of 8; 0: the init image's size, else the model's native size */
+    int width, height;            /* multiples of 8; 0: the init image's size, else the model's native size
+                                     (its modelspec.resolution metadata, else the family's) */
     int steps;                    /* default 20 */
     float cfg_scale;              /* default 7 */
     int64_t seed;                 /* < 0: random (diffuse_result_seed tells) */

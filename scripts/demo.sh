@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
-# `make demo`: show what the engine does today with the bundled tiny sd1 model.
+# `make demo`: draws with the bundled demo model (data/models/, trained from scratch by diffuse on
+# coloured shapes: `make demo-model`), then says how to run a real checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=build/bin/diffuse
-model=tests/data/sd1/model/tiny-sd1.safetensors
-if "$bin" --help 2>/dev/null | grep -q "generate"; then
-  echo "== generating out.png with the bundled tiny SD 1.x test model =="
-  echo "   (its weights are random: the picture is noise, not an astronaut)"
-  "$bin" generate -m "$model" -p "a photograph of an astronaut riding a horse" -W 256 -H 256 --steps 10 -s 42 -o out.png
-  "$bin" info out.png
-  echo
-  echo "Run a real checkpoint (SD 1.x/2.x/XL, .safetensors, .ckpt or a diffusers folder):"
-  echo "  $bin generate -m /path/to/v1-5-pruned-emaonly.safetensors -p \"a cat on a sofa\" -o cat.png"
+model=data/models/diffuse-shapes-64.safetensors
+out=demo-out
+mkdir -p "$out"
+if [ -f "$model" ]; then
+  echo "== the demo model: $model (a tiny SD 1.x-architecture model diffuse trained itself; see the README's model card) =="
+  prompt="a red circle on the left on a blue background"
+  "$bin" generate -q -m "$model" -p "$prompt" -s 42 -o "$out/red-circle.png"
+  echo "   \"$prompt\" -> $out/red-circle.png"
+  cat > "$out/prompts.txt" <<'EOF'
+a red circle on the left on a blue background
+a large yellow square in the centre, black background
+a green triangle at the top on a white background
+a small white circle at the bottom, purple background
+an orange square on the right with a blue background
+a blue triangle on the left on a yellow background
+a purple circle in the middle, green background
+a black square at the top on an orange background
+EOF
+  "$bin" generate -q -m "$model" --prompt-file "$out/prompts.txt" -s 1 -o "$out/prompt.png" --grid "$out/grid.png" \
+    --grid-cols 4
+  echo "   8 prompts ($out/prompts.txt, left to right, top to bottom) -> $out/grid.png (each also as $out/prompt*.png)"
 else
-  echo "== diffuse info on the bundled tiny sd1 model =="
-  "$bin" info "$model"
-  echo
-  echo "Image generation (diffuse generate) is not implemented yet: the engine core, model files and"
-  echo "CPU kernels are in place; models and pipelines are the next issues. Try a real checkpoint now:"
-  echo "  $bin info /path/to/v1-5-pruned-emaonly.safetensors"
-  echo "  $bin bench ops"
+  echo "== $model is not there: run 'make demo-model' to train it (about 2 hours on 2 cores) =="
+  echo "   meanwhile, the tiny random-weight test model (its picture is noise):"
+  "$bin" generate -q -m tests/data/sd1/model/tiny-sd1.safetensors -p "a red circle on the left on a blue background" \
+    -W 64 -H 64 --steps 10 -s 42 -o "$out/tiny.png"
+  echo "   -> $out/tiny.png"
 fi
+echo
+echo "Run a real checkpoint (SD 1.x/2.x/XL, .safetensors, .ckpt or a diffusers folder):"
+echo "  $bin generate -m /path/to/v1-5-pruned-emaonly.safetensors -p \"a cat on a sofa\" -o cat.png"

@@ -580,14 +580,26 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
 
   GenerateParams p;
   p.prediction = decide_prediction(req, model.family, cb);
-  const int native = model.family == Family::SDXL ? 1024
-                     : (model.family == Family::SD2 && p.prediction == Prediction::VPrediction) ? 768
-                                                                                               : 512;
+  // The default size: the file's modelspec.resolution when it declares a valid one, else the family's.
+  const int family_size = model.family == Family::SDXL ? 1024
+                          : (model.family == Family::SD2 && p.prediction == Prediction::VPrediction) ? 768
+                                                                                                    : 512;
+  const bool declared = model.declared.width > 0;
+  const int native_w = declared ? model.declared.width : family_size;
+  const int native_h = declared ? model.declared.height : family_size;
+  if (!planned && !has_init && (!req.width || !req.height)) {
+    const std::string family_wh = std::to_string(family_size) + "x" + std::to_string(family_size);
+    if (!model.declared.problem.empty())
+      log("diffuse: warning: " + model.declared.problem + "; ignored, using the family's " + family_wh, true);
+    else if (declared)
+      log("default size " + std::to_string(native_w) + "x" + std::to_string(native_h) +
+          " from the model's modelspec.resolution");
+  }
   p.prompt = prompt_text;
   p.negative = negative_text;
   p.embeddings = embeddings.get();
-  p.width = planned ? plan.width : req.width ? req.width : has_init ? req.init.width : native;
-  p.height = planned ? plan.height : req.height ? req.height : has_init ? req.init.height : native;
+  p.width = planned ? plan.width : req.width ? req.width : has_init ? req.init.width : native_w;
+  p.height = planned ? plan.height : req.height ? req.height : has_init ? req.init.height : native_h;
   p.steps = req.steps;
   p.cfg = req.cfg;
   p.seed = seed;

@@ -56,7 +56,8 @@ struct LoraSpec {
 struct Request {
   std::string model;                // single file or diffusers folder
   std::string prompt, negative;     // A1111 weighting; <lora:NAME:W> tags (resolved in EngineOptions::lora_dir)
-  int width = 0, height = 0;        // 0: the init image's size, else the family's native size
+  int width = 0, height = 0;        // 0: the init image's size, else the model's native size (the file's
+                                    // modelspec.resolution when valid, else the family's: 512, 768 v, 1024 XL)
   int steps = 20;
   double cfg = 7.0;
   std::optional<uint64_t> seed;     // the whole uint64 range (torch's); none: random (the result says which)

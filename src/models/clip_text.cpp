@@ -276,6 +276,7 @@ ClipTextModel::Output ClipTextModel::run(Ctx& ctx, const std::vector<std::vector
   Output out;
   Arena scratch;
   Ctx sc{ctx.be, scratch, DType::F32, ctx.ws, ctx.grads};
+  if (tr) tr->ids = ids;
   if (n == 1) out.penultimate = h;
   for (int i = 0; i < n; ++i) {
     if (tr) tr->inputs.push_back(h);

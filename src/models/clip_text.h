@@ -12,6 +12,7 @@
 // The backend's fused attention has no mask, so this model runs its own masked attention
 // (per-head q·kᵀ with backend matmul, an exact causal softmax, ·v): 77 tokens make it cheap.
 #pragma once
+#include <utility>
 #include <vector>
 
 #include "nn/layers.h"
@@ -92,6 +93,11 @@ class ClipTextModel {
 
   // The norm layers' gamma/beta by checkpoint name, for training.
   const NormIndex& norms() const { return norms_; }
+  // Training the embeddings (a model trained from scratch): makes the token embedding an owned
+  // f32 tensor and returns {token [V, W], position [P, W]}, the tensors the forward passes read
+  // (an optimiser's updates of them apply at once). Their gradients go where ctx.grads->tables
+  // says (key: the tensor's data pointer).
+  std::pair<Tensor, Tensor> trainable_embeddings();
 
   // ---- training (ctx.grads set: its adapters apply; models/clip_text_backward.cpp) ----
   // What forward_train keeps: each layer's input (gradient checkpointing per layer: backward
@@ -100,12 +106,14 @@ class ClipTextModel {
     std::vector<Tensor> inputs;  // inputs[i]: layer i's input (inputs[0]: the embeddings); owned
     Tensor last;                 // the last layer's output (the final norm's input)
     std::vector<int64_t> pooled_at;
+    std::vector<std::vector<int>> ids;  // the token ids (the embedding tables' gradients scatter to their rows)
     Output out;
   };
   Output forward_train(Ctx& ctx, const std::vector<std::vector<int>>& ids, int stop_at_layer, Trace& tr) const;
   // Gradients of the outputs (each may be undefined: not used by the loss): d_last [B, T, W],
   // d_penultimate [B, T, W], d_text_embeds [B, P]. Adds the parameter gradients ctx.grads asks for
-  // (layers, norms, projection). The embedding tables are not trained here.
+  // (layers, norms, projection; the embedding tables when trainable_embeddings() made them
+  // trained and ctx.grads->tables holds their gradients: rows scatter-added by token id / position).
   void backward(Ctx& ctx, const Trace& tr, const Tensor& d_last, const Tensor& d_penultimate,
                 const Tensor& d_text_embeds) const;
 
@@ -136,6 +144,7 @@ class ClipTextModel {
   ClipTextConfig cfg_;
   Tensor tok_emb_;  // [V, W] as stored (any float dtype; rows converted on lookup)
   Tensor pos_emb_;  // [P, W] f32
+  bool emb_trained_ = false;  // trainable_embeddings() made both owned f32 tensors
   std::vector<Layer> layers_;
   LayerNorm final_ln_;
   Linear proj_;  // bound only if cfg_.projection_dim > 0

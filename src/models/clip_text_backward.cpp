@@ -81,6 +81,32 @@ void ClipTextModel::backward(Ctx& ctx, const Trace& tr, const Tensor& d_last, co
     dh.copy_from(layer_backward(sc, layers_[i], s, dh));
     scratch.reset();
   }
+  // h0[b, t] = token_embedding[ids[b][t]] + position_embedding[t]: scatter-add the rows.
+  Tensor* gtok = ctx.grads->table(tok_emb_.data());
+  Tensor* gpos = ctx.grads->table(pos_emb_.data());
+  const float* d = dh.f32();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* src = d + (b * T + t) * W;
+      if (gtok) {
+        float* row = gtok->f32() + int64_t(tr.ids[size_t(b)][size_t(t)]) * W;
+        for (int64_t c = 0; c < W; ++c) row[c] += src[c];
+      }
+      if (gpos) {
+        float* row = gpos->f32() + t * W;
+        for (int64_t c = 0; c < W; ++c) row[c] += src[c];
+      }
+    }
+}
+
+std::pair<Tensor, Tensor> ClipTextModel::trainable_embeddings() {
+  DF_CHECK(loaded(), "clip text encoder: trainable_embeddings before load");
+  if (!emb_trained_) {  // owned copies: the loaded tables may be read-only views of the file
+    tok_emb_ = tok_emb_.to(DType::F32);
+    pos_emb_ = pos_emb_.clone();
+    emb_trained_ = true;
+  }
+  return {tok_emb_, pos_emb_};
 }
 
 }  // namespace diffuse

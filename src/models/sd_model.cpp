@@ -1,9 +1,12 @@
 #include "models/sd_model.h"
 
+#include <charconv>
+
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/memory_stats.h"
+#include "io/image.h"
 #include "models/name_map.h"
 
 namespace diffuse {
@@ -55,6 +58,37 @@ void check_unet_fits(const std::string& unet_path, const UNetConfig& u, const SD
 
 }  // namespace
 
+bool parse_declared_resolution(const std::string& v, int* width, int* height) {
+  const size_t b = v.find_first_not_of(" \t"), e = v.find_last_not_of(" \t");
+  if (b == std::string::npos) return false;
+  const std::string s = v.substr(b, e - b + 1);
+  const size_t x = s.find_first_of("xX");
+  if (x == std::string::npos) return false;
+  auto side = [](const char* first, const char* last, int* out) {
+    auto [p, ec] = std::from_chars(first, last, *out);
+    return first != last && ec == std::errc() && p == last && *out > 0 && *out % 8 == 0 && *out <= kMaxImageSide;
+  };
+  int w = 0, h = 0;
+  if (!side(s.data(), s.data() + x, &w) || !side(s.data() + x + 1, s.data() + s.size(), &h)) return false;
+  *width = w;
+  *height = h;
+  return true;
+}
+
+DeclaredResolution declared_resolution(const TensorFile& f) {
+  DeclaredResolution d;
+  auto it = f.metadata.find("modelspec.resolution");
+  if (it == f.metadata.end()) return d;
+  if (!parse_declared_resolution(it->second, &d.width, &d.height)) {
+    std::string shown = it->second.substr(0, 64);
+    for (char& c : shown)
+      if (static_cast<unsigned char>(c) < 0x20) c = '?';  // one line on a terminal
+    d.problem = cat(f.path, ": modelspec.resolution \"", shown, it->second.size() > 64 ? "...\"" : "\"",
+                    " is not WIDTHxHEIGHT in positive multiples of 8 up to ", kMaxImageSide);
+  }
+  return d;
+}
+
 WeightStore base_component_weights(const SDModel& m, Component c, std::map<std::string, TensorFile>& files) {
   const std::string& path = c == Component::UNet && !m.unet_path.empty() ? m.unet_path : m.path;
   auto it = files.find(path);
@@ -79,6 +113,7 @@ std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, con
   m->path = path;
   TensorFile f = open_model_file(path);
   m->summary = summarize_model(f);
+  m->declared = declared_resolution(f);
   m->family = m->summary.family;
   DF_CHECK(m->family != Family::Unknown, path, ": not a Stable Diffusion checkpoint the engine knows (",
            m->summary.problems.empty() ? std::string("family unknown") : m->summary.problems.front(), ")");
@@ -132,7 +167,7 @@ std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, con
           w.ignore(n);
       }
     }
-    m->vae.load(be, w, m->vae_cfg, opts.vae_encoder, opts.vae_decoder);
+    m->vae.load(be, w, m->vae_cfg, opts.vae_encoder, opts.vae_decoder, opts.vae_training);
   }
   return m;
 }

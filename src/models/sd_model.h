@@ -18,6 +18,7 @@ struct SDLoadOptions {
   bool unet = true;
   bool vae_encoder = true;
   bool vae_decoder = true;
+  bool vae_training = false;  // the VAE loaded for VAE::forward_train (both parts)
   // A standalone VAE file (models/name_map.h vae_file_weights) bound instead of the checkpoint's
   // ("" = the checkpoint's own).
   std::string vae_path;
@@ -25,6 +26,19 @@ struct SDLoadOptions {
   // must fit the checkpoint's text encoders (context width, SDXL's added embedding).
   std::string unet_path;
 };
+
+// The size a checkpoint says it was trained at: single files' `modelspec.resolution` metadata
+// ("WIDTHxHEIGHT", e.g. "512x768", as model-spec files and `diffuse train full` write it), each
+// side a positive multiple of 8 up to kMaxImageSide. Optional metadata: an invalid value is not an
+// error; `problem` says why it was ignored ("<path>: modelspec.resolution \"...\" ...").
+struct DeclaredResolution {
+  int width = 0, height = 0;  // 0: none (absent or invalid)
+  std::string problem;        // "" when absent or valid
+};
+DeclaredResolution declared_resolution(const TensorFile& f);
+// "WIDTHxHEIGHT" (surrounding blanks allowed) -> its two numbers; false when it is not that form or a
+// side is not a positive multiple of 8 up to kMaxImageSide.
+bool parse_declared_resolution(const std::string& v, int* width, int* height);
 
 // The base (file) weights of component `c` as the model bound them: the checkpoint's, or for the
 // UNet the --unet file's (LoRA merges read them again). `files` keeps the opened files by path.
@@ -34,6 +48,7 @@ struct SDModel {
   std::string path;
   std::string unet_path;  // the UNet's own file when it came from SDLoadOptions::unet_path ("" = path)
   Family family = Family::Unknown;
+  DeclaredResolution declared;  // the file's modelspec.resolution (the engine's default size when valid)
   ModelSummary summary;
   ClipTextConfig te_cfg, te2_cfg;  // te2: SDXL's OpenCLIP bigG encoder (the refiner's only one: te unloaded)
   bool refiner = false;            // an SDXL refiner (summary.refiner): te2 only, 5 time ids

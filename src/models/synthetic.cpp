@@ -227,7 +227,8 @@ void write_safetensors_stream(const std::string& path, const std::vector<const M
     }
     for (int64_t b = 0; b < n; b += chunk) {
       const int64_t c = std::min(chunk, n - b);
-      synthetic_fill(r->name, r->shape, seed, b, c, buf.data());
+      if (r->zero_init) std::fill(buf.begin(), buf.begin() + c, 0.0f);
+      else synthetic_fill(r->name, r->shape, seed, b, c, buf.data());
       if (dtype == DType::F32) {
         f.write(buf.data(), size_t(c) * 4);
       } else {
@@ -515,7 +516,8 @@ void synthetic_fill(const std::string& name, const Shape& shape, uint64_t seed, 
 
 SynthStats write_synthetic_checkpoint(const std::vector<ManifestRow>& rows, const std::string& layout,
                                       const std::string& out_path, DType dtype, uint64_t seed,
-                                      const std::string& config_path, bool progress_on) {
+                                      const std::string& config_path, bool progress_on,
+                                      const std::map<std::string, std::string>& extra_metadata) {
   DF_CHECK(layout == "ldm" || layout == "diffusers", "synthetic checkpoint: layout '", printable(layout),
            "' is not 'ldm' or 'diffusers'");
   safetensors_dtype(dtype);  // validates
@@ -541,6 +543,7 @@ SynthStats write_synthetic_checkpoint(const std::vector<ManifestRow>& rows, cons
     std::map<std::string, std::string> meta = {
         {"format", "pt"},
         {"diffuse_synthetic", cat("random weights (not a trained model), seed ", seed)}};
+    for (const auto& [k, v] : extra_metadata) meta[k] = v;
     write_safetensors_stream(out_path, sel, "", dtype, seed, meta, progress, stats);
     return stats;
   }

@@ -21,6 +21,7 @@
 // SDXL's 3.5 B parameters).
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,7 @@ struct ManifestRow {
   std::string component;  // "unet", "vae", "text_encoder", "text_encoder_2"
   std::string name;       // tensor name in that layout (diffusers: without the "<component>/" prefix)
   Shape shape;
+  bool zero_init = false;  // all zeros instead of the table below (a module trained from zero)
 };
 
 // Parses a manifest; throws diffuse::Error naming the file and line of the first problem (bad
@@ -65,7 +67,8 @@ struct SynthStats {
 };
 
 // Writes the rows of `layout` as a checkpoint at out_path:
-//   "ldm"       one .safetensors file with the ldm names (metadata notes it is synthetic);
+//   "ldm"       one .safetensors file with the ldm names (metadata notes it is synthetic, plus
+//               extra_metadata);
 //   "diffusers" a folder: model_index.json (StableDiffusionPipeline, or StableDiffusionXLPipeline
 //               when a text_encoder_2 is present), per component a config.json (from the
 //               component's entry in the JSON file at config_path where given, plus the class
@@ -77,6 +80,7 @@ struct SynthStats {
 // Files are written atomically (".tmp" then rename). `progress` prints to stderr.
 SynthStats write_synthetic_checkpoint(const std::vector<ManifestRow>& rows, const std::string& layout,
                                       const std::string& out_path, DType dtype = DType::F16, uint64_t seed = 0,
-                                      const std::string& config_path = "", bool progress = false);
+                                      const std::string& config_path = "", bool progress = false,
+                                      const std::map<std::string, std::string>& extra_metadata = {});
 
 }  // namespace diffuse

@@ -123,7 +123,7 @@ VAE& VAE::operator=(VAE&&) noexcept = default;
 bool VAE::has_encoder() const { return impl_ && impl_->has_enc; }
 bool VAE::has_decoder() const { return impl_ && impl_->has_dec; }
 
-void VAE::load(Backend& be, WeightStore& w, const VAEConfig& cfg, bool encoder, bool decoder) {
+void VAE::load(Backend& be, WeightStore& w, const VAEConfig& cfg, bool encoder, bool decoder, bool training) {
   const int n = int(cfg.block_out_channels.size());
   DF_CHECK(n > 0 && cfg.layers_per_block > 0 && cfg.latent_channels > 0, w.origin(),
            ": VAE config has no levels, resnets or latent channels");
@@ -161,6 +161,7 @@ void VAE::load(Backend& be, WeightStore& w, const VAEConfig& cfg, bool encoder, 
     if (cfg.use_quant_conv) {
       m->enc_out.bind(be, e.sub("conv_out"), ch[n - 1], 2 * L, 3);
       split(root.sub("quant_conv"), 2 * L, 1);
+      if (training) m->quant.bind(be, root.sub("quant_conv"), 2 * L, 2 * L, 1);
     } else {
       split(e.sub("conv_out"), ch[n - 1], 3);
     }
@@ -196,6 +197,11 @@ void VAE::load(Backend& be, WeightStore& w, const VAEConfig& cfg, bool encoder, 
     if (!decoder && (starts("decoder.") || starts("post_quant_conv."))) return true;
     return false;
   });
+  DF_CHECK(!training || (encoder && decoder && cfg.use_quant_conv && cfg.use_post_quant_conv), w.origin(),
+           ": training a VAE needs its encoder, decoder, quant_conv and post_quant_conv");
+  m->training = training;
+  m->prepared = w.take_prepared();
+  m->norms = w.take_norms();
   cfg_ = cfg;
   m->cfg = cfg;
   impl_ = std::move(m);

@@ -10,6 +10,7 @@
 // passes with separate workspaces run side by side; without one, the VAE's own scratch is used
 // by one pass at a time (a mutex serialises those callers).
 #pragma once
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -101,8 +102,10 @@ class VAE {
   VAE& operator=(VAE&&) noexcept;
 
   // Binds and prepares the weights (strictly: missing, mis-shaped or unused tensors throw,
-  // except that the tensors of a part not loaded are allowed to remain unused).
-  void load(Backend& be, WeightStore& w, const VAEConfig& cfg, bool encoder = true, bool decoder = true);
+  // except that the tensors of a part not loaded are allowed to remain unused). `training`:
+  // also binds quant_conv whole for forward_train (inference runs it as two halves).
+  void load(Backend& be, WeightStore& w, const VAEConfig& cfg, bool encoder = true, bool decoder = true,
+            bool training = false);
   const VAEConfig& config() const { return cfg_; }
   bool has_encoder() const;
   bool has_decoder() const;
@@ -131,6 +134,25 @@ class VAE {
   size_t scratch_peak() const;
   // Frees the scratch arenas (the next forward pass allocates them again).
   void release_scratch();
+
+  // ---- training (models/vae_backward.cpp; a VAE loaded with training = true, both parts) ----
+  // The prepared layers and norms by diffusers name, for the trainer's Grads (nn/grad.h).
+  PreparedIndex& prepared();
+  const NormIndex& norms() const;
+  // What forward_train keeps for backward: every layer's backward step, in forward order.
+  struct TrainPass {
+    std::vector<std::function<Tensor(Ctx&, const Tensor&)>> enc, dec;  // dy -> dx
+    Tensor mean, logvar, std, eps, z;  // [B, h, w, L] f32
+  };
+  // image: [B, H, W, in] f32 in [-1, 1], eps: [B, H/f, W/f, L] standard normal ->
+  // the posterior (pass.mean, pass.logvar clamped to [-30, 20] as the encoder does), the sample
+  // z = mean + std·eps and the decoder's output [B, H, W, out] (f32, in c.arena, which must
+  // outlive the backward). c.act must be F32 and c.grads set.
+  Tensor forward_train(Ctx& c, const Tensor& image, const Tensor& eps, TrainPass& pass) const;
+  // d_recon = dL/d(decoder output); d_mean, d_logvar = the loss's own gradients of the posterior
+  // (the KL term; undefined: none). Adds the parameter gradients c.grads asks for.
+  void backward(Ctx& c, const TrainPass& pass, const Tensor& d_recon, const Tensor& d_mean,
+                const Tensor& d_logvar) const;
 
   struct Impl;
 

@@ -205,6 +205,10 @@ struct VAE::Impl {
   GroupNorm enc_norm_out;
   Conv2d enc_out;                    // whole, when quant_conv follows it
   Conv2d head_mean, head_logvar;     // quant_conv (or conv_out without one) split in halves
+  Conv2d quant;                      // quant_conv whole (loaded for training only)
+  bool training = false;
+  PreparedIndex prepared;            // every bound layer and norm by diffusers name (training)
+  NormIndex norms;
   // Decoder
   bool has_dec = false;
   Conv2d post_quant, dec_in;

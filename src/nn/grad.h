@@ -50,12 +50,18 @@ struct Grads {
   std::unordered_map<const PreparedWeight*, LayerParams> layers;
   std::unordered_map<const void*, NormParams> norms;  // key: the norm's gamma data pointer
   std::unordered_map<const PreparedWeight*, LoraAdapter*> adapters;
+  // Trained lookup tables (embeddings): key the table's data pointer, value its f32 gradient (+=).
+  std::unordered_map<const void*, Tensor> tables;
 
   // The layer's params; throws naming the op when the trainer registered none.
   LayerParams& layer(const PreparedWeight* w, const char* what);
   const LoraAdapter* adapter(const PreparedWeight* w) const {
     auto it = adapters.find(w);
     return it == adapters.end() ? nullptr : it->second;
+  }
+  Tensor* table(const void* data) {
+    auto it = tables.find(data);
+    return it == tables.end() ? nullptr : &it->second;
   }
   NormParams* norm(const void* gamma_data) {
     auto it = norms.find(gamma_data);

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,7 @@
 #include "pipeline/preview.h"
 #include "tools/commands.h"
 #include "tools/image_output.h"
+#include "tools/prompt_grid.h"
 
 namespace diffuse::tools {
 namespace {
@@ -31,6 +33,10 @@ namespace fs = std::filesystem;
 
 struct GenOptions {
   std::string model, prompt, negative;
+  std::string prompt_file;  // --prompt-file: one run per prompt (tools/prompt_grid.h)
+  std::string grid;         // --grid: all images in one PNG
+  int grid_cols = 0;        // --grid-cols (0: ceil(sqrt(n)))
+  bool prompt_given = false, grid_cols_given = false;
   int width = 0, height = 0, steps = 20;
   double cfg = 7.0;
   std::string seed;  // -s: empty or negative = random; else 0 .. 2^64-1
@@ -155,29 +161,55 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-// -o before the run: a folder, an unwritable place, or (for a regular or new file) an extension
-// other than .png/.jpg/.jpeg is an error now rather than after the work.
-void check_output(const std::string& out, int batch, const std::string& save_latent) {
+// Whether two output paths name the same file (existing or not).
+bool same_file(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  return fs::exists(a, ec) && fs::exists(b, ec) ? fs::equivalent(a, b, ec)
+                                                : fs::weakly_canonical(a, ec) == fs::weakly_canonical(b, ec);
+}
+
+// -o before the run (`images`: how many the run writes): a folder, an unwritable place, or (for a
+// regular or new file) an extension other than .png/.jpg/.jpeg is an error now rather than after
+// the work.
+void check_output(const std::string& out, int images, const std::string& save_latent) {
   std::error_code ec;
   DF_CHECK(!out.empty(), "-o/--output: empty path");
   if (out == "-") {  // standard output: one PNG, for pipes
-    DF_CHECK(batch == 1, "-o -: standard output takes one image; give -b 1 or a file name");
+    DF_CHECK(images == 1, "-o -: standard output takes one image (this run makes ", images,
+             "); give -b 1 and one prompt, or a file name");
     DF_CHECK(save_latent != "-", "--save-latent -: standard output already carries the image");
     return;
   }
   DF_CHECK(!fs::is_directory(out, ec), "-o/--output ", out, ": is a folder; give a file name such as ",
            (fs::path(out) / "out.png").string());
-  for (int i = 0; i < batch; ++i) {
+  for (int i = 0; i < images; ++i) {
     const std::string path = batch_path(out, i);
     check_image_output(path, ".png (with the A1111 parameters) or .jpg");
-    if (!save_latent.empty()) {
-      const bool same = fs::exists(path, ec) && fs::exists(save_latent, ec) ? fs::equivalent(path, save_latent, ec)
-                                                                            : fs::weakly_canonical(path, ec) ==
-                                                                                  fs::weakly_canonical(save_latent, ec);
-      DF_CHECK(!same, "--save-latent ", save_latent, ": is also an image output (-o ", path,
-               "); give the latents their own file");
-    }
+    DF_CHECK(save_latent.empty() || !same_file(path, save_latent), "--save-latent ", save_latent,
+             ": is also an image output (-o ", path, "); give the latents their own file");
   }
+}
+
+// --grid before the run: a PNG file of its own (not standard output, not an image or latent output).
+void check_grid_output(const GenOptions& o, int images) {
+  DF_CHECK(!o.grid_cols_given || !o.grid.empty(), "--grid-cols ", o.grid_cols, ": give --grid PATH too");
+  DF_CHECK(!o.grid_cols_given || o.grid_cols >= 1, "--grid-cols ", o.grid_cols, ": must be at least 1");
+  if (o.grid.empty()) return;
+  DF_CHECK(o.grid != "-", "--grid -: the grid needs a file name (standard output is for -o -)");
+  std::error_code ec;
+  DF_CHECK(!fs::is_directory(o.grid, ec), "--grid ", o.grid, ": is a folder; give a file name such as ",
+           (fs::path(o.grid) / "grid.png").string());
+  if (!is_special_output(o.grid)) {
+    std::string ext = fs::path(o.grid).extension().string();
+    for (char& c : ext) c = char(std::tolower(static_cast<unsigned char>(c)));
+    DF_CHECK(ext == ".png", "--grid ", o.grid, ": the grid is written as PNG; give a .png name");
+  }
+  check_output_writable(o.grid, "--grid");
+  for (int i = 0; o.out != "-" && i < images; ++i)
+    DF_CHECK(!same_file(o.grid, batch_path(o.out, i)), "--grid ", o.grid, ": is also an image output (-o ",
+             batch_path(o.out, i), "); give the grid its own file");
+  DF_CHECK(o.save_latent.empty() || !same_file(o.grid, o.save_latent), "--grid ", o.grid,
+           ": is also the --save-latent file; give the grid its own file");
 }
 
 // Progress on stderr: a \r-updated line on a terminal, plain lines otherwise.
@@ -250,12 +282,51 @@ Image read_flag_image(const std::string& path, bool rgb) {
   return rgb ? to_rgb(im) : im;
 }
 
+// The run's prompts: -p's, or --prompt-file's lines (not both).
+std::vector<PromptLine> run_prompts(const GenOptions& o) {
+  if (o.prompt_file.empty()) return {{o.prompt, 0}};
+  DF_CHECK(!o.prompt_given, "--prompt-file ", o.prompt_file,
+           " and -p/--prompt: give one (each line of the file is a prompt)");
+  return read_prompt_file(o.prompt_file);
+}
+
+// Every setting of `r` with each prompt (a prompt file's problems name the file and line).
+void validate_prompts(api::Request r, const std::vector<PromptLine>& prompts, const std::string& prompt_file,
+                      api::Engine::ImagesGiven given) {
+  if (prompt_file.empty()) return api::Engine::validate_settings(r, given);
+  r.prompt.clear();
+  api::Engine::validate_settings(r, given);  // the other settings' errors stand on their own
+  for (const PromptLine& p : prompts) {
+    r.prompt = p.text;
+    try {
+      api::Engine::validate_settings(r, given);
+    } catch (const Error& e) {
+      throw Error(cat("--prompt-file ", prompt_file, " line ", p.line, ": ", e.what()));
+    }
+  }
+}
+
+// --save-latent: every image's final latent, [N, 4, h, w].
+void save_latents(const std::string& path, const std::vector<Tensor>& latents) {
+  const Tensor& l0 = latents[0];
+  Tensor all = Tensor::empty({int64_t(latents.size()), l0.dim(1), l0.dim(2), l0.dim(3)});
+  for (size_t i = 0; i < latents.size(); ++i) {
+    DF_CHECK(latents[i].bytes() == l0.bytes(), "--save-latent ", path, ": the images' latents differ in size");
+    std::memcpy(all.f32() + int64_t(i) * l0.numel(), latents[i].f32(), l0.bytes());
+  }
+  save_safetensors(path, {{"latent", all}});
+  std::printf("wrote %s (latent f32 %s, NCHW, before dividing by the VAE scaling factor)\n", path.c_str(),
+              all.shape().str().c_str());
+}
+
 int run_generate(const GenOptions& o) {
   // Everything cheap is checked before the model loads.
   DF_CHECK(!(o.vae_tiling && o.no_vae_tiling), "--vae-tiling and --no-vae-tiling contradict each other: give one");
+  const std::vector<PromptLine> prompts = run_prompts(o);
+  const bool several = prompts.size() > 1;
   api::Request r;
   r.model = o.model;
-  r.prompt = o.prompt;
+  r.prompt = prompts[0].text;
   r.negative = o.negative;
   r.width = o.width_given ? o.width : 0;
   r.height = o.height_given ? o.height : 0;
@@ -296,8 +367,12 @@ int run_generate(const GenOptions& o) {
   r.controls = control_units(o);
   r.vae_tiling.mode = o.vae_tiling ? VAETiling::Mode::On : o.no_vae_tiling ? VAETiling::Mode::Off : VAETiling::Mode::Auto;
   if (o.vae_tile_size) r.vae_tiling.tile_px = o.vae_tile_size;
-  api::Engine::validate_settings(r, {!o.init.empty(), !o.mask.empty(), false});
-  check_output(o.out, o.batch, o.save_latent);
+  validate_prompts(r, prompts, o.prompt_file, {!o.init.empty(), !o.mask.empty(), false});
+  DF_CHECK(prompts.size() <= size_t(1000000 / o.batch), "--prompt-file ", o.prompt_file, ": ", prompts.size(),
+           " prompts x ", o.batch, " images is more than a million images");
+  const int images = int(prompts.size()) * o.batch;  // -b was checked: 1 or more
+  check_output(o.out, images, o.save_latent);
+  check_grid_output(o, images);
   DF_CHECK(o.preview_file.empty() || o.preview_every > 0, "--preview-file ", o.preview_file,
            ": give --preview-every N too (steps between previews)");
   std::string preview = o.preview_file;
@@ -343,7 +418,7 @@ int run_generate(const GenOptions& o) {
   eo.precision = o.precision;
   eo.weights = o.weights;
   eo.lora_dir = o.lora_dir;
-  eo.one_shot = true;
+  eo.one_shot = !several;  // several prompts: the model stays loaded between them
   api::Engine engine(eo);
   Progress progress(o.quiet);
   api::Callbacks cb;
@@ -355,8 +430,10 @@ int run_generate(const GenOptions& o) {
     return true;
   };
   // Each image is written as soon as it is decoded: a later failure in the batch loses nothing.
+  // Prompt k's images follow the earlier prompts' (out_<k * batch + i>.png).
+  int first_index = 0;
   cb.on_image = [&](const api::GeneratedImage& g, int i) {
-    const std::string path = batch_path(o.out, i);
+    const std::string path = batch_path(o.out, first_index + i);
     write_image_output(path, g.image);
     // With -o - standard output is the PNG: the note goes to stderr.
     std::fprintf(path == "-" ? stderr : stdout, "wrote %s (seed %llu)\n", path == "-" ? "standard output" : path.c_str(),
@@ -383,19 +460,43 @@ int run_generate(const GenOptions& o) {
         write_png(preview, taesd ? (*taesd)(latent, 0) : latent_preview(latent, 0, family));
     };
   }
-  api::RunResult res = engine.generate(r, cb);
+  // Several prompts: prompt k's images take the seeds after the earlier prompts' (seed + k × batch,
+  // as one long batch, and A1111's "iterate seed every line"); likewise a variation seed.
+  if (several && !r.seed) r.seed = api::random_seed();
+  if (several && r.subseed_strength > 0 && !r.subseed) r.subseed = api::random_seed();
+  const std::optional<uint64_t> seed0 = r.seed, subseed0 = r.subseed;
+  std::vector<Tensor> latents;
+  std::vector<Image> grid;
+  double generate_s = 0;
+  uint64_t run_seed = 0;
+  for (size_t k = 0; k < prompts.size(); ++k) {
+    const uint64_t offset = uint64_t(k) * uint64_t(o.batch);
+    r.prompt = prompts[k].text;
+    if (seed0) r.seed = *seed0 + offset;
+    if (subseed0) r.subseed = *subseed0 + offset;
+    first_index = int(offset);
+    if (several && !o.quiet)
+      std::fprintf(stderr, "prompt %zu/%zu (line %d): %s\n", k + 1, prompts.size(), prompts[k].line,
+                   prompts[k].text.c_str());
+    api::RunResult res = engine.generate(r, cb);
+    generate_s += res.generate_s;
+    if (k == 0) run_seed = res.seed;
+    for (api::GeneratedImage& g : res.images) {
+      if (!o.save_latent.empty()) latents.push_back(std::move(g.latent));
+      if (!o.grid.empty()) grid.push_back(std::move(g.image));
+    }
+  }
 
-  if (!o.save_latent.empty()) {
-    const Tensor& l0 = res.images[0].latent;
-    Tensor all = Tensor::empty({int64_t(res.images.size()), l0.dim(1), l0.dim(2), l0.dim(3)});
-    for (size_t i = 0; i < res.images.size(); ++i)
-      std::memcpy(all.f32() + int64_t(i) * l0.numel(), res.images[i].latent.f32(), l0.bytes());
-    save_safetensors(o.save_latent, {{"latent", all}});
-    std::printf("wrote %s (latent f32 %s, NCHW, before dividing by the VAE scaling factor)\n", o.save_latent.c_str(),
-                all.shape().str().c_str());
+  if (!o.save_latent.empty()) save_latents(o.save_latent, latents);
+  if (!o.grid.empty()) {
+    const Image g = image_grid(grid, o.grid_cols);
+    write_png(o.grid, g);
+    std::fprintf(o.out == "-" ? stderr : stdout, "wrote %s (grid of %zu images, %dx%d)\n", o.grid.c_str(), grid.size(),
+                 g.width, g.height);
+    std::fflush(stdout);
   }
   if (!o.quiet)
-    std::fprintf(stderr, "done in %.1f s (seed %llu)\n", res.generate_s, static_cast<unsigned long long>(res.seed));
+    std::fprintf(stderr, "done in %.1f s (seed %llu)\n", generate_s, static_cast<unsigned long long>(run_seed));
   return 0;
 }
 
@@ -406,9 +507,16 @@ Run add_generate_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("generate", "Generate images: txt2img, img2img (-i), inpainting (-i --mask)");
   cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_option("-m,--model", o->model, "model: .safetensors, .ckpt or a diffusers folder");
-  cmd->add_option("-p,--prompt", o->prompt, "prompt (A1111 weighting: (word:1.3), [word], BREAK)");
+  auto* popt = cmd->add_option("-p,--prompt", o->prompt, "prompt (A1111 weighting: (word:1.3), [word], BREAK)");
+  cmd->add_option("--prompt-file", o->prompt_file,
+                  "one prompt per line (blank lines and lines starting with # skipped) instead of -p: an image (or "
+                  "-b images) per prompt, same settings, prompt k from seed + k x batch; out.png, out_1.png, ...");
+  cmd->add_option("--grid", o->grid, "also write all the run's images (every prompt and batch image) as one PNG grid");
+  auto* gopt = cmd->add_option("--grid-cols", o->grid_cols, "columns of the --grid (default: ceil(sqrt(images)))");
   cmd->add_option("-n,--negative", o->negative, "negative prompt");
-  auto* wopt = cmd->add_option("-W,--width", o->width, "width in pixels, a multiple of 8 (default: the model's native size)");
+  auto* wopt = cmd->add_option("-W,--width", o->width,
+                               "width in pixels, a multiple of 8 (default: the model's native size: its "
+                               "modelspec.resolution metadata, else the family's)");
   auto* hopt = cmd->add_option("-H,--height", o->height, "height in pixels, a multiple of 8");
   cmd->add_option("--steps", o->steps, "sampling steps (default 20)");
   cmd->add_option("--cfg-scale", o->cfg, "classifier-free guidance scale (default 7; 1: no guidance)");
@@ -512,7 +620,9 @@ Run add_generate_command(CLI::App& app) {
   cmd->add_option("--taesd", o->taesd,
                   "TAESD decoder for full-size previews: a file (taesd_decoder.* / taesdxl_decoder.*, .pth or "
                   ".safetensors, or diffusers AutoencoderTiny) or a folder holding the model family's one");
-  return [o, wopt, hopt, sopt] {
+  return [o, wopt, hopt, sopt, popt, gopt] {
+    o->prompt_given = popt->count() > 0;
+    o->grid_cols_given = gopt->count() > 0;
     o->width_given = wopt->count() > 0;
     o->height_given = hopt->count() > 0;
     o->strength_given = sopt->count() > 0;

@@ -3,11 +3,15 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "models/sd_arch.h"
 #include "models/synthetic.h"
 #include "tools/commands.h"
 
@@ -35,6 +39,7 @@ namespace {
 
 struct SynthOptions {
   std::string manifest;
+  std::string arch;  // --arch: an SD 1.x architecture (JSON file, or "demo") instead of a manifest
   std::string layout;
   std::string out;
   std::string dtype = "f16";
@@ -49,16 +54,40 @@ DType parse_dtype(const std::string& s) {
   fail("--dtype '", s, "' is not f16, bf16 or f32");
 }
 
+// The architecture --arch names: "demo" (SdArch's defaults: the demo model's) or a JSON file.
+SdArch read_arch(const std::string& a) {
+  if (a == "demo") return SdArch{};
+  std::ifstream f(a, std::ios::binary);
+  DF_CHECK(f, a, ": cannot read the architecture file (give \"demo\" or a JSON file)");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return SdArch::from_json(ss.str(), a);
+}
+
 int run_synth(const SynthOptions& o) {
   const DType dtype = parse_dtype(o.dtype);
-  const std::string tsv = find_manifest(o.manifest, manifest_dirs());
-  const std::vector<ManifestRow> rows = read_manifest(tsv);
-  const std::string config = manifest_config_path(tsv);
+  DF_CHECK(o.manifest.empty() != o.arch.empty(), "synth: give exactly one of --manifest and --arch");
+  std::vector<ManifestRow> rows;
+  std::string source, config;
+  std::map<std::string, std::string> meta;
+  if (!o.arch.empty()) {
+    DF_CHECK(o.layout == "ldm", "--arch: writes the original single-file (ldm) layout only, not '", o.layout, "'");
+    const SdArch arch = read_arch(o.arch);
+    rows = sd1_ldm_rows(arch);
+    source = "architecture " + arch.to_json();
+    const std::string res = std::to_string(arch.resolution);
+    meta = {{"modelspec.resolution", res + "x" + res}, {"diffuse_architecture", arch.to_json()}};
+  } else {
+    const std::string tsv = find_manifest(o.manifest, manifest_dirs());
+    rows = read_manifest(tsv);
+    config = manifest_config_path(tsv);
+    source = tsv;
+  }
   if (!o.quiet)
-    std::fprintf(stderr, "synth: %s (%s layout, %s, seed %llu) -> %s\n", tsv.c_str(), o.layout.c_str(),
+    std::fprintf(stderr, "synth: %s (%s layout, %s, seed %llu) -> %s\n", source.c_str(), o.layout.c_str(),
                  dtype_name(dtype), static_cast<unsigned long long>(o.seed), o.out.c_str());
   auto t0 = std::chrono::steady_clock::now();
-  SynthStats s = write_synthetic_checkpoint(rows, o.layout, o.out, dtype, o.seed, config, !o.quiet);
+  SynthStats s = write_synthetic_checkpoint(rows, o.layout, o.out, dtype, o.seed, config, !o.quiet, meta);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("wrote %s: %lld tensors, %.3f B parameters, %.2f GB of %s data (%s layout, seed %llu) in %.1f s\n",
               o.out.c_str(), static_cast<long long>(s.tensors), double(s.parameters) / 1e9, double(s.bytes) / 1e9,
@@ -72,9 +101,12 @@ Run add_synth_command(CLI::App& app) {
   auto o = std::make_shared<SynthOptions>();
   CLI::App* cmd = app.add_subcommand(
       "synth", "Write a random-weight checkpoint with a real model's layout (for benchmarks; not a trained model)");
-  cmd->add_option("--manifest", o->manifest, "sd15, sd21, sdxl, or a layout manifest PATH.tsv")->required();
+  cmd->add_option("--manifest", o->manifest, "sd15, sd21, sdxl, or a layout manifest PATH.tsv");
+  cmd->add_option("--arch", o->arch,
+                  "instead of a manifest: an SD 1.x architecture at any widths, \"demo\" (the demo model's) or a "
+                  "JSON file (fields of src/models/sd_arch.h); weights initialised for training from scratch");
   cmd->add_option("--layout", o->layout, "ldm (one .safetensors file) or diffusers (a folder)")
-      ->required()
+      ->default_val("ldm")
       ->check(CLI::IsMember({"ldm", "diffusers"}));
   cmd->add_option("-o,--output", o->out, "output file (ldm) or folder (diffusers)")->required();
   cmd->add_option("--dtype", o->dtype, "f16 (default), bf16 or f32")->check(CLI::IsMember({"f16", "bf16", "f32"}));

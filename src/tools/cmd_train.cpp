@@ -95,11 +95,12 @@ void add_lora_command(CLI::App* train, std::shared_ptr<LoraFlags> f) {
 }  // namespace
 
 Run add_train_command(CLI::App& app) {
-  CLI::App* train = app.add_subcommand("train", "Train models: a LoRA or a full fine-tune on captioned images; checks against PyTorch references");
+  CLI::App* train = app.add_subcommand("train", "Train models: a LoRA, a full fine-tune or a VAE on (captioned) images; checks against PyTorch references");
   train->require_subcommand(1);
   auto lf = std::make_shared<LoraFlags>();
   add_lora_command(train, lf);
   const auto full = add_train_full_command(train);
+  const auto vae = add_train_vae_command(train);
   auto f = std::make_shared<CheckFlags>();
   CLI::App* check = train->add_subcommand(
       "check", "Run the training code on a reference's inputs (fp32) and write losses, gradients and AdamW steps "
@@ -117,8 +118,9 @@ Run add_train_command(CLI::App& app) {
                                                    "full fine-tuning gradients to write");
   check->add_option("-o,--output", f->opt.output, "Output .safetensors")->required();
   CLI::App* lora = train->get_subcommand("lora");
-  return [f, check, lf, lora, full]() -> int {
+  return [f, check, lf, lora, full, vae]() -> int {
     if (full.first->parsed()) return full.second();
+    if (vae.first->parsed()) return vae.second();
     if (check->parsed()) return run_check(*f);
     if (lora->parsed()) return run_lora(*lf);
     return 1;

@@ -42,6 +42,8 @@ std::pair<CLI::App*, Run> add_train_full_command(CLI::App* train) {
   c->get_option("--model")->description("Base model: a single-file checkpoint (.safetensors or .ckpt, original layout)");
   c->add_flag("--train-text-encoder,--train_text_encoder", f->o.train_text_encoder,
               "Also train the text encoder's layers (SD 1.x/2.x; its embeddings stay frozen)");
+  c->add_flag("--train-embeddings,--train_embeddings", f->o.train_embeddings,
+              "With --train-text-encoder: train its token and position embeddings too (a model trained from scratch)");
   c->add_option("--ema", f->ema,
                 "Keep an EMA of the weights with this decay in [0, 1) (after each step: ema = d*ema + (1-d)*w); the "
                 "checkpoint holds the EMA weights");

@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   track("train", diffuse::tools::add_train_command(app));
   track("serve", diffuse::tools::add_serve_command(app));
   track("upscale", diffuse::tools::add_upscale_command(app));
+  track("dataset", diffuse::tools::add_dataset_command(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -55,6 +55,7 @@ CheckpointWriteResult save_ldm_checkpoint(const std::string& path, const TensorF
     tensors.emplace_back(e.name, it != rebuilt.end() ? it->second : e.tensor);
   }
   std::map<std::string, std::string> meta = f.format == "safetensors" ? f.metadata : std::map<std::string, std::string>();
+  meta.erase("diffuse_synthetic");  // a random-init file's "not a trained model" note: trained now
   for (const auto& kv : metadata) meta[kv.first] = kv.second;
   save_safetensors(path, tensors, meta);
   return r;

@@ -35,7 +35,7 @@ void check_covers_unet(const SDModel& model, UNetTrainer& trainer) {
              " is not a trainable layer or norm parameter here (full fine-tuning would leave it frozen)");
 }
 
-FullParams make_params(SDModel& model, UNetTrainer& trainer, bool text_encoder, float te_lr_scale) {
+FullParams make_params(SDModel& model, UNetTrainer& trainer, bool text_encoder, bool embeddings, float te_lr_scale) {
   FullParams p;
   for (const std::string& n : trainable_names(model.unet.prepared(), model.unet.norms())) {
     Param& q = trainer.train_param(n);
@@ -51,6 +51,21 @@ FullParams make_params(SDModel& model, UNetTrainer& trainer, bool text_encoder, 
     p.all.push_back(p.te_owned.back().get());
     p.keys.push_back("text_encoder/" + n);
     p.te_values += p.te_owned.back()->value.numel();
+  }
+  if (!embeddings) return p;
+  const auto [tok, pos] = model.te.trainable_embeddings();
+  for (const auto& [name, t] : {std::pair<std::string, Tensor>{"text_model.embeddings.token_embedding.weight", tok},
+                                {"text_model.embeddings.position_embedding.weight", pos}}) {
+    auto q = std::make_unique<Param>();
+    q->name = name;
+    q->value = t;  // the tensor the encoder reads: updates apply at once
+    q->grad = Tensor::zeros(t.shape());
+    q->lr_scale = te_lr_scale;
+    trainer.grads().tables[t.data()] = q->grad;
+    p.te_values += t.numel();
+    p.all.push_back(q.get());
+    p.keys.push_back("text_encoder/" + name);
+    p.te_owned.push_back(std::move(q));
   }
   return p;
 }
@@ -80,7 +95,7 @@ std::map<std::string, std::string> checkpoint_metadata(const FullTrainOptions& o
   t["trainer"] = "diffuse train full", t["base_model"] = fs::path(o.model).filename().string();
   t["steps"] = step, t["max_steps"] = total, t["lr"] = o.lr, t["lr_scheduler"] = o.lr_schedule;
   t["batch"] = o.batch, t["seed"] = o.seed, t["resolution"] = resolution, t["precision"] = o.precision;
-  t["train_text_encoder"] = o.train_text_encoder;
+  t["train_text_encoder"] = o.train_text_encoder, t["train_embeddings"] = o.train_embeddings;
   if (o.ema >= 0) t["ema_decay"] = o.ema, t["ema_warmup"] = o.ema_warmup, t["weights"] = "ema";
   else t["weights"] = "trained";
   const std::string res = std::to_string(resolution);
@@ -129,12 +144,14 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
       false);
 
   const double te_lr = o.text_encoder_lr > 0 ? o.text_encoder_lr : o.lr;
-  FullParams params = make_params(*model, trainer, o.train_text_encoder, float(te_lr / o.lr));
+  DF_CHECK(!o.train_embeddings || o.train_text_encoder, "--train-embeddings: only with --train-text-encoder");
+  FullParams params = make_params(*model, trainer, o.train_text_encoder, o.train_embeddings, float(te_lr / o.lr));
   log("full fine-tuning: " + std::to_string(params.unet_count) + " UNet tensors (" +
           std::to_string(params.unet_values) + " values)" +
           (o.train_text_encoder ? ", " + std::to_string(params.all.size() - params.unet_count) +
                                       " text encoder tensors (" + std::to_string(params.te_values) +
-                                      " values; its token and position embeddings stay frozen) at lr " +
+                                      (o.train_embeddings ? " values, its embeddings included) at lr "
+                                                          : " values; its token and position embeddings stay frozen) at lr ") +
                                       fmt("%g", te_lr)
                                 : std::string()) +
           "; f32 master weights and AdamW moments",
@@ -158,7 +175,7 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
 
   const RunLength len = run_length(o, rd.data);
   nlohmann::json fp = run_fingerprint(o, rd.data, len.total, rd.dopt.resolution);
-  fp["trainer"] = "full", fp["ema"] = o.ema, fp["ema_warmup"] = o.ema_warmup;
+  fp["trainer"] = "full", fp["ema"] = o.ema, fp["ema_warmup"] = o.ema_warmup, fp["embeddings"] = o.train_embeddings;
   const std::string fingerprint = fp.dump();
   const std::string state_path = o.output + ".state.safetensors";
   int start_step = 0;

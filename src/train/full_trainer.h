@@ -23,6 +23,9 @@ struct FullTrainOptions : RunOptions {
   FullTrainOptions() { lr = 1e-5; }  // diffusers' full fine-tuning README (kohya's fine_tune: 2e-6)
   double ema = -1;          // EMA decay in [0, 1); < 0: no EMA
   bool ema_warmup = true;   // diffusers' default decay warmup (train/ema.h); false: constant decay
+  // With train_text_encoder: its token and position embeddings train too (a model trained from
+  // scratch; fine-tuning keeps them frozen, as diffusers and kohya do).
+  bool train_embeddings = false;
 };
 
 struct FullTrainResult {

@@ -86,4 +86,12 @@ inline std::string first_existing(const std::vector<std::string>& paths) {
   return "";
 }
 
+// The tiny SD 1.x fixture model: the shared reference folder's, else the copy in tests/data.
+inline std::string tiny_sd1() {
+  return first_existing({std::string(DIFFUSE_SHARED_DIR) + "/fixtures/sd1/model/tiny-sd1.safetensors",
+                         std::string(DIFFUSE_TEST_DATA) + "/sd1/model/tiny-sd1.safetensors"});
+}
+
+inline bool contains(const std::string& s, const std::string& what) { return s.find(what) != std::string::npos; }
+
 }  // namespace clitest

@@ -16,19 +16,9 @@
 namespace fs = std::filesystem;
 using namespace clitest;
 
-namespace {
-
-std::string sd1_model() {
-  return first_existing({std::string(DIFFUSE_SHARED_DIR) + "/fixtures/sd1/model/tiny-sd1.safetensors",
-                         std::string(DIFFUSE_TEST_DATA) + "/sd1/model/tiny-sd1.safetensors"});
-}
-
-bool has(const std::string& s, const std::string& what) { return s.find(what) != std::string::npos; }
-
-}  // namespace
 
 TEST(CliEmbeddings, GenerateInfoAndErrors) {
-  const std::string model = sd1_model();
+  const std::string model = tiny_sd1();
   if (model.empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
   const int64_t width =
       diffuse::open_model_file(model).find("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")->dim(1);
@@ -46,35 +36,35 @@ TEST(CliEmbeddings, GenerateInfoAndErrors) {
   args.insert(args.end(), {"-p", "a (shiny:1.2) cat", "-n", "embedding:missing"});
   Result r = run(args);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_TRUE(has(r.err, "embedding:missing")) << r.err;
-  EXPECT_TRUE(has(r.err, "textual inversion: shiny")) << r.err;
+  EXPECT_TRUE(contains(r.err, "embedding:missing")) << r.err;
+  EXPECT_TRUE(contains(r.err, "textual inversion: shiny")) << r.err;
   const std::string hash = diffuse::sha256_file((dir / "shiny.safetensors").string()).substr(0, 12);
   Result info = run({"info", out});
   ASSERT_EQ(info.exit_code, 0) << info.err;
-  EXPECT_TRUE(has(info.out, "TI hashes: \"shiny: " + hash + "\"")) << info.out;
+  EXPECT_TRUE(contains(info.out, "TI hashes: \"shiny: " + hash + "\"")) << info.out;
 
   Result list = run({"info", dir.string()});
   ASSERT_EQ(list.exit_code, 0) << list.err;
-  EXPECT_TRUE(has(list.out, "2 textual-inversion embeddings")) << list.out;
-  EXPECT_TRUE(has(list.out, "shiny: ")) << list.out;
-  EXPECT_TRUE(has(list.out, "xlonly: SDXL (clip_l 768 + clip_g 1280)")) << list.out;
+  EXPECT_TRUE(contains(list.out, "2 textual-inversion embeddings")) << list.out;
+  EXPECT_TRUE(contains(list.out, "shiny: ")) << list.out;
+  EXPECT_TRUE(contains(list.out, "xlonly: SDXL (clip_l 768 + clip_g 1280)")) << list.out;
 
   args = base;
   args.insert(args.end(), {"-p", "a xlonly cat"});
   r = run(args);
   EXPECT_EQ(r.exit_code, 1) << r.err;
-  EXPECT_TRUE(has(r.err, "xlonly.safetensors: an SDXL embedding")) << r.err;
+  EXPECT_TRUE(contains(r.err, "xlonly.safetensors: an SDXL embedding")) << r.err;
 
   args = base;
   args[12] = (dir / "absent").string();
   args.insert(args.end(), {"-p", "a cat"});
   r = run(args);
   EXPECT_EQ(r.exit_code, 1) << r.err;
-  EXPECT_TRUE(has(r.err, "--embeddings-dir")) << r.err;
+  EXPECT_TRUE(contains(r.err, "--embeddings-dir")) << r.err;
 }
 
 TEST(CliHires, TwoPassesAndBadSettings) {
-  const std::string model = sd1_model();
+  const std::string model = tiny_sd1();
   if (model.empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
   const fs::path dir = fs::path(temp_dir()) / "hires-cli";
   fs::create_directories(dir);
@@ -86,12 +76,12 @@ TEST(CliHires, TwoPassesAndBadSettings) {
                            "lanczos"});
   Result r = run(args);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_TRUE(has(r.err, "hires fix: 64x48 -> 96x72 (Lanczos), 2 steps at denoising strength 0.6")) << r.err;
+  EXPECT_TRUE(contains(r.err, "hires fix: 64x48 -> 96x72 (Lanczos), 2 steps at denoising strength 0.6")) << r.err;
   Result info = run({"info", out});
   ASSERT_EQ(info.exit_code, 0) << info.err;
-  EXPECT_TRUE(has(info.out, "size:     96x72")) << info.out;
-  EXPECT_TRUE(has(info.out, "Size: 64x48, ")) << info.out;
-  EXPECT_TRUE(has(info.out, "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos")) << info.out;
+  EXPECT_TRUE(contains(info.out, "size:     96x72")) << info.out;
+  EXPECT_TRUE(contains(info.out, "Size: 64x48, ")) << info.out;
+  EXPECT_TRUE(contains(info.out, "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos")) << info.out;
 
   const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
       {{"--hires-scale", "9"}, "--hires-scale 9"},
@@ -106,6 +96,6 @@ TEST(CliHires, TwoPassesAndBadSettings) {
     args.insert(args.end(), extra.begin(), extra.end());
     r = run(args);
     EXPECT_EQ(r.exit_code, 1) << want << "\n" << r.err;
-    EXPECT_TRUE(has(r.err, want)) << r.err;
+    EXPECT_TRUE(contains(r.err, want)) << r.err;
   }
 }

@@ -30,6 +30,7 @@
 #include "io/tensor_file.h"
 #include "models/name_map.h"
 #include "models/sd_model.h"
+#include "train/layer_params.h"
 #include "train/objective.h"
 #include "train/lora_network.h"
 #include "train/text_encoder_trainer.h"
@@ -91,6 +92,49 @@ void check_direction(const std::string& what, Tensor value, Tensor grad, const s
   EXPECT_LT(rounding, 1e-2 * gnorm) << what << ": the finite difference cannot resolve this gradient";
   EXPECT_LE(std::abs(fd - gnorm), tol) << what;
 }
+
+double dot(const Tensor& a, const Tensor& b) {
+  double s = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) s += double(a.f32()[i]) * b.f32()[i];
+  return s;
+}
+
+// The tiny model's text encoder with its layers registered for training (in `grads`), two rows of
+// 77 token ids drawn from [0, id_range) and a loss reading the last hidden state and the
+// penultimate one through fixed random weights.
+struct TeProbe {
+  ClipTextModel& te;
+  Backend& be;
+  Grads grads;
+  std::vector<std::vector<int>> ids;
+  Tensor G1, G2;
+  Arena arena;
+  TeProbe(SDModel& model, Backend& be_, std::mt19937& rng, int id_range) : te(model.te), be(be_) {
+    const TensorFile f = open_model_file(kModel);
+    const WeightStore store = component_weights(f, Component::TextEncoder, model.family);
+    register_layers(grads, te.prepared(), te.norms(), store);
+    ids.assign(2, std::vector<int>(77));
+    std::uniform_int_distribution<int> tok(0, id_range - 1);
+    for (auto& r : ids)
+      for (int& v : r) v = tok(rng);
+    const int64_t W = te.config().width;
+    G1 = randn({2, 77, W}, rng), G2 = randn({2, 77, W}, rng);
+  }
+  Ctx ctx() { return Ctx{be, arena, DType::F32, nullptr, &grads}; }
+  double loss() {
+    Ctx c = ctx();
+    ClipTextModel::Output o = te.forward(c, ids);
+    arena.reset();
+    return dot(o.last_hidden, G1) + dot(o.penultimate, G2);
+  }
+  void backward() {
+    Ctx c = ctx();
+    ClipTextModel::Trace trace;
+    te.forward_train(c, ids, 0, trace);
+    te.backward(c, trace, G1, G2, Tensor());
+    arena.reset();
+  }
+};
 
 std::string first_with(const PreparedIndex& idx, const std::string& part, bool last = false) {
   std::string found;
@@ -189,29 +233,10 @@ TEST(TrainGrad, TextEncoderParametersMatchFiniteDifferences) {
   if (!t.model) GTEST_SKIP() << "tiny sd1 model not found: " << kModel;
   ClipTextModel& te = t.model->te;
   const ClipTextConfig& cfg = te.config();
-  Grads grads;
-  const TensorFile f = open_model_file(kModel);
-  const WeightStore store = component_weights(f, Component::TextEncoder, t.model->family);
-  register_layers(grads, te.prepared(), te.norms(), store);
   std::mt19937 rng(11);
-  // Two rows of 77 token ids; the loss reads the last hidden state and the penultimate one.
-  std::vector<std::vector<int>> ids(2, std::vector<int>(77));
-  std::uniform_int_distribution<int> tok(0, cfg.vocab - 1);
-  for (auto& r : ids)
-    for (int& v : r) v = tok(rng);
-  const Tensor G1 = randn({2, 77, int64_t(cfg.width)}, rng), G2 = randn({2, 77, int64_t(cfg.width)}, rng);
-  Arena arena;
-  Ctx c{*t.be, arena, DType::F32, nullptr, &grads};
-  auto dot = [](const Tensor& a, const Tensor& b) {
-    double s = 0;
-    for (int64_t i = 0; i < a.numel(); ++i) s += double(a.f32()[i]) * b.f32()[i];
-    return s;
-  };
-  auto loss = [&] {
-    ClipTextModel::Output o = te.forward(c, ids);
-    arena.reset();
-    return dot(o.last_hidden, G1) + dot(o.penultimate, G2);
-  };
+  TeProbe probe(*t.model, *t.be, rng, cfg.vocab);
+  Grads& grads = probe.grads;
+  auto loss = [&] { return probe.loss(); };
   // A LoRA adapter on a key projection (rank 3, scale 0.5).
   const PreparedIndex& prep = te.prepared();
   const std::string kname = first_with(prep, "self_attn.k_proj");
@@ -249,10 +274,7 @@ TEST(TrainGrad, TextEncoderParametersMatchFiniteDifferences) {
       targets.push_back({n + " (beta)", e.beta, np->gbeta, nullptr});
     }
   }
-  ClipTextModel::Trace trace;
-  te.forward_train(c, ids, 0, trace);
-  te.backward(c, trace, G1, G2, Tensor());
-  arena.reset();
+  probe.backward();
   for (Target& tg : targets) {
     const PreparedEntry* e = tg.layer;
     auto apply = [&] {
@@ -266,6 +288,80 @@ TEST(TrainGrad, TextEncoderParametersMatchFiniteDifferences) {
   check_direction("te lora up " + kname, a.up, a.gup, [] {}, loss, rng);
 }
 
+
+// The token and position embeddings (trained when a model is trained from scratch): their rows'
+// gradients are the scatter-add of the embedding output's gradient.
+TEST(TrainGrad, TextEncoderEmbeddingsMatchFiniteDifferences) {
+  Tiny t;
+  if (!t.model) GTEST_SKIP() << "tiny sd1 model not found: " << kModel;
+  ClipTextModel& te = t.model->te;
+  const ClipTextConfig& cfg = te.config();
+  // Ids from a small range, several repeated (their rows sum the gradients of every use).
+  constexpr int kUsed = 40;
+  std::mt19937 rng(12);
+  TeProbe probe(*t.model, *t.be, rng, kUsed);
+  const auto [tok, pos] = te.trainable_embeddings();
+  Tensor gtok = Tensor::zeros(tok.shape()), gpos = Tensor::zeros(pos.shape());
+  probe.grads.tables[tok.data()] = gtok;
+  probe.grads.tables[pos.data()] = gpos;
+  auto loss = [&] { return probe.loss(); };
+  probe.backward();
+  // Rows past the used ids get nothing.
+  double unused = 0;
+  for (int64_t i = int64_t(kUsed) * cfg.width; i < gtok.numel(); ++i) unused += std::fabs(gtok.f32()[i]);
+  EXPECT_EQ(unused, 0.0);
+  check_direction("te token_embedding (used rows)", tok.slice0(0, kUsed), gtok.slice0(0, kUsed), [] {}, loss, rng);
+  check_direction("te position_embedding", pos, gpos, [] {}, loss, rng);
+}
+
+// The VAE's training pass (encoder, posterior sample, decoder) for parameters of every kind, with a
+// loss reading the reconstruction and the posterior's mean and log-variance.
+TEST(TrainGrad, VaeParametersMatchFiniteDifferences) {
+  if (!std::filesystem::exists(kModel)) GTEST_SKIP() << "tiny sd1 model not found: " << kModel;
+  auto be = make_cpu_backend(Precision::F32);
+  SDLoadOptions lo;
+  lo.text_encoders = false, lo.unet = false, lo.vae_training = true;
+  std::unique_ptr<SDModel> model = SDModel::load(kModel, *be, lo);
+  VAE& vae = model->vae;
+  Grads grads;
+  const TensorFile f = open_model_file(kModel);
+  const WeightStore store = component_weights(f, Component::VAE, model->family);
+  register_layers(grads, vae.prepared(), vae.norms(), store);
+  std::mt19937 rng(13);
+  const Tensor x = randn({2, 32, 32, 3}, rng, 0.5f), eps = randn({2, 4, 4, 4}, rng);
+  const Tensor G = randn({2, 32, 32, 3}, rng), Gm = randn({2, 4, 4, 4}, rng), Gl = randn({2, 4, 4, 4}, rng, 0.3f);
+  Arena arena;
+  Ctx c{*be, arena, DType::F32, nullptr, &grads};
+  auto loss = [&] {
+    VAE::TrainPass pass;
+    const Tensor r = vae.forward_train(c, x, eps, pass);
+    const double l = dot(r, G) + dot(pass.mean, Gm) + dot(pass.logvar, Gl);
+    arena.reset();
+    return l;
+  };
+  const std::vector<std::string> names = {"encoder.conv_in.weight",
+                                          "encoder.down_blocks.0.resnets.0.conv1.weight",
+                                          "encoder.down_blocks.0.downsamplers.0.conv.weight",
+                                          "encoder.down_blocks.2.resnets.0.conv_shortcut.weight",
+                                          "encoder.mid_block.attentions.0.to_q.weight",
+                                          "encoder.mid_block.attentions.0.to_v.bias",
+                                          "quant_conv.weight",
+                                          "post_quant_conv.bias",
+                                          "decoder.mid_block.attentions.0.to_out.0.weight",
+                                          "decoder.up_blocks.1.upsamplers.0.conv.weight",
+                                          "decoder.up_blocks.3.resnets.1.norm1.weight",
+                                          "decoder.conv_norm_out.bias",
+                                          "decoder.conv_out.weight"};
+  std::vector<std::unique_ptr<Param>> params;
+  for (const std::string& n : names) params.push_back(make_trainable(grads, vae.prepared(), vae.norms(), n, "VAE"));
+  VAE::TrainPass pass;
+  vae.forward_train(c, x, eps, pass);
+  vae.backward(c, pass, G, Gm, Gl);
+  arena.reset();
+  for (size_t i = 0; i < params.size(); ++i)
+    check_direction("vae " + names[i], params[i]->value, params[i]->grad,
+                    [&] { reprepare(*be, grads, vae.prepared(), names[i]); }, loss, rng);
+}
 
 // Without gradient checkpointing the forward keeps every block's intermediates and the backward
 // recomputes nothing: the same kernels on the same inputs, so the loss, the parameter gradients

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include <oneapi/dnnl/dnnl.h>
@@ -317,49 +318,109 @@ void CpuBackend::group_norm_backward(const Tensor& x, const Tensor& gamma, const
   if (dbeta) need_shape(op, "dbeta", *dbeta, Shape{C});
   const float *X = x.f32(), *G = gamma.f32(), *Bt = beta.f32(), *DY = dy.f32();
   float* DX = dx.f32();
-  // Per sample partial dgamma/dbeta rows (reduced below): tasks are (sample, group) pairs.
-  std::vector<double> pg(size_t(N * C), 0.0), pb(size_t(N * C), 0.0);
+  // Each sample's rows are cut into chunks; a task is a (sample, chunk) pair, so that any batch
+  // size keeps every thread busy. Every pass walks rows contiguously (inner loop over channels)
+  // and sums per channel in double; groups are formed from the channel sums.
+  constexpr int64_t kRows = 64;
+  const int64_t chunks = (S + kRows - 1) / kRows, tasks = N * chunks;
   const double M = double(S * Cg);
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t ng = 0; ng < N * groups; ++ng) {
-    const int64_t n = ng / groups, c0 = (ng % groups) * Cg;
-    const float* xs = X + n * S * C;
-    double sum = 0, sq = 0;
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < Cg; ++j) sum += xs[s * C + c0 + j];
-    const double mean = sum / M;
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < Cg; ++j) {
-        const double d = xs[s * C + c0 + j] - mean;
-        sq += d * d;
+  std::vector<double> acc(size_t(tasks * C)), acc2(size_t(tasks * C));
+  std::vector<float> mc(size_t(N * C)), rc(size_t(N * C)), ac(size_t(N * C)), bc(size_t(N * C));
+  std::vector<double> pg(size_t(N * C)), pb(size_t(N * C));
+  auto for_tasks = [&](const auto& body) {  // body(n, s0, s1, acc row, acc2 row)
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / chunks, s0 = (t % chunks) * kRows;
+      double* a = acc.data() + t * C;
+      double* a2 = acc2.data() + t * C;
+      std::fill(a, a + C, 0.0);
+      std::fill(a2, a2 + C, 0.0);
+      body(n, s0, std::min(S, s0 + kRows), a, a2);
+    }
+  };
+  // Σ over the chunks of sample n, per channel, of acc (or acc2).
+  auto sample_sum = [&](const std::vector<double>& v, int64_t n, int64_t c) {
+    double r = 0;
+    for (int64_t k = 0; k < chunks; ++k) r += v[size_t((n * chunks + k) * C + c)];
+    return r;
+  };
+  // A per-channel value for each group of sample n, from per-channel sums: f(Σ_{c in g} sum(c)).
+  auto per_group = [&](int64_t n, const std::function<double(int64_t c)>& sum, const std::function<float(double)>& f,
+                       std::vector<float>& out) {
+    for (int64_t g = 0; g < groups; ++g) {
+      double s = 0;
+      for (int64_t j = 0; j < Cg; ++j) s += sum(g * Cg + j);
+      const float v = f(s);
+      for (int64_t j = 0; j < Cg; ++j) out[size_t(n * C + g * Cg + j)] = v;
+    }
+  };
+  // 1. Group means.
+  for_tasks([&](int64_t n, int64_t s0, int64_t s1, double* a, double*) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* r = X + (n * S + s) * C;
+      for (int64_t c = 0; c < C; ++c) a[c] += r[c];
+    }
+  });
+  for (int64_t n = 0; n < N; ++n)
+    per_group(n, [&](int64_t c) { return sample_sum(acc, n, c); }, [&](double s) { return float(s / M); }, mc);
+  // 2. Group variances (of x − mean) -> rstd.
+  for_tasks([&](int64_t n, int64_t s0, int64_t s1, double* a, double*) {
+    const float* m = mc.data() + n * C;
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* r = X + (n * S + s) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = double(r[c]) - double(m[c]);
+        a[c] += d * d;
       }
-    const double rstd = 1.0 / std::sqrt(sq / M + double(eps));
-    // dz = dL/d(affine output); dxhat = dz·gamma. Two sums give dx.
-    auto dz_at = [&](int64_t s, int64_t c, double xhat) {
-      const double d = DY[n * S * C + s * C + c];
-      if (!fused_silu) return d;
-      const double z = double(G[c]) * xhat + double(Bt[c]);
-      const double sg = sigmoid(z);
-      return d * sg * (1.0 + z * (1.0 - sg));
-    };
-    double s1 = 0, s2 = 0;
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < Cg; ++j) {
-        const int64_t c = c0 + j;
-        const double xhat = (xs[s * C + c] - mean) * rstd, dz = dz_at(s, c, xhat), dxh = dz * G[c];
-        s1 += dxh;
-        s2 += dxh * xhat;
-        pg[size_t(n * C + c)] += dz * xhat;
-        pb[size_t(n * C + c)] += dz;
+    }
+  });
+  for (int64_t n = 0; n < N; ++n)
+    per_group(n, [&](int64_t c) { return sample_sum(acc, n, c); },
+              [&](double s) { return float(1.0 / std::sqrt(s / M + double(eps))); }, rc);
+  // 3. dz = dL/d(affine output) (through the SiLU when fused), kept in dx; per channel Σ dz·x̂ and Σ dz.
+  for_tasks([&](int64_t n, int64_t s0, int64_t s1, double* a, double* a2) {
+    const float* m = mc.data() + n * C;
+    const float* rs = rc.data() + n * C;
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t o = (n * S + s) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float xhat = (X[o + c] - m[c]) * rs[c];
+        float dz = DY[o + c];
+        if (fused_silu) {
+          const float z = G[c] * xhat + Bt[c], sg = 1.0f / (1.0f + std::exp(-z));
+          dz *= sg * (1.0f + z * (1.0f - sg));
+        }
+        DX[o + c] = dz;
+        a[c] += double(dz) * double(xhat);
+        a2[c] += double(dz);
       }
-    s1 /= M, s2 /= M;
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < Cg; ++j) {
-        const int64_t c = c0 + j;
-        const double xhat = (xs[s * C + c] - mean) * rstd, dxh = dz_at(s, c, xhat) * G[c];
-        DX[n * S * C + s * C + c] = float(rstd * (dxh - s1 - xhat * s2));
-      }
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      pg[size_t(n * C + c)] = sample_sum(acc, n, c);
+      pb[size_t(n * C + c)] = sample_sum(acc2, n, c);
+    }
+    // dx = rstd·(γ·dz − A/M − x̂·B/M), A = Σ_group γ·dz, B = Σ_group γ·dz·x̂
+    per_group(n, [&](int64_t c) { return double(G[c]) * pb[size_t(n * C + c)]; }, [&](double s) { return float(s / M); },
+              ac);
+    per_group(n, [&](int64_t c) { return double(G[c]) * pg[size_t(n * C + c)]; }, [&](double s) { return float(s / M); },
+              bc);
   }
+  // 4. dx.
+  for_tasks([&](int64_t n, int64_t s0, int64_t s1, double*, double*) {
+    const float* m = mc.data() + n * C;
+    const float* rs = rc.data() + n * C;
+    const float* A = ac.data() + n * C;
+    const float* Bv = bc.data() + n * C;
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t o = (n * S + s) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float xhat = (X[o + c] - m[c]) * rs[c];
+        DX[o + c] = rs[c] * (G[c] * DX[o + c] - A[c] - xhat * Bv[c]);
+      }
+    }
+  });
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) {
       if (dgamma) dgamma->f32()[c] += float(pg[size_t(n * C + c)]);

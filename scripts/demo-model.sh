@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# `make demo-model`: trains the bundled demo model from nothing, with diffuse's own code only:
+#   1. a generated dataset of coloured shapes with captions (diffuse dataset shapes),
+#   2. random SD 1.x-architecture weights at small widths (diffuse synth --arch demo),
+#   3. the VAE as an autoencoder on the images (diffuse train vae),
+#   4. the text encoder (embeddings included) and the UNet together on the noise-prediction
+#      objective (diffuse train full --train-text-encoder --train-embeddings),
+# then copies the result to data/models/. Every stage is resumable: run it again after an
+# interruption and it continues from the last saved state (WORK keeps everything; delete it to
+# start over). Set JOBS-independent knobs through the environment:
+#   WORK (build/demo-model), COUNT (images), VAE_STEPS, STEPS, BATCH, SEED.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=build/bin/diffuse
+WORK=${WORK:-build/demo-model}
+COUNT=${COUNT:-20000}
+SIZE=64
+SEED=${SEED:-1}
+VAE_STEPS=${VAE_STEPS:-3000}
+VAE_BATCH=${VAE_BATCH:-16}
+STEPS=${STEPS:-12000}
+BATCH=${BATCH:-48}
+LR=${LR:-3e-4}
+OUT=${OUT:-data/models/diffuse-shapes-64.safetensors}
+mkdir -p "$WORK"
+log() { echo "== $(date -u +%H:%M:%S) $*"; }
+start=$(date +%s)
+
+# 1. Dataset (deterministic for the seed; the held-out compositions are listed in heldout.txt).
+if [ ! -f "$WORK/shapes/.complete" ]; then
+  log "dataset: $COUNT captioned ${SIZE}x$SIZE images -> $WORK/shapes"
+  rm -rf "$WORK/shapes"
+  "$bin" dataset shapes --count "$COUNT" --size "$SIZE" --seed "$SEED" -o "$WORK/shapes"
+  touch "$WORK/shapes/.complete"
+fi
+
+# 2. Random initial weights (f32) with the demo architecture (src/models/sd_arch.h).
+if [ ! -f "$WORK/init.safetensors" ]; then
+  log "init: random weights -> $WORK/init.safetensors"
+  "$bin" synth --arch demo --dtype f32 --seed "$SEED" -q -o "$WORK/init.safetensors"
+fi
+
+# A stage's --resume flag when its state file exists.
+resume_flag() { [ -f "$1.state.safetensors" ] && echo "--resume $1.state.safetensors" || true; }
+
+# 3. The VAE.
+if [ ! -f "$WORK/vae.done" ]; then
+  log "VAE: $VAE_STEPS steps, batch $VAE_BATCH -> $WORK/vae.safetensors"
+  # shellcheck disable=SC2046
+  "$bin" train vae -m "$WORK/init.safetensors" --data "$WORK/shapes" -o "$WORK/vae.safetensors" \
+    --resolution "$SIZE" --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 2e-4 --save-precision float \
+    --save-every 250 --seed "$SEED" $(resume_flag "$WORK/vae.safetensors")
+  touch "$WORK/vae.done"
+fi
+
+# 4. Text encoder + UNet on the noise-prediction objective (10% empty captions for
+#    classifier-free guidance, min-SNR-5 weighting, EMA of the weights).
+if [ ! -f "$WORK/model.done" ]; then
+  log "text encoder + UNet: $STEPS steps, batch $BATCH -> $WORK/model.safetensors"
+  # shellcheck disable=SC2046
+  "$bin" train full -m "$WORK/vae.safetensors" --data "$WORK/shapes" -o "$WORK/model.safetensors" \
+    --resolution "$SIZE" --steps "$STEPS" --batch "$BATCH" --lr "$LR" --lr-scheduler cosine --lr-warmup-steps 300 \
+    --train-text-encoder --train-embeddings --caption-dropout 0.1 --min-snr-gamma 5 --ema 0.999 \
+    --save-precision fp16 --save-every 500 --seed "$SEED" \
+    $(resume_flag "$WORK/model.safetensors")
+  touch "$WORK/model.done"
+fi
+
+mkdir -p "$(dirname "$OUT")"
+cp "$WORK/model.safetensors" "$OUT.tmp" && mv "$OUT.tmp" "$OUT"
+for f in vae.safetensors.loss.png model.safetensors.loss.png vae.safetensors.recon.png; do
+  [ -f "$WORK/$f" ] && cp "$WORK/$f" "data/models/${f/.safetensors/}"
+done
+log "done in $(( $(date +%s) - start )) s (this invocation): $OUT ($(stat -c %s "$OUT") bytes)"
+"$bin" info "$OUT"

@@ -1,0 +1,52 @@
+// The tensors of an SD 1.x-architecture model at any widths, in the original single-file (ldm)
+// layout: what `diffuse synth --arch` writes as the starting point of a model trained from
+// scratch (the demo model, `make demo-model`). The loader detects such a file as SD 1.x like any
+// other (names decide the family; widths, levels and depths come from the shapes).
+//
+// Fixed by the SD 1.x conventions the loader assumes for a single file: the text encoder is CLIP
+// with quick_gelu and head dim 64 (heads = width / 64), the UNet's transformers have 8 heads and
+// 1×1-conv proj_in/out, GroupNorms have 32 groups (every width a multiple of 32), the VAE has one
+// attention layer in each mid block and 4 latent channels by default.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "models/synthetic.h"
+
+namespace diffuse {
+
+struct SdArch {
+  // UNet (UNet2DConditionModel): widths per level, cross-attention per level, resnets per down level
+  // (up levels: one more), transformer depth.
+  std::vector<int> unet_channels = {64, 96, 96};
+  std::vector<bool> unet_attention = {true, true, false};
+  int unet_layers = 1;
+  int unet_depth = 1;
+  // VAE (AutoencoderKL): widths per level (the image shrinks 2^(levels-1) times), resnets per encoder level.
+  std::vector<int> vae_channels = {32, 32, 64, 64};
+  int vae_layers = 1;
+  int latent_channels = 4;
+  // Text encoder (CLIPTextModel): width (a multiple of 64), layers, MLP width, vocabulary, positions.
+  int text_width = 64;
+  int text_layers = 4;
+  int text_intermediate = 256;
+  int vocab = 49408;
+  int positions = 77;
+  // Native image size (written as the file's modelspec.resolution).
+  int resolution = 64;
+
+  // Throws diffuse::Error naming the first field that is out of range.
+  void validate() const;
+  // From a JSON object with any of the fields above (names as here); throws naming `origin` and
+  // the field. Missing fields keep their defaults.
+  static SdArch from_json(const std::string& text, const std::string& origin);
+  std::string to_json() const;
+};
+
+// The ldm-layout rows (layout "ldm", components "unet", "vae", "text_encoder") of every tensor of
+// a model with this architecture. Rows whose module the original code zero-initialises (ldm's
+// zero_module: each UNet resnet's last conv, each transformer's proj_out, the UNet's output conv)
+// have zero_init set.
+std::vector<ManifestRow> sd1_ldm_rows(const SdArch& a);
+
+}  // namespace diffuse
