@@ -16,9 +16,9 @@ WORK=${WORK:-build/demo-model}
 COUNT=${COUNT:-20000}
 SIZE=64
 SEED=${SEED:-1}
-VAE_STEPS=${VAE_STEPS:-3000}
+VAE_STEPS=${VAE_STEPS:-2000}
 VAE_BATCH=${VAE_BATCH:-16}
-STEPS=${STEPS:-12000}
+STEPS=${STEPS:-5000}
 BATCH=${BATCH:-48}
 LR=${LR:-3e-4}
 OUT=${OUT:-data/models/diffuse-shapes-64.safetensors}
@@ -48,7 +48,7 @@ if [ ! -f "$WORK/vae.done" ]; then
   log "VAE: $VAE_STEPS steps, batch $VAE_BATCH -> $WORK/vae.safetensors"
   # shellcheck disable=SC2046
   "$bin" train vae -m "$WORK/init.safetensors" --data "$WORK/shapes" -o "$WORK/vae.safetensors" \
-    --resolution "$SIZE" --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 2e-4 --save-precision float \
+    --resolution "$SIZE" --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 5e-4 --save-precision float \
     --save-every 250 --seed "$SEED" $(resume_flag "$WORK/vae.safetensors")
   touch "$WORK/vae.done"
 fi

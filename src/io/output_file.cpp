@@ -166,7 +166,7 @@ struct TempFile {
 
 // A regular or new file: temporary file in the same folder, then rename over the target.
 void replace_atomically(const std::string& path, const std::string& target, const struct stat* old,
-                        const std::function<void(FILE*)>& writer) {
+                        const std::function<void(FILE*)>& writer, WriteSync sync) {
   std::string dir = dir_of(target), base = base_of(target);
   if (base.empty() || target.back() == '/') fail_write(path, EISDIR);  // "name/" that does not exist
 
@@ -204,7 +204,8 @@ void replace_atomically(const std::string& path, const std::string& target, cons
     fail_write(path, e);
   }
   int err = run_writer(tmp.file.f, writer);
-  if (!err && ::fsync(::fileno(tmp.file.f)) != 0 && errno != EINVAL && errno != EROFS) err = errno;
+  if (!err && sync == WriteSync::Each && ::fsync(::fileno(tmp.file.f)) != 0 && errno != EINVAL && errno != EROFS)
+    err = errno;
   int close_err = tmp.file.close();
   if (!err) err = close_err;
   if (!err && std::rename(tmp.name.c_str(), target.c_str()) != 0) err = errno;
@@ -213,6 +214,7 @@ void replace_atomically(const std::string& path, const std::string& target, cons
   clear_pending();
 
   // Make the rename itself durable (best effort: some file systems refuse fsync on folders).
+  if (sync == WriteSync::Later) return;
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     (void)::fsync(dfd);
@@ -222,7 +224,9 @@ void replace_atomically(const std::string& path, const std::string& target, cons
 
 }  // namespace
 
-void write_file_safely(const std::string& path, const std::function<void(FILE*)>& writer) {
+namespace {
+
+void write_safely(const std::string& path, const std::function<void(FILE*)>& writer, WriteSync sync) {
   DF_CHECK(!path.empty(), "cannot write: no file name given (the path is empty)");
   // A device or FIFO is opened through the path as given: the kernel follows every link,
   // including /proc "magic" links such as /dev/stdout -> /proc/self/fd/1 -> pipe:[1234], which
@@ -238,13 +242,34 @@ void write_file_safely(const std::string& path, const std::function<void(FILE*)>
     write_in_place(path, target, writer);
     return;
   }
-  replace_atomically(path, target, exists ? &st : nullptr, writer);
+  replace_atomically(path, target, exists ? &st : nullptr, writer, sync);
+}
+
+}  // namespace
+
+void write_file_safely(const std::string& path, const std::function<void(FILE*)>& writer) {
+  write_safely(path, writer, WriteSync::Each);
 }
 
 void write_file_safely(const std::string& path, const void* data, size_t size) {
-  write_file_safely(path, [&](FILE* f) {
-    if (size > 0) std::fwrite(data, 1, size, f);
-  });
+  write_file_safely(path, data, size, WriteSync::Each);
+}
+
+void write_file_safely(const std::string& path, const void* data, size_t size, WriteSync sync) {
+  write_safely(
+      path,
+      [&](FILE* f) {
+        if (size > 0) std::fwrite(data, 1, size, f);
+      },
+      sync);
+}
+
+void sync_written_files(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) fail(dir, ": cannot sync: ", std::strerror(errno));
+  const int r = ::syncfs(fd), e = errno;
+  ::close(fd);
+  if (r != 0) fail(dir, ": cannot sync: ", std::strerror(e));
 }
 
 void check_output_writable(const std::string& path, const std::string& what) {

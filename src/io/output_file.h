@@ -25,6 +25,15 @@ namespace diffuse {
 
 void write_file_safely(const std::string& path, const void* data, size_t size);
 
+// For many files in one go (a generated dataset): WriteSync::Later skips the per-file fsync of the
+// temporary file and of its folder (each file still appears complete or not at all, through the
+// rename); the writer calls sync_written_files once at the end to make them all durable.
+enum class WriteSync { Each, Later };
+void write_file_safely(const std::string& path, const void* data, size_t size, WriteSync sync);
+// Flushes the file system holding `dir` (syncfs), e.g. after writes with WriteSync::Later.
+// Throws diffuse::Error "<dir>: cannot sync: <reason>".
+void sync_written_files(const std::string& dir);
+
 // Streaming form: `writer` writes the whole content to the FILE* it is given (the temporary file,
 // or the special file opened in place) with stdio calls. It may stop early after a failed write:
 // write_file_safely checks ferror() afterwards. An exception from `writer` removes the temporary

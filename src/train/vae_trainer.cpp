@@ -124,9 +124,10 @@ struct Run {
     return s / double(x.numel());
   }
 
-  // The standard deviation of the posterior means over up to `limit` images.
-  double latent_std(size_t limit) {
-    double s = 0, s2 = 0;
+  // Per latent channel: the mean and standard deviation of the posterior means over up to `limit` images.
+  void latent_stats(size_t limit, std::vector<double>& mean, std::vector<double>& sd) {
+    const int64_t L = model.vae_cfg.latent_channels, f = model.vae_cfg.downscale();
+    std::vector<double> s(static_cast<size_t>(L), 0.0), s2(static_cast<size_t>(L), 0.0);
     int64_t count = 0;
     const size_t n = std::min(limit, data.items.size());
     for (size_t b = 0; b < n; b += size_t(o.batch)) {
@@ -135,34 +136,44 @@ struct Run {
       Tensor x = load_batch(data, idx);
       Ctx c = ctx();
       VAE::TrainPass pass;
-      const int64_t f = model.vae_cfg.downscale();
-      Tensor eps = Tensor::zeros({x.dim(0), x.dim(1) / f, x.dim(2) / f, int64_t(model.vae_cfg.latent_channels)});
-      model.vae.forward_train(c, x, eps, pass);
+      model.vae.forward_train(c, x, Tensor::zeros({x.dim(0), x.dim(1) / f, x.dim(2) / f, L}), pass);
       for (int64_t i = 0; i < pass.mean.numel(); ++i) {
         const double v = pass.mean.f32()[i];
-        s += v, s2 += v * v, ++count;
+        s[size_t(i % L)] += v, s2[size_t(i % L)] += v * v;
       }
+      count += pass.mean.numel() / L;
       arena.reset();
     }
-    const double mean = s / double(count);
-    return std::sqrt(std::max(0.0, s2 / double(count) - mean * mean));
+    mean.resize(size_t(L)), sd.resize(size_t(L));
+    for (size_t j = 0; j < size_t(L); ++j) {
+      mean[j] = s[j] / double(count);
+      sd[j] = std::sqrt(std::max(0.0, s2[j] / double(count) - mean[j] * mean[j]));
+    }
   }
 };
 
-// quant_conv's mean half ×k and log-variance bias +2 ln k, post_quant_conv's weights ÷k.
-void rescale_latents(const VaeParams& p, int64_t L, double k) {
+// z' = k·(z − m) per latent channel c (k = target / std_c, m = mean_c), exactly: quant_conv's mean
+// half ×k with its bias (b − m)·k, the log-variance bias + 2·ln k; post_quant_conv (its input is
+// z = z'/k + m) weights ÷k per input channel and its bias + W·m.
+void rescale_latents(const VaeParams& p, int64_t L, const std::vector<double>& m, const std::vector<double>& k) {
   Param* qw = p.find("quant_conv.weight");
   Param* qb = p.find("quant_conv.bias");
   Param* pw = p.find("post_quant_conv.weight");
+  Param* pb = p.find("post_quant_conv.bias");
   const int64_t in = qw->value.numel() / (2 * L);
-  for (int64_t o = 0; o < L; ++o) {
-    for (int64_t i = 0; i < in; ++i) qw->value.f32()[o * in + i] *= float(k);
-    qb->value.f32()[o] *= float(k);
-    qb->value.f32()[L + o] += float(2.0 * std::log(k));
+  for (int64_t c = 0; c < L; ++c) {
+    for (int64_t i = 0; i < in; ++i) qw->value.f32()[c * in + i] *= float(k[size_t(c)]);
+    qb->value.f32()[c] = float((double(qb->value.f32()[c]) - m[size_t(c)]) * k[size_t(c)]);
+    qb->value.f32()[L + c] += float(2.0 * std::log(k[size_t(c)]));
   }
-  const int64_t pin = pw->value.numel() / L;
-  for (int64_t i = 0; i < pw->value.numel(); ++i) pw->value.f32()[i] /= float(k);
-  DF_ASSERT(pin == L);
+  DF_ASSERT(pw->value.numel() == L * L);
+  float* W = pw->value.f32();  // [out L, in L, 1, 1]
+  for (int64_t o = 0; o < L; ++o) {
+    double add = 0;
+    for (int64_t c = 0; c < L; ++c) add += double(W[o * L + c]) * m[size_t(c)];
+    pb->value.f32()[o] += float(add);
+    for (int64_t c = 0; c < L; ++c) W[o * L + c] = float(double(W[o * L + c]) / k[size_t(c)]);
+  }
 }
 
 // Validation images (top row) above their reconstructions (bottom row), 8-bit RGB.
@@ -276,7 +287,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     }
     save_safetensors(state_path, t, state_metadata(fingerprint, step, loss_log.text()));
   };
-  auto save = [&](const std::string& path, int step, double latent_scale) {
+  auto save = [&](const std::string& path, int step, const std::vector<double>& latent_scale) {
     std::vector<TrainedComponent> tc = {{Component::VAE, {}}};
     for (Param* p : params.all) tc[0].tensors[p->name] = p->value;
     nlohmann::json t;
@@ -329,7 +340,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
       recent = 0, recent_n = 0;
     }
     if (o.save_every > 0 && done % o.save_every == 0 && !last) {
-      save(intermediate_path(o.output, done), done, 1.0);
+      save(intermediate_path(o.output, done), done, {});
       loss_log.write();
       write_state(done);
       log("saved the training state " + state_path, false);
@@ -345,15 +356,22 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
           "); " + o.output + ".recon.png: validation images above their reconstructions",
       false);
 
-  res.latent_std = run.latent_std(512);
+  std::vector<double> lmean, lstd, k;
+  run.latent_stats(512, lmean, lstd);
   const double target = 1.0 / double(model->vae_cfg.scaling_factor);
-  res.latent_scale = res.latent_std > 0 ? target / res.latent_std : 1.0;
-  rescale_latents(params, L, res.latent_scale);
-  log(cat("latent std ", fmt("%.4f", res.latent_std), " -> ", fmt("%.4f", target), " (x", fmt("%.4f", res.latent_scale),
-          ": quant_conv / post_quant_conv rescaled, so latents x scaling factor ", model->vae_cfg.scaling_factor,
-          " have unit std)"),
+  std::string stats;
+  for (size_t c = 0; c < lmean.size(); ++c) {
+    k.push_back(lstd[c] > 1e-6 ? target / lstd[c] : 1.0);
+    stats += cat(c ? ", " : "", fmt("%.3f", lmean[c]), " ± ", fmt("%.3f", lstd[c]));
+  }
+  res.latent_mean = lmean, res.latent_std = lstd, res.latent_scale = k;
+  rescale_latents(params, L, lmean, k);
+  log("latent channels (mean ± std over " + std::to_string(std::min<size_t>(512, data.items.size())) + " images): " +
+          stats + "; quant_conv / post_quant_conv reparametrised so that each channel has mean 0 and std " +
+          fmt("%.4f", target) + " (unit std after the scaling factor " + fmt("%g", model->vae_cfg.scaling_factor) +
+          "), same decoded images",
       false);
-  save(o.output, o.steps, res.latent_scale);
+  save(o.output, o.steps, k);
   log("peak memory (RSS): " + fmt("%.2f GB", double(peak_rss_bytes()) / 1e9), false);
   return res;
 }

@@ -9,10 +9,10 @@
 // Meant for small VAEs trained from scratch (the demo model): every activation of a batch stays
 // in memory for the backward (models/vae_backward.cpp).
 //
-// At the end the latent space is rescaled so that the posterior means of the training images have
-// the standard deviation 1/scaling_factor the family's pipelines assume (SD 1.x: 1/0.18215):
-// quant_conv's mean half ×k, its log-variance bias +2·ln k, post_quant_conv's weights ÷k — the
-// same decoder outputs for the same images, with latents the diffusion model sees at unit scale.
+// At the end the latent space is reparametrised per channel, z' = k·(z − mean), so that the posterior
+// means of the training images have mean 0 and the standard deviation 1/scaling_factor the family's
+// pipelines assume (SD 1.x: 1/0.18215): quant_conv and post_quant_conv absorb it exactly (same
+// decoder outputs for the same images), and the diffusion model sees latents at unit scale.
 //
 // Output: the input checkpoint with the VAE's tensors replaced (original ldm layout), beside it
 // OUT.csv / OUT.loss.png (the loss log and chart) and OUT.recon.png (validation images above their
@@ -20,6 +20,7 @@
 // OUT.state.safetensors; --resume continues from the state.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "train/train_run.h"
 
@@ -43,8 +44,8 @@ struct VaeTrainOptions {
 
 struct VaeTrainResult {
   double val_start = 0, val_end = 0;  // mean |x − D(mean)| on the validation images
-  double latent_std = 0;              // of the posterior means before the rescale
-  double latent_scale = 1;            // k
+  // Per latent channel, of the posterior means before the reparametrisation, and its factor k.
+  std::vector<double> latent_mean, latent_std, latent_scale;
   int steps = 0;
 };
 

@@ -41,7 +41,7 @@ TEST(DatasetShapes, WritesAFolderTrainCanRead) {
   EXPECT_EQ(caption.find('\n'), caption.size() - 1) << caption;
   const std::string held = slurp(d + "/heldout.txt");
   EXPECT_EQ(held[0], '#');
-  EXPECT_NE(held.find("\nred circle left\n"), std::string::npos) << held;
+  EXPECT_NE(held.find("\nred circle top\n"), std::string::npos) << held;
 
   r = run({"dataset", "shapes", "--count", "3", "--size", "128", "-o", out_dir("shapes_128"), "-q"});
   ASSERT_EQ(r.exit_code, 0) << r.err;

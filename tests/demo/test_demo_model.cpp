@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -34,7 +35,10 @@ using shapecls::ShapeAttributes;
 
 namespace {
 
-const std::string kModel = std::string(DIFFUSE_SOURCE_DIR) + "/data/models/diffuse-shapes-64.safetensors";
+// DIFFUSE_DEMO_MODEL=FILE scores another checkpoint (e.g. an intermediate one of make demo-model).
+const std::string kModel = std::getenv("DIFFUSE_DEMO_MODEL")
+                               ? std::string(std::getenv("DIFFUSE_DEMO_MODEL"))
+                               : std::string(DIFFUSE_SOURCE_DIR) + "/data/models/diffuse-shapes-64.safetensors";
 constexpr int kPrompts = 48;
 constexpr uint64_t kSeed = 20261206;
 

@@ -616,3 +616,19 @@ TEST_F(OutputFile, ImagesAndSafetensorsFollowSymlinks) {
   EXPECT_EQ(streamed, read_text(st_real));
   EXPECT_EQ(type_of(fifo), mode_t(S_IFIFO));
 }
+
+// Many files, one sync (a generated dataset): the same files and modes, replaced atomically, no
+// temporary left; the final sync reports a folder it cannot open.
+TEST_F(OutputFile, DeferredSyncWritesTheSameFiles) {
+  const std::string a = path("a.bin"), b = path("b.bin");
+  write_str(b, "old");
+  const std::string data = pattern(5000);
+  diffuse::write_file_safely(a, data.data(), data.size(), diffuse::WriteSync::Later);
+  diffuse::write_file_safely(b, "new", 3, diffuse::WriteSync::Later);
+  diffuse::sync_written_files(dir_.string());
+  EXPECT_EQ(read_text(a), data);
+  EXPECT_EQ(read_text(b), "new");
+  EXPECT_EQ(listing(), (std::set<std::string>{"a.bin", "b.bin"}));
+  const std::string missing = path("no/such");
+  expect_error([&] { diffuse::sync_written_files(missing); }, missing, "cannot sync");
+}

@@ -117,7 +117,7 @@ TEST(ShapesVocabulary, HeldOutListCoversEveryAttributeInTraining) {
   std::set<std::string> unique;
   for (const auto& c : held) unique.insert(combo_text(c));
   EXPECT_EQ(unique.size(), held.size());
-  EXPECT_EQ(combo_text(held[0]), "red circle left");
+  EXPECT_EQ(combo_text(held[0]), "red circle top");
   // Every colour, shape and position, and every pair of them, still has a training combination.
   std::set<std::pair<int, int>> cs, cp, sp;
   for (int c = 0; c < kShapeColourCount; ++c)
