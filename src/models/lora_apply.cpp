@@ -123,7 +123,7 @@ LoraApplyReport apply_loras(SDModel& model, Backend& be, const std::vector<std::
       auto it = names.find(t);
       const std::set<std::string> now = it == names.end() ? std::set<std::string>() : it->second;
       if (!loaded(t) || (now.empty() && names_of(model, t).empty() && !flag_of(model, t))) continue;
-      ComponentPlan& p = plans.emplace(t, ComponentPlan{t, {}, std::nullopt, std::nullopt, now}).first->second;
+      plans.emplace(t, ComponentPlan{t, {}, std::nullopt, std::nullopt, now});
       std::set<std::string> touched = now;
       touched.insert(names_of(model, t).begin(), names_of(model, t).end());
       const PreparedIndex& idx = index_of(model, t);

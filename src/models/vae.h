@@ -151,8 +151,9 @@ class VAE {
   Tensor forward_train(Ctx& c, const Tensor& image, const Tensor& eps, TrainPass& pass) const;
   // d_recon = dL/d(decoder output); d_mean, d_logvar = the loss's own gradients of the posterior
   // (the KL term; undefined: none). Adds the parameter gradients c.grads asks for.
+  // encoder = false stops at the decoder's input (nothing of the encoder trains).
   void backward(Ctx& c, const TrainPass& pass, const Tensor& d_recon, const Tensor& d_mean,
-                const Tensor& d_logvar) const;
+                const Tensor& d_logvar, bool encoder = true) const;
 
   struct Impl;
 

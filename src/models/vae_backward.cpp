@@ -162,11 +162,12 @@ Tensor VAE::forward_train(Ctx& c, const Tensor& image, const Tensor& eps, TrainP
 }
 
 void VAE::backward(Ctx& c, const TrainPass& pass, const Tensor& d_recon, const Tensor& d_mean,
-                   const Tensor& d_logvar) const {
+                   const Tensor& d_logvar, bool encoder) const {
   DF_CHECK(c.grads && !pass.dec.empty(), "VAE::backward: needs a training context and a forward_train pass");
   const int64_t L = cfg_.latent_channels;
   const Shape& lat = pass.z.shape();
   Tensor dz = run_tape(c, pass.dec, d_recon);
+  if (!encoder) return;
   // Through the sample and the clamp: d mean = dz (+ the loss's own), d logvar = dz·eps·std/2
   // where the clamp passes logvar through (+ the loss's own); into the moments' halves.
   Tensor dmom = c.alloc({lat[0], lat[1], lat[2], 2 * L}, DType::F32);

@@ -22,6 +22,11 @@ std::pair<CLI::App*, Run> add_train_vae_command(CLI::App* train) {
   c->add_option("--lr,--learning_rate", o->lr, "AdamW learning rate")->capture_default_str();
   c->add_option("--warmup-steps,--lr_warmup_steps", o->warmup_steps, "Linear warmup steps")->capture_default_str();
   c->add_option("--kl-weight", o->kl_weight, "Weight of the KL term (ldm's kl_weight)")->capture_default_str();
+  c->add_option("--edge-weight", o->edge_weight,
+                "Weight of an edge term: mean |Δ output − Δ image| over neighbouring pixels (sharper outlines)")
+      ->capture_default_str();
+  c->add_flag("--decoder-only", o->decoder_only,
+              "Train only the decoder (and post_quant_conv): the encoder, and so the latents a UNet learned, stay");
   c->add_option("--weight-decay", o->weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   c->add_option("--seed", o->seed, "Seed of the batches and the posterior samples")->capture_default_str();
   c->add_option("--resolution", o->resolution,

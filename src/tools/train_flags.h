@@ -35,7 +35,7 @@ void add_run_flags(CLI::App* c, Opts& o, RunFlags& f, const std::string& output_
   c->add_option("--text-encoder-lr,--text_encoder_lr", f.text_encoder_lr, "Text encoder learning rate (default: --lr)");
   c->add_option("--batch,--train_batch_size", o.batch, "Batch size")->capture_default_str();
   c->add_option("--seed", o.seed, "Seed (initialisation, data order, noise, timesteps)")->capture_default_str();
-  c->add_option("--resolution", f.resolution, "Training resolution (default: the family's native size)");
+  c->add_option("--resolution", f.resolution, "Training resolution (default: the checkpoint's modelspec.resolution when square, else the family's native size)");
   c->add_flag("--buckets,--enable_bucket", o.data_opts.buckets, "Aspect-ratio buckets (64-px steps, area <= resolution²)");
   c->add_flag("--shuffle-captions,--shuffle_caption", o.data_opts.shuffle_captions, "Shuffle comma-separated tags");
   c->add_option("--keep-tokens,--keep_tokens", o.data_opts.keep_tokens, "Tags kept in place when shuffling");

@@ -305,13 +305,18 @@ std::string shape_caption(const ShapeScene& scene, uint64_t wording_seed) {
   std::string body = shape_phrase(scene.shapes[0], name_size, r);
   for (size_t i = 1; i < scene.shapes.size(); ++i) body += " and " + shape_phrase(scene.shapes[i], name_size, r);
   const std::string bg = shape_colours()[size_t(scene.background)].name;
-  switch (r.below(6)) {
+  // The background named before or after the shapes, its colour before or after the word.
+  switch (r.below(10)) {
     case 0: return body + ", " + bg + " background";
     case 1: return body + " on " + with_article(bg) + " background";
     case 2: return body + " with " + with_article(bg) + " background";
     case 3: return "on " + with_article(bg) + " background, " + body;
     case 4: return bg + " background, " + body;
-    default: return body + " against " + with_article(bg) + " background";
+    case 5: return body + " against " + with_article(bg) + " background";
+    case 6: return body + "; the background is " + bg;
+    case 7: return "the background is " + bg + " and there is " + body;
+    case 8: return body + " in front of " + with_article(bg) + " background";
+    default: return body + ", and the background is " + bg;
   }
 }
 

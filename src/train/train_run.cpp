@@ -61,9 +61,14 @@ DType check_run_options(const RunOptions& o) {
 RunData load_run_data(const RunOptions& o, const LogFn& log) {
   RunData r;
   r.dopt = o.data_opts;
-  if (r.dopt.resolution == 0) {
-    const Family fam = summarize_model(open_model_file(o.model)).family;
-    r.dopt.resolution = fam == Family::SDXL ? 1024 : fam == Family::SD2 ? 768 : 512;
+  if (r.dopt.resolution == 0) {  // the checkpoint's declared square size, else the family's
+    const TensorFile f = open_model_file(o.model);
+    const DeclaredResolution d = declared_resolution(f);
+    const Family fam = summarize_model(f).family;
+    r.dopt.resolution = d.width > 0 && d.width == d.height ? d.width
+                        : fam == Family::SDXL                ? 1024
+                        : fam == Family::SD2                 ? 768
+                                                             : 512;
   }
   r.data = scan_dataset(o.data, r.dopt);
   if (!o.reg_data.empty()) r.reg = add_reg_data(r.data, o.reg_data, r.dopt);

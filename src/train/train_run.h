@@ -37,7 +37,7 @@ struct RunOptions {
   int batch = 1;
   double lr = 1e-4;
   uint64_t seed = 42;
-  DatasetOptions data_opts;  // resolution 0 = the family's native size
+  DatasetOptions data_opts;  // resolution 0: the checkpoint's declared size, else the family's
   std::string lr_schedule = "constant";
   int warmup_steps = 0;
   double max_grad_norm = 1.0;
@@ -71,8 +71,9 @@ Tensor concat0(const std::vector<Tensor>& parts);
 // trained tensors are saved in.
 DType check_run_options(const RunOptions& o);
 
-// The run's dataset: --resolution (0: the family's native size, 512 / 768 / 1024, from the model
-// file's tensor names), the scan, the regularisation images; warnings go to `log`.
+// The run's dataset: --resolution (0: the model file's square modelspec.resolution if it declares
+// one, else the family's native size, 512 / 768 / 1024, from its tensor names), the scan, the
+// regularisation images; warnings go to `log`.
 struct RunData {
   DatasetOptions dopt;
   Dataset data;

@@ -36,9 +36,11 @@ struct VaeParams {
   }
 };
 
-VaeParams make_vae_params(VAE& vae, Grads& g) {
+// Every VAE tensor, or with decoder_only the decoder's and post_quant_conv's.
+VaeParams make_vae_params(VAE& vae, Grads& g, bool decoder_only) {
   VaeParams p;
   for (const std::string& n : trainable_names(vae.prepared(), vae.norms())) {
+    if (decoder_only && n.rfind("decoder.", 0) != 0 && n.rfind("post_quant_conv.", 0) != 0) continue;
     p.owned.push_back(make_trainable(g, vae.prepared(), vae.norms(), n, "VAE"));
     p.all.push_back(p.owned.back().get());
     p.keys.push_back("vae/" + n);
@@ -67,13 +69,40 @@ Tensor normal(const Shape& shape, std::mt19937_64& g) {
 }
 
 struct LossParts {
-  double total = 0, rec = 0, kl = 0;  // kl: Σ KL per image
+  double total = 0, rec = 0, kl = 0, edge = 0;  // kl: Σ KL per image; edge: weighted
 };
 
 // The objective on one pass (see vae_trainer.h); fills the gradients of the reconstruction and
 // of the posterior's KL term when asked.
+// edge_weight · mean over neighbouring pixel pairs (right and down) of |Δrecon − Δx|, per channel;
+// its gradient is added to *d_recon.
+double edge_loss(const Tensor& x, const Tensor& recon, double edge_weight, Tensor* d_recon) {
+  const int64_t B = x.dim(0), H = x.dim(1), W = x.dim(2), C = x.dim(3);
+  const float* a = x.f32();
+  const float* r = recon.f32();
+  const double pairs = double(B * C) * double(H * (W - 1) + (H - 1) * W);
+  const float g = float(edge_weight / pairs);
+  double sum = 0;
+  auto pair = [&](int64_t i, int64_t j) {  // the pair (i, j): Δ = v[j] − v[i]
+    const float d = (r[j] - r[i]) - (a[j] - a[i]);
+    sum += std::fabs(d);
+    if (!d_recon) return;
+    const float s = d > 0 ? g : d < 0 ? -g : 0.0f;
+    d_recon->f32()[j] += s, d_recon->f32()[i] -= s;
+  };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t xx = 0; xx < W; ++xx)
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = ((b * H + y) * W + xx) * C + c;
+          if (xx + 1 < W) pair(i, i + C);
+          if (y + 1 < H) pair(i, i + W * C);
+        }
+  return edge_weight * sum / pairs;
+}
+
 LossParts vae_loss(const Tensor& x, const Tensor& recon, const VAE::TrainPass& pass, double kl_weight,
-                   Tensor* d_recon, Tensor* d_mean, Tensor* d_logvar) {
+                   double edge_weight, Tensor* d_recon, Tensor* d_mean, Tensor* d_logvar) {
   const int64_t n = x.numel(), B = x.dim(0);
   LossParts l;
   const float* a = x.f32();
@@ -92,7 +121,8 @@ LossParts vae_loss(const Tensor& x, const Tensor& recon, const VAE::TrainPass& p
     if (d_mean) d_mean->f32()[i] = kw * float(mu);
     if (d_logvar) d_logvar->f32()[i] = kw * float(0.5 * (var - 1.0));
   }
-  l.total = l.rec + kl_weight * l.kl / double(n);
+  l.edge = edge_weight > 0 ? edge_loss(x, recon, edge_weight, d_recon) : 0.0;
+  l.total = l.rec + kl_weight * l.kl / double(n) + l.edge;
   l.kl /= double(B);
   return l;
 }
@@ -204,6 +234,7 @@ std::string run_fingerprint_vae(const VaeTrainOptions& o, const Dataset& data, i
   j["batch"] = o.batch, j["seed"] = o.seed, j["lr"] = o.lr, j["warmup"] = o.warmup_steps;
   j["kl_weight"] = o.kl_weight, j["weight_decay"] = o.weight_decay, j["max_grad_norm"] = o.max_grad_norm;
   j["resolution"] = resolution, j["steps"] = o.steps;
+  j["decoder_only"] = o.decoder_only, j["edge_weight"] = o.edge_weight;
   return j.dump();
 }
 
@@ -213,6 +244,8 @@ void check_vae_options(const VaeTrainOptions& o) {
   DF_CHECK(o.lr > 0 && std::isfinite(o.lr), "--lr ", o.lr, ": must be a positive number");
   DF_CHECK(o.warmup_steps >= 0, "--warmup-steps ", o.warmup_steps, ": must not be negative");
   DF_CHECK(o.kl_weight >= 0 && std::isfinite(o.kl_weight), "--kl-weight ", o.kl_weight, ": must not be negative");
+  DF_CHECK(o.edge_weight >= 0 && std::isfinite(o.edge_weight), "--edge-weight ", o.edge_weight,
+           ": must not be negative");
   DF_CHECK(o.save_every >= 0, "--save-every ", o.save_every, ": must not be negative");
   DF_CHECK(o.resolution >= 0, "--resolution ", o.resolution, ": must not be negative");
 }
@@ -252,7 +285,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     const WeightStore store = component_weights(input, Component::VAE, model->family);
     register_layers(run.grads, model->vae.prepared(), model->vae.norms(), store, DType::F32);
   }
-  VaeParams params = make_vae_params(model->vae, run.grads);
+  VaeParams params = make_vae_params(model->vae, run.grads, o.decoder_only);
   log(cat(data.items.size(), " images at ", dopt.resolution, "²; training the VAE: ", params.all.size(),
           " tensors (", params.values, " values), batch ", o.batch, ", ", o.steps, " steps, lr ", o.lr,
           ", KL weight ", o.kl_weight),
@@ -293,6 +326,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     nlohmann::json t;
     t["trainer"] = "diffuse train vae", t["steps"] = step, t["max_steps"] = o.steps, t["batch"] = o.batch;
     t["lr"] = o.lr, t["kl_weight"] = o.kl_weight, t["seed"] = o.seed, t["resolution"] = dopt.resolution;
+    t["decoder_only"] = o.decoder_only, t["edge_weight"] = o.edge_weight;
     t["latent_scale"] = latent_scale;
     std::map<std::string, std::string> meta = {{"diffuse_vae_training", t.dump()}};
     const CheckpointWriteResult r = save_ldm_checkpoint(path, input, model->family, tc, save_dt, meta);
@@ -316,10 +350,10 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     Tensor recon = model->vae.forward_train(c, x, eps, pass);
     Tensor d_recon = Tensor::empty(recon.shape()), d_mean = Tensor::empty(pass.mean.shape()),
            d_logvar = Tensor::empty(pass.mean.shape());
-    const LossParts l = vae_loss(x, recon, pass, o.kl_weight, &d_recon, &d_mean, &d_logvar);
+    const LossParts l = vae_loss(x, recon, pass, o.kl_weight, o.edge_weight, &d_recon, &d_mean, &d_logvar);
     DF_CHECK(std::isfinite(l.total), "train vae: the loss is not finite at step ", step + 1,
              " (try a lower --lr); the last saved state is ", o.save_every ? state_path : std::string("none"));
-    model->vae.backward(c, pass, d_recon, d_mean, d_logvar);
+    model->vae.backward(c, pass, d_recon, d_mean, d_logvar, /*encoder=*/!o.decoder_only);
     run.arena.reset();
     clip_grad_norm(params.all, o.max_grad_norm);
     const double lr = o.warmup_steps > 0 && step < o.warmup_steps ? o.lr * double(step + 1) / o.warmup_steps : o.lr;
@@ -333,7 +367,8 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
       val = run.reconstruct(val_x, nullptr);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       log(cat("step ", done, "/", o.steps, "  loss ", fmt("%.5f", recent / recent_n), "  (L1 ", fmt("%.5f", l.rec),
-              ", KL/image ", fmt("%.1f", l.kl), ")  val ", fmt("%.5f", val), "  ",
+              o.edge_weight > 0 ? ", edges " + fmt("%.5f", l.edge) : std::string(), ", KL/image ", fmt("%.1f", l.kl),
+              ")  val ", fmt("%.5f", val), "  ",
               fmt("%.2f", secs / double(done - start)), " s/step"),
           true);
       loss_log.step(done, recent / recent_n, float(lr), &val);
@@ -356,6 +391,10 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
           "); " + o.output + ".recon.png: validation images above their reconstructions",
       false);
 
+  if (o.decoder_only) {  // the encoder, so the latent space, is as it was
+    save(o.output, o.steps, {});
+    return res;
+  }
   std::vector<double> lmean, lstd, k;
   run.latent_stats(512, lmean, lstd);
   const double target = 1.0 / double(model->vae_cfg.scaling_factor);

@@ -1,7 +1,8 @@
 // `diffuse train vae`: trains a model's VAE (encoder and decoder, every tensor) as an autoencoder
 // on a folder of images: the reconstruction loss plus a small KL term (ldm's AutoencoderKL
 // objective without the perceptual and adversarial parts):
-//   L = mean |x − D(z)| + kl_weight · Σ KL(q(z|x) ‖ N(0, 1)) / (B·H·W·3),  z = mean + std·ε
+//   L = mean |x − D(z)| + kl_weight · Σ KL(q(z|x) ‖ N(0, 1)) / (B·H·W·3)
+//       [+ edge_weight · mean |Δ D(z) − Δx| over neighbouring pixels],  z = mean + std·ε
 // (the KL sum over the latent per image, as ldm's kl_weight means it, over the pixel values the
 // L1 mean runs over). AdamW with f32 master weights, a constant rate after a linear warmup,
 // gradient clipping at 1.
@@ -33,6 +34,12 @@ struct VaeTrainOptions {
   double lr = 2e-4;
   int warmup_steps = 100;
   double kl_weight = 1e-6;
+  // Edges: + edge_weight · mean |Δ(decoder output) − Δx| over horizontally and vertically
+  // neighbouring pixels (sharper outlines of small shapes than the L1 term alone gives).
+  double edge_weight = 0;
+  // Only the decoder and post_quant_conv train (the encoder, and so the latent space a UNet was
+  // trained on, stays as it is; no reparametrisation at the end).
+  bool decoder_only = false;
   double weight_decay = 0;
   double max_grad_norm = 1.0;
   uint64_t seed = 42;

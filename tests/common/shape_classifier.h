@@ -254,20 +254,23 @@ inline ShapeAttributes classify_shape_image(int width, int height, const uint8_t
 }
 
 // Reads a single-shape caption or prompt: colour words (the palette's names), circle / square /
-// triangle, left / right / top / bottom / centre / center / middle; the colour word right before
-// "background" is the background; the shape's colour is the last other colour word before the
-// shape word.
+// triangle, left / right / top / bottom / centre / center / middle; the background is the colour
+// word right before "background" or right after "background is"; the shape's colour is the last
+// other colour word before the shape word.
 inline ShapeAttributes parse_shape_prompt(const std::string& text) {
   ShapeAttributes a;
   const std::vector<std::string> w = detail::words(text);
+  // Whether the colour word at i names the background.
+  auto names_background = [&](size_t i) {
+    return (i + 1 < w.size() && w[i + 1] == "background") || (i >= 2 && w[i - 2] == "background" && w[i - 1] == "is");
+  };
   size_t shape_at = w.size();
   for (size_t i = 0; i < w.size(); ++i) {
     for (int k = 0; k < diffuse::train::kShapeKindCount; ++k)
       if (!a.shape_ok && w[i] == diffuse::train::shape_kind_name(ShapeKind(k)))
         a.shape = ShapeKind(k), a.shape_ok = true, shape_at = i;
     const int c = detail::colour_word(w[i]);
-    if (c >= 0 && i + 1 < w.size() && w[i + 1] == "background" && !a.background_ok)
-      a.background = c, a.background_ok = true;
+    if (c >= 0 && names_background(i) && !a.background_ok) a.background = c, a.background_ok = true;
     if (a.position_ok) continue;
     if (w[i] == "left") a.position = ShapePosition::Left, a.position_ok = true;
     else if (w[i] == "right") a.position = ShapePosition::Right, a.position_ok = true;
@@ -278,7 +281,7 @@ inline ShapeAttributes parse_shape_prompt(const std::string& text) {
   }
   for (size_t i = 0; i < shape_at && i < w.size(); ++i) {
     const int c = detail::colour_word(w[i]);
-    if (c >= 0 && !(i + 1 < w.size() && w[i + 1] == "background")) a.colour = c, a.colour_ok = true;
+    if (c >= 0 && !names_background(i)) a.colour = c, a.colour_ok = true;
   }
   return a;
 }

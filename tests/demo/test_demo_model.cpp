@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -23,8 +24,10 @@
 
 #include "../cli/cli_util.h"
 #include "../common/shape_classifier.h"
+#include "backend/backend.h"
 #include "io/image.h"
 #include "io/tensor_file.h"
+#include "models/sd_model.h"
 #include "models/synthetic.h"
 #include "train/shapes_dataset.h"
 
@@ -49,11 +52,12 @@ std::string wording(int k, const std::string& colour, const std::string& shape, 
                                    {"at the top", "up at the top"},       {"at the bottom", "down at the bottom"},
                                    {"in the middle", "in the centre"}};
   const std::string w = where[int(pos)][k % 2];
+  auto a = [](const std::string& word) { return std::string(word[0] == 'o' ? "an " : "a ") + word; };
   switch (k % 4) {
-    case 0: return "a picture of a " + colour + " " + shape + " " + w + ", the background is " + bg;
-    case 1: return "there is a " + colour + " " + shape + " " + w + "; plain " + bg + " background";
-    case 2: return "draw a " + colour + " " + shape + " " + w + " over a " + bg + " background";
-    default: return "a simple " + colour + " " + shape + " " + w + " and a " + bg + " background behind it";
+    case 0: return "a picture of " + a(colour) + " " + shape + " " + w + ", the background is " + bg;
+    case 1: return "there is " + a(colour) + " " + shape + " " + w + "; plain " + bg + " background";
+    case 2: return "draw " + a(colour) + " " + shape + " " + w + " over " + a(bg) + " background";
+    default: return "a simple " + colour + " " + shape + " " + w + " and " + a(bg) + " background behind it";
   }
 }
 
@@ -76,11 +80,7 @@ std::vector<Case> make_cases(const std::vector<ShapeCombo>& combos, int n, uint6
     if (bg >= c.colour) ++bg;
     Case k;
     k.prompt = wording(i, pal[size_t(c.colour)].name, shape_kind_name(c.shape), c.position, pal[size_t(bg)].name);
-    k.want = shapecls::parse_shape_prompt(k.prompt);
-    EXPECT_TRUE(k.want.colour_ok && k.want.shape_ok && k.want.position_ok && k.want.background_ok)
-        << "the reader cannot parse the test prompt: " << k.prompt;
-    EXPECT_EQ(k.want.colour, c.colour) << k.prompt;
-    EXPECT_EQ(k.want.background, bg) << k.prompt;
+    k.want.colour = c.colour, k.want.shape = c.shape, k.want.position = c.position, k.want.background = bg;
     out.push_back(k);
   }
   return out;
@@ -94,7 +94,7 @@ std::vector<ShapeAttributes> draw(const std::string& model, const std::vector<Ca
   for (const Case& c : cases) list += c.prompt + "\n";
   clitest::write_file(dir + "/prompts.txt", list);
   const clitest::Result r = clitest::run(
-      {DIFFUSE_BIN, "generate", "-q", "-m", model, "--prompt-file", dir + "/prompts.txt", "-s", std::to_string(kSeed),
+      {"generate", "-q", "-m", model, "--prompt-file", dir + "/prompts.txt", "-s", std::to_string(kSeed),
        "-o", dir + "/img.png", "--grid", dir + "/grid.png"},
       1800);
   EXPECT_EQ(r.exit_code, 0) << r.err;
@@ -216,6 +216,44 @@ TEST(DemoModel, DrawsWhatThePromptSays) {
   const Scores su = score(got_u, want);
   print("text encoder left untrained", su);
   expect_near_chance("untrained text encoder", su);
+}
+
+// The VAE alone: single-shape scenes the dataset generator draws, encoded and decoded, read back
+// with the same reader — the ceiling the diffusion model works under (reported and checked against
+// the thresholds above: a VAE below them would make them unreachable).
+TEST(DemoModel, VaeReconstructionsKeepWhatTheImageShows) {
+  if (!fs::exists(kModel)) GTEST_SKIP() << "the demo model is not there (make demo-model writes it): " << kModel;
+  auto be = make_cpu_backend(Precision::F32);
+  SDLoadOptions lo;
+  lo.text_encoders = false, lo.unet = false;
+  std::unique_ptr<SDModel> m = SDModel::load(kModel, *be, lo);
+  std::vector<ShapeAttributes> got, want;
+  Arena arena;
+  Ctx c{*be, arena, DType::F32};
+  for (int64_t i = 0; got.size() < 200; ++i) {
+    const ShapeSample s = make_shape_sample(kSeed, i);
+    if (s.scene.shapes.size() != 1) continue;
+    const Image im = render_shape_scene(s.scene, m->declared.width > 0 ? m->declared.width : 64);
+    Tensor x = Tensor::empty({1, im.height, im.width, 3});
+    for (int64_t j = 0; j < x.numel(); ++j) x.f32()[j] = float(im.pixels[size_t(j)]) / 127.5f - 1.0f;
+    const Tensor y = m->vae.decode(c, m->vae.encode(c, x).mean);
+    std::vector<uint8_t> rgb(size_t(y.numel()));
+    for (int64_t j = 0; j < y.numel(); ++j)
+      rgb[size_t(j)] = uint8_t(std::lround(std::clamp((y.f32()[j] + 1.0f) * 127.5f, 0.0f, 255.0f)));
+    arena.reset();
+    got.push_back(shapecls::classify_shape_image(im.width, im.height, rgb.data()));
+    ShapeAttributes w;
+    const ShapeSpec& sp = s.scene.shapes[0];
+    w.colour = sp.combo.colour, w.shape = sp.combo.shape, w.position = sp.combo.position;
+    w.background = s.scene.background;
+    want.push_back(w);
+  }
+  const Scores sc = score(got, want);
+  print("200 dataset scenes through the VAE alone", sc);
+  EXPECT_GE(sc.pct[0], 90.0) << "colour";
+  EXPECT_GE(sc.pct[1], 80.0) << "shape";
+  EXPECT_GE(sc.pct[2], 85.0) << "position";
+  EXPECT_GE(sc.pct[3], 90.0) << "background";
 }
 
 TEST(DemoModel, HeldOutCompositionsAreReported) {
