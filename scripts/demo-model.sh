@@ -48,7 +48,7 @@ if [ ! -f "$WORK/vae.done" ]; then
   log "VAE: $VAE_STEPS steps, batch $VAE_BATCH -> $WORK/vae.safetensors"
   # shellcheck disable=SC2046
   "$bin" train vae -m "$WORK/init.safetensors" --data "$WORK/shapes" -o "$WORK/vae.safetensors" \
-    --resolution "$SIZE" --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 5e-4 --save-precision float \
+    --resolution "$SIZE" --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 5e-4 --save-precision fp16 \
     --save-every 250 --seed "$SEED" $(resume_flag "$WORK/vae.safetensors")
   touch "$WORK/vae.done"
 fi
