@@ -155,8 +155,9 @@ Footprint run_footprint(const Request& r, const Engine::ModelShapes& m, int widt
   const size_t act = bf16 ? 2 : 4;
   if (!m.loaded) f.weights = size_t(double(m.params) * (wf == WeightFormat::Int8 ? 1.0 : double(act)));
   const int64_t rows = int64_t(r.batch) * (r.cfg > 1.0 ? 2 : 1);
-  size_t unet = unet_pass_bytes(m.unet, rows, height / 8, width / 8, 4);
-  if (bf16) unet += 2 * 2 * size_t(unet_largest_activation(m.unet, rows, height / 8, width / 8));
+  const int ds = m.vae.downscale();  // 8 for SD: the latents' size is the image's / ds
+  size_t unet = unet_pass_bytes(m.unet, rows, height / ds, width / ds, 4);
+  if (bf16) unet += 2 * 2 * size_t(unet_largest_activation(m.unet, rows, height / ds, width / ds));
   const bool tiled = r.vae_tiling.active(height, width);
   const int64_t tile = r.vae_tiling.tile_px;
   size_t vae = tiled ? vae_decode_bytes(m.vae, std::min<int64_t>(tile, height), std::min<int64_t>(tile, width), act) +

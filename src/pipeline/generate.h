@@ -60,7 +60,8 @@ struct GenerateParams {
   enum class LatentFill { Keep, Noise, Zero } latent_fill = LatentFill::Keep;
   // img2img from a latent instead of an image (hires fix's latent upscale): f32 [1 or batch, h, w, 4]
   // NHWC in the model's latent space (as Result::latent, after the VAE scaling factor: not divided
-  // by it), h, w = height / 8, width / 8. No VAE encode, no posterior draw; no mask.
+  // by it), h, w = height / f, width / f (f = the VAE's downscale(): 8 for SD). No VAE encode, no
+  // posterior draw; no mask.
   const Tensor* init_latent = nullptr;
   // img2img (init or init_latent): > 0 runs exactly the last img2img_steps of the `steps`
   // schedule instead of int(steps * strength) (A1111's hires pass: steps / denoise scheduled,

@@ -227,7 +227,8 @@ std::vector<Result> generate_hires(const SDModel& model, Backend& be, const Gene
     Tensor init_latent;
     Image init;
     if (latent) {
-      init_latent = resize_latent(nchw_to_nhwc(first[size_t(i)].latent), th / 8, tw / 8, latent_mode(h.upscaler));
+      const int ds = model.vae_cfg.downscale();
+      init_latent = resize_latent(nchw_to_nhwc(first[size_t(i)].latent), th / ds, tw / ds, latent_mode(h.upscaler));
       p2.init_latent = &init_latent;
     } else {
       const Image& base = first[size_t(i)].image;

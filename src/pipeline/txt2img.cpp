@@ -155,7 +155,8 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
              ": images are not resized, give one of the output size (or -W/-H matching it)");
   }
 
-  const int64_t B = p.batch, h = p.height / 8, w = p.width / 8, C = 4;
+  const int64_t f = model.vae_cfg.downscale();  // 8 for SD; the latents are 1/f of the image
+  const int64_t B = p.batch, h = p.height / f, w = p.width / f, C = 4;
   const float sf = model.vae_cfg.scaling_factor;
   Workspace local_ws;
   Workspace& ws = ws_in ? *ws_in : local_ws;
