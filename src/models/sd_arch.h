@@ -18,12 +18,16 @@ namespace diffuse {
 struct SdArch {
   // UNet (UNet2DConditionModel): widths per level, cross-attention per level, resnets per down level
   // (up levels: one more), transformer depth.
+  // The demo model's: its latents are 16×16 (a 3-level VAE), so cross-attention runs at 8×8 (level 2)
+  // and in the mid block (4×4); at 16×16 it would cost more than the rest of the UNet together.
   std::vector<int> unet_channels = {64, 96, 96};
-  std::vector<bool> unet_attention = {true, true, false};
+  std::vector<bool> unet_attention = {false, true, false};
   int unet_layers = 1;
   int unet_depth = 1;
   // VAE (AutoencoderKL): widths per level (the image shrinks 2^(levels-1) times), resnets per encoder level.
-  std::vector<int> vae_channels = {32, 32, 64, 64};
+  // The demo model's three levels shrink its 64×64 images 4 times (SD's four levels: 8 times), to 16×16×4
+  // latents: small shapes keep their outlines (at ×8 a small shape is two latent pixels wide).
+  std::vector<int> vae_channels = {32, 64, 64};
   int vae_layers = 1;
   int latent_channels = 4;
   // Text encoder (CLIPTextModel): width (a multiple of 64), layers, MLP width, vocabulary, positions.

@@ -78,7 +78,7 @@ TEST(SdArch, ZeroInitialisedModulesAreZeroAndOthersAreNot) {
   };
   EXPECT_EQ(maxabs("model.diffusion_model.out.2.weight"), 0.0);
   EXPECT_EQ(maxabs("model.diffusion_model.input_blocks.1.0.out_layers.3.weight"), 0.0);
-  EXPECT_EQ(maxabs("model.diffusion_model.input_blocks.1.1.proj_out.bias"), 0.0);
+  EXPECT_EQ(maxabs("model.diffusion_model.input_blocks.3.1.proj_out.bias"), 0.0);
   EXPECT_GT(maxabs("model.diffusion_model.input_blocks.1.0.in_layers.2.weight"), 0.0);
   EXPECT_GT(maxabs("first_stage_model.decoder.conv_out.weight"), 0.0);
   EXPECT_GT(maxabs("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"), 0.0);
@@ -99,7 +99,7 @@ TEST(SdArch, BadArchitecturesAreRefusedNamingTheField) {
   EXPECT_NE(why("{\"unet_channels\": [64, 100, 96]}").find("unet_channels width 100"), std::string::npos);
   EXPECT_NE(why("{\"unet_channels\": [64, 96]}").find("unet_attention has 3 entries for 2"), std::string::npos);
   EXPECT_NE(why("{\"text_width\": 96}").find("text_width 96"), std::string::npos);
-  EXPECT_NE(why("{\"resolution\": 48}").find("resolution 48"), std::string::npos);
+  EXPECT_NE(why("{\"resolution\": 50}").find("resolution 50"), std::string::npos);
   EXPECT_NE(why("[1]").find("JSON object"), std::string::npos);
   EXPECT_NE(why("{").find("not valid JSON"), std::string::npos);
   EXPECT_EQ(why("{\"unet_layers\": 2}"), "accepted");
