@@ -26,7 +26,7 @@ EOF
     --grid-cols 4
   echo "   8 prompts ($out/prompts.txt, left to right, top to bottom) -> $out/grid.png (each also as $out/prompt*.png)"
 else
-  echo "== $model is not there: run 'make demo-model' to train it (about 75 minutes on 2 cores) =="
+  echo "== $model is not there: run 'make demo-model' to train it (about 2.5 hours on 2 cores) =="
   echo "   meanwhile, the tiny random-weight test model (its picture is noise):"
   "$bin" generate -q -m tests/data/sd1/model/tiny-sd1.safetensors -p "a red circle on the left on a blue background" \
     -W 64 -H 64 --steps 10 -s 42 -o "$out/tiny.png"

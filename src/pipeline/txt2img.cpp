@@ -156,6 +156,8 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   }
 
   const int64_t f = model.vae_cfg.downscale();  // 8 for SD; the latents are 1/f of the image
+  DF_CHECK(p.width % f == 0 && p.height % f == 0, "size ", p.width, "x", p.height, ": must be a multiple of ", f,
+           " (the VAE of ", model.path, " shrinks images ", f, " times)");
   const int64_t B = p.batch, h = p.height / f, w = p.width / f, C = 4;
   const float sf = model.vae_cfg.scaling_factor;
   Workspace local_ws;
