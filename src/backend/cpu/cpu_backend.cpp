@@ -177,6 +177,16 @@ void CpuBackend::linear(const Tensor& x, const PreparedWeight& pw, Tensor& y) {
   }
   const int64_t M = x.numel() / I;
   if (M == 0) return;
+  // One sample at a time: oneDNN's GEMM kernels sum a row in an order that depends on the whole
+  // matrix's row count (seen with its AVX2 sgemm), so rows of a batch would differ in the last bits
+  // from the same rows alone. Per sample, an image of a batch is the image its seed draws alone.
+  if ((x.rank() >= 3 || x.rank() == 2) && x.dim(0) > 1) {
+    for (int64_t b = 0; b < x.dim(0); ++b) {
+      Tensor yb = y.slice0(b, b + 1);
+      linear(x.slice0(b, b + 1), pw, yb);
+    }
+    return;
+  }
   const dt cdt = w.compute_dt();
   const void* src = source_in(x, cdt, scratch_[0]);
   dt ddt;
