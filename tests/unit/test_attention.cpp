@@ -130,7 +130,7 @@ bool bf16_available() { return attn_impl_available(AttnImpl::Avx512Bf16) || attn
 
 // ---------------------------------------------------------------------------------------------
 TEST(AttentionF32, EveryImplMatchesNaiveReference) {
-  for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx512}) {
+  for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx2, AttnImpl::Avx512}) {
     if (!attn_impl_available(impl)) continue;
     for (const auto& s : kShapes) {
       Diff d = run_case(impl, s, 11);
@@ -156,7 +156,9 @@ TEST(AttentionF32, SelfAttention4096HeadDim40) {
   attention_f32(q, k, v, int(s.H), scale, o);
   Diff d = compare(o, ref);
   EXPECT_LE(d.max_abs, 1e-5 * std::max(1.0, d.max_ref)) << attention_f32_path();
-  EXPECT_STREQ(attention_f32_path(), attn_impl_available(AttnImpl::Avx512) ? "avx512" : "portable");
+  EXPECT_STREQ(attention_f32_path(), attn_impl_available(AttnImpl::Avx512) ? "avx512"
+                                     : attn_impl_available(AttnImpl::Avx2) ? "avx2"
+                                                                           : "portable");
   // The baseline kernel too (it is what CPUs without AVX-512 run).
   Tensor o2 = Tensor::empty({s.B, s.Nq, C});
   attention_with(AttnImpl::Portable, q, k, v, int(s.H), scale, o2);
@@ -169,7 +171,7 @@ TEST(AttentionF32, SelfAttention4096HeadDim40) {
 
 TEST(AttentionF32, PeakedSoftmaxAndLargeScores) {
   // Scores up to ~±60: tests the running-max rescaling (a naive exp would overflow).
-  for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx512}) {
+  for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx2, AttnImpl::Avx512}) {
     if (!attn_impl_available(impl)) continue;
     Diff d = run_case(impl, {1, 2, 70, 700, 40}, 5, 8.f);
     EXPECT_GT(d.max_ref, 0.3);  // peaked: outputs close to single rows of v
@@ -183,7 +185,7 @@ TEST(AttentionF32, Bf16TensorsInAndOut) {
   Tensor q = random_tensor(s.B, s.Nq, C, 7).to(DType::BF16), k = random_tensor(s.B, s.Nk, C, 8).to(DType::BF16),
          v = random_tensor(s.B, s.Nk, C, 9).to(DType::BF16);
   const auto ref = reference(q, k, v, int(s.H), 0.2);  // reference on the same bf16 values
-  for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx512}) {
+  for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx2, AttnImpl::Avx512}) {
     if (!attn_impl_available(impl)) continue;
     Tensor o = Tensor::empty({s.B, s.Nq, C});
     attention_with(impl, q, k, v, int(s.H), 0.2f, o);
@@ -202,7 +204,7 @@ TEST(AttentionF32, SingleKeyReturnsItsValue) {
   // softmax over one key is exactly 1: o = v for every query and head, in every implementation.
   Tensor q = random_tensor(2, 9, 6, 3), k = random_tensor(2, 1, 6, 4), v = random_tensor(2, 1, 6, 5);
   const float* vp = v.f32();
-  for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx512}) {
+  for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx2, AttnImpl::Avx512}) {
     if (!attn_impl_available(impl)) continue;
     Tensor o = Tensor::empty({2, 9, 6});
     attention_with(impl, q, k, v, 3, 0.5f, o);
@@ -382,8 +384,8 @@ struct DisabledImpls {
 unsigned impl_bit(AttnImpl impl) { return 1u << unsigned(impl); }
 
 // The automatic choice, fastest first: attention_bf16 tries amx, then avx512bf16, then hands over
-// to attention_f32, which tries avx512, then portable (every CPU has it).
-const AttnImpl kChain[] = {AttnImpl::Amx, AttnImpl::Avx512Bf16, AttnImpl::Avx512, AttnImpl::Portable};
+// to attention_f32, which tries avx512, then avx2, then portable (every CPU has it).
+const AttnImpl kChain[] = {AttnImpl::Amx, AttnImpl::Avx512Bf16, AttnImpl::Avx512, AttnImpl::Avx2, AttnImpl::Portable};
 constexpr size_t kF32Start = 2;  // attention_f32 enters the chain here
 
 // First implementation of kChain[from..] available now (under the current mask).
@@ -394,7 +396,9 @@ AttnImpl first_available(size_t from) {
   return AttnImpl::Portable;
 }
 
-bool is_bf16_impl(AttnImpl impl) { return impl != AttnImpl::Portable && impl != AttnImpl::Avx512; }
+bool is_bf16_impl(AttnImpl impl) {
+  return impl != AttnImpl::Portable && impl != AttnImpl::Avx2 && impl != AttnImpl::Avx512;
+}
 
 // Runs `entry` (attention_bf16 or attention_f32, the automatic choice) and checks that it ran
 // `expected`: the reported path, bitwise the same output as attention_with(expected), and the
@@ -476,7 +480,7 @@ TEST(AttentionBf16, DisableMaskIsCheckedAndRestored) {
     // The portable kernel ends the chain and cannot be disabled; unknown bits are refused.
     // Either way the mask in force stays as it was.
     EXPECT_THROW(set_attn_impls_disabled(impl_bit(AttnImpl::Portable)), Error);
-    EXPECT_THROW(set_attn_impls_disabled(impl_bit(AttnImpl::AmxEmulated) << 1), Error);
+    EXPECT_THROW(set_attn_impls_disabled(impl_bit(AttnImpl::Avx2) << 1), Error);  // Avx2: the last
     EXPECT_EQ(attn_impls_disabled(), impl_bit(AttnImpl::AmxEmulated));
   }
   EXPECT_EQ(attn_impls_disabled(), before);
@@ -496,7 +500,7 @@ TEST(AttentionPerf, Report) {
     return double(t.tv_sec) + double(t.tv_nsec) * 1e-9;
   };
   for (int64_t D : {40, 64}) {
-    for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx512, AttnImpl::Avx512Bf16, AttnImpl::Amx}) {
+    for (AttnImpl impl : {AttnImpl::Portable, AttnImpl::Avx2, AttnImpl::Avx512, AttnImpl::Avx512Bf16, AttnImpl::Amx}) {
       if (!attn_impl_available(impl)) continue;
       const int64_t N = impl == AttnImpl::Portable ? 1024 : 4096;
       const Shape5 s{2, 8, N, N, D};

@@ -1,5 +1,6 @@
 // Fused attention: validation, run-time dispatch, and the baseline x86-64 (f32) kernel. The
-// AVX-512 / AVX512-BF16 / AMX kernels live in attention_amx.cpp (own compile flags).
+// AVX-512 / AVX512-BF16 / AMX kernels live in attention_amx.cpp, the AVX2 one in
+// attention_avx2.cpp (each with its own compile flags).
 #include "backend/cpu/attention.h"
 
 #include <omp.h>
@@ -8,7 +9,9 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "core/error.h"
@@ -66,6 +69,10 @@ detail::AttnProblem make_problem(const char* fn, const Tensor& q, const Tensor& 
 
 bool empty(const detail::AttnProblem& p) { return p.B == 0 || p.Nq == 0; }
 
+bool has_avx2() {
+  const auto& f = cpu_features();
+  return f.avx2 && f.fma;
+}
 bool has_avx512() {
   const auto& f = cpu_features();
   return f.avx512f && f.avx512bw && f.avx512vl && f.fma && f.f16c;
@@ -91,6 +98,34 @@ void run_simd(const detail::AttnProblem& p, detail::AttnKernel kernel) {
     detail::attn_pack(call, tid, nth);
 #pragma omp barrier
     detail::attn_compute(call, tid, nth);
+  }
+}
+
+// Runs the attention_avx2.cpp kernel: K/V packed per (batch, head), then the query blocks, on an
+// OpenMP team (that file has no OpenMP itself). Buffers are 64-byte aligned (the kernel's aligned
+// vector loads).
+void run_avx2(const detail::AttnProblem& p) {
+  struct Free {
+    void operator()(float* f) const { std::free(f); }
+  };
+  auto aligned = [&](int64_t floats) {
+    const size_t bytes = (size_t(floats) * sizeof(float) + 63) / 64 * 64;
+    float* f = static_cast<float*>(std::aligned_alloc(64, bytes));
+    DF_CHECK(f, "attention: out of memory for packed k/v and scratch (B ", p.B, ", Nq ", p.Nq, ", Nk ", p.Nk,
+             ", H ", p.H, ", D ", p.D, ")");
+    return std::unique_ptr<float[], Free>(f);
+  };
+  const int64_t per = (detail::attn_avx2_scratch_floats(p) + 15) / 16 * 16;
+  auto packed = aligned(detail::attn_avx2_packed_floats(p));
+  auto scratch = aligned(per * p.threads);
+  const int64_t pairs = p.B * p.H, tasks = detail::attn_avx2_tasks(p);
+#pragma omp parallel num_threads(p.threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < pairs; ++bh) detail::attn_avx2_pack(p, packed.get(), bh);
+    float* mine = scratch.get() + per * omp_get_thread_num();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) detail::attn_avx2_compute(p, packed.get(), mine, t);
   }
 }
 
@@ -128,6 +163,7 @@ void run_impl(AttnImpl impl, const detail::AttnProblem& p) {
     case AttnImpl::Avx512Bf16: run_simd(p, detail::AttnKernel::Bf16Avx512); break;
     case AttnImpl::Amx: run_simd(p, detail::AttnKernel::Bf16Amx); break;
     case AttnImpl::AmxEmulated: run_simd(p, detail::AttnKernel::Bf16AmxEmulated); break;
+    case AttnImpl::Avx2: run_avx2(p); break;
   }
 }
 
@@ -226,12 +262,13 @@ const char* attn_impl_name(AttnImpl impl) {
     case AttnImpl::Avx512Bf16: return "avx512bf16";
     case AttnImpl::Amx: return "amx";
     case AttnImpl::AmxEmulated: return "amx-emulated";
+    case AttnImpl::Avx2: return "avx2";
   }
   return "?";
 }
 
 void set_attn_impls_disabled(unsigned mask) {
-  constexpr unsigned all = bit(AttnImpl::AmxEmulated) * 2 - 1;
+  constexpr unsigned all = bit(AttnImpl::Avx2) * 2 - 1;  // Avx2: the last enumerator
   DF_CHECK((mask & ~all) == 0, "attention: implementation mask ", mask, " has bits beyond the ",
            std::bit_width(all), " implementations");
   DF_CHECK(!(mask & bit(AttnImpl::Portable)), "attention: the portable implementation cannot be disabled");
@@ -248,6 +285,7 @@ bool attn_impl_available(AttnImpl impl) {
     case AttnImpl::Avx512Bf16: return has_avx512bf16();
     case AttnImpl::Amx: return has_amx();
     case AttnImpl::AmxEmulated: return has_avx512bf16();
+    case AttnImpl::Avx2: return has_avx2();
   }
   return false;
 }
@@ -264,7 +302,9 @@ void attention_with(AttnImpl impl, const Tensor& q, const Tensor& k, const Tenso
 
 void attention_f32(const Tensor& q, const Tensor& k, const Tensor& v, int heads, float scale, Tensor& o) {
   auto p = make_problem("attention_f32", q, k, v, heads, scale, o);
-  const AttnImpl impl = attn_impl_available(AttnImpl::Avx512) ? AttnImpl::Avx512 : AttnImpl::Portable;
+  const AttnImpl impl = attn_impl_available(AttnImpl::Avx512) ? AttnImpl::Avx512
+                        : attn_impl_available(AttnImpl::Avx2) ? AttnImpl::Avx2
+                                                               : AttnImpl::Portable;
   g_f32_path = attn_impl_name(impl);
   run_impl(impl, p);
 }

@@ -25,19 +25,19 @@ void attention_backward_f32(const Tensor& q, const Tensor& k, const Tensor& v, c
 // Which path the last attention_bf16 call of this process took: "amx", "avx512bf16" or
 // "f32-fallback" ("none" before the first call).
 const char* attention_bf16_path();
-// Which path the last attention_f32 call took: "avx512" or "portable" ("none" before any).
+// Which path the last attention_f32 call took: "avx512", "avx2" or "portable" ("none" before any).
 const char* attention_f32_path();
 
-// Explicit implementations, for tests and benchmarks. Portable and Avx512 compute in f32;
-// the others in bf16 (AmxEmulated runs the AMX kernel with tiles emulated in software: slow,
-// it exists to check the AMX data layouts on machines without AMX).
-enum class AttnImpl { Portable, Avx512, Avx512Bf16, Amx, AmxEmulated };
+// Explicit implementations, for tests and benchmarks. Portable, Avx2 (avx2 + fma) and Avx512
+// compute in f32; the others in bf16 (AmxEmulated runs the AMX kernel with tiles emulated in
+// software: slow, it exists to check the AMX data layouts on machines without AMX).
+enum class AttnImpl { Portable, Avx512, Avx512Bf16, Amx, AmxEmulated, Avx2 };
 const char* attn_impl_name(AttnImpl impl);
 bool attn_impl_available(AttnImpl impl);
 // Implementations treated as unavailable although the CPU has them: bit (1u << int(impl)) set
 // means attn_impl_available(impl) is false, attention_with(impl) throws, and the automatic
 // choices skip it (attention_bf16: amx, else avx512bf16, else attention_f32; attention_f32:
-// avx512, else portable). For tests of the fallback chain on any CPU, and for forcing a slower
+// avx512, else avx2, else portable). For tests of the fallback chain on any CPU, and for forcing a slower
 // path. Process-wide; 0 (the default) disables nothing. Portable cannot be disabled (its bit
 // throws diffuse::Error), so the chain always ends at a kernel.
 void set_attn_impls_disabled(unsigned mask);
@@ -63,6 +63,16 @@ struct AttnProblem {
 
 // attention.cpp: baseline x86-64 kernel (f32).
 void attn_f32_portable(const AttnProblem& p);
+
+// attention_avx2.cpp, compiled with -mavx2 -mfma (call only where cpu_features() has both): the
+// f32 kernel in two phases. The caller allocates attn_avx2_packed_floats(p) floats and, per thread,
+// attn_avx2_scratch_floats(p), both 32-byte aligned; runs attn_avx2_pack for every (batch, head)
+// index bh < B·H, then (after all packing) attn_avx2_compute for every task < attn_avx2_tasks(p).
+int64_t attn_avx2_packed_floats(const AttnProblem& p);
+int64_t attn_avx2_scratch_floats(const AttnProblem& p);
+int64_t attn_avx2_tasks(const AttnProblem& p);
+void attn_avx2_pack(const AttnProblem& p, float* packed, int64_t bh);
+void attn_avx2_compute(const AttnProblem& p, const float* packed, float* scratch, int64_t task);
 
 // attention_amx.cpp, compiled with AVX-512/AMX flags: call only after checking cpu_features()
 // (F32Avx512: avx512f+bw+vl+fma; Bf16*: + avx512_bf16; Bf16Amx: + amx_tile+amx_bf16 and
