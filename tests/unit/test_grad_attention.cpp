@@ -393,10 +393,10 @@ TEST(GradAttention, SingleKeyGivesExactZeros) {
 // Nq and Nk above the kernel's 64-row/64-key blocks and not multiples of them, against the
 // analytic double backward; once with o from the double forward, once from the f32 forward.
 TEST(GradAttention, BlockBoundariesAnalytic) {
-  // Both compiled copies of the kernel (x86-64 baseline; AVX-512 with FMA where the CPU has it).
+  // Every compiled copy of the kernel the CPU supports (x86-64 baseline, AVX2, AVX-512).
   const KernelIsa initial = kernel_isa();
-  for (KernelIsa isa : {KernelIsa::Baseline, KernelIsa::Avx512}) {
-    if (isa == KernelIsa::Avx512 && initial != KernelIsa::Avx512) continue;  // no AVX-512 here
+  for (KernelIsa isa : {KernelIsa::Baseline, KernelIsa::Avx2, KernelIsa::Avx512}) {
+    if (!kernel_isa_supported(isa)) continue;
     set_kernel_isa(isa);
     std::printf("kernel: %s\n", kernel_isa_name(isa));
   for (const Dims& p : {Dims{2, 2, 70, 131, 16, 0.3}, Dims{1, 3, 129, 65, 7, 0.5}, Dims{2, 8, 64, 77, 4, 0.5}, Dims{2, 8, 16, 77, 8, 0.5}, Dims{2, 8, 4, 77, 16, 0.5}, Dims{2, 8, 1, 77, 16, 0.5}}) {

@@ -524,12 +524,14 @@ TEST(OpsBf16, RoundingMatchesScalarConversion) {
 
 // ---- the two compiled copies of the kernels -----------------------------------------------------
 
-// The baseline (SSE2) and AVX-512 copies give the same bits (up to which NaN), for every op and
-// dtype pair, on odd sizes (vector remainders) and threaded sizes, with NaN, ±inf, subnormals and
-// -0 among the inputs.
+// The baseline (SSE2), AVX2 and AVX-512 copies give the same bits (up to which NaN), for every op
+// and dtype pair, on odd sizes (vector remainders) and threaded sizes, with NaN, ±inf, subnormals
+// and -0 among the inputs. Each copy the CPU supports is compared with the baseline.
 TEST(OpsBf16, KernelIsasAgree) {
-  const CpuFeatures& f = cpu_features();
-  if (!(f.avx512f && f.avx512bw && f.avx512vl)) GTEST_SKIP() << "no AVX-512: only the baseline kernels exist here";
+  std::vector<cpu::KernelIsa> wide;
+  for (cpu::KernelIsa isa : {cpu::KernelIsa::Avx2, cpu::KernelIsa::Avx512})
+    if (cpu::kernel_isa_supported(isa)) wide.push_back(isa);
+  if (wide.empty()) GTEST_SKIP() << "no AVX2 or AVX-512: only the baseline kernels run here";
   struct Restore {
     cpu::KernelIsa saved = cpu::kernel_isa();
     ~Restore() { cpu::set_kernel_isa(saved); }
@@ -590,35 +592,41 @@ TEST(OpsBf16, KernelIsasAgree) {
       }
     ++idx;
   }
-  for (auto& [name, run] : runs) {
+  for (cpu::KernelIsa isa : wide) {
+    const std::string vs = cat(": baseline vs ", cpu::kernel_isa_name(isa));
+    for (auto& [name, run] : runs) {
+      cpu::set_kernel_isa(cpu::KernelIsa::Baseline);
+      const Tensor a = run();
+      cpu::set_kernel_isa(isa);
+      const Tensor b = run();
+      expect_same_values(a, b, name + vs);
+    }
+    // The bulk converters (conv/matmul sources) too.
+    Tensor x = rnd({4099}, 9, -5, 5);
+    x.f32()[3] = NAN;
+    std::vector<uint16_t> h0(4099), h1(4099);
+    std::vector<float> f0(4099), f1(4099);
     cpu::set_kernel_isa(cpu::KernelIsa::Baseline);
-    const Tensor a = run();
-    cpu::set_kernel_isa(cpu::KernelIsa::Avx512);
-    const Tensor b = run();
-    expect_same_values(a, b, name + ": baseline vs avx512");
+    cpu::f32_to_bf16(x.f32(), h0.data(), 4099);
+    cpu::bf16_to_f32(h0.data(), f0.data(), 4099);
+    cpu::set_kernel_isa(isa);
+    cpu::f32_to_bf16(x.f32(), h1.data(), 4099);
+    cpu::bf16_to_f32(h1.data(), f1.data(), 4099);
+    EXPECT_EQ(h0, h1) << vs;
+    EXPECT_EQ(std::memcmp(f0.data(), f1.data(), f0.size() * 4), 0) << vs;
   }
-  // The bulk converters (conv/matmul sources) too.
-  Tensor x = rnd({4099}, 9, -5, 5);
-  x.f32()[3] = NAN;
-  std::vector<uint16_t> h0(4099), h1(4099);
-  std::vector<float> f0(4099), f1(4099);
-  cpu::set_kernel_isa(cpu::KernelIsa::Baseline);
-  cpu::f32_to_bf16(x.f32(), h0.data(), 4099);
-  cpu::bf16_to_f32(h0.data(), f0.data(), 4099);
-  cpu::set_kernel_isa(cpu::KernelIsa::Avx512);
-  cpu::f32_to_bf16(x.f32(), h1.data(), 4099);
-  cpu::bf16_to_f32(h1.data(), f1.data(), 4099);
-  EXPECT_EQ(h0, h1);
-  EXPECT_EQ(std::memcmp(f0.data(), f1.data(), f0.size() * 4), 0);
 }
 
 TEST(OpsBf16, KernelIsaSelection) {
   const CpuFeatures& f = cpu_features();
   const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl;
   std::printf("  kernels: %s\n", cpu::kernel_isa_name(cpu::kernel_isa()));
-  EXPECT_EQ(cpu::kernel_isa(), avx512 ? cpu::KernelIsa::Avx512 : cpu::KernelIsa::Baseline);
+  EXPECT_EQ(cpu::kernel_isa(), avx512 ? cpu::KernelIsa::Avx512 : f.avx2 ? cpu::KernelIsa::Avx2 : cpu::KernelIsa::Baseline);
   if (!avx512) {
     EXPECT_THROW(cpu::set_kernel_isa(cpu::KernelIsa::Avx512), Error);
+  }
+  if (!f.avx2) {
+    EXPECT_THROW(cpu::set_kernel_isa(cpu::KernelIsa::Avx2), Error);
   }
 }
 

@@ -43,12 +43,24 @@ bool overlaps(const Tensor& a, const Tensor& b) {
   return pa < pb + b.bytes() && pb < pa + a.bytes();
 }
 
-// The kernel (attention_backward_body.h), compiled twice: for the x86-64 baseline and for AVX-512
-// (its softmax loops; without contraction into FMAs, so both round alike); kernel_isa() picks one
-// at run time.
+// The kernel (attention_backward_body.h), compiled three times: for the x86-64 baseline, AVX2 and
+// AVX-512 (its softmax loops; without contraction into FMAs, so all round alike); kernel_isa()
+// picks one at run time.
 namespace baseline {
 #include "backend/cpu/attention_backward_body.h"
 }  // namespace baseline
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#pragma GCC optimize("fp-contract=off")
+#endif
+namespace avx2 {
+#include "backend/cpu/attention_backward_body.h"
+}  // namespace avx2
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
@@ -105,7 +117,8 @@ void attention_backward_f32(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(num_threads(), B * H)));
   const BwdArgs a{q.f32(), k.f32(), v.f32(), o.f32(), d_o.f32(), dq.f32(), dk.f32(), dv.f32(), B, Nq, Nk, H, C, D, scale, T};
-  const bool ok = kernel_isa() == KernelIsa::Avx512 ? avx512::run(a) : baseline::run(a);
+  const KernelIsa isa = kernel_isa();
+  const bool ok = isa == KernelIsa::Avx512 ? avx512::run(a) : isa == KernelIsa::Avx2 ? avx2::run(a) : baseline::run(a);
   DF_CHECK(ok, "attention_backward: oneDNN's sgemm failed", shapes());
 }
 

@@ -1,6 +1,6 @@
-// The fused attention backward's kernel, included twice by attention_backward.cpp: for the x86-64
-// baseline and under `#pragma GCC target` for AVX-512 (no FMA contraction), each in its own namespace (one is
-// chosen at run time). Not a standalone header: it expects attention_backward.cpp's includes,
+// The fused attention backward's kernel, included three times by attention_backward.cpp: for the
+// x86-64 baseline and under `#pragma GCC target` for AVX2 and AVX-512 (no FMA contraction), each in
+// its own namespace (one is chosen at run time). Not a standalone header: it expects attention_backward.cpp's includes,
 // MQ, NB and BwdArgs. Plain loops and malloc'd per-thread blocks, no library templates (a
 // template instantiated under the target pragma could be picked by the linker for the whole
 // program; see kernels_body.h).

@@ -19,18 +19,33 @@ namespace diffuse::cpu {
 // Below this many elements the OpenMP fork/join costs more than it saves.
 static constexpr int64_t kParallelMin = 1 << 14;
 
-// The kernels themselves (kernels_body.h), compiled twice: for the x86-64 baseline (SSE2) and
-// for AVX-512 (F/BW/VL: 16-wide vectors, one-instruction bf16 narrowing), with floating-point
-// contraction off so that no a·b + c becomes an FMA: both copies round every operation the same
-// way and give the same bits. The AVX-512 copy runs where the CPU and OS support it (every CPU
-// with bf16 compute does).
+// The kernels themselves (kernels_body.h), compiled three times: for the x86-64 baseline (SSE2),
+// for AVX2 (8-wide vectors) and for AVX-512 (F/BW/VL: 16-wide vectors, one-instruction bf16
+// narrowing), with floating-point contraction off so that no a·b + c becomes an FMA: every copy
+// rounds every operation the same way and gives the same bits. The widest copy the CPU and OS
+// support runs (every CPU with bf16 compute has AVX-512; AMD Zen 1-3 and many Intel parts stop
+// at AVX2).
 namespace baseline {
 namespace {
 #include "backend/cpu/kernels_body.h"
 }  // namespace
 }  // namespace baseline
 
-#if defined(__GNUC__) && !defined(__clang__)  // (clang: a second baseline copy)
+#if defined(__GNUC__) && !defined(__clang__)  // (clang: more baseline copies)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#pragma GCC optimize("fp-contract=off")
+#endif
+namespace avx2 {
+namespace {
+#include "backend/cpu/kernels_body.h"
+}  // namespace
+}  // namespace avx2
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")
 #pragma GCC optimize("fp-contract=off")
@@ -44,9 +59,14 @@ namespace {
 #pragma GCC pop_options
 #endif
 
-static bool avx512_supported() {
+bool kernel_isa_supported(KernelIsa isa) {
   const CpuFeatures& f = cpu_features();
-  return f.avx512f && f.avx512bw && f.avx512vl;
+  switch (isa) {
+    case KernelIsa::Baseline: return true;
+    case KernelIsa::Avx2: return f.avx2;
+    case KernelIsa::Avx512: return f.avx512f && f.avx512bw && f.avx512vl;
+  }
+  return false;
 }
 
 static std::atomic<int> g_isa{-1};  // -1: not chosen yet
@@ -54,24 +74,36 @@ static std::atomic<int> g_isa{-1};  // -1: not chosen yet
 KernelIsa kernel_isa() {
   int v = g_isa.load(std::memory_order_relaxed);
   if (v < 0) {
-    v = int(avx512_supported() ? KernelIsa::Avx512 : KernelIsa::Baseline);
+    v = int(kernel_isa_supported(KernelIsa::Avx512) ? KernelIsa::Avx512
+            : kernel_isa_supported(KernelIsa::Avx2) ? KernelIsa::Avx2
+                                                    : KernelIsa::Baseline);
     g_isa.store(v, std::memory_order_relaxed);
   }
   return KernelIsa(v);
 }
 
 void set_kernel_isa(KernelIsa isa) {
-  DF_CHECK(isa != KernelIsa::Avx512 || avx512_supported(),
-           "set_kernel_isa: this CPU has no AVX-512 (F/BW/VL)");
+  DF_CHECK(kernel_isa_supported(isa), "set_kernel_isa: this CPU has no ",
+           isa == KernelIsa::Avx512 ? "AVX-512 (F/BW/VL)" : "AVX2");
   g_isa.store(int(isa), std::memory_order_relaxed);
 }
 
-const char* kernel_isa_name(KernelIsa isa) { return isa == KernelIsa::Avx512 ? "avx512" : "baseline"; }
+const char* kernel_isa_name(KernelIsa isa) {
+  switch (isa) {
+    case KernelIsa::Baseline: return "baseline";
+    case KernelIsa::Avx2: return "avx2";
+    case KernelIsa::Avx512: return "avx512";
+  }
+  return "?";
+}
 
 #define DIFFUSE_DISPATCH(fn, ...)                                        \
   do {                                                                   \
-    if (kernel_isa() == KernelIsa::Avx512) avx512::fn(__VA_ARGS__);      \
-    else baseline::fn(__VA_ARGS__);                                      \
+    switch (kernel_isa()) {                                              \
+      case KernelIsa::Avx512: avx512::fn(__VA_ARGS__); break;            \
+      case KernelIsa::Avx2: avx2::fn(__VA_ARGS__); break;                \
+      default: baseline::fn(__VA_ARGS__); break;                         \
+    }                                                                    \
   } while (0)
 
 void f32_to_bf16(const float* x, uint16_t* y, int64_t n) { DIFFUSE_DISPATCH(f32_to_bf16, x, y, n); }

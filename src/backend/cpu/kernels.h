@@ -1,6 +1,6 @@
 // The CPU backend's own kernels: normalisation, activations, elementwise ops, resampling and the
 // timestep embedding. Multi-threaded with OpenMP; plain loops written so GCC vectorises them, at
-// the x86-64 baseline (SSE2) and again for AVX-512 (see KernelIsa).
+// the x86-64 baseline (SSE2) and again for AVX2 and for AVX-512 (see KernelIsa).
 //
 // Activation arguments (ConstBuf/Buf) are f32 or bf16, each independently (any other dtype is
 // read as f32: callers validate). Compute is f32 (statistics in double); a bf16 output is rounded
@@ -27,14 +27,15 @@ struct Buf {
   DType dtype;
 };
 
-// Which compiled copy of the kernels runs: the x86-64 baseline (SSE2) or AVX-512 (F/BW/VL).
-// Both give the same bits (no FMA contraction, same operation order; a NaN result may be another
-// NaN); Avx512 is the default where the CPU and OS support it. set_kernel_isa() is for tests and
-// benchmarks (Avx512 on a CPU without it is an error); not thread-safe against running kernels.
-enum class KernelIsa { Baseline, Avx512 };
+// Which compiled copy of the kernels runs: the x86-64 baseline (SSE2), AVX2 or AVX-512 (F/BW/VL).
+// All give the same bits (no FMA contraction, same operation order; a NaN result may be another
+// NaN); the widest the CPU and OS support is the default. set_kernel_isa() is for tests and
+// benchmarks (an ISA the CPU lacks is an error); not thread-safe against running kernels.
+enum class KernelIsa { Baseline, Avx512, Avx2 };
 KernelIsa kernel_isa();
 void set_kernel_isa(KernelIsa isa);
-const char* kernel_isa_name(KernelIsa isa);  // "baseline", "avx512"
+bool kernel_isa_supported(KernelIsa isa);
+const char* kernel_isa_name(KernelIsa isa);  // "baseline", "avx512", "avx2"
 
 void f32_to_bf16(const float* x, uint16_t* y, int64_t n);
 void bf16_to_f32(const uint16_t* x, float* y, int64_t n);

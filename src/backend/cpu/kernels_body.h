@@ -1,6 +1,6 @@
-// The CPU kernels' implementation, included twice by kernels.cpp: once for the x86-64 baseline
-// and once under `#pragma GCC target` for AVX-512 (each in its own namespace; kernels.cpp picks
-// one at run time). Not a standalone header: it expects kernels.cpp's includes and kParallelMin.
+// The CPU kernels' implementation, included three times by kernels.cpp: once for the x86-64
+// baseline and under `#pragma GCC target` for AVX2 and for AVX-512 (each in its own namespace;
+// kernels.cpp picks one at run time). Not a standalone header: it expects kernels.cpp's includes and kParallelMin.
 // Keep it free of anything whose result depends on the instruction set (no -ffast-math-style
 // reassociation, no fused multiply-add: kernels.cpp turns contraction off for the AVX-512 copy),
 // so both copies give the same bits. And use no library templates (std::vector, std::max,
