@@ -5,9 +5,12 @@
 // cond_stage_model.transformer.text_model.
 #include "models/sd_arch.h"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/tensor_file.h"
 
 namespace diffuse {
 
@@ -291,6 +294,37 @@ std::vector<ManifestRow> sd1_ldm_rows(const SdArch& a) {
   vae_rows(rows, a);
   text_rows(rows, a);
   return rows;
+}
+
+GrowStats write_grown_checkpoint(const SdArch& a, const std::string& from, const std::string& out_path, DType dtype,
+                                 uint64_t seed, const std::map<std::string, std::string>& metadata) {
+  const TensorFile src = open_model_file(from);
+  DF_CHECK(src.format != "diffusers", from, ": --from needs a single-file (ldm layout) checkpoint, not a diffusers folder");
+  const std::vector<ManifestRow> rows = sd1_ldm_rows(a);
+  GrowStats st;
+  std::vector<std::pair<std::string, Tensor>> out;
+  out.reserve(rows.size());
+  size_t found = 0;
+  for (const ManifestRow& r : rows) {
+    const Tensor* t = src.find(r.name);
+    found += t != nullptr;
+    if (t && t->shape() == r.shape) {
+      out.emplace_back(r.name, t->to(dtype));
+      ++st.copied;
+      continue;
+    }
+    if (t) st.reshaped.push_back(r.name + " " + t->shape().str() + " -> " + r.shape.str());
+    Tensor f = Tensor::empty(r.shape, DType::F32);
+    if (r.zero_init) std::fill(f.f32(), f.f32() + f.numel(), 0.0f);
+    else synthetic_fill(r.name, r.shape, seed, 0, f.numel(), f.f32());
+    out.emplace_back(r.name, dtype == DType::F32 ? f : f.to(dtype));
+    ++st.initialised;
+  }
+  DF_CHECK(st.copied > 0, from, ": shares no tensor (name and shape) with the architecture: not an ldm-layout SD 1.x "
+           "checkpoint of related widths");
+  st.unused = int64_t(src.size() - found);
+  save_safetensors(out_path, out, metadata);
+  return st;
 }
 
 }  // namespace diffuse

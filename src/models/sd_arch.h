@@ -8,6 +8,8 @@
 // 1×1-conv proj_in/out, GroupNorms have 32 groups (every width a multiple of 32), the VAE has one
 // attention layer in each mid block and 4 latent channels by default.
 #pragma once
+#include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -52,5 +54,21 @@ struct SdArch {
 // zero_module: each UNet resnet's last conv, each transformer's proj_out, the UNet's output conv)
 // have zero_init set.
 std::vector<ManifestRow> sd1_ldm_rows(const SdArch& a);
+
+// Growing a trained model into a larger architecture (`diffuse synth --arch A --from FILE`): writes
+// the architecture's single-file checkpoint at out_path (as write_synthetic_checkpoint, dtype, seed,
+// metadata) with every tensor that `from` (an ldm-layout file) holds under the same name and shape
+// copied from it, converted to dtype; the others are initialised as for training from scratch. With
+// ldm's zero-initialised output layers (each transformer's proj_out, each resnet's last conv), a
+// module added this way starts as the identity, so the grown model computes what `from` computed
+// until training changes it. Throws naming `from` if it shares no tensor with the architecture.
+struct GrowStats {
+  int64_t copied = 0;       // tensors taken from `from`
+  int64_t initialised = 0;  // tensors `from` lacks (new modules)
+  std::vector<std::string> reshaped;  // names `from` has with another shape (initialised too)
+  int64_t unused = 0;       // tensors of `from` the architecture has no place for
+};
+GrowStats write_grown_checkpoint(const SdArch& a, const std::string& from, const std::string& out_path, DType dtype,
+                                 uint64_t seed, const std::map<std::string, std::string>& metadata);
 
 }  // namespace diffuse

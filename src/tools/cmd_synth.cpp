@@ -40,6 +40,7 @@ namespace {
 struct SynthOptions {
   std::string manifest;
   std::string arch;  // --arch: an SD 1.x architecture (JSON file, or "demo") instead of a manifest
+  std::string from;  // --from: a trained checkpoint whose matching tensors the --arch file takes
   std::string layout;
   std::string out;
   std::string dtype = "f16";
@@ -64,9 +65,33 @@ SdArch read_arch(const std::string& a) {
   return SdArch::from_json(ss.str(), a);
 }
 
+// --arch A --from FILE: A's checkpoint with FILE's tensors wherever name and shape match.
+int run_grow(const SynthOptions& o, DType dtype) {
+  DF_CHECK(o.layout == "ldm", "--from: writes the original single-file (ldm) layout only, not '", o.layout, "'");
+  const SdArch arch = read_arch(o.arch);
+  const std::string res = std::to_string(arch.resolution);
+  std::string base = o.from;
+  if (size_t slash = base.find_last_of('/'); slash != std::string::npos) base = base.substr(slash + 1);
+  const std::map<std::string, std::string> meta = {{"modelspec.resolution", res + "x" + res},
+                                                   {"diffuse_architecture", arch.to_json()},
+                                                   {"diffuse_grown_from", base}};
+  if (!o.quiet) std::fprintf(stderr, "synth: architecture %s from %s -> %s\n", arch.to_json().c_str(), o.from.c_str(), o.out.c_str());
+  const GrowStats st = write_grown_checkpoint(arch, o.from, o.out, dtype, o.seed, meta);
+  std::printf("wrote %s: %lld tensors from %s, %lld new (initialised for training, seed %llu)",
+              o.out.c_str(), static_cast<long long>(st.copied), o.from.c_str(), static_cast<long long>(st.initialised),
+              static_cast<unsigned long long>(o.seed));
+  if (!st.reshaped.empty()) std::printf(", %zu of them with another shape there", st.reshaped.size());
+  if (st.unused) std::printf("; %lld of its tensors have no place in the architecture", static_cast<long long>(st.unused));
+  std::printf("\n");
+  for (size_t i = 0; i < st.reshaped.size() && i < 5; ++i) std::printf("  reshaped: %s\n", st.reshaped[i].c_str());
+  return 0;
+}
+
 int run_synth(const SynthOptions& o) {
   const DType dtype = parse_dtype(o.dtype);
   DF_CHECK(o.manifest.empty() != o.arch.empty(), "synth: give exactly one of --manifest and --arch");
+  DF_CHECK(o.from.empty() || !o.arch.empty(), "--from: needs --arch (the architecture to grow into)");
+  if (!o.from.empty()) return run_grow(o, dtype);
   std::vector<ManifestRow> rows;
   std::string source, config;
   std::map<std::string, std::string> meta;
@@ -105,6 +130,9 @@ Run add_synth_command(CLI::App& app) {
   cmd->add_option("--arch", o->arch,
                   "instead of a manifest: an SD 1.x architecture at any widths, \"demo\" (the demo model's) or a "
                   "JSON file (fields of src/models/sd_arch.h); weights initialised for training from scratch");
+  cmd->add_option("--from", o->from,
+                  "with --arch: take every tensor this trained checkpoint has at the same name and shape (growing "
+                  "a model: added modules start as the identity)");
   cmd->add_option("--layout", o->layout, "ldm (one .safetensors file) or diffusers (a folder)")
       ->default_val("ldm")
       ->check(CLI::IsMember({"ldm", "diffusers"}));
