@@ -45,6 +45,13 @@ void add_run_flags(CLI::App* c, Opts& o, RunFlags& f, const std::string& output_
   c->add_option("--max-grad-norm,--max_grad_norm", o.max_grad_norm, "Gradient clipping (0: off)")->capture_default_str();
   c->add_option("--min-snr-gamma,--min_snr_gamma", o.min_snr_gamma, "Min-SNR-γ weighting (0: off)");
   c->add_option("--noise-offset,--noise_offset", o.noise_offset, "Noise offset");
+  c->add_option("--multires-noise-iterations,--multires_noise_iterations", o.multires_noise_iterations,
+                "Multi-resolution (pyramid) noise levels (0: off; kohya suggests 6-10)")
+      ->check(CLI::Range(0, 32));
+  c->add_option("--multires-noise-discount,--multires_noise_discount", o.multires_noise_discount,
+                "Weight ratio between pyramid noise levels")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
   c->add_option("--caption-dropout,--caption_dropout_rate", o.caption_dropout, "Caption dropout rate");
   c->add_option("--save-precision,--save_precision", o.save_precision, "fp16, bf16 or float")->capture_default_str();
   c->add_option("--validate-every", o.validate_every, "Validation loss every N steps (always at start and end)");

@@ -149,6 +149,8 @@ std::map<std::string, std::string> lora_metadata(const MetaContext& x, int step)
       {"ss_seed", std::to_string(o.seed)},
       {"ss_min_snr_gamma", fmt("%g", o.min_snr_gamma)},
       {"ss_noise_offset", fmt("%g", o.noise_offset)},
+      {"ss_multires_noise_iterations", std::to_string(o.multires_noise_iterations)},
+      {"ss_multires_noise_discount", fmt("%g", o.multires_noise_discount)},
       {"ss_training_comment", "trained by diffuse train lora"},
   };
   nlohmann::json tf = nlohmann::json::object();

@@ -112,6 +112,62 @@ void apply_noise_offset(Tensor& noise, float offset, Rng& rng) {
       for (int64_t c = 0; c < C; ++c) noise.f32()[(b * HW + i) * C + c] += offset * n[size_t(b * C + c)];
 }
 
+// x: [B, h, w, C] -> [B, H, W, C], bilinear with half-pixel centres (align_corners=False).
+static void add_upsampled(const std::vector<float>& x, int64_t B, int64_t h, int64_t w, int64_t C, float weight,
+                          Tensor& y) {
+  const int64_t H = y.dim(1), W = y.dim(2);
+  auto src = [](int64_t o, int64_t in, int64_t out, int64_t& i0, int64_t& i1, float& f) {
+    double s = (double(o) + 0.5) * double(in) / double(out) - 0.5;
+    s = std::max(0.0, s);
+    i0 = std::min<int64_t>(int64_t(s), in - 1);
+    i1 = std::min<int64_t>(i0 + 1, in - 1);
+    f = float(s - double(i0));
+  };
+  float* out = y.f32();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t yy = 0; yy < H; ++yy) {
+      int64_t y0, y1;
+      float fy;
+      src(yy, h, H, y0, y1, fy);
+      for (int64_t xx = 0; xx < W; ++xx) {
+        int64_t x0, x1;
+        float fx;
+        src(xx, w, W, x0, x1, fx);
+        const float* p00 = &x[size_t(((b * h + y0) * w + x0) * C)];
+        const float* p01 = &x[size_t(((b * h + y0) * w + x1) * C)];
+        const float* p10 = &x[size_t(((b * h + y1) * w + x0) * C)];
+        const float* p11 = &x[size_t(((b * h + y1) * w + x1) * C)];
+        float* o = out + ((b * H + yy) * W + xx) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float top = p00[c] + (p01[c] - p00[c]) * fx, bot = p10[c] + (p11[c] - p10[c]) * fx;
+          o[c] += weight * (top + (bot - top) * fy);
+        }
+      }
+    }
+}
+
+void apply_multires_noise(Tensor& noise, int iterations, float discount, Rng& rng,
+                          const std::function<double()>& uniform) {
+  if (iterations <= 0) return;
+  DF_CHECK(noise.dtype() == DType::F32 && noise.rank() == 4, "multires noise: noise ", noise.str(),
+           " must be f32 [B, H, W, C]");
+  const int64_t B = noise.dim(0), H = noise.dim(1), W = noise.dim(2), C = noise.dim(3);
+  for (int i = 0; i < iterations; ++i) {
+    const double r = 2.0 + 2.0 * uniform(), scale = std::pow(r, double(i));
+    const int64_t h = std::max<int64_t>(1, int64_t(double(H) / scale)), w = std::max<int64_t>(1, int64_t(double(W) / scale));
+    std::vector<float> z(size_t(B * h * w * C));
+    rng.randn(z.data(), int64_t(z.size()));
+    add_upsampled(z, B, h, w, C, std::pow(discount, float(i)), noise);
+    if (h == 1 || w == 1) break;
+  }
+  double sum = 0, sq = 0;
+  const int64_t n = noise.numel();
+  for (int64_t k = 0; k < n; ++k) sum += noise.f32()[k], sq += double(noise.f32()[k]) * noise.f32()[k];
+  const double mean = sum / double(n), var = (sq - double(n) * mean * mean) / double(std::max<int64_t>(1, n - 1));
+  const float inv = var > 0 ? float(1.0 / std::sqrt(var)) : 1.0f;
+  for (int64_t k = 0; k < n; ++k) noise.f32()[k] *= inv;
+}
+
 int sample_timestep(double u, int min_t, int max_t) {
   DF_CHECK(min_t >= 0 && max_t > min_t && max_t <= 1000, "timestep range [", min_t, ", ", max_t, ") is empty or outside [0, 1000)");
   const int t = min_t + int(std::floor(u * double(max_t - min_t)));

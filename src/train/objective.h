@@ -8,6 +8,7 @@
 // (v), loss = mean_b(w_b · mean_chw((pred − target)²)). SNR = (√ᾱ/√(1−ᾱ))² in f32 (compute_snr).
 // Options: noise offset (ε += o·N(0,1) per (sample, channel)), caption dropout.
 #pragma once
+#include <functional>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -59,6 +60,16 @@ LossResult mse_loss(const Tensor& pred, const Tensor& target, const std::vector<
 // Noise offset (kohya's --noise_offset): ε[b, :, :, c] += offset · n_bc, n ~ N(0, 1) from `rng`
 // (one value per sample and channel, drawn in [B, C] order). noise: [B, H, W, C].
 void apply_noise_offset(Tensor& noise, float offset, Rng& rng);
+
+// Multi-resolution ("pyramid") noise (kohya's --multires_noise_iterations/--multires_noise_discount):
+// for i = 0 .. iterations-1, with r = 2 + 2·u (u uniform [0, 1) from `uniform`), a draw z ~ N(0, 1)
+// of [B, max(1, H/r^i), max(1, W/r^i), C] (from `rng`) is upsampled bilinearly (half-pixel centres,
+// as torch's Upsample(mode="bilinear")) to H×W and added with weight discount^i, stopping after the
+// first 1-pixel level; then the whole tensor is divided by its standard deviation. Low-frequency
+// noise hides an image's layout from x_t at high timesteps (where SD's schedule still leaks 6.8% of
+// x0), so the model learns the layout from the prompt. noise: [B, H, W, C] f32.
+void apply_multires_noise(Tensor& noise, int iterations, float discount, Rng& rng,
+                          const std::function<double()>& uniform);
 
 // Caption dropout: true with probability `rate` (the caption is replaced by the empty prompt).
 // `u` is a uniform [0, 1) draw.

@@ -173,6 +173,8 @@ TrainBatch TrainData::make_batch(const std::vector<size_t>& idx, std::mt19937_64
   }
   Tensor n = concat0(noise);
   if (for_train && o_.noise_offset != 0) apply_noise_offset(n, o_.noise_offset, *rng);
+  if (for_train && o_.multires_noise_iterations > 0)
+    apply_multires_noise(n, o_.multires_noise_iterations, o_.multires_noise_discount, *rng, [&] { return uniform01(g); });
   b.nb = make_noised_batch(sched_, concat0(x0), n, ts, obj_);
   if (!ctx.empty()) b.ctx = concat0(ctx);
   if (!pooled.empty()) b.pooled = concat0(pooled);
@@ -278,6 +280,8 @@ nlohmann::json run_fingerprint(const RunOptions& o, const Dataset& data, int tot
   j["resolution"] = resolution, j["buckets"] = o.data_opts.buckets, j["steps"] = total;
   j["lr_scheduler"] = o.lr_schedule, j["warmup"] = o.warmup_steps, j["min_snr_gamma"] = o.min_snr_gamma;
   j["noise_offset"] = o.noise_offset, j["caption_dropout"] = o.caption_dropout, j["weight_decay"] = o.weight_decay;
+  if (o.multires_noise_iterations > 0)  // (absent when off: state files of earlier runs still match)
+    j["multires_noise"] = {o.multires_noise_iterations, o.multires_noise_discount};
   j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;
   j["precision"] = o.precision;
   j["max_grad_norm"] = o.max_grad_norm, j["shuffle"] = o.data_opts.shuffle_captions, j["keep"] = o.data_opts.keep_tokens;

@@ -43,6 +43,8 @@ struct RunOptions {
   double max_grad_norm = 1.0;
   float min_snr_gamma = 0;
   float noise_offset = 0;
+  int multires_noise_iterations = 0;  // kohya's --multires_noise_iterations (0: off)
+  float multires_noise_discount = 0.3f;
   double caption_dropout = 0;
   double weight_decay = 1e-2;
   std::string save_precision = "fp16";  // fp16 | bf16 | float (fp32)

@@ -717,6 +717,100 @@ TEST(TrainObjective, NoiseOffset) {
   EXPECT_THROW(apply_noise_offset(flat, offset, *make_cpu_rng(1)), Error);
 }
 
+// Pyramid noise against a double-precision reference written here: levels of N(0, 1) draws taken
+// from the generator in order, upsampled as torch's bilinear Upsample (half-pixel centres, edge
+// clamped), weighted discount^i, stopped after a 1-pixel level, divided by the std (unbiased).
+TEST(TrainObjective, MultiresNoise) {
+  const int64_t B = 2, H = 16, W = 12, C = 4;
+  const Tensor noise0 = random_tensor({B, H, W, C}, 211, 1.0);
+  const uint64_t seed = 77;
+  const float discount = 0.4f;
+  const std::vector<double> us = {0.9, 0.1, 0.5, 0.3, 0.7, 0.2};
+  auto run = [&](Tensor& n, int iterations, size_t& used) {
+    used = 0;
+    auto rng = make_cpu_rng(seed);
+    apply_multires_noise(n, iterations, discount, *rng, [&] { return us[used++ % us.size()]; });
+  };
+  Tensor got = noise0.clone();
+  size_t used = 0;
+  run(got, 6, used);
+
+  // The reference.
+  std::vector<double> ref(noise0.f32(), noise0.f32() + noise0.numel());
+  auto rng = make_cpu_rng(seed);
+  int levels = 0;
+  for (int i = 0; i < 6; ++i, ++levels) {
+    const double r = 2.0 + 2.0 * us[size_t(i)], sc = std::pow(r, i);
+    const int64_t h = std::max<int64_t>(1, int64_t(H / sc)), w = std::max<int64_t>(1, int64_t(W / sc));
+    std::vector<float> z(size_t(B * h * w * C));
+    rng->randn(z.data(), int64_t(z.size()));
+    auto coord = [](int64_t o, int64_t in, int64_t out, int64_t& a, int64_t& b2, double& f) {
+      const double x = std::max(0.0, (o + 0.5) * double(in) / double(out) - 0.5);
+      a = std::min<int64_t>(int64_t(std::floor(x)), in - 1);
+      b2 = std::min<int64_t>(a + 1, in - 1);
+      f = x - double(a);
+    };
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t x = 0; x < W; ++x)
+          for (int64_t c = 0; c < C; ++c) {
+            int64_t y0, y1, x0, x1;
+            double fy, fx;
+            coord(y, h, H, y0, y1, fy);
+            coord(x, w, W, x0, x1, fx);
+            auto at = [&](int64_t yy, int64_t xx) { return double(z[size_t(((b * h + yy) * w + xx) * C + c)]); };
+            const double v = (1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1)) + fy * ((1 - fx) * at(y1, x0) + fx * at(y1, x1));
+            ref[size_t(((b * H + y) * W + x) * C + c)] += std::pow(double(discount), i) * v;
+          }
+    if (h == 1 || w == 1) {
+      ++levels;
+      break;
+    }
+  }
+  double sum = 0, sq = 0;
+  for (double v : ref) sum += v;
+  const double mean = sum / double(ref.size());
+  for (double v : ref) sq += (v - mean) * (v - mean);
+  const double sd = std::sqrt(sq / double(ref.size() - 1));
+  double err = 0;
+  for (size_t k = 0; k < ref.size(); ++k) err = std::max(err, std::abs(double(got.f32()[k]) - ref[k] / sd));
+  EXPECT_LT(err, 1e-5);
+  EXPECT_EQ(used, size_t(levels));  // one scale draw per level, stopping after the 1-pixel level
+  EXPECT_LT(levels, 6);             // 16 / 3.8^2 < 2: the third level is 1 pixel high
+
+  // Unit variance; more low-frequency power than the white noise it started from (the variance
+  // of 4×4 block means is 1/16 of the pixels' for white noise: 1/48 for the uniform [-1, 1] start).
+  auto block_var = [&](const Tensor& t) {
+    double s2 = 0;
+    int64_t nb = 0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t by = 0; by + 4 <= H; by += 4)
+        for (int64_t bx = 0; bx + 4 <= W; bx += 4)
+          for (int64_t c = 0; c < C; ++c) {
+            double m = 0;
+            for (int64_t y = by; y < by + 4; ++y)
+              for (int64_t x = bx; x < bx + 4; ++x) m += t.f32()[((b * H + y) * W + x) * C + c];
+            m /= 16;
+            s2 += m * m, ++nb;
+          }
+    return s2 / double(nb);
+  };
+  double s1 = 0, s2 = 0;
+  for (int64_t k = 0; k < got.numel(); ++k) s1 += got.f32()[k], s2 += double(got.f32()[k]) * got.f32()[k];
+  const double n = double(got.numel());
+  EXPECT_NEAR((s2 - s1 * s1 / n) / (n - 1), 1.0, 1e-4);
+  std::printf("4x4 block-mean variance: white %.4f, pyramid %.4f\n", block_var(noise0), block_var(got));
+  EXPECT_GT(block_var(got), 2 * block_var(noise0));
+
+  // 0 iterations: untouched, no draws.
+  Tensor same = noise0.clone();
+  run(same, 0, used);
+  EXPECT_TRUE(bit_equal(same, noise0));
+  EXPECT_EQ(used, 0u);
+  Tensor flat = random_tensor({2, 60}, 1);
+  EXPECT_THROW(run(flat, 2, used), Error);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Timestep sampling, caption dropout
 // ---------------------------------------------------------------------------------------------
