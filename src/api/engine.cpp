@@ -59,22 +59,17 @@ std::string display_name(const std::string& path) {
   return fs::is_directory(path, ec) ? p.filename().string() : p.stem().string();
 }
 
-// Prediction type: the request's, else a diffusers scheduler config's prediction_type, else the
+// Prediction type: the request's, else a diffusers folder's scheduler config prediction_type, else
+// what a single file declares (modelspec.prediction_type or its embedded scheduler config), else the
 // family default (SD 2.x: v, with a note).
-Prediction decide_prediction(const Request& r, Family family, const Callbacks& cb) {
+Prediction decide_prediction(const Request& r, const SDModel& model, const Callbacks& cb) {
   if (r.prediction == "eps" || r.prediction == "epsilon") return Prediction::Epsilon;
   if (r.prediction == "v" || r.prediction == "v_prediction") return Prediction::VPrediction;
-  std::string cfg_text;
   std::error_code ec;
   if (fs::is_directory(r.model, ec)) {
     std::ifstream f(fs::path(r.model) / "scheduler" / "scheduler_config.json");
+    std::string cfg_text;
     if (f) cfg_text.assign(std::istreambuf_iterator<char>(f), {});
-  } else if (fs::path(r.model).extension() == ".safetensors") {
-    TensorFile tf = load_safetensors(r.model);
-    auto it = tf.metadata.find("scheduler/scheduler_config.json");
-    if (it != tf.metadata.end()) cfg_text = it->second;
-  }
-  if (!cfg_text.empty()) {
     nlohmann::json j = nlohmann::json::parse(cfg_text, nullptr, false);
     if (j.is_object() && j.contains("prediction_type") && j["prediction_type"].is_string()) {
       std::string t = j["prediction_type"];
@@ -82,6 +77,9 @@ Prediction decide_prediction(const Request& r, Family family, const Callbacks& c
       if (t == "epsilon") return Prediction::Epsilon;
     }
   }
+  if (model.declared_prediction == "v") return Prediction::VPrediction;
+  if (model.declared_prediction == "epsilon") return Prediction::Epsilon;
+  const Family family = model.family;
   if (family == Family::SD2) {
     if (cb.log)
       cb.log("diffuse: SD 2.x checkpoint without a scheduler config: assuming v-prediction (768 models); "
@@ -580,7 +578,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
   guard.e = entry.get();
 
   GenerateParams p;
-  p.prediction = decide_prediction(req, model.family, cb);
+  p.prediction = decide_prediction(req, model, cb);
   // The default size: the file's modelspec.resolution when it declares a valid one, else the family's.
   const int family_size = model.family == Family::SDXL ? 1024
                           : (model.family == Family::SD2 && p.prediction == Prediction::VPrediction) ? 768

@@ -89,6 +89,21 @@ DeclaredResolution declared_resolution(const TensorFile& f) {
   return d;
 }
 
+std::string declared_prediction(const TensorFile& f) {
+  auto norm = [](const std::string& v) -> std::string {
+    if (v == "v" || v == "v_prediction") return "v";
+    if (v == "epsilon" || v == "eps") return "epsilon";
+    return "";
+  };
+  auto it = f.metadata.find("modelspec.prediction_type");
+  if (it != f.metadata.end()) return norm(it->second);
+  it = f.metadata.find("scheduler/scheduler_config.json");
+  if (it == f.metadata.end()) return "";
+  nlohmann::json j = nlohmann::json::parse(it->second, nullptr, false);
+  if (!j.is_object() || !j.contains("prediction_type") || !j["prediction_type"].is_string()) return "";
+  return norm(j["prediction_type"].get<std::string>());
+}
+
 WeightStore base_component_weights(const SDModel& m, Component c, std::map<std::string, TensorFile>& files) {
   const std::string& path = c == Component::UNet && !m.unet_path.empty() ? m.unet_path : m.path;
   auto it = files.find(path);
@@ -114,6 +129,7 @@ std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, con
   TensorFile f = open_model_file(path);
   m->summary = summarize_model(f);
   m->declared = declared_resolution(f);
+  m->declared_prediction = diffuse::declared_prediction(f);
   m->family = m->summary.family;
   DF_CHECK(m->family != Family::Unknown, path, ": not a Stable Diffusion checkpoint the engine knows (",
            m->summary.problems.empty() ? std::string("family unknown") : m->summary.problems.front(), ")");

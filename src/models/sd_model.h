@@ -40,6 +40,12 @@ DeclaredResolution declared_resolution(const TensorFile& f);
 // side is not a positive multiple of 8 up to kMaxImageSide.
 bool parse_declared_resolution(const std::string& v, int* width, int* height);
 
+// The prediction type a single file declares: "v" or "epsilon" from its `modelspec.prediction_type`
+// metadata (model-spec files and `diffuse train full` write it; "v_prediction" read as "v") or else
+// from an embedded diffusers scheduler config's prediction_type; "" when it declares none (or
+// something else: optional metadata, as the resolution).
+std::string declared_prediction(const TensorFile& f);
+
 // The base (file) weights of component `c` as the model bound them: the checkpoint's, or for the
 // UNet the --unet file's (LoRA merges read them again). `files` keeps the opened files by path.
 WeightStore base_component_weights(const struct SDModel& m, Component c, std::map<std::string, TensorFile>& files);
@@ -49,6 +55,7 @@ struct SDModel {
   std::string unet_path;  // the UNet's own file when it came from SDLoadOptions::unet_path ("" = path)
   Family family = Family::Unknown;
   DeclaredResolution declared;  // the file's modelspec.resolution (the engine's default size when valid)
+  std::string declared_prediction;  // declared_prediction(file): "v", "epsilon" or ""
   ModelSummary summary;
   ClipTextConfig te_cfg, te2_cfg;  // te2: SDXL's OpenCLIP bigG encoder (the refiner's only one: te unloaded)
   bool refiner = false;            // an SDXL refiner (summary.refiner): te2 only, 5 time ids

@@ -18,6 +18,7 @@ struct RunFlags {
   double unet_lr = 0, text_encoder_lr = -1;
   int resolution = 0;
   std::string precision = "fp32";
+  bool v_parameterization = false;
 };
 
 template <class Opts>
@@ -45,6 +46,9 @@ void add_run_flags(CLI::App* c, Opts& o, RunFlags& f, const std::string& output_
   c->add_option("--max-grad-norm,--max_grad_norm", o.max_grad_norm, "Gradient clipping (0: off)")->capture_default_str();
   c->add_option("--min-snr-gamma,--min_snr_gamma", o.min_snr_gamma, "Min-SNR-γ weighting (0: off)");
   c->add_option("--noise-offset,--noise_offset", o.noise_offset, "Noise offset");
+  c->add_option("--prediction", o.prediction,
+                "Trained objective: eps or v (default: what the model declares, else v for SD 2.x, eps otherwise)");
+  c->add_flag("--v-parameterization,--v_parameterization", f.v_parameterization, "kohya: --prediction v");
   c->add_option("--multires-noise-iterations,--multires_noise_iterations", o.multires_noise_iterations,
                 "Multi-resolution (pyramid) noise levels (0: off; kohya suggests 6-10)")
       ->check(CLI::Range(0, 32));
@@ -78,6 +82,9 @@ void finish_run_flags(Opts& o, const RunFlags& f) {
   DF_CHECK(f.precision == "fp32" || f.precision == "no" || f.precision == "bf16", "--precision ", f.precision,
            ": expected fp32 (no) or bf16", f.precision == "fp16" ? " (fp16 training is not supported on CPUs)" : "");
   o.precision = f.precision == "bf16" ? "bf16" : "fp32";
+  DF_CHECK(!f.v_parameterization || o.prediction.empty() || o.prediction == "v",
+           "--v-parameterization and --prediction ", o.prediction, " disagree");
+  if (f.v_parameterization) o.prediction = "v";
   if (f.unet_lr > 0) o.lr = f.unet_lr;
   if (f.text_encoder_lr > 0) o.text_encoder_lr = f.text_encoder_lr;
   DF_CHECK(o.steps >= 0 && o.epochs >= 0, "--steps/--epochs must not be negative");

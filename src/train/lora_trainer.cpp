@@ -136,6 +136,7 @@ std::map<std::string, std::string> lora_metadata(const MetaContext& x, int step)
       {"modelspec.resolution", std::to_string(dopt.resolution) + "x" + std::to_string(dopt.resolution)},
       {"modelspec.prediction_type", obj == Objective::V ? "v" : "epsilon"},
       {"ss_v2", model->family == Family::SD2 ? "True" : "False"},
+      {"ss_v_parameterization", obj == Objective::V ? "True" : "False"},
       {"ss_output_name", fs::path(o.output).stem().string()},
       {"ss_resolution", "(" + std::to_string(dopt.resolution) + ", " + std::to_string(dopt.resolution) + ")"},
       {"ss_steps", std::to_string(step)},

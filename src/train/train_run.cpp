@@ -55,6 +55,8 @@ DType check_run_options(const RunOptions& o) {
            "--save-precision ", o.save_precision, ": expected fp16, bf16 or float");
   DF_CHECK(o.precision == "fp32" || o.precision == "bf16", "--precision ", o.precision, ": expected fp32 or bf16");
   check_prior_loss_weight(o.prior_loss_weight);
+  DF_CHECK(o.prediction.empty() || o.prediction == "eps" || o.prediction == "v", "--prediction ", o.prediction,
+           ": expected eps or v");
   return o.save_precision == "fp16" ? DType::F16 : o.save_precision == "bf16" ? DType::BF16 : DType::F32;
 }
 
@@ -100,7 +102,7 @@ TrainData::TrainData(SDModel& model, Backend& be, Dataset& data, const RunOption
       trainer_(trainer),
       o_(o),
       dopt_(dopt),
-      obj_(model.family == Family::SD2 ? Objective::V : Objective::Eps),
+      obj_(trained_objective(o.prediction, model)),
       sdxl_(model.unet_cfg.text_time),
       sched_(DdpmSchedule::sd()) {
   if (o.train_text_encoder) tenc_ = std::make_unique<TextEncoderTrainer>(model, trainer.grads());
@@ -270,6 +272,13 @@ void LossLog::write() const {
   write_loss_plot(output_ + ".loss.png", text);  // the chart of the same log
 }
 
+Objective trained_objective(const std::string& prediction, const SDModel& model) {
+  if (!prediction.empty()) return parse_objective(prediction);
+  if (model.declared_prediction == "v") return Objective::V;
+  if (model.declared_prediction == "epsilon") return Objective::Eps;
+  return model.family == Family::SD2 ? Objective::V : Objective::Eps;
+}
+
 nlohmann::json run_fingerprint(const RunOptions& o, const Dataset& data, int total, int resolution) {
   nlohmann::json j;
   j["model"] = fs::path(o.model).filename().string();
@@ -280,6 +289,7 @@ nlohmann::json run_fingerprint(const RunOptions& o, const Dataset& data, int tot
   j["resolution"] = resolution, j["buckets"] = o.data_opts.buckets, j["steps"] = total;
   j["lr_scheduler"] = o.lr_schedule, j["warmup"] = o.warmup_steps, j["min_snr_gamma"] = o.min_snr_gamma;
   j["noise_offset"] = o.noise_offset, j["caption_dropout"] = o.caption_dropout, j["weight_decay"] = o.weight_decay;
+  if (!o.prediction.empty()) j["prediction"] = o.prediction;  // (absent when the model's: as before)
   if (o.multires_noise_iterations > 0)  // (absent when off: state files of earlier runs still match)
     j["multires_noise"] = {o.multires_noise_iterations, o.multires_noise_discount};
   j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;

@@ -42,6 +42,9 @@ struct RunOptions {
   int warmup_steps = 0;
   double max_grad_norm = 1.0;
   float min_snr_gamma = 0;
+  // The trained objective: "eps" or "v" (kohya's --v_parameterization); "" = the model's: what the
+  // checkpoint declares (modelspec.prediction_type), else v for SD 2.x and eps for the others.
+  std::string prediction;
   float noise_offset = 0;
   int multires_noise_iterations = 0;  // kohya's --multires_noise_iterations (0: off)
   float multires_noise_discount = 0.3f;
@@ -72,6 +75,9 @@ Tensor concat0(const std::vector<Tensor>& parts);
 // --lr, --lr-scheduler, --save-precision, --precision, --prior-loss-weight) and returns the dtype
 // trained tensors are saved in.
 DType check_run_options(const RunOptions& o);
+// The objective a run trains: `prediction` ("eps"/"v") when given, else what the checkpoint declares
+// (SDModel::declared_prediction), else v for SD 2.x and eps for the other families.
+Objective trained_objective(const std::string& prediction, const SDModel& model);
 
 // The run's dataset: --resolution (0: the model file's square modelspec.resolution if it declares
 // one, else the family's native size, 512 / 768 / 1024, from its tensor names), the scan, the

@@ -3,7 +3,8 @@
 // checkpoint copied with "96x64" generates 96x64 (width x height) without -W/-H, -W/-H still win
 // (each on its own), and an invalid value falls back to the family's size with a warning naming
 // the file and the value; through the engine (what the C API and the server call), width/height 0
-// takes the declared size too.
+// takes the declared size too. The prediction type a file declares (modelspec.prediction_type, as
+// `diffuse train full --prediction v` writes it) is what generate uses unless --prediction says.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -24,16 +25,20 @@ using namespace clitest;
 namespace {
 
 
-// The tiny sd1 checkpoint's tensors and metadata, plus modelspec.resolution = `resolution`.
-std::string model_with_resolution(const std::string& name, const std::string& resolution) {
+// The tiny sd1 checkpoint's tensors and metadata, plus metadata `key` = `value`.
+std::string model_with_metadata(const std::string& name, const std::string& key, const std::string& value) {
   const std::string out = temp_dir() + "/" + name + ".safetensors";
   diffuse::TensorFile f = diffuse::load_safetensors(tiny_sd1());
   std::vector<std::pair<std::string, diffuse::Tensor>> tensors;
   for (const diffuse::TensorEntry& e : f.tensors) tensors.emplace_back(e.name, e.tensor);
   std::map<std::string, std::string> meta = f.metadata;
-  meta["modelspec.resolution"] = resolution;
+  meta[key] = value;
   diffuse::save_safetensors(out, tensors, meta);
   return out;
+}
+
+std::string model_with_resolution(const std::string& name, const std::string& resolution) {
+  return model_with_metadata(name, "modelspec.resolution", resolution);
 }
 
 // Generates with `extra` flags (1 step) and returns the PNG's size as "WxH" ("" on failure).
@@ -130,4 +135,46 @@ TEST(EngineResolution, WidthHeightZeroTakeTheDeclaredSize) {
   EXPECT_EQ(res.images[0].image.width, 64);
   EXPECT_EQ(res.images[0].image.height, 128);
   EXPECT_TRUE(contains(res.images[0].parameters, "Size: 64x128")) << res.images[0].parameters;
+}
+
+TEST(DeclaredPrediction, FromModelspecOrSchedulerConfig) {
+  diffuse::TensorFile f;
+  EXPECT_EQ(diffuse::declared_prediction(f), "");
+  f.metadata["scheduler/scheduler_config.json"] = R"({"prediction_type": "v_prediction"})";
+  EXPECT_EQ(diffuse::declared_prediction(f), "v");
+  f.metadata["modelspec.prediction_type"] = "epsilon";  // the model-spec key wins
+  EXPECT_EQ(diffuse::declared_prediction(f), "epsilon");
+  f.metadata["modelspec.prediction_type"] = "v";
+  EXPECT_EQ(diffuse::declared_prediction(f), "v");
+  f.metadata["modelspec.prediction_type"] = "sample";  // not one the engine runs: declares nothing
+  EXPECT_EQ(diffuse::declared_prediction(f), "");
+  f.metadata.erase("modelspec.prediction_type");
+  f.metadata["scheduler/scheduler_config.json"] = "{not json";
+  EXPECT_EQ(diffuse::declared_prediction(f), "");
+}
+
+TEST(CliPrediction, DeclaredVIsTheDefaultAndTheFlagOverrides) {
+  if (tiny_sd1().empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
+  const std::string vmodel = model_with_metadata("declared-v", "modelspec.prediction_type", "v");
+  auto pixels = [](const std::string& model, const std::string& tag, std::vector<std::string> extra, Result* r) {
+    const std::string out = temp_dir() + "/" + tag + ".png";
+    std::vector<std::string> args = {"generate", "-m", model, "-p", "a cat", "--steps", "2", "-s", "5",
+                                     "-W", "64", "-H", "64", "-o", out};
+    args.insert(args.end(), extra.begin(), extra.end());
+    *r = run(args, 300);
+    EXPECT_EQ(r->exit_code, 0) << r->err;
+    return r->exit_code == 0 ? diffuse::read_image(out).pixels : std::vector<uint8_t>{};
+  };
+  Result r;
+  const std::vector<uint8_t> declared = pixels(vmodel, "pred-declared", {}, &r);
+  EXPECT_TRUE(contains(r.err, "v prediction")) << r.err;
+  const std::vector<uint8_t> eps = pixels(tiny_sd1(), "pred-eps", {}, &r);
+  EXPECT_TRUE(contains(r.err, "epsilon prediction")) << r.err;
+  const std::vector<uint8_t> forced_v = pixels(tiny_sd1(), "pred-forced-v", {"--prediction", "v"}, &r);
+  const std::vector<uint8_t> overridden = pixels(vmodel, "pred-overridden", {"--prediction", "eps"}, &r);
+  EXPECT_TRUE(contains(r.err, "epsilon prediction")) << r.err;
+  ASSERT_FALSE(declared.empty());
+  EXPECT_EQ(declared, forced_v);  // the declared v is what --prediction v does
+  EXPECT_EQ(overridden, eps);     // and --prediction eps overrides it
+  EXPECT_NE(declared, eps);       // (the two predictions draw different pixels)
 }

@@ -8,7 +8,9 @@
 //  - --ema: the saved weights equal an EMA recomputed here from the base weights and the weights
 //    of runs without EMA after steps 1 and 2 (constant decay, and diffusers' warmup);
 //  - --train-text-encoder (SD 1.x CLIP, SD 2.x OpenCLIP with its fused in_proj) writes the trained
-//    encoder back under its own names; bad inputs fail naming the option and write nothing.
+//    encoder back under its own names; bad inputs fail naming the option and write nothing;
+//  - --prediction v (kohya's --v_parameterization) trains the v objective on an SD 1.x model and
+//    says so in modelspec.prediction_type; training the result again keeps v without the flag.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -255,7 +257,10 @@ TEST(TrainFull, BadInputFailsNamingTheOption) {
   std::vector<Case> cases = {{{"--ema", "1"}, model, "--ema 1: the EMA decay must be in [0, 1)"},
                              {{"--ema", "-0.1"}, model, "--ema -0.1: the EMA decay must be in [0, 1)"},
                              {{"--no-ema-warmup"}, model, "--no-ema-warmup: only with --ema"},
-                             {{"--save-precision=fp8"}, model, "--save-precision fp8"}};
+                             {{"--save-precision=fp8"}, model, "--save-precision fp8"},
+                             {{"--prediction", "x0"}, model, "--prediction x0: expected eps or v"},
+                             {{"--prediction", "eps", "--v_parameterization"}, model,
+                              "--v-parameterization and --prediction eps disagree"}};
   if (fs::is_directory(folder)) cases.push_back({{}, folder, "a diffusers folder; train full writes the original (ldm)"});
   for (const Case& c : cases) {
     std::vector<std::string> args = train_args(c.model, out, 2, c.extra);
@@ -266,4 +271,38 @@ TEST(TrainFull, BadInputFailsNamingTheOption) {
     EXPECT_NE(r.err.find(c.expect), std::string::npos) << r.err;
     EXPECT_FALSE(fs::exists(out));
   }
+}
+
+TEST(TrainFull, VPredictionIsTrainedDeclaredAndKept) {
+  const std::string model = sd1_model();
+  if (model.empty()) GTEST_SKIP() << "tiny sd1 model not found";
+  auto declared = [](const std::string& path) {
+    const diffuse::TensorFile f = diffuse::load_safetensors(path);
+    auto it = f.metadata.find("modelspec.prediction_type");
+    return it == f.metadata.end() ? std::string("(none)") : it->second;
+  };
+  const std::string eps_out = dir() + "/pred_eps.safetensors", v_out = dir() + "/pred_v.safetensors",
+                    again = dir() + "/pred_v_again.safetensors", kohya = dir() + "/pred_v_kohya.safetensors";
+  Result r = run(train_args(model, eps_out, 1), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("objective eps"), std::string::npos) << r.err;
+  EXPECT_EQ(declared(eps_out), "epsilon");
+  r = run(train_args(model, v_out, 1, {"--prediction", "v"}), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("objective v"), std::string::npos) << r.err;
+  EXPECT_EQ(declared(v_out), "v");
+  r = run(train_args(model, kohya, 1, {"--v_parameterization"}), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  expect_same_file_tensors(v_out, kohya);  // the same run
+  // The two objectives train different weights from one start.
+  const auto ve = values_of(diffuse::load_safetensors(eps_out)), vv = values_of(diffuse::load_safetensors(v_out));
+  EXPECT_NE(ve.at("model.diffusion_model.out.2.weight"), vv.at("model.diffusion_model.out.2.weight"));
+  // A v model trains on as v without the flag (what it declares), and generates as v.
+  r = run(train_args(v_out, again, 1), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("objective v"), std::string::npos) << r.err;
+  EXPECT_EQ(declared(again), "v");
+  r = run({"generate", "-m", again, "-W", "64", "-H", "64", "-p", kCaption, "--steps", "1", "-o", dir() + "/pred_v.png"}, 120);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("v prediction"), std::string::npos) << r.err;
 }

@@ -166,6 +166,7 @@ TEST_F(TrainLora, FileIsKohyaCompatible) {
   EXPECT_EQ(meta("ss_network_module"), "networks.lora");
   EXPECT_EQ(meta("ss_base_model_version"), "sd_v1");
   EXPECT_EQ(meta("ss_v2"), "False");
+  EXPECT_EQ(meta("ss_v_parameterization"), "False");
   EXPECT_EQ(meta("ss_network_dim"), std::to_string(kRank));
   EXPECT_EQ(json::parse(meta("ss_tag_frequency"), nullptr, false), tag_frequency_of(data_dir))
       << meta("ss_tag_frequency");
