@@ -89,6 +89,17 @@ Prediction decide_prediction(const Request& r, const SDModel& model, const Callb
   return Prediction::Epsilon;
 }
 
+// A diffusers folder whose scheduler config has rescale_betas_zero_snr: true.
+bool folder_zero_snr(const std::string& model) {
+  std::error_code ec;
+  if (!fs::is_directory(model, ec)) return false;
+  std::ifstream f(fs::path(model) / "scheduler" / "scheduler_config.json");
+  if (!f) return false;
+  nlohmann::json j = nlohmann::json::parse(std::string(std::istreambuf_iterator<char>(f), {}), nullptr, false);
+  return j.is_object() && j.contains("rescale_betas_zero_snr") && j["rescale_betas_zero_snr"].is_boolean() &&
+         j["rescale_betas_zero_snr"].get<bool>();
+}
+
 // A1111's pairing: "MODEL.vae.safetensors" beside a single-file "MODEL.safetensors" (or .ckpt) is
 // its VAE; "" when there is none (or the model is a folder).
 std::string paired_vae(const std::string& model) {
@@ -579,6 +590,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
 
   GenerateParams p;
   p.prediction = decide_prediction(req, model, cb);
+  p.zero_terminal_snr = model.declared_zero_snr || folder_zero_snr(req.model);
   // The default size: the file's modelspec.resolution when it declares a valid one, else the family's.
   const int family_size = model.family == Family::SDXL ? 1024
                           : (model.family == Family::SD2 && p.prediction == Prediction::VPrediction) ? 768
@@ -666,9 +678,10 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
 
   Backend& be = *state->be;
   char line[512];
-  std::snprintf(line, sizeof line, "model %s: %s, UNet %d channels, %s prediction, loaded in %.1f s; %s%s on %s, %d threads",
+  std::snprintf(line, sizeof line, "model %s: %s, UNet %d channels, %s prediction%s, loaded in %.1f s; %s%s on %s, %d threads",
                 req.model.c_str(), family_name(model.family), model.unet_cfg.in_channels,
-                p.prediction == Prediction::VPrediction ? "v" : "epsilon", out.load_s,
+                p.prediction == Prediction::VPrediction ? "v" : "epsilon",
+                p.zero_terminal_snr ? " (zero terminal SNR)" : "", out.load_s,
                 precision_name(be.effective_precision()), be.weight_format() == WeightFormat::Int8 ? " (int8 weights)" : "",
                 be.name().c_str(), num_threads());
   log(line);

@@ -104,6 +104,16 @@ std::string declared_prediction(const TensorFile& f) {
   return norm(j["prediction_type"].get<std::string>());
 }
 
+bool declared_zero_snr(const TensorFile& f) {
+  auto it = f.metadata.find("ss_zero_terminal_snr");
+  if (it != f.metadata.end()) return it->second == "True" || it->second == "true";
+  it = f.metadata.find("scheduler/scheduler_config.json");
+  if (it == f.metadata.end()) return false;
+  nlohmann::json j = nlohmann::json::parse(it->second, nullptr, false);
+  return j.is_object() && j.contains("rescale_betas_zero_snr") && j["rescale_betas_zero_snr"].is_boolean() &&
+         j["rescale_betas_zero_snr"].get<bool>();
+}
+
 WeightStore base_component_weights(const SDModel& m, Component c, std::map<std::string, TensorFile>& files) {
   const std::string& path = c == Component::UNet && !m.unet_path.empty() ? m.unet_path : m.path;
   auto it = files.find(path);
@@ -130,6 +140,7 @@ std::unique_ptr<SDModel> SDModel::load(const std::string& path, Backend& be, con
   m->summary = summarize_model(f);
   m->declared = declared_resolution(f);
   m->declared_prediction = diffuse::declared_prediction(f);
+  m->declared_zero_snr = diffuse::declared_zero_snr(f);
   m->family = m->summary.family;
   DF_CHECK(m->family != Family::Unknown, path, ": not a Stable Diffusion checkpoint the engine knows (",
            m->summary.problems.empty() ? std::string("family unknown") : m->summary.problems.front(), ")");

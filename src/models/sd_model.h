@@ -45,6 +45,9 @@ bool parse_declared_resolution(const std::string& v, int* width, int* height);
 // from an embedded diffusers scheduler config's prediction_type; "" when it declares none (or
 // something else: optional metadata, as the resolution).
 std::string declared_prediction(const TensorFile& f);
+// Whether a single file declares a zero-terminal-SNR schedule: kohya's `ss_zero_terminal_snr`
+// "True" (diffuse's trainers write it) or an embedded scheduler config's rescale_betas_zero_snr.
+bool declared_zero_snr(const TensorFile& f);
 
 // The base (file) weights of component `c` as the model bound them: the checkpoint's, or for the
 // UNet the --unet file's (LoRA merges read them again). `files` keeps the opened files by path.
@@ -56,6 +59,7 @@ struct SDModel {
   Family family = Family::Unknown;
   DeclaredResolution declared;  // the file's modelspec.resolution (the engine's default size when valid)
   std::string declared_prediction;  // declared_prediction(file): "v", "epsilon" or ""
+  bool declared_zero_snr = false;   // declared_zero_snr(file)
   ModelSummary summary;
   ClipTextConfig te_cfg, te2_cfg;  // te2: SDXL's OpenCLIP bigG encoder (the refiner's only one: te unloaded)
   bool refiner = false;            // an SDXL refiner (summary.refiner): te2 only, 5 time ids

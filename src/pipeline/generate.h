@@ -50,6 +50,7 @@ struct GenerateParams {
   const EmbeddingSet* embeddings = nullptr;
   RngKind rng = RngKind::Cuda;
   Prediction prediction = Prediction::Epsilon;
+  bool zero_terminal_snr = false;  // the model was trained on a zero-terminal-SNR schedule (scheduler.h)
   // img2img / inpaint (init set): share of the schedule that is run, int(steps * strength) steps.
   double strength = 0.75;
   const Image* init = nullptr;  // 8-bit, width × height (converted to RGB)

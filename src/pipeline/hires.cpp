@@ -60,7 +60,7 @@ Image resize_nearest(const Image& im, int width, int height) {
 
 // The model evaluations (Stage::Denoise steps) one generate() call makes.
 int evaluations(const GenerateParams& p, int steps, int img2img_steps) {
-  auto s = make_scheduler(p.sampler, p.schedule, p.prediction);
+  auto s = make_scheduler(p.sampler, p.schedule, p.prediction, p.zero_terminal_snr);
   s->set_timesteps(steps);
   const int n = int(s->timesteps().size());
   if (img2img_steps <= 0) return n;

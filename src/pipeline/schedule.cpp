@@ -29,6 +29,21 @@ NoiseSchedule NoiseSchedule::scaled_linear(int num_train, double beta_start, dou
   return s;
 }
 
+void NoiseSchedule::rescale_zero_terminal_snr() {
+  DF_CHECK(alphas_cumprod.size() >= 2, "zero terminal SNR: the schedule has ", alphas_cumprod.size(), " timesteps");
+  const double s0 = std::sqrt(alphas_cumprod.front()), sT = std::sqrt(alphas_cumprod.back());
+  const double scale = s0 / (s0 - sT);
+  double prev = 1.0;
+  for (size_t i = 0; i < alphas_cumprod.size(); ++i) {
+    const double s = (std::sqrt(alphas_cumprod[i]) - sT) * scale;
+    const double a = i + 1 == alphas_cumprod.size() ? 0.0 : double(float(s * s));
+    betas[i] = 1.0 - (i == 0 ? a : a / prev);
+    alphas_cumprod[i] = a;
+    prev = a;
+  }
+  zero_terminal_snr = true;
+}
+
 std::vector<float> NoiseSchedule::alphas_cumprod_f32() const {
   return {alphas_cumprod.begin(), alphas_cumprod.end()};
 }

@@ -16,6 +16,11 @@ struct NoiseSchedule {
   static NoiseSchedule scaled_linear(int num_train = 1000, double beta_start = 0.00085, double beta_end = 0.012);
   // alphas_cumprod as diffusers holds it (a torch.float32 tensor).
   std::vector<float> alphas_cumprod_f32() const;
+  // Zero terminal SNR (Lin et al. 2023, arXiv 2305.08891; diffusers' rescale_betas_zero_snr, kohya's
+  // --zero_terminal_snr): √ᾱ shifted so that its last value is 0 and scaled so that its first is
+  // unchanged; betas follow. x_T is then pure noise, as sampling starts (needs v-prediction).
+  void rescale_zero_terminal_snr();
+  bool zero_terminal_snr = false;
 };
 
 // Timesteps for `steps` inference steps, as diffusers' timestep_spacing does:

@@ -47,7 +47,10 @@ class Scheduler {
 // sampler: ddim, pndm, euler, euler_a, heun, lms, dpm2, dpm2_a, dpm++2m, dpm++2m_sde, dpm++2s,
 // unipc, deis, lcm, ddpm. schedule: "default", "karras" (Karras sigmas) or "trailing" (trailing
 // timestep spacing). Throws diffuse::Error listing the allowed values for anything else.
-std::unique_ptr<Scheduler> make_scheduler(const std::string& sampler, const std::string& schedule, Prediction p);
+// zero_terminal_snr: the noise schedule rescaled to zero terminal SNR (NoiseSchedule::
+// rescale_zero_terminal_snr; for models trained so, with v-prediction).
+std::unique_ptr<Scheduler> make_scheduler(const std::string& sampler, const std::string& schedule, Prediction p,
+                                          bool zero_terminal_snr = false);
 const std::vector<std::string>& sampler_names();
 // A1111's display name ("Euler a", "DPM++ 2M", ...) for the PNG parameters.
 std::string sampler_display_name(const std::string& sampler);

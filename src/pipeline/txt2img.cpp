@@ -223,7 +223,7 @@ std::vector<Result> generate(const SDModel& model, Backend& be, const GeneratePa
   if (p.on_conditioned) p.on_conditioned();
 
   // Scheduler and the timesteps that run.
-  auto sched = make_scheduler(p.sampler, p.schedule, p.prediction);
+  auto sched = make_scheduler(p.sampler, p.schedule, p.prediction, p.zero_terminal_snr);
   sched->set_timesteps(p.steps);
   const std::vector<double> full = sched->timesteps();
   std::vector<double> run = full;

@@ -49,6 +49,8 @@ void add_run_flags(CLI::App* c, Opts& o, RunFlags& f, const std::string& output_
   c->add_option("--prediction", o.prediction,
                 "Trained objective: eps or v (default: what the model declares, else v for SD 2.x, eps otherwise)");
   c->add_flag("--v-parameterization,--v_parameterization", f.v_parameterization, "kohya: --prediction v");
+  c->add_flag("--zero-terminal-snr,--zero_terminal_snr", o.zero_terminal_snr,
+              "Rescale the noise schedule to zero SNR at the last timestep (with --prediction v); the checkpoint declares it");
   c->add_option("--multires-noise-iterations,--multires_noise_iterations", o.multires_noise_iterations,
                 "Multi-resolution (pyramid) noise levels (0: off; kohya suggests 6-10)")
       ->check(CLI::Range(0, 32));

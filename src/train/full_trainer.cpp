@@ -90,7 +90,7 @@ std::string architecture(const SDModel& m, Objective obj) {
 }
 
 std::map<std::string, std::string> checkpoint_metadata(const FullTrainOptions& o, const SDModel& m, Objective obj,
-                                                       int step, int total, int resolution) {
+                                                       bool zero_snr, int step, int total, int resolution) {
   nlohmann::json t;
   t["trainer"] = "diffuse train full", t["base_model"] = fs::path(o.model).filename().string();
   t["steps"] = step, t["max_steps"] = total, t["lr"] = o.lr, t["lr_scheduler"] = o.lr_schedule;
@@ -102,7 +102,7 @@ std::map<std::string, std::string> checkpoint_metadata(const FullTrainOptions& o
   const std::time_t now = std::time(nullptr);
   char date[32];
   std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%S", std::gmtime(&now));
-  return {{"modelspec.sai_model_spec", "1.0.0"},
+  std::map<std::string, std::string> meta = {{"modelspec.sai_model_spec", "1.0.0"},
           {"modelspec.architecture", architecture(m, obj)},
           {"modelspec.implementation",
            m.family == Family::SDXL ? "https://github.com/Stability-AI/generative-models" : "diffusers"},
@@ -111,6 +111,8 @@ std::map<std::string, std::string> checkpoint_metadata(const FullTrainOptions& o
           {"modelspec.resolution", res + "x" + res},
           {"modelspec.prediction_type", obj == Objective::V ? "v" : "epsilon"},
           {"diffuse_training", t.dump()}};
+  if (zero_snr) meta["ss_zero_terminal_snr"] = "True";  // (kohya's key; what the engine samples with)
+  return meta;
 }
 
 void check_full_options(const FullTrainOptions& o) {
@@ -138,10 +140,7 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
   check_covers_unet(*model, trainer);
   TrainData data(*model, *be, rd.data, o, rd.dopt, trainer);
   const Objective obj = data.objective();
-  log(std::to_string(rd.data.items.size()) + " images, " + std::to_string(rd.data.epoch_length()) +
-          " per epoch with repeats; resolution " + std::to_string(rd.dopt.resolution) + ", objective " +
-          objective_name(obj),
-      false);
+  log(data_summary(rd, data), false);
 
   const double te_lr = o.text_encoder_lr > 0 ? o.text_encoder_lr : o.lr;
   DF_CHECK(!o.train_embeddings || o.train_text_encoder, "--train-embeddings: only with --train-text-encoder");
@@ -195,7 +194,7 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
     CheckpointWriteResult r;
     try {
       r = save_ldm_checkpoint(path, input, model->family, trained_components(params), save_dt,
-                              checkpoint_metadata(o, *model, obj, step, len.total, rd.dopt.resolution));
+                              checkpoint_metadata(o, *model, obj, data.zero_terminal_snr(), step, len.total, rd.dopt.resolution));
     } catch (...) {
       if (ema) ema->swap_with_params();
       throw;

@@ -93,6 +93,7 @@ struct MetaContext {
   const RunData& rd;
   const NetworkInfo& net;
   Objective obj;
+  bool zero_snr;
   RunLength len;
 };
 
@@ -137,6 +138,7 @@ std::map<std::string, std::string> lora_metadata(const MetaContext& x, int step)
       {"modelspec.prediction_type", obj == Objective::V ? "v" : "epsilon"},
       {"ss_v2", model->family == Family::SD2 ? "True" : "False"},
       {"ss_v_parameterization", obj == Objective::V ? "True" : "False"},
+      {"ss_zero_terminal_snr", x.zero_snr ? "True" : "False"},
       {"ss_output_name", fs::path(o.output).stem().string()},
       {"ss_resolution", "(" + std::to_string(dopt.resolution) + ", " + std::to_string(dopt.resolution) + ")"},
       {"ss_steps", std::to_string(step)},
@@ -190,10 +192,8 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const LogFn& log) {
   TrainData data(*model, *be, rd.data, o, rd.dopt, trainer);
   const Objective obj = data.objective();
   samples.prediction = obj == Objective::V ? Prediction::VPrediction : Prediction::Epsilon;
-  log(std::to_string(rd.data.items.size()) + " images, " + std::to_string(rd.data.epoch_length()) +
-          " per epoch with repeats; resolution " + std::to_string(rd.dopt.resolution) + ", objective " +
-          objective_name(obj),
-      false);
+  samples.zero_terminal_snr = data.zero_terminal_snr();
+  log(data_summary(rd, data), false);
   if (!o.reg_data.empty())
     log("reg data: " + std::to_string(rd.reg.num_reg_images) + " samples with repeats in " + o.reg_data +
             ", matched to " + std::to_string(rd.reg.matched) + " per epoch; prior loss weight " +
@@ -237,7 +237,7 @@ LoraTrainResult train_lora(const LoraTrainOptions& o, const LogFn& log) {
   res.val_loss_start = data.validation();
   log("validation loss at the start: " + fmt("%.6f", res.val_loss_start), false);
   LossLog loss_log(o.output, csv_before, res.val_loss_start);
-  const MetaContext meta{o, *model, rd, info, obj, len};
+  const MetaContext meta{o, *model, rd, info, obj, data.zero_terminal_snr(), len};
 
   StepHooks hooks;
   hooks.save = [&](int step) {

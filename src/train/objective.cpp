@@ -15,9 +15,11 @@ Objective parse_objective(const std::string& s) {
 
 const char* objective_name(Objective o) { return o == Objective::Eps ? "eps" : "v"; }
 
-DdpmSchedule DdpmSchedule::sd() {
+DdpmSchedule DdpmSchedule::sd(bool zero_terminal_snr) {
   DdpmSchedule s;
-  s.alphas_cumprod = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012).alphas_cumprod_f32();
+  NoiseSchedule n = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
+  if (zero_terminal_snr) n.rescale_zero_terminal_snr();
+  s.alphas_cumprod = n.alphas_cumprod_f32();
   return s;
 }
 

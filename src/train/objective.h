@@ -26,7 +26,8 @@ const char* objective_name(Objective o);          // "eps", "v"
 // The DDPM schedule as training reads it (f32 like diffusers' tensors).
 struct DdpmSchedule {
   std::vector<float> alphas_cumprod;  // [1000]
-  static DdpmSchedule sd();           // scaled_linear 0.00085 -> 0.012, 1000 steps
+  // scaled_linear 0.00085 -> 0.012, 1000 steps; rescaled to zero terminal SNR (ᾱ_999 = 0) when asked.
+  static DdpmSchedule sd(bool zero_terminal_snr = false);
   int num_timesteps() const { return int(alphas_cumprod.size()); }
   float sqrt_alpha(int t) const;            // √ᾱ_t (f32 sqrt of the f32 ᾱ)
   float sqrt_one_minus_alpha(int t) const;  // √(1 − ᾱ_t)

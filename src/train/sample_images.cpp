@@ -65,6 +65,7 @@ std::vector<std::string> generate_prompts(const SDModel& model, Backend& be, con
     p.prompt = s.prompts[i];
     p.width = s.width, p.height = s.height;
     p.steps = s.steps, p.cfg = s.cfg, p.seed = s.seed, p.sampler = s.sampler, p.prediction = s.prediction;
+    p.zero_terminal_snr = s.zero_terminal_snr;
     p.on_warning = log;
     const std::vector<Result> r = generate(model, be, p);
     DF_ASSERT(r.size() == 1);

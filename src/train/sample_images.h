@@ -33,6 +33,7 @@ struct SampleSettings {
   uint64_t seed = 0;
   int width = 512, height = 512;
   Prediction prediction = Prediction::Epsilon;
+  bool zero_terminal_snr = false;
 };
 
 // Throws diffuse::Error naming the option (--sample-every, --sample-steps, --sample-cfg,

@@ -103,8 +103,12 @@ TrainData::TrainData(SDModel& model, Backend& be, Dataset& data, const RunOption
       o_(o),
       dopt_(dopt),
       obj_(trained_objective(o.prediction, model)),
+      ztsnr_(o.zero_terminal_snr || model.declared_zero_snr),
       sdxl_(model.unet_cfg.text_time),
-      sched_(DdpmSchedule::sd()) {
+      sched_(DdpmSchedule::sd(ztsnr_)) {
+  DF_CHECK(!ztsnr_ || obj_ == Objective::V, o.zero_terminal_snr ? "--zero-terminal-snr" : model.path + ": zero terminal SNR",
+           " needs the v objective (--prediction v): at t = T the noised latent holds no signal, where ε-prediction "
+           "cannot recover the image");
   if (o.train_text_encoder) tenc_ = std::make_unique<TextEncoderTrainer>(model, trainer.grads());
   Arena arena;
   Ctx c{be, arena, DType::F32, &ws_};
@@ -279,6 +283,12 @@ Objective trained_objective(const std::string& prediction, const SDModel& model)
   return model.family == Family::SD2 ? Objective::V : Objective::Eps;
 }
 
+std::string data_summary(const RunData& rd, const TrainData& data) {
+  return std::to_string(rd.data.items.size()) + " images, " + std::to_string(rd.data.epoch_length()) +
+         " per epoch with repeats; resolution " + std::to_string(rd.dopt.resolution) + ", objective " +
+         objective_name(data.objective()) + (data.zero_terminal_snr() ? " (zero terminal SNR)" : "");
+}
+
 nlohmann::json run_fingerprint(const RunOptions& o, const Dataset& data, int total, int resolution) {
   nlohmann::json j;
   j["model"] = fs::path(o.model).filename().string();
@@ -289,7 +299,8 @@ nlohmann::json run_fingerprint(const RunOptions& o, const Dataset& data, int tot
   j["resolution"] = resolution, j["buckets"] = o.data_opts.buckets, j["steps"] = total;
   j["lr_scheduler"] = o.lr_schedule, j["warmup"] = o.warmup_steps, j["min_snr_gamma"] = o.min_snr_gamma;
   j["noise_offset"] = o.noise_offset, j["caption_dropout"] = o.caption_dropout, j["weight_decay"] = o.weight_decay;
-  if (!o.prediction.empty()) j["prediction"] = o.prediction;  // (absent when the model's: as before)
+  if (!o.prediction.empty()) j["prediction"] = o.prediction;
+  if (o.zero_terminal_snr) j["zero_terminal_snr"] = true;  // (absent when the model's: as before)
   if (o.multires_noise_iterations > 0)  // (absent when off: state files of earlier runs still match)
     j["multires_noise"] = {o.multires_noise_iterations, o.multires_noise_discount};
   j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;

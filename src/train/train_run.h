@@ -45,6 +45,9 @@ struct RunOptions {
   // The trained objective: "eps" or "v" (kohya's --v_parameterization); "" = the model's: what the
   // checkpoint declares (modelspec.prediction_type), else v for SD 2.x and eps for the others.
   std::string prediction;
+  // kohya's --zero_terminal_snr: the schedule rescaled to zero SNR at t = T (pipeline/schedule.h;
+  // v objective only). A checkpoint that declares it (SDModel::declared_zero_snr) keeps it.
+  bool zero_terminal_snr = false;
   float noise_offset = 0;
   int multires_noise_iterations = 0;  // kohya's --multires_noise_iterations (0: off)
   float multires_noise_discount = 0.3f;
@@ -119,6 +122,7 @@ class TrainData {
             UNetTrainer& trainer);
   ~TrainData();
   Objective objective() const { return obj_; }
+  bool zero_terminal_snr() const { return ztsnr_; }  // asked for or declared by the model
 
   // The next step's batch: the next examples in epoch order (each item `repeats` times, shuffled
   // per epoch from the seed; examples of another latent size than the first wait for a later
@@ -146,6 +150,7 @@ class TrainData {
   const RunOptions& o_;
   DatasetOptions dopt_;
   Objective obj_;
+  bool ztsnr_;
   bool sdxl_;
   DdpmSchedule sched_;
   Workspace ws_;
@@ -178,6 +183,10 @@ class LossLog {
 };
 
 // The settings a state file must agree on to continue a run (as JSON; the trainer adds its own).
+// The log line that describes a run's data: "N images, M per epoch with repeats; resolution R,
+// objective v (zero terminal SNR)".
+std::string data_summary(const RunData& rd, const TrainData& data);
+
 nlohmann::json run_fingerprint(const RunOptions& o, const Dataset& data, int total, int resolution);
 
 // A state file written by a run (tensors and metadata diffuse_run, diffuse_step, diffuse_csv).

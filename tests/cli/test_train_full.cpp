@@ -10,7 +10,8 @@
 //  - --train-text-encoder (SD 1.x CLIP, SD 2.x OpenCLIP with its fused in_proj) writes the trained
 //    encoder back under its own names; bad inputs fail naming the option and write nothing;
 //  - --prediction v (kohya's --v_parameterization) trains the v objective on an SD 1.x model and
-//    says so in modelspec.prediction_type; training the result again keeps v without the flag.
+//    says so in modelspec.prediction_type; training the result again keeps v without the flag;
+//    --zero-terminal-snr (v only) is declared (ss_zero_terminal_snr) and generate samples with it.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -260,7 +261,8 @@ TEST(TrainFull, BadInputFailsNamingTheOption) {
                              {{"--save-precision=fp8"}, model, "--save-precision fp8"},
                              {{"--prediction", "x0"}, model, "--prediction x0: expected eps or v"},
                              {{"--prediction", "eps", "--v_parameterization"}, model,
-                              "--v-parameterization and --prediction eps disagree"}};
+                              "--v-parameterization and --prediction eps disagree"},
+                             {{"--zero-terminal-snr"}, model, "--zero-terminal-snr needs the v objective (--prediction v)"}};
   if (fs::is_directory(folder)) cases.push_back({{}, folder, "a diffusers folder; train full writes the original (ldm)"});
   for (const Case& c : cases) {
     std::vector<std::string> args = train_args(c.model, out, 2, c.extra);
@@ -305,4 +307,25 @@ TEST(TrainFull, VPredictionIsTrainedDeclaredAndKept) {
   r = run({"generate", "-m", again, "-W", "64", "-H", "64", "-p", kCaption, "--steps", "1", "-o", dir() + "/pred_v.png"}, 120);
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.err.find("v prediction"), std::string::npos) << r.err;
+}
+
+TEST(TrainFull, ZeroTerminalSnrIsDeclaredAndSampledWith) {
+  const std::string model = sd1_model();
+  if (model.empty()) GTEST_SKIP() << "tiny sd1 model not found";
+  const std::string z = dir() + "/ztsnr.safetensors", v = dir() + "/ztsnr_plain_v.safetensors";
+  Result r = run(train_args(model, z, 1, {"--prediction", "v", "--zero-terminal-snr"}), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("objective v (zero terminal SNR)"), std::string::npos) << r.err;
+  const diffuse::TensorFile f = diffuse::load_safetensors(z);
+  ASSERT_TRUE(f.metadata.count("ss_zero_terminal_snr"));
+  EXPECT_EQ(f.metadata.at("ss_zero_terminal_snr"), "True");
+  // The same step without the rescale trains other weights (the schedule is what differs).
+  r = run(train_args(model, v, 1, {"--prediction", "v"}), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(diffuse::load_safetensors(v).metadata.count("ss_zero_terminal_snr"), 0u);
+  EXPECT_NE(values_of(f).at("model.diffusion_model.out.2.weight"),
+            values_of(diffuse::load_safetensors(v)).at("model.diffusion_model.out.2.weight"));
+  r = run({"generate", "-m", z, "-W", "64", "-H", "64", "-p", kCaption, "--steps", "2", "-o", dir() + "/ztsnr.png"}, 120);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("v prediction (zero terminal SNR)"), std::string::npos) << r.err;
 }

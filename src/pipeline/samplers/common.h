@@ -174,6 +174,7 @@ std::unique_ptr<Scheduler> make_deis(const SamplerOptions& o);                  
 // The SamplerOptions a sampler name and schedule ("default" | "karras" | "trailing") stand for
 // (registry.cpp). Throws diffuse::Error for an unknown name/schedule, or "karras" on a sampler
 // without sigmas.
-SamplerOptions sampler_options(const std::string& sampler, const std::string& schedule, Prediction p);
+SamplerOptions sampler_options(const std::string& sampler, const std::string& schedule, Prediction p,
+                               bool zero_terminal_snr = false);
 
 }  // namespace diffuse

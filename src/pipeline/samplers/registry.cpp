@@ -52,7 +52,8 @@ const std::vector<std::string>& sampler_names() {
 
 std::string sampler_display_name(const std::string& sampler) { return find_entry(sampler).display; }
 
-SamplerOptions sampler_options(const std::string& sampler, const std::string& schedule, Prediction p) {
+SamplerOptions sampler_options(const std::string& sampler, const std::string& schedule, Prediction p,
+                               bool zero_terminal_snr) {
   const Entry& e = find_entry(sampler);
   DF_CHECK(schedule == "default" || schedule == "karras" || schedule == "trailing", "unknown schedule '", schedule,
            "' (allowed: default, karras, trailing)");
@@ -64,6 +65,12 @@ SamplerOptions sampler_options(const std::string& sampler, const std::string& sc
   o.name = sampler;
   o.prediction = p;
   o.noise = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
+  if (zero_terminal_snr) {
+    o.noise.rescale_zero_terminal_snr();
+    // diffusers' Euler, DPM-Solver and UniPC schedulers: ᾱ_T = 2^-24, close to 0 but not 0, so that
+    // σ_max (4096) is finite; every sampler here takes it (the ᾱ-based ones then never divide by 0).
+    o.noise.alphas_cumprod.back() = std::ldexp(1.0, -24);
+  }
   const std::string s = sampler;
   // Per-class defaults as listed in schedules.json.
   if (s == "ddim" || s == "pndm") {
@@ -107,8 +114,9 @@ SamplerOptions sampler_options(const std::string& sampler, const std::string& sc
   return o;
 }
 
-std::unique_ptr<Scheduler> make_scheduler(const std::string& sampler, const std::string& schedule, Prediction p) {
-  const SamplerOptions o = sampler_options(sampler, schedule, p);
+std::unique_ptr<Scheduler> make_scheduler(const std::string& sampler, const std::string& schedule, Prediction p,
+                                          bool zero_terminal_snr) {
+  const SamplerOptions o = sampler_options(sampler, schedule, p, zero_terminal_snr);
   const std::string& s = sampler;
   if (s == "ddim") return make_ddim(o);
   if (s == "pndm") return make_pndm(o);
