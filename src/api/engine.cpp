@@ -5,10 +5,8 @@
 #include <cmath>
 #include <condition_variable>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <mutex>
-#include <nlohmann/json.hpp>
 #include <random>
 
 #include "api/infotext.h"
@@ -59,24 +57,13 @@ std::string display_name(const std::string& path) {
   return fs::is_directory(path, ec) ? p.filename().string() : p.stem().string();
 }
 
-// Prediction type: the request's, else a diffusers folder's scheduler config prediction_type, else
-// what a single file declares (modelspec.prediction_type or its embedded scheduler config), else the
-// family default (SD 2.x: v, with a note).
+// Prediction type: the request's, else what the model declares (a single file's
+// modelspec.prediction_type or embedded scheduler config, a diffusers folder's
+// scheduler/scheduler_config.json: models/sd_model.h), else the family default (SD 2.x: v, with a
+// note).
 Prediction decide_prediction(const Request& r, const SDModel& model, const Callbacks& cb) {
   if (r.prediction == "eps" || r.prediction == "epsilon") return Prediction::Epsilon;
   if (r.prediction == "v" || r.prediction == "v_prediction") return Prediction::VPrediction;
-  std::error_code ec;
-  if (fs::is_directory(r.model, ec)) {
-    std::ifstream f(fs::path(r.model) / "scheduler" / "scheduler_config.json");
-    std::string cfg_text;
-    if (f) cfg_text.assign(std::istreambuf_iterator<char>(f), {});
-    nlohmann::json j = nlohmann::json::parse(cfg_text, nullptr, false);
-    if (j.is_object() && j.contains("prediction_type") && j["prediction_type"].is_string()) {
-      std::string t = j["prediction_type"];
-      if (t == "v_prediction") return Prediction::VPrediction;
-      if (t == "epsilon") return Prediction::Epsilon;
-    }
-  }
   if (model.declared_prediction == "v") return Prediction::VPrediction;
   if (model.declared_prediction == "epsilon") return Prediction::Epsilon;
   const Family family = model.family;
@@ -87,17 +74,6 @@ Prediction decide_prediction(const Request& r, const SDModel& model, const Callb
     return Prediction::VPrediction;
   }
   return Prediction::Epsilon;
-}
-
-// A diffusers folder whose scheduler config has rescale_betas_zero_snr: true.
-bool folder_zero_snr(const std::string& model) {
-  std::error_code ec;
-  if (!fs::is_directory(model, ec)) return false;
-  std::ifstream f(fs::path(model) / "scheduler" / "scheduler_config.json");
-  if (!f) return false;
-  nlohmann::json j = nlohmann::json::parse(std::string(std::istreambuf_iterator<char>(f), {}), nullptr, false);
-  return j.is_object() && j.contains("rescale_betas_zero_snr") && j["rescale_betas_zero_snr"].is_boolean() &&
-         j["rescale_betas_zero_snr"].get<bool>();
 }
 
 // A1111's pairing: "MODEL.vae.safetensors" beside a single-file "MODEL.safetensors" (or .ckpt) is
@@ -590,7 +566,7 @@ RunResult Engine::generate(const Request& req, const Callbacks& cb, RunState* st
 
   GenerateParams p;
   p.prediction = decide_prediction(req, model, cb);
-  p.zero_terminal_snr = model.declared_zero_snr || folder_zero_snr(req.model);
+  p.zero_terminal_snr = model.declared_zero_snr;
   // The default size: the file's modelspec.resolution when it declares a valid one, else the family's.
   const int family_size = model.family == Family::SDXL ? 1024
                           : (model.family == Family::SD2 && p.prediction == Prediction::VPrediction) ? 768

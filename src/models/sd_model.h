@@ -40,13 +40,14 @@ DeclaredResolution declared_resolution(const TensorFile& f);
 // side is not a positive multiple of 8 up to kMaxImageSide.
 bool parse_declared_resolution(const std::string& v, int* width, int* height);
 
-// The prediction type a single file declares: "v" or "epsilon" from its `modelspec.prediction_type`
+// The prediction type a model declares: "v" or "epsilon" from its `modelspec.prediction_type`
 // metadata (model-spec files and `diffuse train full` write it; "v_prediction" read as "v") or else
-// from an embedded diffusers scheduler config's prediction_type; "" when it declares none (or
-// something else: optional metadata, as the resolution).
+// from its diffusers scheduler config's prediction_type (embedded in a single file, or a folder's
+// scheduler/scheduler_config.json, which open_model_file keeps under the same metadata key); ""
+// when it declares none (or something else: optional metadata, as the resolution).
 std::string declared_prediction(const TensorFile& f);
-// Whether a single file declares a zero-terminal-SNR schedule: kohya's `ss_zero_terminal_snr`
-// "True" (diffuse's trainers write it) or an embedded scheduler config's rescale_betas_zero_snr.
+// Whether a model declares a zero-terminal-SNR schedule: kohya's `ss_zero_terminal_snr` "True"
+// (diffuse's trainers write it) or its scheduler config's rescale_betas_zero_snr (as above).
 bool declared_zero_snr(const TensorFile& f);
 
 // The base (file) weights of component `c` as the model bound them: the checkpoint's, or for the

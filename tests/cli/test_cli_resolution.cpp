@@ -153,6 +153,30 @@ TEST(DeclaredPrediction, FromModelspecOrSchedulerConfig) {
   EXPECT_EQ(diffuse::declared_prediction(f), "");
 }
 
+// A diffusers folder declares through scheduler/scheduler_config.json (open_model_file keeps it as
+// metadata under the key an embedded config has): the sd1 fixture folder with its scheduler config
+// replaced by a v-prediction, zero-terminal-SNR one is generated with both.
+TEST(CliPrediction, ADiffusersFoldersSchedulerConfigDeclares) {
+  const fs::path src = fs::path(DIFFUSE_SHARED_DIR) / "fixtures/sd1/model/diffusers";
+  if (!fs::is_directory(src)) GTEST_SKIP() << "needs " << src.string() << " (../shared)";
+  const fs::path dir = fs::path(temp_dir()) / "v-folder";
+  fs::create_directories(dir / "scheduler");
+  for (const char* part : {"model_index.json", "text_encoder", "tokenizer", "unet", "vae"})
+    if (!fs::exists(dir / part)) fs::create_symlink(src / part, dir / part);
+  write_file((dir / "scheduler/scheduler_config.json").string(),
+             R"({"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction", "rescale_betas_zero_snr": true})");
+  const diffuse::TensorFile f = diffuse::open_model_file(dir.string());
+  EXPECT_EQ(diffuse::declared_prediction(f), "v");
+  EXPECT_TRUE(diffuse::declared_zero_snr(f));
+  const Result r = run({"generate", "-m", dir.string(), "-p", "a cat", "--steps", "2", "-s", "5", "-W", "64", "-H",
+                        "64", "-o", temp_dir() + "/v-folder.png"},
+                       300);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.err, "v prediction (zero terminal SNR)")) << r.err;
+  // The fixture's own folder declares epsilon.
+  EXPECT_EQ(diffuse::declared_prediction(diffuse::open_model_file(src.string())), "epsilon");
+}
+
 TEST(CliPrediction, DeclaredVIsTheDefaultAndTheFlagOverrides) {
   if (tiny_sd1().empty()) GTEST_SKIP() << "needs sd1/model/tiny-sd1.safetensors";
   const std::string vmodel = model_with_metadata("declared-v", "modelspec.prediction_type", "v");

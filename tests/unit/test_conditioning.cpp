@@ -473,7 +473,7 @@ TEST(ConditioningSDXL, ContextPooledAndZeroNegative) {
   const std::vector<float> ones(77, 1.0f);
 
   // Ids-level: the fixture's own ids.
-  Conditioning c = encode_chunks(*l->ctx, *l->model, {{ids1[0], ones}}, {{ids2[0], ones}}, {});
+  Conditioning c = encode_chunks(*l->ctx, *l->model, {{ids1[0], ones, {}}}, {{ids2[0], ones, {}}}, {});
   ASSERT_EQ(c.context.shape(), Shape({1, 77, 128}));
   expect_close("sdxl context vs te1|te2 penultimate[0]", c.context,
                concat_c(row(*ref.find("te1.penultimate_hidden_state"), 0),

@@ -278,7 +278,9 @@ TEST(InpaintPrep, FillTakesTheSurroundingColours) {
   for (int y = 0; y < 16; ++y)
     for (int x = 0; x < 24; ++x)
       for (int c = 0; c < 3; ++c) {
-        if (!at(mask, x, y)) ASSERT_EQ(at(f, x, y, c), at(im, x, y, c));
+        if (!at(mask, x, y)) {
+          ASSERT_EQ(at(f, x, y, c), at(im, x, y, c));
+        }
         ASSERT_NEAR(at(f, x, y, c), at(want, x, y, c), 1) << x << "," << y;
       }
 }

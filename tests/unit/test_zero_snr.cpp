@@ -59,9 +59,11 @@ TEST(ZeroTerminalSnr, ScheduleMatchesTheAlgorithmInFloat64) {
     const double rel = std::abs(s.alphas_cumprod[t] - ref[t]) / ref[t];
     worst = std::max(worst, rel);
     ASSERT_LT(rel, 1e-4) << "t=" << t << " " << s.alphas_cumprod[t] << " vs " << ref[t];
-    if (t > 0) ASSERT_LT(s.alphas_cumprod[t], s.alphas_cumprod[t - 1]) << t;
-    // Every ᾱ but the first is lower than the original schedule's (more noise), by less at small t.
-    if (t > 0) ASSERT_LT(s.alphas_cumprod[t], NoiseSchedule::scaled_linear().alphas_cumprod[t]) << t;
+    if (t > 0) {
+      ASSERT_LT(s.alphas_cumprod[t], s.alphas_cumprod[t - 1]) << t;
+      // Every ᾱ but the first is lower than the original schedule's (more noise), by less at small t.
+      ASSERT_LT(s.alphas_cumprod[t], NoiseSchedule::scaled_linear().alphas_cumprod[t]) << t;
+    }
   }
   // The betas give back the rescaled ᾱ: cumprod(1 − β) (the last β is 1).
   double cum = 1.0;
