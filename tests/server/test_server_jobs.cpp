@@ -71,8 +71,11 @@ JobsServer& shared() {
 
 }  // namespace
 
-// Seconds per sampling step at 512² on this machine now: two short jobs, so the decode cancels out.
+// Seconds per sampling step at 512² on this machine: two short jobs, so the decode cancels out;
+// measured once per process (the tests share one server).
 double seconds_per_step(const ServerProcess& srv) {
+  static double measured = 0;
+  if (measured > 0) return measured;
   auto c = srv.client();
   auto timed = [&](int steps) {
     const auto t0 = Clock::now();
@@ -82,7 +85,8 @@ double seconds_per_step(const ServerProcess& srv) {
   };
   timed(2);  // loads the model
   const double a = timed(2), b = timed(8);
-  return std::max(1e-3, (b - a) / 6);
+  measured = std::max(1e-3, (b - a) / 6);
+  return measured;
 }
 
 TEST(ServerJobs, ProgressAndPreviewDuringALongJob) {
@@ -152,7 +156,11 @@ TEST(ServerJobs, InterruptEndsTheJobWithinTwoStepsAndSaysHowFarItGot) {
 TEST(ServerJobs, SkipAbandonsTheCurrentBatchAndGoesOn) {
   JobsServer& s = shared();
   Reply res;
-  json body = long_job(8, 100);
+  // Batches of about 4 s whatever the machine's speed (at least 8 steps): the skip must reach the
+  // server while batch 2 runs, and with 8 fixed steps a loaded machine (ctest -j2) could finish
+  // batch 2's last 6 steps before the skip request was read, and skip batch 3 instead.
+  const int steps = std::clamp(int(4.0 / seconds_per_step(s.srv)) + 1, 8, 2000);
+  json body = long_job(steps, 100);
   body["n_iter"] = 3;
   std::thread client([&] {
     auto c = s.srv.client();
