@@ -150,23 +150,39 @@ const char* article(const std::string& word) {
 
 std::string with_article(const std::string& phrase) { return std::string(article(phrase)) + " " + phrase; }
 
-std::string position_phrase(ShapePosition p, Rng& r) {
-  static const std::vector<std::vector<const char*>> phrases = {
-      {"on the left", "on the left side", "at the left"},
-      {"on the right", "on the right side", "at the right"},
-      {"at the top", "near the top"},
-      {"at the bottom", "near the bottom"},
-      {"in the centre", "in the center", "in the middle"},
-  };
-  const auto& options = phrases[size_t(p)];
+// Each choice below is drawn from the caption's own generator, so the wording never changes the
+// pixels. The phrases vary the words around the attribute words (openers, adjectives, tags, word
+// order) so that a text encoder trained on them learns to read the attribute words and not one
+// fixed sentence: prompts are worded in other ways than the captions.
+const char* pick(const std::vector<const char*>& options, Rng& r) {
   return options[size_t(r.below(int(options.size())))];
 }
 
-// "a small red circle on the left"
+std::string position_phrase(ShapePosition p, Rng& r) {
+  static const std::vector<std::vector<const char*>> phrases = {
+      {"on the left", "on the left side", "at the left", "to the left", "on the left-hand side", "in the left half"},
+      {"on the right", "on the right side", "at the right", "to the right", "on the right-hand side",
+       "in the right half"},
+      {"at the top", "near the top", "at the very top", "towards the top", "in the top half"},
+      {"at the bottom", "near the bottom", "at the very bottom", "towards the bottom", "in the bottom half"},
+      {"in the centre", "in the center", "in the middle", "at the center", "in the centre of the image",
+       "in the middle of the frame"},
+  };
+  return pick(phrases[size_t(p)], r);
+}
+
+// "a small red circle on the left", sometimes "a large solid red circle ..."
 std::string shape_phrase(const ShapeSpec& s, bool name_size, Rng& r) {
   std::string noun = std::string(shape_colours()[size_t(s.combo.colour)].name) + " " + shape_kind_name(s.combo.shape);
+  if (r.chance(0.15)) noun = std::string(pick({"solid", "flat", "single", "filled", "lone", "bright"}, r)) + " " + noun;
   if (name_size) noun = std::string(s.large ? "large " : "small ") + noun;
   return with_article(noun) + " " + position_phrase(s.combo.position, r);
+}
+
+// "blue background", sometimes "solid blue background"
+std::string background_words(const std::string& colour, Rng& r) {
+  return (r.chance(0.15) ? std::string(pick({"solid", "flat", "smooth"}, r)) + " " : std::string()) + colour +
+         " background";
 }
 
 std::string index_name(int64_t i) {
@@ -305,19 +321,42 @@ std::string shape_caption(const ShapeScene& scene, uint64_t wording_seed) {
   std::string body = shape_phrase(scene.shapes[0], name_size, r);
   for (size_t i = 1; i < scene.shapes.size(); ++i) body += " and " + shape_phrase(scene.shapes[i], name_size, r);
   const std::string bg = shape_colours()[size_t(scene.background)].name;
+  const std::string bgw = background_words(bg, r);
   // The background named before or after the shapes, its colour before or after the word.
-  switch (r.below(10)) {
-    case 0: return body + ", " + bg + " background";
-    case 1: return body + " on " + with_article(bg) + " background";
-    case 2: return body + " with " + with_article(bg) + " background";
-    case 3: return "on " + with_article(bg) + " background, " + body;
-    case 4: return bg + " background, " + body;
-    case 5: return body + " against " + with_article(bg) + " background";
-    case 6: return body + "; the background is " + bg;
-    case 7: return "the background is " + bg + " and there is " + body;
-    case 8: return body + " in front of " + with_article(bg) + " background";
-    default: return body + ", and the background is " + bg;
+  std::string caption;
+  switch (r.below(13)) {
+    case 0: caption = body + ", " + bgw; break;
+    case 1: caption = body + " on " + with_article(bgw); break;
+    case 2: caption = body + " with " + with_article(bgw); break;
+    case 3: caption = "on " + with_article(bgw) + ", " + body; break;
+    case 4: caption = bgw + ", " + body; break;
+    case 5: caption = body + " against " + with_article(bgw); break;
+    case 6: caption = body + "; the background is " + bg; break;
+    case 7: caption = "the background is " + bg + " and there is " + body; break;
+    case 8: caption = body + " in front of " + with_article(bgw); break;
+    case 9: caption = body + " set on " + with_article(bgw); break;
+    case 10: caption = with_article(bgw) + " with " + body; break;
+    case 11: caption = body + " on top of " + with_article(bgw); break;
+    default: caption = body + ", and the background is " + bg; break;
   }
+  // A third of the captions that start with the shapes open with what the image is ("an image of
+  // a red circle ...").
+  if (caption.compare(0, body.size(), body) == 0 && r.chance(0.33))
+    caption = std::string(pick({"an image of ", "a drawing of ", "a photo of ", "an illustration of ", "a painting of ",
+                                "a sketch of ", "a render of ", "an icon of ", "a view of ", "showing ", "here is ",
+                                "i see "},
+                               r)) +
+              caption;
+  // A quarter end with style tags, as prompts often do.
+  if (r.chance(0.25)) {
+    static const std::vector<const char*> tags = {"flat colours", "minimalist", "high quality", "vector art",
+                                                  "digital art", "clean lines", "2d", "cartoon style",
+                                                  "geometric", "no texture"};
+    const size_t first = size_t(r.below(int(tags.size())));
+    caption += std::string(", ") + tags[first];
+    if (r.chance(0.4)) caption += std::string(", ") + tags[(first + 1 + size_t(r.below(int(tags.size()) - 1))) % tags.size()];
+  }
+  return caption;
 }
 
 ShapeSample make_shape_sample(uint64_t seed, int64_t index) {

@@ -99,8 +99,10 @@ struct ShapeSample {
 // Image `index` of the dataset drawn from `seed`.
 ShapeSample make_shape_sample(uint64_t seed, int64_t index);
 
-// The caption of a scene: its wording (template, position phrase, whether sizes are named) is
-// drawn from `wording_seed`. Exposed for tests; make_shape_sample uses it.
+// The caption of a scene: its wording (one of 13 templates, the position phrase, whether sizes are
+// named, and now and then an opener such as "a drawing of", an adjective such as "solid", and
+// style tags such as ", flat colours") is drawn from `wording_seed`, so it never changes the
+// pixels. Exposed for tests; make_shape_sample uses it.
 std::string shape_caption(const ShapeScene& scene, uint64_t wording_seed);
 
 struct ShapesDatasetOptions {
