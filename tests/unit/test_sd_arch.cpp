@@ -97,7 +97,7 @@ TEST(SdArch, BadArchitecturesAreRefusedNamingTheField) {
   EXPECT_NE(why("{\"bogus\": 1}").find("unknown field \"bogus\""), std::string::npos);
   EXPECT_NE(why("{\"unet_channels\": \"x\"}").find("\"unet_channels\" has the wrong type"), std::string::npos);
   EXPECT_NE(why("{\"unet_channels\": [64, 100, 96]}").find("unet_channels width 100"), std::string::npos);
-  EXPECT_NE(why("{\"unet_channels\": [64, 96]}").find("unet_attention has 3 entries for 2"), std::string::npos);
+  EXPECT_NE(why("{\"unet_channels\": [64, 96]}").find("unet_attention has 4 entries for 2"), std::string::npos);
   EXPECT_NE(why("{\"text_width\": 96}").find("text_width 96"), std::string::npos);
   EXPECT_NE(why("{\"resolution\": 50}").find("resolution 50"), std::string::npos);
   EXPECT_NE(why("[1]").find("JSON object"), std::string::npos);
