@@ -314,6 +314,24 @@ ShapeSpec place_shape(const ShapeCombo& combo, bool large, uint64_t seed) {
   return s;
 }
 
+// What the image is, to open a caption that starts with its shapes: "an image of ", ...
+std::string opener(Rng& r) {
+  return pick({"an image of ", "a drawing of ", "a photo of ", "an illustration of ", "a painting of ", "a sketch of ",
+               "a render of ", "an icon of ", "a view of ", "showing ", "here is ", "i see "},
+              r);
+}
+
+// One or two distinct style tags, as prompts often end: ", flat colours, minimalist".
+std::string style_tags(Rng& r) {
+  static const std::vector<const char*> tags = {"flat colours", "minimalist", "high quality", "vector art",
+                                                "digital art",  "clean lines", "2d",          "cartoon style",
+                                                "geometric",    "no texture"};
+  const size_t first = size_t(r.below(int(tags.size())));
+  std::string out = std::string(", ") + tags[first];
+  if (r.chance(0.4)) out += std::string(", ") + tags[(first + 1 + size_t(r.below(int(tags.size()) - 1))) % tags.size()];
+  return out;
+}
+
 std::string shape_caption(const ShapeScene& scene, uint64_t wording_seed) {
   DF_CHECK(!scene.shapes.empty(), "shape_caption: a scene without shapes");
   Rng r(mix64(wording_seed));
@@ -324,38 +342,26 @@ std::string shape_caption(const ShapeScene& scene, uint64_t wording_seed) {
   const std::string bgw = background_words(bg, r);
   // The background named before or after the shapes, its colour before or after the word.
   std::string caption;
+  bool body_first = true;
   switch (r.below(13)) {
     case 0: caption = body + ", " + bgw; break;
     case 1: caption = body + " on " + with_article(bgw); break;
     case 2: caption = body + " with " + with_article(bgw); break;
-    case 3: caption = "on " + with_article(bgw) + ", " + body; break;
-    case 4: caption = bgw + ", " + body; break;
+    case 3: caption = "on " + with_article(bgw) + ", " + body, body_first = false; break;
+    case 4: caption = bgw + ", " + body, body_first = false; break;
     case 5: caption = body + " against " + with_article(bgw); break;
     case 6: caption = body + "; the background is " + bg; break;
-    case 7: caption = "the background is " + bg + " and there is " + body; break;
+    case 7: caption = "the background is " + bg + " and there is " + body, body_first = false; break;
     case 8: caption = body + " in front of " + with_article(bgw); break;
     case 9: caption = body + " set on " + with_article(bgw); break;
-    case 10: caption = with_article(bgw) + " with " + body; break;
+    case 10: caption = with_article(bgw) + " with " + body, body_first = false; break;
     case 11: caption = body + " on top of " + with_article(bgw); break;
     default: caption = body + ", and the background is " + bg; break;
   }
-  // A third of the captions that start with the shapes open with what the image is ("an image of
-  // a red circle ...").
-  if (caption.compare(0, body.size(), body) == 0 && r.chance(0.33))
-    caption = std::string(pick({"an image of ", "a drawing of ", "a photo of ", "an illustration of ", "a painting of ",
-                                "a sketch of ", "a render of ", "an icon of ", "a view of ", "showing ", "here is ",
-                                "i see "},
-                               r)) +
-              caption;
-  // A quarter end with style tags, as prompts often do.
-  if (r.chance(0.25)) {
-    static const std::vector<const char*> tags = {"flat colours", "minimalist", "high quality", "vector art",
-                                                  "digital art", "clean lines", "2d", "cartoon style",
-                                                  "geometric", "no texture"};
-    const size_t first = size_t(r.below(int(tags.size())));
-    caption += std::string(", ") + tags[first];
-    if (r.chance(0.4)) caption += std::string(", ") + tags[(first + 1 + size_t(r.below(int(tags.size()) - 1))) % tags.size()];
-  }
+  // A third of the captions that start with the shapes open with what the image is.
+  if (body_first && r.chance(0.33)) caption = opener(r) + caption;
+  // A quarter end with style tags.
+  if (r.chance(0.25)) caption += style_tags(r);
   return caption;
 }
 
