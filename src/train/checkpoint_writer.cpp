@@ -50,15 +50,28 @@ CheckpointWriteResult save_ldm_checkpoint(const std::string& path, const TensorF
       continue;
     }
     auto it = rebuilt.find(e.name);
-    if (it != rebuilt.end()) ++r.replaced;
-    else ++r.kept;
-    tensors.emplace_back(e.name, it != rebuilt.end() ? it->second : e.tensor);
+    if (it != rebuilt.end()) {
+      ++r.replaced;
+      tensors.emplace_back(e.name, it->second);
+      continue;
+    }
+    ++r.kept;
+    const bool cast = dtype_is_float(e.tensor.dtype()) && e.tensor.dtype() != dtype;
+    r.converted += cast;
+    tensors.emplace_back(e.name, cast ? e.tensor.to(dtype) : e.tensor);
   }
   std::map<std::string, std::string> meta = f.format == "safetensors" ? f.metadata : std::map<std::string, std::string>();
   meta.erase("diffuse_synthetic");  // a random-init file's "not a trained model" note: trained now
   for (const auto& kv : metadata) meta[kv.first] = kv.second;
   save_safetensors(path, tensors, meta);
   return r;
+}
+
+std::string describe_untrained(const CheckpointWriteResult& r, DType dtype) {
+  std::string s = std::to_string(r.kept) + " untrained";
+  if (r.converted) s += " (" + std::to_string(r.converted) + " converted to " + dtype_name(dtype) + ")";
+  else s += " as they were";
+  return s;
 }
 
 }  // namespace diffuse::train

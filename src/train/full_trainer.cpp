@@ -201,7 +201,7 @@ FullTrainResult train_full(const FullTrainOptions& o, const LogFn& log) {
     }
     if (ema) ema->swap_with_params();
     log("wrote " + path + " (ldm layout: " + std::to_string(r.replaced) + " trained tensors" +
-            (ema ? " holding the EMA weights" : "") + ", " + std::to_string(r.kept) + " as they were" +
+            (ema ? " holding the EMA weights" : "") + ", " + describe_untrained(r, save_dt) +
             (r.dropped_ema ? ", " + std::to_string(r.dropped_ema) + " stale model_ema.* tensors left out" : "") + ")",
         false);
   };

@@ -330,7 +330,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     t["latent_scale"] = latent_scale;
     std::map<std::string, std::string> meta = {{"diffuse_vae_training", t.dump()}};
     const CheckpointWriteResult r = save_ldm_checkpoint(path, input, model->family, tc, save_dt, meta);
-    log(cat("wrote ", path, " (", r.replaced, " VAE tensors trained, ", r.kept, " as they were)"), false);
+    log(cat("wrote ", path, " (", r.replaced, " VAE tensors trained, ", describe_untrained(r, save_dt), ")"), false);
   };
 
   const int64_t n_items = int64_t(data.items.size());

@@ -1,9 +1,11 @@
 // The pieces of full fine-tuning that need no training run: the EMA's decay schedule and update
-// (train/ema.h), and the checkpoint writer's refusals (train/checkpoint_writer.h). The writer's
+// (train/ema.h), and the checkpoint writer (train/checkpoint_writer.h): its refusals and the save
+// precision it writes every float tensor in. The rest of the writer's
 // output and the EMA of a real run are checked end to end in tests/cli/test_train_full.cpp.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <string>
 
@@ -78,4 +80,41 @@ TEST(CheckpointWriter, RefusesPartsWithoutAPlaceOrIncomplete) {
   expect_error([&] { save_ldm_checkpoint(out, f, Family::SD2, {unet}, DType::F32, {}); }, sd2,
                "the trained unet tensor down_blocks.9.resnets.0.conv1.weight has no place");
   EXPECT_FALSE(fs::exists(out));
+}
+
+// Like kohya's --save_precision: every float tensor is written in the save precision, the untrained
+// ones too (with their values: f16 -> f32 is exact), integer tensors as stored; the counts say so.
+TEST(CheckpointWriter, WritesEveryFloatTensorInTheSavePrecision) {
+  const std::string sd1 = fixture("sd1/model/tiny-sd1.safetensors");
+  if (sd1.empty()) GTEST_SKIP() << "tiny sd1 fixture not found";
+  const TensorFile f = open_model_file(sd1);
+  const std::string out = ::testing::TempDir() + "/diffuse_writer_cast.safetensors";
+  int floats = 0, others = 0;
+  for (const TensorEntry& e : f.tensors) (dtype_is_float(e.tensor.dtype()) ? floats : others) += 1;
+  ASSERT_GT(floats, 100);
+  for (DType dt : {DType::F32, DType::F16, DType::BF16}) {
+    const CheckpointWriteResult r = save_ldm_checkpoint(out, f, Family::SD1, {}, dt, {});
+    EXPECT_EQ(r.replaced, 0);
+    EXPECT_EQ(r.kept, floats + others);
+    int stored_as_dt = 0;
+    for (const TensorEntry& e : f.tensors) stored_as_dt += e.tensor.dtype() == dt;
+    EXPECT_EQ(r.converted, floats - stored_as_dt) << dtype_name(dt);
+    const TensorFile g = load_safetensors(out);
+    ASSERT_EQ(g.size(), f.size());
+    for (const TensorEntry& e : f.tensors) {
+      const Tensor* t = g.find(e.name);
+      ASSERT_NE(t, nullptr) << e.name;
+      if (!dtype_is_float(e.tensor.dtype())) {
+        EXPECT_EQ(t->dtype(), e.tensor.dtype()) << e.name;
+        continue;
+      }
+      ASSERT_EQ(t->dtype(), dt) << e.name;
+      const Tensor want = e.tensor.to(dt).to(DType::F32), got = t->to(DType::F32);
+      ASSERT_EQ(std::memcmp(want.data(), got.data(), want.bytes()), 0) << e.name << " in " << dtype_name(dt);
+    }
+  }
+  EXPECT_NE(describe_untrained({0, 980, 40, 0}, DType::F16).find("980 untrained (40 converted to f16)"),
+            std::string::npos);
+  EXPECT_NE(describe_untrained({0, 3, 0, 0}, DType::F16).find("3 untrained as they were"), std::string::npos);
+  fs::remove(out);
 }
