@@ -235,6 +235,7 @@ std::string run_fingerprint_vae(const VaeTrainOptions& o, const Dataset& data, i
   j["kl_weight"] = o.kl_weight, j["weight_decay"] = o.weight_decay, j["max_grad_norm"] = o.max_grad_norm;
   j["resolution"] = resolution, j["steps"] = o.steps;
   j["decoder_only"] = o.decoder_only, j["edge_weight"] = o.edge_weight;
+  if (o.lr_scheduler != "constant") j["lr_scheduler"] = o.lr_scheduler;  // the states of older runs resume
   return j.dump();
 }
 
@@ -243,11 +244,21 @@ void check_vae_options(const VaeTrainOptions& o) {
   DF_CHECK(o.batch > 0 && o.batch <= 1024, "--batch ", o.batch, ": must be in 1..1024");
   DF_CHECK(o.lr > 0 && std::isfinite(o.lr), "--lr ", o.lr, ": must be a positive number");
   DF_CHECK(o.warmup_steps >= 0, "--warmup-steps ", o.warmup_steps, ": must not be negative");
+  DF_CHECK(o.lr_scheduler == "constant" || o.lr_scheduler == "linear" || o.lr_scheduler == "cosine",
+           "--lr-scheduler '", o.lr_scheduler, "': expected constant, linear or cosine");
   DF_CHECK(o.kl_weight >= 0 && std::isfinite(o.kl_weight), "--kl-weight ", o.kl_weight, ": must not be negative");
   DF_CHECK(o.edge_weight >= 0 && std::isfinite(o.edge_weight), "--edge-weight ", o.edge_weight,
            ": must not be negative");
   DF_CHECK(o.save_every >= 0, "--save-every ", o.save_every, ": must not be negative");
   DF_CHECK(o.resolution >= 0, "--resolution ", o.resolution, ": must not be negative");
+}
+
+// The rate of the step about to be taken (0-based): the linear warmup to o.lr over its first
+// (step + 1) / warmup, then constant or decaying to 0 at the last step.
+double vae_lr(const VaeTrainOptions& o, int step) {
+  if (o.warmup_steps > 0 && step < o.warmup_steps) return o.lr * double(step + 1) / o.warmup_steps;
+  if (o.lr_scheduler == "constant") return o.lr;
+  return lr_at(parse_lr_schedule(o.lr_scheduler), float(o.lr), step, o.warmup_steps, o.steps);
 }
 
 DType save_dtype(const std::string& s) {
@@ -288,7 +299,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
   VaeParams params = make_vae_params(model->vae, run.grads, o.decoder_only);
   log(cat(data.items.size(), " images at ", dopt.resolution, "²; training the VAE: ", params.all.size(),
           " tensors (", params.values, " values), batch ", o.batch, ", ", o.steps, " steps, lr ", o.lr,
-          ", KL weight ", o.kl_weight),
+          o.lr_scheduler == "constant" ? std::string() : " (" + o.lr_scheduler + " to 0)", ", KL weight ", o.kl_weight),
       false);
   AdamW adam(params.all, AdamWOptions{o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
 
@@ -325,7 +336,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     for (Param* p : params.all) tc[0].tensors[p->name] = p->value;
     nlohmann::json t;
     t["trainer"] = "diffuse train vae", t["steps"] = step, t["max_steps"] = o.steps, t["batch"] = o.batch;
-    t["lr"] = o.lr, t["kl_weight"] = o.kl_weight, t["seed"] = o.seed, t["resolution"] = dopt.resolution;
+    t["lr"] = o.lr, t["lr_scheduler"] = o.lr_scheduler, t["kl_weight"] = o.kl_weight, t["seed"] = o.seed, t["resolution"] = dopt.resolution;
     t["decoder_only"] = o.decoder_only, t["edge_weight"] = o.edge_weight;
     t["latent_scale"] = latent_scale;
     std::map<std::string, std::string> meta = {{"diffuse_vae_training", t.dump()}};
@@ -356,7 +367,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     model->vae.backward(c, pass, d_recon, d_mean, d_logvar, /*encoder=*/!o.decoder_only);
     run.arena.reset();
     clip_grad_norm(params.all, o.max_grad_norm);
-    const double lr = o.warmup_steps > 0 && step < o.warmup_steps ? o.lr * double(step + 1) / o.warmup_steps : o.lr;
+    const double lr = vae_lr(o, step);
     adam.step(lr);
     reprepare_vae(*be, run.grads, model->vae, params);
     recent += l.total, ++recent_n;

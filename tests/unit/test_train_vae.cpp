@@ -3,12 +3,16 @@
 // decode), reconstructs the validation images exactly as the trainer measured them before the
 // latent reparametrisation (so the reparametrisation changes no decoded pixel and the training
 // forward is the inference forward), and its posterior means have per-channel mean 0 and std
-// 1/scaling_factor; a run split by --resume ends bit-identical to one that never stopped.
+// 1/scaling_factor; a run split by --resume ends bit-identical to one that never stopped; the
+// cosine --lr-scheduler decays the rate after the warmup as diffusers' does (the loss log's lr).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <vector>
 
 #include "backend/backend.h"
 #include "io/tensor_file.h"
@@ -140,4 +144,37 @@ TEST(TrainVae, DecoderOnlyKeepsTheEncoder) {
   }
   EXPECT_GT(same, 20);
   EXPECT_GT(changed, 20);
+}
+
+// --lr-scheduler cosine: the warmup's rates, then half a cosine from --lr to 0 over the remaining
+// steps (the loss log's lr column, one row per step); a name it does not know fails naming it.
+TEST(TrainVae, CosineScheduleDecaysAfterTheWarmup) {
+  if (!fs::exists(kModel)) GTEST_SKIP() << "tiny sd1 model not found: " << kModel;
+  const std::string data = dataset("vae_cosine_data", 6);
+  const std::string out = ::testing::TempDir() + "vae_cosine.safetensors";
+  VaeTrainOptions o = options(data, out);
+  o.steps = 7, o.warmup_steps = 2, o.lr_scheduler = "cosine";
+  train_vae(o, kQuiet);
+  std::ifstream csv(out + ".csv");
+  std::string line;
+  std::vector<double> lr;  // by step, 1-based rows with a loss
+  while (std::getline(csv, line)) {
+    std::vector<std::string> f;
+    std::stringstream ss(line);
+    for (std::string x; std::getline(ss, x, ',');) f.push_back(x);
+    if (f.size() >= 3 && !f[1].empty() && f[0] != "step") lr.push_back(std::stod(f[2]));
+  }
+  ASSERT_EQ(lr.size(), 7u) << "rows with a loss in " << out << ".csv";
+  const double pi = std::acos(-1.0);
+  const double want[7] = {1e-3 * 1 / 2, 1e-3, 1e-3 * 0.5 * (1 + std::cos(pi * 0 / 5)), 1e-3 * 0.5 * (1 + std::cos(pi * 1 / 5)),
+                          1e-3 * 0.5 * (1 + std::cos(pi * 2 / 5)), 1e-3 * 0.5 * (1 + std::cos(pi * 3 / 5)),
+                          1e-3 * 0.5 * (1 + std::cos(pi * 4 / 5))};
+  for (int i = 0; i < 7; ++i) EXPECT_NEAR(lr[size_t(i)], want[i], 1e-3 * 1e-5) << "step " << i + 1;
+  o.lr_scheduler = "cosine_with_restarts";
+  try {
+    train_vae(o, kQuiet);
+    ADD_FAILURE() << "an unknown --lr-scheduler was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("--lr-scheduler 'cosine_with_restarts'"), std::string::npos) << e.what();
+  }
 }
