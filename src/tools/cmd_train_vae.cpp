@@ -22,7 +22,7 @@ std::pair<CLI::App*, Run> add_train_vae_command(CLI::App* train) {
   c->add_option("--lr,--learning_rate", o->lr, "AdamW learning rate")->capture_default_str();
   c->add_option("--warmup-steps,--lr_warmup_steps", o->warmup_steps, "Linear warmup steps")->capture_default_str();
   c->add_option("--lr-scheduler,--lr_scheduler", o->lr_scheduler,
-                "After the warmup: constant, or linear / cosine decay to 0 at the last step")->capture_default_str();
+                "After the warmup: constant, or linear / cosine decay to 0 at the last step (constant_with_warmup: constant)")->capture_default_str();
   c->add_option("--kl-weight", o->kl_weight, "Weight of the KL term (ldm's kl_weight)")->capture_default_str();
   c->add_option("--edge-weight", o->edge_weight,
                 "Weight of an edge term: mean |Δ output − Δ image| over neighbouring pixels (sharper outlines)")

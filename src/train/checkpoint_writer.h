@@ -31,8 +31,8 @@ struct CheckpointWriteResult {
 // Writes `f` (an ldm single file: safetensors or .ckpt) to `path` as safetensors through the safe
 // writer: in f's order, each tensor rebuilt from trained values (converted to `dtype`) where
 // `trained` has all its diffusers parts, every other tensor with its stored values (float ones
-// converted to `dtype`), except model_ema.* (the input's EMA copies would be stale). Metadata: f's safetensors metadata with `metadata` added
-// over it. Throws naming the file and tensor when a trained tensor has no place in f's layout, or
+// converted to `dtype`), except model_ema.* (the input's EMA copies would be stale). Metadata:
+// f's safetensors metadata with `metadata` added over it. Throws naming the file and tensor when a trained tensor has no place in f's layout, or
 // an ldm tensor gets only some of its parts.
 CheckpointWriteResult save_ldm_checkpoint(const std::string& path, const TensorFile& f, Family family,
                                           const std::vector<TrainedComponent>& trained, DType dtype,

@@ -65,7 +65,7 @@ LrSchedule parse_lr_schedule(const std::string& s) {
   if (s == "constant_with_warmup") return LrSchedule::ConstantWithWarmup;
   if (s == "linear") return LrSchedule::Linear;
   if (s == "cosine") return LrSchedule::Cosine;
-  fail("lr scheduler '", s, "': expected constant, constant_with_warmup, linear or cosine");
+  fail("--lr-scheduler '", s, "': expected constant, constant_with_warmup, linear or cosine");
 }
 
 const char* lr_schedule_name(LrSchedule s) {

@@ -244,8 +244,7 @@ void check_vae_options(const VaeTrainOptions& o) {
   DF_CHECK(o.batch > 0 && o.batch <= 1024, "--batch ", o.batch, ": must be in 1..1024");
   DF_CHECK(o.lr > 0 && std::isfinite(o.lr), "--lr ", o.lr, ": must be a positive number");
   DF_CHECK(o.warmup_steps >= 0, "--warmup-steps ", o.warmup_steps, ": must not be negative");
-  DF_CHECK(o.lr_scheduler == "constant" || o.lr_scheduler == "linear" || o.lr_scheduler == "cosine",
-           "--lr-scheduler '", o.lr_scheduler, "': expected constant, linear or cosine");
+  parse_lr_schedule(o.lr_scheduler);
   DF_CHECK(o.kl_weight >= 0 && std::isfinite(o.kl_weight), "--kl-weight ", o.kl_weight, ": must not be negative");
   DF_CHECK(o.edge_weight >= 0 && std::isfinite(o.edge_weight), "--edge-weight ", o.edge_weight,
            ": must not be negative");
@@ -253,12 +252,11 @@ void check_vae_options(const VaeTrainOptions& o) {
   DF_CHECK(o.resolution >= 0, "--resolution ", o.resolution, ": must not be negative");
 }
 
-// The rate of the step about to be taken (0-based): the linear warmup to o.lr over its first
-// (step + 1) / warmup, then constant or decaying to 0 at the last step.
-double vae_lr(const VaeTrainOptions& o, int step) {
+// The rate of the step about to be taken (0-based): o.lr·(step + 1)/warmup during the warmup (every
+// schedule warms up here), then lr_at's: constant, or decaying to 0 at the last step.
+double vae_lr(const VaeTrainOptions& o, LrSchedule schedule, int step) {
   if (o.warmup_steps > 0 && step < o.warmup_steps) return o.lr * double(step + 1) / o.warmup_steps;
-  if (o.lr_scheduler == "constant") return o.lr;
-  return lr_at(parse_lr_schedule(o.lr_scheduler), float(o.lr), step, o.warmup_steps, o.steps);
+  return lr_at(schedule, float(o.lr), step, o.warmup_steps, o.steps);
 }
 
 DType save_dtype(const std::string& s) {
@@ -297,9 +295,11 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     register_layers(run.grads, model->vae.prepared(), model->vae.norms(), store, DType::F32);
   }
   VaeParams params = make_vae_params(model->vae, run.grads, o.decoder_only);
+  const LrSchedule schedule = parse_lr_schedule(o.lr_scheduler);
+  const bool decays = schedule == LrSchedule::Linear || schedule == LrSchedule::Cosine;
   log(cat(data.items.size(), " images at ", dopt.resolution, "²; training the VAE: ", params.all.size(),
           " tensors (", params.values, " values), batch ", o.batch, ", ", o.steps, " steps, lr ", o.lr,
-          o.lr_scheduler == "constant" ? std::string() : " (" + o.lr_scheduler + " to 0)", ", KL weight ", o.kl_weight),
+          decays ? " (" + o.lr_scheduler + " to 0)" : std::string(), ", KL weight ", o.kl_weight),
       false);
   AdamW adam(params.all, AdamWOptions{o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
 
@@ -336,7 +336,8 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     for (Param* p : params.all) tc[0].tensors[p->name] = p->value;
     nlohmann::json t;
     t["trainer"] = "diffuse train vae", t["steps"] = step, t["max_steps"] = o.steps, t["batch"] = o.batch;
-    t["lr"] = o.lr, t["lr_scheduler"] = o.lr_scheduler, t["kl_weight"] = o.kl_weight, t["seed"] = o.seed, t["resolution"] = dopt.resolution;
+    t["lr"] = o.lr, t["lr_scheduler"] = o.lr_scheduler, t["kl_weight"] = o.kl_weight, t["seed"] = o.seed;
+    t["resolution"] = dopt.resolution;
     t["decoder_only"] = o.decoder_only, t["edge_weight"] = o.edge_weight;
     t["latent_scale"] = latent_scale;
     std::map<std::string, std::string> meta = {{"diffuse_vae_training", t.dump()}};
@@ -367,7 +368,7 @@ VaeTrainResult train_vae(const VaeTrainOptions& o, const LogFn& log) {
     model->vae.backward(c, pass, d_recon, d_mean, d_logvar, /*encoder=*/!o.decoder_only);
     run.arena.reset();
     clip_grad_norm(params.all, o.max_grad_norm);
-    const double lr = vae_lr(o, step);
+    const double lr = vae_lr(o, schedule, step);
     adam.step(lr);
     reprepare_vae(*be, run.grads, model->vae, params);
     recent += l.total, ++recent_n;

@@ -33,8 +33,9 @@ struct VaeTrainOptions {
   int batch = 8;
   double lr = 2e-4;
   int warmup_steps = 100;
-  // After the warmup: "constant", or "linear" / "cosine" decay to 0 at the last step (diffusers'
-  // get_scheduler; kohya's --lr_scheduler). A constant rate leaves the loss where its noise is.
+  // After the warmup: "constant" (or "constant_with_warmup", the same here: every schedule warms
+  // up), or "linear" / "cosine" decay to 0 at the last step (diffusers' get_scheduler; kohya's
+  // --lr_scheduler). A constant rate leaves the loss where its noise is.
   std::string lr_scheduler = "constant";
   double kl_weight = 1e-6;
   // Edges: + edge_weight · mean |Δ(decoder output) − Δx| over horizontally and vertically

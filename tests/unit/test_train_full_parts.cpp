@@ -1,7 +1,7 @@
 // The pieces of full fine-tuning that need no training run: the EMA's decay schedule and update
 // (train/ema.h), and the checkpoint writer (train/checkpoint_writer.h): its refusals and the save
-// precision it writes every float tensor in. The rest of the writer's
-// output and the EMA of a real run are checked end to end in tests/cli/test_train_full.cpp.
+// precision it writes every float tensor in. The rest of the writer's output and the EMA of a real
+// run are checked end to end in tests/cli/test_train_full.cpp.
 #include <gtest/gtest.h>
 
 #include <cmath>
