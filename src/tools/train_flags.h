@@ -46,6 +46,8 @@ void add_run_flags(CLI::App* c, Opts& o, RunFlags& f, const std::string& output_
   c->add_option("--max-grad-norm,--max_grad_norm", o.max_grad_norm, "Gradient clipping (0: off)")->capture_default_str();
   c->add_option("--min-snr-gamma,--min_snr_gamma", o.min_snr_gamma, "Min-SNR-γ weighting (0: off)");
   c->add_option("--noise-offset,--noise_offset", o.noise_offset, "Noise offset");
+  c->add_option("--min-timestep,--min_timestep", o.min_timestep, "Smallest training timestep (0-999)")->capture_default_str();
+  c->add_option("--max-timestep,--max_timestep", o.max_timestep, "Training timesteps below this (1-1000)")->capture_default_str();
   c->add_option("--prediction", o.prediction,
                 "Trained objective: eps or v (default: what the model declares, else v for SD 2.x, eps otherwise)");
   c->add_flag("--v-parameterization,--v_parameterization", f.v_parameterization, "kohya: --prediction v");

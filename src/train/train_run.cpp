@@ -55,6 +55,8 @@ DType check_run_options(const RunOptions& o) {
            "--save-precision ", o.save_precision, ": expected fp16, bf16 or float");
   DF_CHECK(o.precision == "fp32" || o.precision == "bf16", "--precision ", o.precision, ": expected fp32 or bf16");
   check_prior_loss_weight(o.prior_loss_weight);
+  DF_CHECK(o.min_timestep >= 0 && o.min_timestep < o.max_timestep && o.max_timestep <= 1000, "--min-timestep ",
+           o.min_timestep, " / --max-timestep ", o.max_timestep, ": need 0 <= min < max <= 1000");
   DF_CHECK(o.prediction.empty() || o.prediction == "eps" || o.prediction == "v", "--prediction ", o.prediction,
            ": expected eps or v");
   return o.save_precision == "fp16" ? DType::F16 : o.save_precision == "bf16" ? DType::BF16 : DType::F32;
@@ -164,7 +166,7 @@ TrainBatch TrainData::make_batch(const std::vector<size_t>& idx, std::mt19937_64
     const Example& e = examples_[idx[k]];
     x0.push_back(e.latent);
     noise.push_back(fixed_noise ? (*fixed_noise)[k] : rng->randn(e.latent.shape()));
-    ts.push_back(fixed_t ? (*fixed_t)[k] : sample_timestep(uniform01(g)));
+    ts.push_back(fixed_t ? (*fixed_t)[k] : sample_timestep(uniform01(g), o_.min_timestep, o_.max_timestep));
     std::string cap = for_train ? caption_for_step(e.caption, dopt_, g) : e.caption;
     if (for_train && drop_caption(uniform01(g), o_.caption_dropout)) cap.clear();
     b.is_reg.push_back(e.item->is_reg);
@@ -284,9 +286,13 @@ Objective trained_objective(const std::string& prediction, const SDModel& model)
 }
 
 std::string data_summary(const RunData& rd, const TrainData& data) {
+  const RunOptions& o = data.options();
+  const std::string timesteps = o.min_timestep == 0 && o.max_timestep == 1000 ? std::string()
+                                : "; timesteps [" + std::to_string(o.min_timestep) + ", " +
+                                      std::to_string(o.max_timestep) + ")";
   return std::to_string(rd.data.items.size()) + " images, " + std::to_string(rd.data.epoch_length()) +
          " per epoch with repeats; resolution " + std::to_string(rd.dopt.resolution) + ", objective " +
-         objective_name(data.objective()) + (data.zero_terminal_snr() ? " (zero terminal SNR)" : "");
+         objective_name(data.objective()) + (data.zero_terminal_snr() ? " (zero terminal SNR)" : "") + timesteps;
 }
 
 nlohmann::json run_fingerprint(const RunOptions& o, const Dataset& data, int total, int resolution) {
@@ -301,6 +307,8 @@ nlohmann::json run_fingerprint(const RunOptions& o, const Dataset& data, int tot
   j["noise_offset"] = o.noise_offset, j["caption_dropout"] = o.caption_dropout, j["weight_decay"] = o.weight_decay;
   if (!o.prediction.empty()) j["prediction"] = o.prediction;
   if (o.zero_terminal_snr) j["zero_terminal_snr"] = true;  // (absent when the model's: as before)
+  if (o.min_timestep != 0 || o.max_timestep != 1000)  // (absent at the default: earlier states still match)
+    j["timesteps"] = {o.min_timestep, o.max_timestep};
   if (o.multires_noise_iterations > 0)  // (absent when off: state files of earlier runs still match)
     j["multires_noise"] = {o.multires_noise_iterations, o.multires_noise_discount};
   j["train_text_encoder"] = o.train_text_encoder, j["text_encoder_lr"] = o.text_encoder_lr;

@@ -49,6 +49,8 @@ struct RunOptions {
   // v objective only). A checkpoint that declares it (SDModel::declared_zero_snr) keeps it.
   bool zero_terminal_snr = false;
   float noise_offset = 0;
+  // kohya's --min_timestep / --max_timestep: training timesteps uniform in [min, max).
+  int min_timestep = 0, max_timestep = 1000;
   int multires_noise_iterations = 0;  // kohya's --multires_noise_iterations (0: off)
   float multires_noise_discount = 0.3f;
   double caption_dropout = 0;
@@ -123,6 +125,7 @@ class TrainData {
   ~TrainData();
   Objective objective() const { return obj_; }
   bool zero_terminal_snr() const { return ztsnr_; }  // asked for or declared by the model
+  const RunOptions& options() const { return o_; }
 
   // The next step's batch: the next examples in epoch order (each item `repeats` times, shuffled
   // per epoch from the seed; examples of another latent size than the first wait for a later

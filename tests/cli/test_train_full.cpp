@@ -11,7 +11,8 @@
 //    encoder back under its own names; bad inputs fail naming the option and write nothing;
 //  - --prediction v (kohya's --v_parameterization) trains the v objective on an SD 1.x model and
 //    says so in modelspec.prediction_type; training the result again keeps v without the flag;
-//    --zero-terminal-snr (v only) is declared (ss_zero_terminal_snr) and generate samples with it.
+//    --zero-terminal-snr (v only) is declared (ss_zero_terminal_snr) and generate samples with it;
+//  - --min-timestep / --max-timestep (kohya's) set the range the step's timesteps come from.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -266,7 +267,11 @@ TEST(TrainFull, BadInputFailsNamingTheOption) {
                              {{"--prediction", "x0"}, model, "--prediction x0: expected eps or v"},
                              {{"--prediction", "eps", "--v_parameterization"}, model,
                               "--v-parameterization and --prediction eps disagree"},
-                             {{"--zero-terminal-snr"}, model, "--zero-terminal-snr needs the v objective (--prediction v)"}};
+                             {{"--zero-terminal-snr"}, model, "--zero-terminal-snr needs the v objective (--prediction v)"},
+                             {{"--min-timestep", "500", "--max-timestep", "500"}, model,
+                              "--min-timestep 500 / --max-timestep 500: need 0 <= min < max <= 1000"},
+                             {{"--max_timestep", "1001"}, model, "--max-timestep 1001: need 0 <= min < max <= 1000"},
+                             {{"--min-timestep", "-1"}, model, "--min-timestep -1 / --max-timestep 1000"}};
   if (fs::is_directory(folder)) cases.push_back({{}, folder, "a diffusers folder; train full writes the original (ldm)"});
   for (const Case& c : cases) {
     std::vector<std::string> args = train_args(c.model, out, 2, c.extra);
@@ -332,4 +337,31 @@ TEST(TrainFull, ZeroTerminalSnrIsDeclaredAndSampledWith) {
   r = run({"generate", "-m", z, "-W", "64", "-H", "64", "-p", kCaption, "--steps", "2", "-o", dir() + "/ztsnr.png"}, 120);
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.err.find("v prediction (zero terminal SNR)"), std::string::npos) << r.err;
+}
+
+TEST(TrainFull, TimestepRangeIsTheOneTrained) {
+  const std::string model = sd1_model();
+  if (model.empty()) GTEST_SKIP() << "tiny sd1 model not found";
+  const std::string def = dir() + "/t_default.safetensors", full = dir() + "/t_full.safetensors",
+                    low = dir() + "/t_low.safetensors", high = dir() + "/t_high.safetensors";
+  Result r = run(train_args(model, def, 1), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err.find("timesteps ["), std::string::npos) << "the default range is not announced: " << r.err;
+  // The whole range given explicitly is the default run, draw for draw.
+  r = run(train_args(model, full, 1, {"--min_timestep", "0", "--max_timestep", "1000"}), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  expect_same_file_tensors(def, full);
+  // One-timestep ranges at either end train different weights from each other and from the default.
+  r = run(train_args(model, low, 1, {"--max-timestep", "1"}), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("timesteps [0, 1)"), std::string::npos) << r.err;
+  r = run(train_args(model, high, 1, {"--min-timestep", "999"}), 300);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("timesteps [999, 1000)"), std::string::npos) << r.err;
+  const std::string w = "model.diffusion_model.out.2.weight";
+  const auto vd = values_of(diffuse::load_safetensors(def)), vl = values_of(diffuse::load_safetensors(low)),
+             vh = values_of(diffuse::load_safetensors(high));
+  EXPECT_NE(vl.at(w), vh.at(w));
+  EXPECT_NE(vl.at(w), vd.at(w));
+  EXPECT_NE(vh.at(w), vd.at(w));
 }
