@@ -194,7 +194,13 @@ std::string untrained_text_encoder_copy(const std::string& dir) {
 // Per attribute (colour, shape, position, background): the mean over `cases` of the RMS change of the
 // text encoder's output when only that attribute's word changes (to the next value, same wording),
 // relative to the output's RMS.
-std::array<double, 4> word_separation(const std::string& model_path, const std::vector<Case>& cases) {
+struct Separation {
+  std::array<double, 4> attribute{};  // colour, shape, position, background
+  // The shape word alone by the pair changed: circle -> square, square -> triangle, triangle -> circle.
+  std::array<double, kShapeKindCount> shape_pair{};
+};
+
+Separation word_separation(const std::string& model_path, const std::vector<Case>& cases) {
   auto be = make_cpu_backend(Precision::F32);
   SDLoadOptions lo;
   lo.unet = lo.vae_encoder = lo.vae_decoder = false;
@@ -205,7 +211,8 @@ std::array<double, 4> word_separation(const std::string& model_path, const std::
     Ctx c{*be, arena, DType::F32};
     return encode_prompt(c, *m, prompt, {}).context.to(DType::F32);
   };
-  std::array<double, 4> sep{};
+  Separation sep;
+  std::array<int, kShapeKindCount> pair_n{};
   for (size_t i = 0; i < cases.size(); ++i) {
     const ShapeAttributes& w = cases[i].want;
     const Tensor base = encode(cases[i].prompt);
@@ -221,9 +228,12 @@ std::array<double, 4> word_separation(const std::string& model_path, const std::
                                           ShapePosition(pos), pal[size_t(bg)].name));
       double d = 0;
       for (int64_t j = 0; j < base.numel(); ++j) d += std::pow(double(base.f32()[j]) - other.f32()[j], 2);
-      sep[size_t(a)] += std::sqrt(d / norm) / double(cases.size());
+      sep.attribute[size_t(a)] += std::sqrt(d / norm) / double(cases.size());
+      if (a == 1) sep.shape_pair[size_t(w.shape)] += std::sqrt(d / norm), ++pair_n[size_t(w.shape)];
     }
   }
+  for (int k = 0; k < kShapeKindCount; ++k)
+    if (pair_n[size_t(k)] > 0) sep.shape_pair[size_t(k)] /= pair_n[size_t(k)];
   return sep;
 }
 
@@ -238,14 +248,19 @@ TEST(DemoModel, TextEncoderKeepsEveryAttributesWordApart) {
   const std::vector<Case> cases = make_cases(all, 24, 2);
   const std::string dir = clitest::temp_dir() + "/demo_separation";
   fs::create_directories(dir);
-  const std::array<double, 4> trained = word_separation(kModel, cases);
-  const std::array<double, 4> init = word_separation(untrained_text_encoder_copy(dir), cases);
+  const Separation trained = word_separation(kModel, cases);
+  const Separation init = word_separation(untrained_text_encoder_copy(dir), cases);
   static const char* names[] = {"colour", "shape", "position", "background"};
   std::printf("text encoder output change when one word changes (RMS, relative; 24 prompts):\n");
   for (size_t a = 0; a < 4; ++a) {
-    std::printf("  %-10s trained %.3f   at initialisation %.3f\n", names[a], trained[a], init[a]);
-    EXPECT_GE(trained[a], 0.5 * init[a]) << names[a] << ": the trained text encoder hardly tells these words apart";
+    std::printf("  %-10s trained %.3f   at initialisation %.3f\n", names[a], trained.attribute[a], init.attribute[a]);
+    EXPECT_GE(trained.attribute[a], 0.5 * init.attribute[a])
+        << names[a] << ": the trained text encoder hardly tells these words apart";
   }
+  for (int k = 0; k < kShapeKindCount; ++k)  // (reported: which shape words the encoder folds together)
+    std::printf("  shape %s -> %s: trained %.3f   at initialisation %.3f\n", shape_kind_name(ShapeKind(k)),
+                shape_kind_name(ShapeKind((k + 1) % kShapeKindCount)), trained.shape_pair[size_t(k)],
+                init.shape_pair[size_t(k)]);
 }
 
 TEST(DemoModel, DrawsWhatThePromptSays) {
