@@ -6,6 +6,8 @@
 #   4. the text encoder (embeddings included) and the UNet together on the v objective with a
 #      zero-terminal-SNR schedule (diffuse train full --train-text-encoder --train-embeddings
 #      --prediction v --zero-terminal-snr), the text encoder at an eighth of the UNet's lr,
+#   5. the same on the dataset's single large shapes in the centre (1000 + 1000 steps): the shape words,
+#   6. the same on the whole dataset with those images ten times over (2000 steps): positions back,
 # then copies the result to data/models/. Every stage is resumable: run it again after an
 # interruption and it continues from the last saved state (WORK keeps everything; delete it to
 # start over). Knobs through the environment:
@@ -77,9 +79,63 @@ if [ ! -f "$WORK/model.done" ]; then
   touch "$WORK/model.done"
 fi
 
+# The stages after 4 continue from the previous stage's file with the same objective and settings.
+more() {  # more NAME FROM DATA STEPS LR TE_LR SCHEDULE WARMUP SEED
+  if [ ! -f "$WORK/$1.done" ]; then
+    log "$1: $4 steps on $3 from $2 -> $WORK/$1.safetensors"
+    # shellcheck disable=SC2046
+    "$bin" train full -m "$WORK/$2.safetensors" --data "$3" -o "$WORK/$1.safetensors" \
+      --resolution "$SIZE" --steps "$4" --batch "$BATCH" --lr "$5" --text-encoder-lr "$6" \
+      --lr-scheduler "$7" --lr-warmup-steps "$8" --train-text-encoder --train-embeddings --caption-dropout 0.1 \
+      --prediction v --zero-terminal-snr --noise-offset 0.15 --ema 0.999 \
+      --save-precision fp16 --save-every 500 --seed "$9" $(resume_flag "$WORK/$1.safetensors")
+    touch "$WORK/$1.done"
+  fi
+}
+
+# 5. The shape words. After stage 4 the model draws the prompt's colour, position and background
+#    but the same rounded blob for "circle" and "square": the text encoder has folded the two words
+#    together (tests/demo: shape circle -> square separation 0.19 at initialisation, 0.09 after
+#    stage 4), since in the whole dataset a shape's outline is a small part of the loss beside its
+#    colour and place. On the single large shapes in the centre (a caption naming one shape, "large"
+#    and the centre: 669 of 20000) the outline is most of what differs between images: the words come
+#    apart (0.15, then 0.23) and the shape read goes 37.5 -> 62.5 -> 85.4% over the two 1000-step
+#    runs; the centre only, so the position is lost here (93.8 -> 20.8%) and comes back in stage 6.
+if [ ! -f "$WORK/focus/.complete" ]; then
+  rm -rf "$WORK/focus" && mkdir -p "$WORK/focus"
+  for t in "$WORK"/shapes/*.txt; do
+    c=$(cat "$t")
+    [ "$(grep -o -w 'circle\|square\|triangle' <<<"$c" | wc -l)" -eq 1 ] || continue
+    grep -q -w 'large' <<<"$c" && grep -q -w 'centre\|center\|middle' <<<"$c" || continue
+    b=$(basename "$t" .txt)
+    ln -s "../shapes/$b.png" "$WORK/focus/$b.png" && cp "$t" "$WORK/focus/"
+  done
+  touch "$WORK/focus/.complete"
+fi
+more focus1 model "$WORK/focus" 1000 2e-4 5e-5 cosine 50 7
+more focus2 focus1 "$WORK/focus" 1000 4e-4 2e-4 constant_with_warmup 50 8
+# 6. The whole dataset again, with the focus images ten times over (kohya's <repeats>_<name> folders:
+#    a quarter of the samples): the positions come back (91.7% after 500 steps) but the shape words
+#    fold together again (shape read 85.4 -> 50.0 / 68.8 / 62.5 / 60.4% after 500 / 1000 / 1500 / 2000
+#    steps; on the whole dataset alone it was 62.5 / 58.3% after 500 / 1000). Not enough yet: the
+#    demo test wants 80% shape and 85% position together (README, The demo model).
+if [ ! -f "$WORK/mix/.complete" ]; then
+  rm -rf "$WORK/mix" && mkdir -p "$WORK/mix/1_all" "$WORK/mix/10_focus"
+  for t in "$WORK"/shapes/[0-9]*.txt; do
+    b=$(basename "$t" .txt)
+    ln -s "../../shapes/$b.png" "$WORK/mix/1_all/$b.png" && cp "$t" "$WORK/mix/1_all/"
+  done
+  for t in "$WORK"/focus/*.txt; do
+    b=$(basename "$t" .txt)
+    ln -s "../../shapes/$b.png" "$WORK/mix/10_focus/$b.png" && cp "$t" "$WORK/mix/10_focus/"
+  done
+  touch "$WORK/mix/.complete"
+fi
+more final focus2 "$WORK/mix" 2000 2e-4 5e-5 cosine 100 9
+
 mkdir -p "$(dirname "$OUT")"
-cp "$WORK/model.safetensors" "$OUT.tmp" && mv "$OUT.tmp" "$OUT"
-for f in vae.safetensors.loss.png model.safetensors.loss.png vae.safetensors.recon.png; do
+cp "$WORK/final.safetensors" "$OUT.tmp" && mv "$OUT.tmp" "$OUT"
+for f in vae.safetensors.loss.png model.safetensors.loss.png final.safetensors.loss.png vae.safetensors.recon.png; do
   [ -f "$WORK/$f" ] && cp "$WORK/$f" "data/models/${f/.safetensors/}"
 done
 log "done in $(( $(date +%s) - start )) s (this invocation): $OUT ($(stat -c %s "$OUT") bytes)"
