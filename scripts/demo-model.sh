@@ -93,6 +93,21 @@ more() {  # more NAME FROM DATA STEPS LR TE_LR SCHEDULE WARMUP SEED
   fi
 }
 
+# subset NAME [WORDS]: $WORK/NAME holds the captions (and links to the images) of the scenes with
+# exactly one shape, "large" and, when WORDS (a grep -w pattern) is given, one of those words.
+subset() {
+  [ -f "$WORK/$1/.complete" ] && return
+  rm -rf "$WORK/$1" && mkdir -p "$WORK/$1"
+  for t in "$WORK"/shapes/*.txt; do
+    c=$(cat "$t")
+    [ "$(grep -o -w 'circle\|square\|triangle' <<<"$c" | wc -l)" -eq 1 ] && grep -q -w 'large' <<<"$c" || continue
+    [ -z "${2:-}" ] || grep -q -w "$2" <<<"$c" || continue
+    b=$(basename "$t" .txt)
+    ln -s "../shapes/$b.png" "$WORK/$1/$b.png" && cp "$t" "$WORK/$1/"
+  done
+  touch "$WORK/$1/.complete"
+}
+
 # 5. The shape words. After stage 4 the model draws the prompt's colour, position and background
 #    but the same rounded blob for "circle" and "square": the text encoder has folded the two words
 #    together (tests/demo: shape circle -> square separation 0.19 at initialisation, 0.09 after
@@ -101,17 +116,7 @@ more() {  # more NAME FROM DATA STEPS LR TE_LR SCHEDULE WARMUP SEED
 #    and the centre: 669 of 20000) the outline is most of what differs between images: the words come
 #    apart (0.15, then 0.23) and the shape read goes 37.5 -> 62.5 -> 85.4% over the two 1000-step
 #    runs; the centre only, so the position is lost here (93.8 -> 20.8%) and comes back in stage 6.
-if [ ! -f "$WORK/focus/.complete" ]; then
-  rm -rf "$WORK/focus" && mkdir -p "$WORK/focus"
-  for t in "$WORK"/shapes/*.txt; do
-    c=$(cat "$t")
-    [ "$(grep -o -w 'circle\|square\|triangle' <<<"$c" | wc -l)" -eq 1 ] || continue
-    grep -q -w 'large' <<<"$c" && grep -q -w 'centre\|center\|middle' <<<"$c" || continue
-    b=$(basename "$t" .txt)
-    ln -s "../shapes/$b.png" "$WORK/focus/$b.png" && cp "$t" "$WORK/focus/"
-  done
-  touch "$WORK/focus/.complete"
-fi
+subset focus 'centre\|center\|middle'
 more focus1 model "$WORK/focus" 1000 2e-4 5e-5 cosine 50 7
 more focus2 focus1 "$WORK/focus" 1000 4e-4 2e-4 constant_with_warmup 50 8
 # 6. The single large shapes at every position (a caption naming one shape and "large": 3288 of
@@ -120,16 +125,7 @@ more focus2 focus1 "$WORK/focus" 1000 4e-4 2e-4 constant_with_warmup 50 8
 #    250 / 750 / 1000 steps). On the whole dataset instead (alone, or with the stage-5 images ten times
 #    over) the positions come back as fast but the shapes fold together again (50-69%): there the
 #    outline is a small part of the loss beside colour and place.
-if [ ! -f "$WORK/large/.complete" ]; then
-  rm -rf "$WORK/large" && mkdir -p "$WORK/large"
-  for t in "$WORK"/shapes/*.txt; do
-    c=$(cat "$t")
-    [ "$(grep -o -w 'circle\|square\|triangle' <<<"$c" | wc -l)" -eq 1 ] && grep -q -w 'large' <<<"$c" || continue
-    b=$(basename "$t" .txt)
-    ln -s "../shapes/$b.png" "$WORK/large/$b.png" && cp "$t" "$WORK/large/"
-  done
-  touch "$WORK/large/.complete"
-fi
+subset large
 more final focus2 "$WORK/large" 1000 2e-4 5e-5 cosine 50 10
 
 mkdir -p "$(dirname "$OUT")"

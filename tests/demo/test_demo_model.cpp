@@ -228,8 +228,9 @@ Separation word_separation(const std::string& model_path, const std::vector<Case
                                           ShapePosition(pos), pal[size_t(bg)].name));
       double d = 0;
       for (int64_t j = 0; j < base.numel(); ++j) d += std::pow(double(base.f32()[j]) - other.f32()[j], 2);
-      sep.attribute[size_t(a)] += std::sqrt(d / norm) / double(cases.size());
-      if (a == 1) sep.shape_pair[size_t(w.shape)] += std::sqrt(d / norm), ++pair_n[size_t(w.shape)];
+      const double change = std::sqrt(d / norm);
+      sep.attribute[size_t(a)] += change / double(cases.size());
+      if (a == 1) sep.shape_pair[size_t(w.shape)] += change, ++pair_n[size_t(w.shape)];
     }
   }
   for (int k = 0; k < kShapeKindCount; ++k)
